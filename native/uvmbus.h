@@ -1,0 +1,17 @@
+/*
+ * Umbrella header for the uvmbus native extension.  C sources include this;
+ * native/build.py feeds the same files to cffi (wire layouts packed).
+ */
+#ifndef UVMBUS_H
+#define UVMBUS_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#pragma pack(push, 1)
+#include "vmbus_wire.h"
+#pragma pack(pop)
+
+#include "ring.h"
+
+#endif

@@ -1,0 +1,1 @@
+"""Services layer: the `uvmbus` CLI and the daemons (net bridge, block export)."""
