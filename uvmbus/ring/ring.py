@@ -200,8 +200,14 @@ class OutRing(_Ring):
 
     @property
     def free(self) -> int:
-        """Largest packet (ring bytes incl. trailer) that can be written right now."""
-        return int(lib.uvb_out_free(self._r))
+        """Largest packet (ring bytes incl. trailer) that can be written right now.
+
+        Raises :class:`RingCorrupt` on a dead ring (C returns 0 there, which would
+        look like "full" forever to a caller waiting for space)."""
+        f = int(lib.uvb_out_free(self._r))
+        if self._r.error:
+            self._fail(self._r.error)
+        return f
 
     @property
     def max_payload(self) -> int:
@@ -471,15 +477,15 @@ class RingPair:
     host (``role="host"``) writes RX and reads TX.
     """
 
-    def __init__(self, tx: OutRing, rx: InRing, *, mapping: Any = None, fd: int = -1):
+    def __init__(self, tx: OutRing, rx: InRing, *, mapping: Any = None):
         self.out = tx
         self.inp = rx
-        self._mapping = mapping
-        self._fd = fd
+        self._mapping = mapping  # closed with the pair when owned
 
     @classmethod
     def attach(cls, mem: Any, ring_bytes: int, header_bytes: int, *, role: str = "guest",
-               offset: int = 0, name: str = "") -> RingPair:
+               offset: int = 0, name: str = "", own: bool = False) -> RingPair:
+        """Attach to ``mem``; with ``own=True`` closing the pair also closes ``mem`` (an mmap)."""
         if role not in ("guest", "host"):
             raise ConfigError(f"role must be 'guest' or 'host', not {role!r}")
         first, second = offset, offset + ring_bytes
@@ -490,7 +496,7 @@ class RingPair:
         else:
             out = OutRing(mem, second, ring_bytes, header_bytes, name=f"{prefix}rx(host)")
             inp = InRing(mem, first, ring_bytes, header_bytes, name=f"{prefix}tx(host)")
-        return cls(out, inp, mapping=mem)
+        return cls(out, inp, mapping=mem if own else None)
 
     @classmethod
     def open_file(cls, path: str | os.PathLike[str], *, header_bytes: int | None = None,
@@ -508,8 +514,7 @@ class RingPair:
             mm = mmap.mmap(fd, 2 * rb, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        pair = cls.attach(mm, rb, header_bytes or mmap.PAGESIZE, role=role, name=name)
-        return pair
+        return cls.attach(mm, rb, header_bytes or mmap.PAGESIZE, role=role, name=name, own=True)
 
     @staticmethod
     def init_memory(mem: Any, ring_bytes: int, *, offset: int = 0) -> None:

@@ -1,0 +1,7 @@
+"""`python -m uvmbus` = the `uvmbus` command."""
+
+import sys
+
+from uvmbus.services.cli import main
+
+sys.exit(main())

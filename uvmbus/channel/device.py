@@ -1,0 +1,148 @@
+"""A device with its channels open: the primary channel from uio map 0, sub-channels
+from their ``ring`` files, and the interrupt wait shared by all of them.
+
+There is ONE event counter per device (uio_vmbus.md §1.6): an interrupt for
+any channel wakes every waiter of the device, so a waiter arms and scans all
+the channels it serves.  Threads that wait independently (one queue each)
+should each take their own waiter (:meth:`ChannelDevice.new_waiter`), which
+opens its own endpoint file: each open file has its own "last seen" count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from uvmbus.bus import Bus, VmbusDevice
+from uvmbus.channel.channel import Channel
+from uvmbus.errors import ConfigError
+from uvmbus.ring import RingPair
+from uvmbus.uio import Endpoint, UioDevice, open_endpoint
+
+
+class DeviceWaiter:
+    """Blocks until one of some channels of a device has data or an interrupt arrives.
+
+    The pattern (§1.6, §2.6; openvmm's ReadState): while data is known to be
+    present, RX interrupts stay masked; before sleeping, unmask every channel's
+    RX ring and re-check; only then block on the endpoint.  On kernels that set
+    the mask themselves on each interrupt (< 6.18), the unmask before every
+    sleep keeps this correct; the re-check closes the lost-wakeup race.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, owns_endpoint: bool = False):
+        self.endpoint = endpoint
+        self._owns = owns_endpoint
+        self.interrupts = 0
+
+    def wait(self, channels: Sequence[Channel], timeout: float | None) -> bool:
+        """Return True when data is ready or an interrupt arrived, False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready = False
+            for ch in channels:
+                if ch.rx.arm():            # unmask + re-check
+                    ready = True
+            if ready:
+                for ch in channels:
+                    ch.rx.mask()
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                for ch in channels:
+                    ch.rx.mask()
+                return False
+            count = self.endpoint.wait(remaining)
+            for ch in channels:
+                ch.rx.mask()
+            if count is not None:
+                self.interrupts += 1
+                return True
+
+    def fileno(self) -> int:
+        return self.endpoint.fileno()
+
+    def close(self) -> None:
+        if self._owns:
+            self.endpoint.close()
+
+
+class ChannelDevice:
+    """A uio-bound VMBus device with its primary channel (and any sub-channels) open."""
+
+    def __init__(self, uio: UioDevice, *, spin_us: int = 0):
+        self.uio = uio
+        self.device: VmbusDevice = uio.device
+        self.spin_us = spin_us
+        self.waiter = DeviceWaiter(uio.endpoint)
+        self._extra_waiters: list[DeviceWaiter] = []
+        dev = self.device
+        rings = RingPair.attach(uio.rings.mm, uio.primary_ring_bytes, uio.page_size,
+                                offset=uio.rings.offset, name=f"{dev.class_name}/{dev.relid}")
+        self.primary = Channel(
+            rings, relid=dev.relid, subchannel_id=0, monitor_id=dev.monitor_id,
+            signal=uio.make_signal(dev.relid, dev.monitor_id), waiter=self.waiter,
+            name=f"{dev.class_name}/{dev.relid}", spin_us=spin_us,
+        )
+        self.subchannels: list[Channel] = []
+
+    @property
+    def channels(self) -> list[Channel]:
+        return [self.primary, *self.subchannels]
+
+    def open_subchannels(self, count: int, *, timeout: float = 10.0) -> list[Channel]:
+        """Wait for ``count`` more sub-channel ring files (offered after a VSP-specific
+        request), map them and return their channels, ordered by sub-channel id."""
+        if count < 0:
+            raise ConfigError("sub-channel count must be >= 0")
+        known = {c.relid for c in self.channels}
+        rings = self.uio.subchannel_rings(count, timeout=timeout, exclude=known)
+        new = []
+        for r in rings:
+            pair = RingPair.attach(r.mm, r.ring_bytes, self.uio.page_size, own=True,
+                                   name=f"{self.device.class_name}/{r.relid}")
+            ch = Channel(
+                pair, relid=r.relid, subchannel_id=r.subchannel_id, monitor_id=r.monitor_id,
+                signal=self.uio.make_signal(r.relid, r.monitor_id, subchannel=True),
+                waiter=self.waiter, name=f"{self.device.class_name}/{r.relid}", spin_us=self.spin_us,
+            )
+            new.append(ch)
+        self.subchannels.extend(new)
+        self.subchannels.sort(key=lambda c: c.subchannel_id)
+        return new
+
+    def wait(self, channels: Sequence[Channel] | None = None, timeout: float | None = None) -> bool:
+        """Wait for activity on any of ``channels`` (default: all of this device's)."""
+        return self.waiter.wait(list(channels) if channels is not None else self.channels, timeout)
+
+    def new_waiter(self) -> DeviceWaiter:
+        """A waiter with its own endpoint file, for a thread that waits on its own queues."""
+        w = DeviceWaiter(open_endpoint(self.device.uio_dev_path), owns_endpoint=True)
+        self._extra_waiters.append(w)
+        return w
+
+    def fileno(self) -> int:
+        return self.waiter.fileno()
+
+    def close(self) -> None:
+        for ch in reversed(self.channels):
+            ch.close()
+        self.subchannels = []
+        for w in self._extra_waiters:
+            w.close()
+        self._extra_waiters = []
+        self.uio.close()
+
+    def __enter__(self) -> ChannelDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0) -> ChannelDevice:
+    """Open device ``ref`` (GUID, unique prefix or class short name) bound to
+    uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise)."""
+    bus = Bus(root)
+    return ChannelDevice(UioDevice(bus, bus.device(ref)), spin_us=spin_us)

@@ -1,6 +1,0 @@
-"""`uvmbus` command line (placeholder until the CLI lands)."""
-
-
-def main() -> int:
-    print("uvmbus: CLI not built yet")
-    return 1
