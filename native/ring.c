@@ -698,7 +698,10 @@ int uvb_in_commit(struct uvb_ring *r)
     int64_t cur_free = (int64_t)r->dsize - dist(r->cursor, w, r->dsize);
     if (cur_free <= (int64_t)pending)
         return 0;                                  /* still not enough for the writer */
-    if (cur_free - (int64_t)bytes_read > (int64_t)pending)
+    /* Free space before this commit.  Negative when the writer already wrote into the
+     * space we just freed (it ran after our publish, so it is not waiting on us): the
+     * kernel's u32 arithmetic wraps to "more than pending" there, i.e. no signal. */
+    if (cur_free < (int64_t)bytes_read || cur_free - (int64_t)bytes_read > (int64_t)pending)
         return 0;                                  /* it already had enough: not blocked on us */
     r->signals++;
     return 1;

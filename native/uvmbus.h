@@ -10,8 +10,13 @@
 
 #pragma pack(push, 1)
 #include "vmbus_wire.h"
+#include "storvsc_wire.h"
 #pragma pack(pop)
 
 #include "ring.h"
+#include "dma.h"
+#include "host.h"
+#include "storvsc.h"
+#include "storvsp.h"
 
 #endif

@@ -81,7 +81,7 @@ class UioDevice:
             )
         self.bus = bus
         self.device = device
-        self.quirks: KernelQuirks = bus.kernel()
+        self.quirks: KernelQuirks = bus.kernel
         self.endpoint: Endpoint = open_endpoint(device.uio_dev_path)
         self.page_size = self.endpoint.page_size
         self._regions: dict[int, MappedRegion] = {}
