@@ -10,12 +10,15 @@
 
 #pragma pack(push, 1)
 #include "vmbus_wire.h"
+#include "netvsc_wire.h"
 #include "storvsc_wire.h"
 #pragma pack(pop)
 
 #include "ring.h"
 #include "dma.h"
 #include "host.h"
+#include "netvsc.h"
+#include "netvsp.h"
 #include "storvsc.h"
 #include "storvsp.h"
 

@@ -68,6 +68,10 @@ class KernelQuirks:
     """≥6.10: ``write(fd, 1)`` signals the host for a non-monitored channel."""
     irqcontrol_all_channels: bool
     """≥6.16: ``write(fd, 0/1)`` masks/unmasks (and signals) every sub-channel too."""
+    subchannel_interrupts_safe: bool
+    """≥6.16 (d062463edf17): a sub-channel's interrupt is routed to its device. Before, the
+    uio callback dereferences a NULL ``device_obj`` for sub-channels, so a host interrupt on
+    an unmasked sub-channel crashes the guest (uio_vmbus.md §1.6): keep them masked, poll."""
     kernel_may_set_mask: bool
     """<6.18: the kernel may set ``interrupt_mask = 1`` behind userspace's back."""
     ring_file_size_exact: bool
@@ -87,6 +91,7 @@ class KernelQuirks:
             nonmonitored_supported=mm >= (6, 10),
             irqcontrol_signals_nonmonitored=mm >= (6, 10),
             irqcontrol_all_channels=mm >= (6, 16),
+            subchannel_interrupts_safe=mm >= (6, 16),
             kernel_may_set_mask=mm < (6, 18),
             ring_file_size_exact=mm >= (6, 15) or (mm == (6, 12) and v[2] >= 42),
             nic_only_buffer_maps=mm >= (6, 14),

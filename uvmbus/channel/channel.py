@@ -112,9 +112,13 @@ class Channel:
         self._tids = itertools.count(AUTO_TID_BASE)
         self.closed = False
         self.wakeups = 0
-        # Explicit state at start: after a close/re-open the mask keeps whatever
-        # the previous user left (uio_vmbus.md §1.2). We are not sleeping yet.
+        #: False when the host must never interrupt this channel (see DeviceWaiter)
+        self.interrupts_ok = True
+        # Explicit state at start: after a close/re-open the mask and pending size
+        # keep whatever the previous user left (uio_vmbus.md §1.2). We are not
+        # sleeping yet, and not waiting for TX space.
         self.rx.mask()
+        self.tx.reset_pending()
 
     # -- errors -----------------------------------------------------------
     def _check(self, rc: int, ring: OutRing | InRing) -> None:

@@ -29,35 +29,48 @@ class DeviceWaiter:
     RX ring and re-check; only then block on the endpoint.  On kernels that set
     the mask themselves on each interrupt (< 6.18), the unmask before every
     sleep keeps this correct; the re-check closes the lost-wakeup race.
+
+    Channels whose ``interrupts_ok`` is False (sub-channels on kernels < 6.16,
+    where an interrupt on a sub-channel crashes the guest kernel) are never
+    unmasked: they are polled every ``poll_interval`` while waiting.
     """
 
-    def __init__(self, endpoint: Endpoint, *, owns_endpoint: bool = False):
+    def __init__(self, endpoint: Endpoint, *, owns_endpoint: bool = False, poll_interval: float = 0.0005):
         self.endpoint = endpoint
         self._owns = owns_endpoint
+        self.poll_interval = poll_interval
         self.interrupts = 0
 
     def wait(self, channels: Sequence[Channel], timeout: float | None) -> bool:
         """Return True when data is ready or an interrupt arrived, False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        armed = [ch for ch in channels if ch.interrupts_ok]
+        polled = [ch for ch in channels if not ch.interrupts_ok]
         while True:
             ready = False
-            for ch in channels:
+            for ch in armed:
                 if ch.rx.arm():            # unmask + re-check
                     ready = True
+            if not ready and polled:
+                ready = any(ch.rx.avail for ch in polled)
             if ready:
-                for ch in channels:
+                for ch in armed:
                     ch.rx.mask()
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                for ch in channels:
+                for ch in armed:
                     ch.rx.mask()
                 return False
+            if polled:
+                remaining = self.poll_interval if remaining is None else min(remaining, self.poll_interval)
             count = self.endpoint.wait(remaining)
-            for ch in channels:
+            for ch in armed:
                 ch.rx.mask()
             if count is not None:
                 self.interrupts += 1
+                return True
+            if polled and any(ch.rx.avail for ch in polled):
                 return True
 
     def fileno(self) -> int:
@@ -107,6 +120,7 @@ class ChannelDevice:
                 signal=self.uio.make_signal(r.relid, r.monitor_id, subchannel=True),
                 waiter=self.waiter, name=f"{self.device.class_name}/{r.relid}", spin_us=self.spin_us,
             )
+            ch.interrupts_ok = self.uio.quirks.subchannel_interrupts_safe
             new.append(ch)
         self.subchannels.extend(new)
         self.subchannels.sort(key=lambda c: c.subchannel_id)

@@ -333,6 +333,12 @@ class OutRing(_Ring):
     def clear_want(self) -> None:
         lib.uvb_out_clear_want(self._r)
 
+    def reset_pending(self) -> None:
+        """Clear ``pending_send_sz`` unconditionally (e.g. a stale value left by a
+        previous user of the ring)."""
+        lib.uvb_ring_store(self.header, 3, 0)
+        self._r.pending_wanted = 0
+
     def _iovs(self, parts: Sequence[Any]) -> tuple[Any, list[Any]]:
         n = len(parts)
         iov = self._iov if n <= 16 else ffi.new("struct uvb_iov[]", n)
@@ -412,9 +418,12 @@ class InRing(_Ring):
         """Batch read into caller-owned storage: ``buf`` (writable buffer) and
         ``pkts`` (a ``struct uvb_pkt[]``). Returns the number of packets."""
         rc = self._read(self._r, ffi.from_buffer(buf), len(buf), pkts, max_packets)
-        if rc < 0 and rc != lib.UVB_ENOBUFS:
+        if rc == lib.UVB_ENOBUFS:
+            raise ConfigError(f"{self.name}: the next packet needs {int(pkts[0].pkt_len)} bytes, "
+                              f"the buffer has {len(buf)}")
+        if rc < 0:
             self._fail(rc)
-        return max(rc, 0) if rc != lib.UVB_ENOBUFS else 0
+        return rc
 
     def read_one(self) -> Packet | None:
         """One packet (copied), or None when empty. Does not commit."""
@@ -514,7 +523,11 @@ class RingPair:
             mm = mmap.mmap(fd, 2 * rb, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        return cls.attach(mm, rb, header_bytes or mmap.PAGESIZE, role=role, name=name, own=True)
+        try:
+            return cls.attach(mm, rb, header_bytes or mmap.PAGESIZE, role=role, name=name, own=True)
+        except BaseException:
+            mm.close()
+            raise
 
     @staticmethod
     def init_memory(mem: Any, ring_bytes: int, *, offset: int = 0) -> None:

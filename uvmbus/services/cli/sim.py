@@ -1,0 +1,163 @@
+"""`uvmbus sim`: run the simulated VMBus host; `uvmbus sim ctl ...`: talk to a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from uvmbus.services.cli import add_json, add_root
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sim", help="run the simulated VMBus host (Hyper-V + uio_hv_generic) under a root",
+        description="Run a simulated VMBus host in the foreground until SIGTERM/SIGINT. "
+                    "Prints a line starting with 'ready' once the devices are live. "
+                    "Guest commands use the same root (--root or UVMBUS_ROOT).")
+    p.add_argument("--root", default=os.environ.get("UVMBUS_ROOT") or None,
+                   help="directory for the simulated sys/, dev/, proc/ (default: $UVMBUS_ROOT, "
+                        "else a new directory under /dev/shm)")
+    p.add_argument("--echo", type=int, default=None, metavar="N", help="echo devices (default 1 "
+                   "when no other device is asked for)")
+    p.add_argument("--nic", type=int, default=0, metavar="N", help="synthetic NICs (netvsc model)")
+    p.add_argument("--nic-backend", default=None, metavar="B", help="frames of the --nic NICs: "
+                   "loopback (default), sink, generator, none, tap:NAME[@NETNS]")
+    p.add_argument("--disk", action="append", default=[], metavar="IMAGE",
+                   help="a SCSI disk backed by IMAGE (storvsc model); repeatable")
+    p.add_argument("--device", action="append", default=[], metavar="MODEL[:KEY=VAL,...]",
+                   help="a device of any registered model; repeatable")
+    p.add_argument("--load-model", action="append", default=[], metavar="MODULE",
+                   help="import MODULE, which registers device models; repeatable")
+    p.add_argument("--kernel", default="6.18", help="simulated guest kernel: 6.9, 6.10, 6.16, 6.18 "
+                   "(any X.Y maps onto the same rules; default 6.18)")
+    p.add_argument("--page-size", type=int, default=4096, choices=(4096, 16384, 65536),
+                   help="simulated guest page size: ring header page and mmap unit")
+    p.add_argument("--unmonitored", action="store_true", help="offer channels without monitor ids")
+    p.add_argument("--unmonitored-subchannels", action="store_true",
+                   help="offer sub-channels without monitor ids (as Azure may for NICs)")
+    p.add_argument("--signal-grace", type=float, default=5.0,
+                   help="seconds a guest signal the host could not rule out stays acceptable "
+                        "(needless-signal accounting; default 5)")
+    p.add_argument("--monitor-latency-us", type=float, default=50.0,
+                   help="monitor page scan interval (Hyper-V default 50)")
+    p.add_argument("--subchannel-delay", type=float, default=0.2, metavar="SECONDS",
+                   help="delay between a sub-channel offer and its ring file")
+    p.add_argument("--guest-ram", default="256M", help="simulated guest RAM for GPA-direct (0: none)")
+    p.add_argument("--host-spin-us", type=float, default=20.0,
+                   help="how long a host channel polls after its last packet before re-arming")
+    p.add_argument("--bind", action="store_true",
+                   help="bind every model device to uio_hv_generic at start (as new_id would)")
+    p.add_argument("--no-ic", action="store_true",
+                   help="do not offer the integration-component devices (heartbeat, kvp, ...)")
+    p.add_argument("--quiet", action="store_true", help="less logging on stderr")
+    p.set_defaults(func=_run)
+    csub = p.add_subparsers(dest="sim_command", metavar="ctl")
+    c = csub.add_parser("ctl", help="control a running simulator",
+                        description="Send a request to a running simulator's control socket.")
+    add_root(c)
+    add_json(c)
+    c.add_argument("request", choices=("ping", "stats", "devices", "kernel", "stop", "fault",
+                                       "clear", "rescind", "reoffer", "subchannels"),
+                   help="what to do")
+    c.add_argument("args", nargs="*", help="fault: NAME [VALUE]; rescind/reoffer: DEVICE; "
+                   "subchannels: DEVICE COUNT")
+    c.add_argument("--device", default="*", help="device for fault/clear (GUID, prefix, model, *)")
+    c.add_argument("--reoffer-after", type=float, default=None, metavar="SECONDS",
+                   help="rescind: offer the device again after this delay")
+    c.set_defaults(func=_ctl)
+
+
+def _device_specs(args: argparse.Namespace) -> list[Any]:
+    from uvmbus.sim.config import DeviceSpec
+    from uvmbus.sim.models import model_for_option
+
+    specs: list[DeviceSpec] = []
+    if args.nic:
+        cls = model_for_option("nic")
+        nic_opts = {"backend": args.nic_backend} if getattr(args, "nic_backend", None) else {}
+        specs += [DeviceSpec(cls.name, {**o, **nic_opts}) for o in cls.from_cli(args.nic)]
+    if args.disk:
+        cls = model_for_option("disk")
+        specs += [DeviceSpec(cls.name, o) for o in cls.from_cli(args.disk)]
+    for text in args.device:
+        name, _, rest = text.partition(":")
+        opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in rest.split(",") if kv)
+        bind = opts.pop("bind", None)
+        specs.append(DeviceSpec(name, opts, bind))
+    echo = args.echo if args.echo is not None else (0 if specs else 1)
+    specs += [DeviceSpec("echo") for _ in range(echo)]
+    return specs
+
+
+def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "sim_command", None):
+        return 2
+    from uvmbus.sim import KernelMode, SimConfig, Simulator, prepare_root
+    from uvmbus.sim.config import parse_size
+    from uvmbus.sim.models import load_models
+
+    load_models(args.load_model)
+    kernel = KernelMode.parse(args.kernel, args.page_size)
+    specs = _device_specs(args)
+    root, owns = prepare_root(args.root)
+    config = SimConfig(
+        root=root, kernel=kernel, devices=specs, monitored=not args.unmonitored,
+        monitored_subchannels=not (args.unmonitored or args.unmonitored_subchannels),
+        monitor_latency_us=args.monitor_latency_us, subchannel_delay=args.subchannel_delay,
+        signal_grace=args.signal_grace,
+        guest_ram=parse_size(args.guest_ram), host_spin_us=args.host_spin_us, bind_uio=args.bind,
+        ic_devices=not args.no_ic, owns_root=owns, quiet=args.quiet,
+    )
+
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stack dump for debugging hangs
+
+    def ready(vm: Simulator) -> None:
+        print("ready " + json.dumps(vm.ready_info()), flush=True)
+
+    return Simulator(config).run(ready)
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from uvmbus.errors import ConfigError
+    from uvmbus.sim.control import ControlClient
+
+    req: dict[str, Any]
+    a = args.args
+    if args.request in ("ping", "stats", "devices", "kernel", "stop"):
+        req = {"cmd": args.request}
+    elif args.request == "fault":
+        if not a:
+            raise ConfigError("fault needs a NAME (e.g. stall, drop_completions 3)")
+        value: Any = True
+        if len(a) > 1:
+            try:
+                value = json.loads(a[1])
+            except ValueError:
+                value = a[1]
+        req = {"cmd": "fault", "fault": a[0], "value": value, "device": args.device}
+    elif args.request == "clear":
+        req = {"cmd": "clear_faults", "device": args.device}
+    elif args.request in ("rescind", "reoffer"):
+        if not a:
+            raise ConfigError(f"{args.request} needs a DEVICE")
+        req = {"cmd": args.request, "device": a[0]}
+        if args.request == "rescind" and args.reoffer_after is not None:
+            req["reoffer_after"] = args.reoffer_after
+    else:
+        if len(a) != 2:
+            raise ConfigError("subchannels needs DEVICE COUNT")
+        req = {"cmd": "offer_subchannels", "device": a[0], "count": int(a[1])}
+    with ControlClient(args.root) as client:
+        reply = client.call(req.pop("cmd"), **req)
+    reply.pop("ok", None)
+    if args.json or args.request in ("stats", "devices", "kernel"):
+        print(json.dumps(reply, indent=None if args.json else 2))
+    else:
+        print("ok")
+    sys.stdout.flush()
+    return 0

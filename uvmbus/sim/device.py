@@ -1,0 +1,452 @@
+"""One simulated VMBus device: offer, binding, uio probe, channel open/close, sub-channels.
+
+A :class:`SimDevice` is what a device model sees as ``self.device``.  Its public methods for
+models are :meth:`offer_subchannels`, :meth:`buffer`, :attr:`guest_ram`, :meth:`rescind` and
+:meth:`log`; everything else is called by the simulator's event loop (one thread), which
+owns all state changes.  Channel workers only touch their own rings and call
+:meth:`offer_subchannels` / :meth:`rescind`, which hand the work to the event loop.
+
+Lifecycle, as uio_hv_generic (uio_vmbus.md §1.2, §1.8, §1.10):
+
+* probe (bind to uio_hv_generic): ring memory allocated (zeroed), NIC buffers GPADL'd,
+  ``uio/uioN`` + maps + ``dev/uioN`` created; the channel is NOT opened;
+* first connection: channel open (hv_ringbuffer_init, ``ring`` file visible, host worker);
+* sub-channel offers: ``channels/<relid>/`` at once; if the device is open, the sub-channel
+  is opened and its ``ring`` appears ``--subchannel-delay`` later;
+* last close: every sub-channel closed and rescinded, the primary closed, model reset;
+* rescind: the endpoint sends the rescind event, the device leaves the bus.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from uvmbus.native import ffi, lib
+from uvmbus.sim.channel import HostChannel
+from uvmbus.sim.endpoint import Connection, EndpointServer
+from uvmbus.sim.faults import Faults
+from uvmbus.sim.kernel import RECV_BUFFER_SIZE, SEND_BUFFER_SIZE
+from uvmbus.sim.memory import RingMemory, SharedMemfd
+from uvmbus.sim.models.base import DeviceModel
+
+if TYPE_CHECKING:
+    from uvmbus.dma.sim import GuestRam
+    from uvmbus.sim.simulator import Simulator
+
+__all__ = ["GpadlBuffer", "SimDevice"]
+
+UIO_DRIVER = "uio_hv_generic"
+
+
+@dataclass
+class GpadlBuffer:
+    """A NIC receive/send buffer (uio map 3/4): memory shared with the guest plus its GPADL."""
+
+    kind: str          # "recv" or "send"
+    gpadl: int
+    mem: SharedMemfd
+
+    @property
+    def size(self) -> int:
+        return self.mem.size
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.mem.mm)[:self.mem.size]
+
+    @property
+    def ptr(self) -> Any:
+        return self.mem.ptr
+
+    @property
+    def map_name(self) -> str:
+        return f"{self.kind}:{self.gpadl}"
+
+
+@dataclass
+class SubchannelOffer:
+    relid: int
+    subchannel_id: int
+    monitor_id: int | None
+
+
+class SimDevice:
+    """A device offered on the simulated bus (see the module docstring)."""
+
+    def __init__(self, vm: Simulator, model_cls: type[DeviceModel], options: dict[str, Any],
+                 device_id: str):
+        self.vm = vm
+        self.config = vm.config
+        self.kernel = vm.kernel
+        self.device_id = device_id
+        opts = dict(options)
+        self.class_id: str = str(opts.pop("class_id", model_cls.class_id))
+        self.kind: str = str(opts.pop("kind", model_cls.name))
+        self.model_cls = model_cls
+        self.monitored = self.config.monitored if model_cls.monitored is None else model_cls.monitored
+        self.is_nic = model_cls.is_nic
+        self.faults = Faults()
+        self.notify: Any = ffi.new("struct uvb_host_notify *")
+        self._lock = threading.Lock()
+        # bus state
+        self.present = False
+        self.relid: int | None = None
+        self.monitor_id: int | None = None
+        self.driver: str | None = None
+        self.driver_override: str | None = None
+        # uio state
+        self.uio_index: int | None = None
+        self.server: EndpointServer | None = None
+        self.ring_mem: RingMemory | None = None
+        self.buffers: dict[str, GpadlBuffer] = {}
+        self.connections: list[Connection] = []
+        self.channels: dict[int, HostChannel] = {}
+        self.subchannels: dict[int, SubchannelOffer] = {}
+        self.history: dict[int, dict[str, Any]] = {}
+        self.opens = 0
+        self.kernel_owned_gpadls: list[int] = []
+        self._generation = 0          # bumps at every close: cancels stale delayed work
+        self.model: DeviceModel = model_cls(self, **opts)
+
+    # ==== API for device models ===========================================================
+    @property
+    def guest_ram(self) -> GuestRam | None:
+        """Host view of guest RAM (PFN-addressed, bounds-checked), or None without one."""
+        return self.vm.guest_ram
+
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
+
+    @property
+    def primary(self) -> HostChannel | None:
+        return self.channels.get(self.relid) if self.relid is not None else None
+
+    def buffer(self, kind: str) -> GpadlBuffer | None:
+        """The receive (``"recv"``) or send (``"send"``) buffer, if this kernel gives the
+        device one (maps 3/4)."""
+        return self.buffers.get(kind)
+
+    def offer_subchannels(self, count: int) -> int:
+        """Offer ``count`` sub-channels (asynchronously, like Hyper-V).  Returns ``count``."""
+        self.vm.call_soon(self._offer_subchannels, count)
+        return count
+
+    def rescind(self, reoffer_after: float | None = None) -> None:
+        """Rescind the device (from a model or a fault), optionally re-offering it later."""
+        self.vm.call_soon(self.vm.rescind, self, reoffer_after)
+
+    def log(self, message: str, *, debug: bool = False) -> None:
+        self.vm.log(f"{self.kind} {self.device_id[:8]}: {message}", debug=debug)
+
+    # ==== offer / rescind (event loop) ====================================================
+    def offered(self, relid: int, monitor_id: int | None) -> None:
+        self.present = True
+        self.relid = relid
+        self.monitor_id = monitor_id
+        self.vm.tree.add_device(self.device_id, self.class_id, relid, monitor_id)
+        self.vm.tree.add_channel(self.device_id, relid, 0, monitor_id)
+        self.vm.watch_device(self)
+
+    def rescinded(self) -> None:
+        """Tell every open endpoint, close everything, leave the bus."""
+        for conn in list(self.connections):
+            conn.rescind()
+        if self.driver:
+            self.unbind()
+        for relid in list(self.subchannels):
+            self._forget_subchannel(relid)
+        self.vm.tree.remove_device(self.device_id)
+        self.present = False
+
+    # ==== binding (event loop) ============================================================
+    def bind(self, driver: str) -> bool:
+        """Attach to ``driver``; False if the probe failed (device stays unbound)."""
+        if driver == UIO_DRIVER:
+            if not self._probe_uio():
+                return False
+        else:
+            self._kernel_attach(driver)
+        self.vm.tree.set_driver(self.device_id, None, driver)
+        self.driver = driver
+        return True
+
+    def unbind(self) -> None:
+        old = self.driver
+        if old is None:
+            return
+        if old == UIO_DRIVER:
+            self._remove_uio()
+        else:
+            self._kernel_detach()
+        self.vm.tree.set_driver(self.device_id, old, None)
+        self.driver = None
+
+    def _kernel_attach(self, driver: str) -> None:
+        """A kernel driver took the device: it opens the channel (one ring GPADL) and creates
+        its OS-side children.  The simulator does not run kernel drivers' traffic."""
+        self.kernel_owned_gpadls = [self.vm.next_gpadl()]
+        if driver == "hv_netvsc":
+            self.kernel_owned_gpadls += [self.vm.next_gpadl(), self.vm.next_gpadl()]
+            ifname, mac = self.vm.alloc_ifname(self)
+            self.vm.tree.add_net(self.device_id, ifname, mac)
+        elif driver == "hv_storvsc":
+            host = self.vm.alloc_scsi_host(self)
+            disks = getattr(self.model, "disks", lambda: [])()
+            self.vm.tree.add_disks(self.device_id, host, disks)
+
+    def _kernel_detach(self) -> None:
+        self.vm.tree.remove_net(self.device_id)
+        self.vm.tree.remove_disks(self.device_id)
+        self.kernel_owned_gpadls = []
+
+    def _probe_uio(self) -> bool:
+        k = self.kernel
+        if self.monitor_id is None and not k.accepts_unmonitored:
+            self.log(f"uio_hv_generic probe failed with error -95: vmbus channel requires hypercall "
+                     f"(kernel {k.name} refuses channels without a monitor id before 6.10)")
+            return False
+        assert self.relid is not None
+        ring_bytes = k.primary_ring_bytes(self.class_id)
+        self.ring_mem = RingMemory(self.vm.tree.ring_backing(self.relid), ring_bytes,
+                                   k.ring_file_bytes(ring_bytes), k.page_size)
+        maps: list[tuple[str, int, int]] = [
+            ("txrx_rings", 2 * ring_bytes, 0xF8000000 + self.relid * 0x1000000),
+            ("int_page", k.int_map_size, 0xF7000000),
+            ("monitor_page", k.int_map_size, 0xF7100000),
+        ]
+        if k.has_buffer_maps(self.class_id):
+            for kind, size in (("recv", RECV_BUFFER_SIZE), ("send", SEND_BUFFER_SIZE)):
+                buf = GpadlBuffer(kind, self.vm.next_gpadl(), SharedMemfd(f"{self.relid}-{kind}", size))
+                self.buffers[kind] = buf
+                maps.append((buf.map_name, size, 0xFFFF880000000000 + buf.gpadl * 0x10000000))
+        self.uio_index = self.vm.alloc_uio(self)
+        self.server = EndpointServer(self.vm.tree.uio_dev(self.uio_index))
+        self.vm.add_endpoint(self)
+        self.vm.tree.add_uio(self.device_id, self.uio_index, maps)
+        return True
+
+    def map_fds(self) -> list[tuple[int, int, int]]:
+        """(index, size, fd) of every uio map, for the endpoint hello."""
+        assert self.ring_mem is not None
+        k = self.kernel
+        out = [(0, 2 * self.ring_mem.ring_bytes, self.ring_mem.fd),
+               (1, k.int_map_size, self.vm.int_page.fd),
+               (2, k.int_map_size, self.vm.monitor_page.fd)]
+        for i, kind in enumerate(("recv", "send"), start=3):
+            if kind in self.buffers:
+                b = self.buffers[kind]
+                out.append((i, b.size, b.mem.fd))
+        return out
+
+    def _remove_uio(self) -> None:
+        for conn in list(self.connections):
+            conn.rescind()          # a real unbind makes every read/write return EIO
+            self.connection_closed(conn)
+        if self.server is not None:
+            self.vm.remove_endpoint(self)
+            self.server.close()
+            self.server = None
+        if self.uio_index is not None:
+            self.vm.tree.remove_uio(self.device_id, self.uio_index)
+            self.vm.free_uio(self.uio_index)
+            self.uio_index = None
+        if self.ring_mem is not None:
+            self.ring_mem.close()
+            self.ring_mem = None
+        for b in self.buffers.values():
+            b.mem.close()
+        self.buffers = {}
+
+    # ==== endpoint connections (event loop) ================================================
+    def connection_opened(self, conn: Connection) -> None:
+        if not self.connections:
+            self._open_channel()
+        self.connections.append(conn)
+        self._update_notify()
+        try:
+            conn.send_hello(self.page_size, self.map_fds())
+        except OSError:
+            self.connection_closed(conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self._update_notify()
+            self.vm.forget_connection(conn)
+            conn.close()
+            if not self.connections:
+                self._close_channel()
+
+    def _update_notify(self) -> None:
+        fds = [c.eventfd for c in self.connections][: lib.UVB_HOST_MAX_NOTIFY]
+        lib.uvb_host_notify_set(self.notify, ffi.new("int32_t[]", fds or [0]), len(fds))
+
+    def messages(self, conn: Connection, msgs: list[bytes]) -> None:
+        from uvmbus.sim.endpoint import irqcontrol_value
+        for m in msgs:
+            v = irqcontrol_value(m)
+            if v is None:
+                self.vm.counters["bad_endpoint_messages"] += 1
+                continue
+            self.irqcontrol(v)
+
+    # ==== channels (event loop) ============================================================
+    def _open_channel(self) -> None:
+        assert self.ring_mem is not None and self.relid is not None
+        self.opens += 1
+        mem = self.ring_mem
+        mem.ringbuffer_init()
+        self.vm.next_gpadl()                      # the ring GPADL of vmbus_connect_ring
+        if self.kernel.kernel_sets_mask:
+            lib.uvb_ring_store(mem.rx_header, 2, 1)
+        ch = HostChannel(self, self.relid, 0, self.monitor_id, mem)
+        self._start_channel(ch)
+        self.vm.tree.show_ring(self.device_id, self.relid)
+
+    def _start_channel(self, ch: HostChannel) -> None:
+        with self._lock:
+            self.channels[ch.relid] = ch
+        if ch.monitor_id is not None:
+            self.vm.monitor.watch(ch.monitor_id, ch)
+        ch.start()
+
+    def _stop_channel(self, ch: HostChannel) -> None:
+        if ch.monitor_id is not None:
+            self.vm.monitor.unwatch(ch.monitor_id)
+        ch.stop()
+        with self._lock:
+            self.channels.pop(ch.relid, None)
+        self._archive(ch)
+        ch.close()
+
+    def _archive(self, ch: HostChannel) -> None:
+        snap = ch.snapshot()
+        old = self.history.get(ch.relid)
+        if old:
+            for k, v in snap.items():
+                if isinstance(v, int) and k not in ("relid", "subchannel_id", "monitor_id"):
+                    snap[k] = v + int(old.get(k, 0))
+        snap["open"] = False
+        self.history[ch.relid] = snap
+
+    def _close_channel(self) -> None:
+        """Last close: sub-channels closed and rescinded, primary closed, VSP state reset."""
+        self._generation += 1
+        for relid in [r for r in self.channels if r != self.relid]:
+            self._stop_channel(self.channels[relid])
+        for relid in list(self.subchannels):
+            self._forget_subchannel(relid)
+        primary = self.primary
+        if primary is not None:
+            self._stop_channel(primary)
+        if self.relid is not None:
+            self.vm.tree.hide_ring(self.device_id, self.relid)
+        try:
+            self.model.reset()
+        except Exception as exc:  # pragma: no cover - model bug
+            self.log(f"model reset failed: {exc!r}")
+
+    def _offer_subchannels(self, count: int) -> None:
+        if not self.present:
+            return
+        used = {o.subchannel_id for o in self.subchannels.values()}
+        for _ in range(count):
+            subid = next(i for i in range(1, 1 << 16) if i not in used)
+            used.add(subid)
+            relid = self.vm.alloc_relid()
+            mon = self.vm.alloc_monitor_id() if (self.monitored and self.config.monitored_subchannels) else None
+            self.subchannels[relid] = SubchannelOffer(relid, subid, mon)
+            self.vm.tree.add_channel(self.device_id, relid, subid, mon)
+            if self.connections:        # uio opens offers only while the device is open
+                self.vm.later(self.config.subchannel_delay, self._open_subchannel, relid, self._generation)
+
+    def _open_subchannel(self, relid: int, generation: int) -> None:
+        offer = self.subchannels.get(relid)
+        if offer is None or generation != self._generation or not self.connections:
+            return
+        k = self.kernel
+        ring_bytes = k.subchannel_ring_bytes()
+        mem = RingMemory(self.vm.tree.ring_backing(relid), ring_bytes, k.ring_file_bytes(ring_bytes),
+                         k.page_size)
+        mem.ringbuffer_init()
+        self.vm.next_gpadl()
+        if k.kernel_sets_mask:
+            lib.uvb_ring_store(mem.rx_header, 2, 1)
+        ch = HostChannel(self, relid, offer.subchannel_id, offer.monitor_id, mem)
+        self._start_channel(ch)
+        self.vm.tree.show_ring(self.device_id, relid)
+
+    def _forget_subchannel(self, relid: int) -> None:
+        ch = self.channels.get(relid)
+        if ch is not None:
+            self._stop_channel(ch)
+            ch.mem.close()
+        offer = self.subchannels.pop(relid, None)
+        if offer is not None and offer.monitor_id is not None:
+            self.vm.free_monitor_id(offer.monitor_id)
+        self.vm.tree.remove_channel(self.device_id, relid)
+
+    # ==== irqcontrol (event loop) ===========================================================
+    def irqcontrol(self, value: int) -> None:
+        """The 4-byte write to /dev/uioN (§1.6 table)."""
+        k = self.kernel
+        self.vm.counters["irqcontrol_writes"] += 1
+        primary = self.primary
+        chans = [primary] if primary is not None else []
+        if k.irqcontrol_all_channels:
+            chans += [c for r, c in self.channels.items() if r != self.relid]
+        for ch in chans:
+            lib.uvb_ring_store(ch.mem.rx_header, 2, 0 if value else 1)
+        if not value or not k.irqcontrol_signals:
+            return
+        targets = [ch for ch in chans if ch.monitor_id is None]
+        send_half = self.vm.int_page.ptr + lib.HV_INT_PAGE_SEND_OFFSET
+        attributed = {ch.relid for ch in targets if lib.uvb_intpage_test_clear(send_half, ch.relid)}
+        for ch in targets:
+            ch.guest_signal(collateral=bool(attributed) and ch.relid not in attributed)
+
+    # ==== faults and stats ==================================================================
+    def poke_channels(self) -> None:
+        with self._lock:
+            chans = list(self.channels.values())
+        for ch in chans:
+            ch.poke()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            live = {r: c.snapshot() for r, c in self.channels.items()}
+        chans: dict[str, Any] = {}
+        for relid in sorted(set(self.history) | set(live)):
+            s = dict(self.history.get(relid, {}))
+            if relid in live:
+                cur = live[relid]
+                for k, v in cur.items():
+                    if isinstance(v, int) and isinstance(s.get(k), int) and k not in (
+                            "relid", "subchannel_id", "monitor_id"):
+                        cur[k] = v + s[k]
+                s = cur
+                s["open"] = True
+            chans[str(relid)] = s
+        keys = ("guest_signals", "needed_signals", "needless_signals", "collateral_signals",
+                "interrupts", "kernel_oops", "packets_from_guest", "packets_to_guest", "model_errors")
+        totals: dict[str, int] = dict.fromkeys(keys, 0)
+        for s in chans.values():
+            for key in ("guest_signals", "needed_signals", "needless_signals", "collateral_signals",
+                        "interrupts", "kernel_oops", "packets_from_guest", "packets_to_guest",
+                        "model_errors"):
+                totals[key] = totals.get(key, 0) + int(s.get(key, 0))
+        return {
+            "device_id": self.device_id, "class_id": self.class_id, "model": self.kind,
+            "present": self.present, "relid": self.relid, "monitor_id": self.monitor_id,
+            "driver": self.driver, "uio": None if self.uio_index is None else f"uio{self.uio_index}",
+            "connections": len(self.connections), "opens": self.opens,
+            "faults": self.faults.active(), "channels": chans, "totals": totals,
+            **self.model.describe(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "model": self.kind, "class_id": self.class_id,
+                "relid": self.relid, "monitor_id": self.monitor_id, "driver": self.driver}

@@ -1,0 +1,126 @@
+"""The server side of ``dev/uioN``: the simulator's stand-in for a uio character device.
+
+Protocol version 1 (the client is :class:`uvmbus.uio.endpoint.SimEndpoint`):
+
+* the endpoint is an ``AF_UNIX`` ``SOCK_SEQPACKET`` socket at ``<root>/dev/uioN`` (mode 0600);
+* on connect the server sends a hello, UTF-8 JSON
+  ``{"proto": 1, "page_size": P, "maps": [{"index": K, "size": S}, ...]}``, carrying the fds
+  ``[eventfd, fd(map0), fd(map1), ...]`` (SCM_RIGHTS) in the order of ``maps``;
+* every 4-byte message from the guest is an irqcontrol write (little-endian u32);
+* an interrupt is ``write(eventfd, 1)`` on every open connection of the device (each open
+  file has its own event count, as with ``/dev/uioN``);
+* rescind: the server sends ``{"event": "rescind"}`` and closes the connection.
+
+The first connection opens the channel and the last close closes it (uio's first open / last
+release).  This module only moves bytes; :mod:`uvmbus.sim.device` decides what they mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from pathlib import Path
+
+__all__ = ["PROTO", "Connection", "EndpointServer"]
+
+PROTO = 1
+_U32 = struct.Struct("<I")
+
+
+class Connection:
+    """One open "file" of the endpoint."""
+
+    def __init__(self, sock: socket.socket, number: int):
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.number = number
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send_hello(self, page_size: int, maps: list[tuple[int, int, int]]) -> None:
+        """``maps`` = (index, size, fd)."""
+        hello = {"proto": PROTO, "page_size": page_size,
+                 "maps": [{"index": i, "size": s} for i, s, _ in maps]}
+        fds = [self.eventfd] + [fd for _, _, fd in maps]
+        self.sock.setblocking(True)
+        try:
+            socket.send_fds(self.sock, [json.dumps(hello).encode()], fds)
+        finally:
+            self.sock.setblocking(False)
+
+    def receive(self) -> tuple[list[bytes], bool]:
+        """Pending messages, and whether the guest closed its end."""
+        out: list[bytes] = []
+        while True:
+            try:
+                data = self.sock.recv(64)
+            except BlockingIOError:
+                return out, False
+            except OSError:
+                return out, True
+            if not data:
+                return out, True
+            out.append(data)
+
+    def rescind(self) -> None:
+        try:
+            self.sock.send(json.dumps({"event": "rescind"}).encode(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.close()
+        finally:
+            os.close(self.eventfd)
+
+
+def irqcontrol_value(message: bytes) -> int | None:
+    """The u32 of a 4-byte irqcontrol message, None for anything else (EINVAL on a real
+    uio device)."""
+    if len(message) != 4:
+        return None
+    return int(_U32.unpack(message)[0])
+
+
+class EndpointServer:
+    """The listening socket at ``dev/uioN``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        self._numbers = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Connection | None:
+        try:
+            s, _ = self.sock.accept()
+        except BlockingIOError:
+            return None
+        self._numbers += 1
+        return Connection(s, self._numbers)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

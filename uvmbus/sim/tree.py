@@ -1,0 +1,232 @@
+"""The sysfs/dev/proc files of the simulated VM under ``--root``.
+
+Layout (paths relative to the root), identical to a real guest's (uio_vmbus.md §1.1, §1.3,
+§1.8, §1.9)::
+
+    sys/bus/vmbus/devices/<guid>/{class_id,device_id,id,monitor_id?,driver_override,
+        modalias,vendor,numa_node,driver -> ../../drivers/<drv>,uio/uioN/,channels/<relid>/,
+        net/<ifname>/,host<H>/target<H>:0:0/<H>:0:0:<L>/block/<disk>/}
+    sys/bus/vmbus/drivers/<drv>/{new_id,bind,unbind,<guid> -> ../../devices/<guid>}
+    sys/bus/vmbus/drivers_probe
+    sys/class/uio/uioN -> ../../bus/vmbus/devices/<guid>/uio/uioN
+    sys/class/net/<ifname>, sys/class/block/<disk>   (links into the device)
+    dev/uioN                       the endpoint socket (uvmbus.sim.endpoint)
+    proc/sys/kernel/osrelease
+    sim/                           private: control socket, ring backing files, guest RAM
+
+Attribute files are replaced atomically (write a hidden temporary, rename), so a reader never
+sees half a value and the binding watcher never mistakes the simulator's own writes for the
+guest's (it only reacts to IN_CLOSE_WRITE on the real names).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["DRIVERS", "Tree"]
+
+#: drivers whose directories exist (the guest writes their new_id/bind/unbind)
+DRIVERS = ("uio_hv_generic", "hv_netvsc", "hv_storvsc", "hv_utils")
+UIO_VERSION = "0.02.1"
+
+
+class Tree:
+    """Creates and removes the simulated files; knows nothing about behaviour."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.vmbus = root / "sys/bus/vmbus"
+        self.devices = self.vmbus / "devices"
+        self.drivers = self.vmbus / "drivers"
+        self.uio_class = root / "sys/class/uio"
+        self.net_class = root / "sys/class/net"
+        self.block_class = root / "sys/class/block"
+        self.dev = root / "dev"
+        self.sim = root / "sim"
+        self.rings = self.sim / "rings"
+
+    # -- primitives --------------------------------------------------------------------
+    @staticmethod
+    def write(path: Path, text: str, mode: int = 0o644) -> None:
+        """Replace ``path`` atomically with ``text``."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def link(target: str, path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        os.symlink(target, path)
+
+    @staticmethod
+    def unlink(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def rmtree(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    # -- the VM ------------------------------------------------------------------------
+    def create_base(self, release: str) -> None:
+        for d in (self.devices, self.uio_class, self.net_class, self.block_class, self.dev,
+                  self.rings, self.root / "proc/sys/kernel"):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.sim, 0o700)
+        for drv in DRIVERS:
+            self.add_driver(drv)
+        self.write(self.vmbus / "drivers_probe", "", 0o200)
+        self.write(self.root / "proc/sys/kernel/osrelease", release + "\n")
+
+    def add_driver(self, name: str) -> None:
+        d = self.drivers / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("new_id", "remove_id", "bind", "unbind"):
+            if not (d / f).exists():
+                self.write(d / f, "", 0o200)
+
+    def remove_all(self, owns_root: bool) -> None:
+        """Remove everything the simulator created (the root too if it made it)."""
+        if owns_root:
+            self.rmtree(self.root)
+            return
+        for name in ("sys", "dev", "proc", "sim"):
+            self.rmtree(self.root / name)
+
+    # -- devices -----------------------------------------------------------------------
+    def device_dir(self, guid: str) -> Path:
+        return self.devices / guid
+
+    def add_device(self, guid: str, class_id: str, relid: int, monitor_id: int | None) -> Path:
+        """The device directory appears with its attributes at once (built in ``sim/``)."""
+        d = self.sim / f"staging-{guid}"
+        self.rmtree(d)
+        (d / "channels").mkdir(parents=True)
+        self.write(d / "class_id", f"{{{class_id}}}\n", 0o444)
+        self.write(d / "device_id", f"{{{guid}}}\n", 0o444)
+        self.write(d / "id", f"{relid}\n", 0o444)
+        if monitor_id is not None:
+            self.write(d / "monitor_id", f"{monitor_id}\n", 0o444)
+        self.write(d / "driver_override", "(null)\n", 0o644)
+        self.write(d / "modalias", f"vmbus:{uuid.UUID(class_id).bytes_le.hex()}\n", 0o444)
+        self.write(d / "vendor", "0x1414\n", 0o444)
+        self.write(d / "numa_node", "0\n", 0o444)
+        os.rename(d, self.device_dir(guid))
+        return self.device_dir(guid)
+
+    def remove_device(self, guid: str) -> None:
+        self.rmtree(self.device_dir(guid))
+
+    def set_driver_override(self, guid: str, value: str | None) -> None:
+        self.write(self.device_dir(guid) / "driver_override", f"{value or '(null)'}\n", 0o644)
+
+    def add_channel(self, guid: str, relid: int, subchannel_id: int, monitor_id: int | None) -> None:
+        """``channels/<relid>/`` appears with its attributes at once (built aside, renamed)."""
+        base = self.device_dir(guid) / "channels"
+        tmp = base / f".{relid}.tmp"
+        self.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.write(tmp / "subchannel_id", f"{subchannel_id}\n", 0o444)
+        self.write(tmp / "cpu", "0\n", 0o644)
+        if monitor_id is not None:
+            self.write(tmp / "monitor_id", f"{monitor_id}\n", 0o444)
+        os.rename(tmp, base / str(relid))
+
+    def remove_channel(self, guid: str, relid: int) -> None:
+        self.rmtree(self.device_dir(guid) / "channels" / str(relid))
+
+    def ring_backing(self, relid: int) -> Path:
+        return self.rings / f"{relid}.ring"
+
+    def show_ring(self, guid: str, relid: int) -> None:
+        """Make ``channels/<relid>/ring`` appear (a hard link to the backing file), atomically."""
+        c = self.device_dir(guid) / "channels" / str(relid)
+        tmp = c / ".ring.tmp"
+        self.unlink(tmp)
+        os.link(self.ring_backing(relid), tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, c / "ring")
+
+    def hide_ring(self, guid: str, relid: int) -> None:
+        self.unlink(self.device_dir(guid) / "channels" / str(relid) / "ring")
+
+    # -- binding -----------------------------------------------------------------------
+    def set_driver(self, guid: str, old: str | None, new: str | None) -> None:
+        d = self.device_dir(guid)
+        if old:
+            self.unlink(self.drivers / old / guid)
+            self.unlink(d / "driver")
+        if new:
+            self.link(f"../../drivers/{new}", d / "driver")
+            self.link(f"../../devices/{guid}", self.drivers / new / guid)
+
+    def add_uio(self, guid: str, index: int, maps: Iterable[tuple[str, int, int]]) -> None:
+        """``maps`` = (name, size, fake address) per map index."""
+        u = self.device_dir(guid) / "uio" / f"uio{index}"
+        (u / "maps").mkdir(parents=True)
+        self.write(u / "name", "uio_hv_generic\n", 0o444)
+        self.write(u / "version", UIO_VERSION + "\n", 0o444)
+        self.write(u / "event", "0\n", 0o444)
+        for k, (name, size, addr) in enumerate(maps):
+            m = u / "maps" / f"map{k}"
+            m.mkdir()
+            self.write(m / "name", name + "\n", 0o444)
+            self.write(m / "addr", f"0x{addr:016x}\n", 0o444)
+            self.write(m / "size", f"0x{size:016x}\n", 0o444)
+            self.write(m / "offset", "0x0\n", 0o444)
+        self.link(f"../../bus/vmbus/devices/{guid}/uio/uio{index}", self.uio_class / f"uio{index}")
+
+    def remove_uio(self, guid: str, index: int) -> None:
+        self.unlink(self.uio_class / f"uio{index}")
+        self.unlink(self.dev / f"uio{index}")
+        self.rmtree(self.device_dir(guid) / "uio")
+
+    def uio_dev(self, index: int) -> Path:
+        return self.dev / f"uio{index}"
+
+    # -- OS-side children (what a kernel driver creates) ----------------------------------
+    def add_net(self, guid: str, ifname: str, mac: str) -> None:
+        n = self.device_dir(guid) / "net" / ifname
+        n.mkdir(parents=True)
+        self.write(n / "address", mac + "\n", 0o444)
+        self.write(n / "mtu", "1500\n", 0o644)
+        self.write(n / "operstate", "up\n", 0o444)
+        self.link("../..", n / "device")
+        self.link(f"../../bus/vmbus/devices/{guid}/net/{ifname}", self.net_class / ifname)
+
+    def remove_net(self, guid: str) -> None:
+        d = self.device_dir(guid) / "net"
+        if d.is_dir():
+            for n in d.iterdir():
+                self.unlink(self.net_class / n.name)
+        self.rmtree(d)
+
+    def add_disks(self, guid: str, host: int, disks: Iterable[tuple[int, str, int]]) -> None:
+        """``disks`` = (lun, name, size in bytes)."""
+        h = self.device_dir(guid) / f"host{host}"
+        for lun, name, size in disks:
+            b = h / f"target{host}:0:0" / f"{host}:0:0:{lun}" / "block" / name
+            (b / "queue").mkdir(parents=True)
+            self.write(b / "dev", f"8:{16 * lun}\n", 0o444)
+            self.write(b / "size", f"{size // 512}\n", 0o444)
+            self.write(b / "queue/logical_block_size", "512\n", 0o444)
+            rel = os.path.relpath(b, self.block_class)
+            self.link(rel, self.block_class / name)
+
+    def remove_disks(self, guid: str) -> None:
+        d = self.device_dir(guid)
+        for h in d.glob("host*"):
+            for b in h.glob("target*/*/block/*"):
+                self.unlink(self.block_class / b.name)
+            self.rmtree(h)
