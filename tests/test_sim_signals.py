@@ -127,3 +127,45 @@ def test_irqcontrol_unmasks_and_signals_per_kernel() -> None:
             while not all(ch.rx.control()["interrupt_mask"] == 1 for ch in cd.channels):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+
+
+def test_overlapping_irqcontrol_writes_from_two_queues_are_not_needless() -> None:
+    """6.16, non-monitored: two queues each set their int-page bit and write 1; if the host
+    handles the first write after both bits are set, the second write is collateral, not
+    needless. A later write with no int-page bit at all is still needless."""
+    with run_sim("", "--kernel", "6.16", "--unmonitored", "--subchannel-delay", "0.05", *GRACE) as sim:
+        echo = sim.device("echo")["device_id"]
+        sim.bind(echo)
+        from uvmbus.sim.models.echo import OP_OFFER_SUBCHANNELS, control_message
+        with open_device(echo, sim.root) as cd:
+            cd.primary.request(control_message(OP_OFFER_SUBCHANNELS, 1), timeout=10)
+            (sub,) = cd.open_subchannels(1, timeout=10)
+            for ch in cd.channels:                     # wait until the host re-armed both
+                deadline = time.monotonic() + 10
+                while ch.tx.control()["interrupt_mask"]:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+            time.sleep(CREDIT_TTL)
+            before = sim.totals()
+            # both queues publish a packet without signalling, set their bits, then write
+            for i, ch in enumerate(cd.channels):
+                ch.tx.put(b"q%d" % i, trans_id=i)
+                assert ch.tx.commit()                  # empty -> non-empty: a signal is due
+                lib.uvb_intpage_set(cd.uio.int_page_send, ch.relid)
+            cd.uio.endpoint.irqcontrol(1)
+            cd.uio.endpoint.irqcontrol(1)
+            t = wait_stat(sim, lambda t: t["guest_signals"] + t["collateral_signals"]
+                          >= before["guest_signals"] + before["collateral_signals"] + 4,
+                          "two writes x two channels")
+            assert t["needless_signals"] == before["needless_signals"], sim.needless_report()
+            assert t["needed_signals"] == before["needed_signals"] + 2
+            assert t["collateral_signals"] == before["collateral_signals"] + 2
+            got = 0
+            deadline = time.monotonic() + 10
+            while got < 2:
+                got += sum(len(ch.poll()) for ch in cd.channels)
+                assert time.monotonic() < deadline
+            time.sleep(CREDIT_TTL)
+            cd.uio.endpoint.irqcontrol(1)              # no bit, nothing written: needless
+            wait_stat(sim, lambda t: t["needless_signals"] >= before["needless_signals"] + 2,
+                      "a bit-less write after the overlap must count as needless")

@@ -114,6 +114,7 @@ class _Ring:
 
     kind: int
     name: str
+    _commit: Any
 
     def __init__(self, mem: Any, offset: int, ring_bytes: int, header_bytes: int, *, name: str = ""):
         if offset < 0 or ring_bytes <= 0:
@@ -168,6 +169,23 @@ class _Ring:
             raise ConfigError(f"{self.name}: invalid request (packet too large for the ring, or bad arguments)")
         raise RingCorrupt(ffi.string(lib.uvb_strerror(rc)).decode(), channel=self.name)
 
+    def _put_result(self, rc: int) -> bool:
+        """A put's return code: True queued, False ring full (would block), else raise."""
+        if rc == 0:
+            return True
+        if rc == lib.UVB_EAGAIN:
+            return False
+        self._fail(rc)
+        return False
+
+    def commit(self) -> bool:
+        """Publish (the write index of an OutRing, the read index of an InRing). True when
+        the peer must be signalled: the reader after a write, a blocked writer after a read."""
+        rc = self._commit(self._r)
+        if rc < 0:
+            self._fail(rc)
+        return rc == 1
+
     def stats(self) -> dict[str, int]:
         r = self._r
         return {"packets": r.packets, "bytes": r.bytes, "commits": r.commits,
@@ -216,12 +234,7 @@ class OutRing(_Ring):
     def put(self, payload: Any, *, trans_id: int = 0, flags: int = 0, type: int = PKT_INBAND) -> bool:
         """Queue one in-band (or completion) packet. False when the ring is full."""
         rc = self._inband(self._r, type, flags, trans_id, ffi.from_buffer(payload), len(payload))
-        if rc == 0:
-            return True
-        if rc == lib.UVB_EAGAIN:
-            return False
-        self._fail(rc)
-        return False
+        return self._put_result(rc)
 
     def put_completion(self, payload: Any, trans_id: int) -> bool:
         return self.put(payload, trans_id=trans_id, type=PKT_COMP)
@@ -249,12 +262,7 @@ class OutRing(_Ring):
         extp = ffi.from_buffer(ext) if ext else ffi.NULL
         rc = lib.uvb_out_put(self._r, type, flags, trans_id, extp, len(ext), iov, len(parts))
         del keep
-        if rc == 0:
-            return True
-        if rc == lib.UVB_EAGAIN:
-            return False
-        self._fail(rc)
-        return False
+        return self._put_result(rc)
 
     def put_gpa_direct(self, ranges: Sequence[tuple[int, int, Sequence[int]]], parts: Sequence[Any] | Any,
                        *, trans_id: int = 0, flags: int = FLAG_COMPLETION_REQUESTED) -> bool:
@@ -276,12 +284,7 @@ class OutRing(_Ring):
         iov, keep = self._iovs(parts)
         rc = lib.uvb_out_gpa_direct(self._r, flags, trans_id, g, len(ranges), pf_arr, len(pfns), iov, len(parts))
         del keep
-        if rc == 0:
-            return True
-        if rc == lib.UVB_EAGAIN:
-            return False
-        self._fail(rc)
-        return False
+        return self._put_result(rc)
 
     def put_xfer_pages(self, pageset_id: int, ranges: Sequence[tuple[int, int]], payload: Any, *,
                        trans_id: int = 0, flags: int = FLAG_COMPLETION_REQUESTED,
@@ -293,19 +296,7 @@ class OutRing(_Ring):
             rg[i].byte_offset = offset
         rc = lib.uvb_out_xfer_pages(self._r, flags, trans_id, pageset_id, 1 if sender_owns else 0,
                                     rg, len(ranges), ffi.from_buffer(payload), len(payload))
-        if rc == 0:
-            return True
-        if rc == lib.UVB_EAGAIN:
-            return False
-        self._fail(rc)
-        return False
-
-    def commit(self) -> bool:
-        """Publish queued packets. True when the reader must be signalled."""
-        rc = self._commit(self._r)
-        if rc < 0:
-            self._fail(rc)
-        return rc == 1
+        return self._put_result(rc)
 
     def rollback(self) -> None:
         """Forget packets queued since the last commit."""
@@ -441,13 +432,6 @@ class InRing(_Ring):
         if p is not None and self.commit():
             self.signal_pending = True
         return p
-
-    def commit(self) -> bool:
-        """Publish the read index. True when the (blocked) writer must be signalled."""
-        rc = self._commit(self._r)
-        if rc < 0:
-            self._fail(rc)
-        return rc == 1
 
     def rollback(self) -> None:
         lib.uvb_in_rollback(self._r)

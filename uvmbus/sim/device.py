@@ -90,6 +90,8 @@ class SimDevice:
         self.faults = Faults()
         self.notify: Any = ffi.new("struct uvb_host_notify *")
         self._lock = threading.Lock()
+        #: irqcontrol writes still to come whose int-page bits an earlier write already found
+        self._overlapped_writes = 0
         # bus state
         self.present = False
         self.relid: int | None = None
@@ -405,6 +407,15 @@ class SimDevice:
         targets = [ch for ch in chans if ch.monitor_id is None]
         send_half = self.vm.int_page.ptr + lib.HV_INT_PAGE_SEND_OFFSET
         attributed = {ch.relid for ch in targets if lib.uvb_intpage_test_clear(send_half, ch.relid)}
+        if not attributed and self._overlapped_writes > 0:
+            # Several guest threads each set their channel's int-page bit and wrote 1; the
+            # first write we processed found all their bits. This write is one of the others:
+            # its intent was already delivered, so everything it causes is collateral.
+            self._overlapped_writes -= 1
+            for ch in targets:
+                ch.guest_signal(collateral=True)
+            return
+        self._overlapped_writes += max(0, len(attributed) - 1)
         for ch in targets:
             ch.guest_signal(collateral=bool(attributed) and ch.relid not in attributed)
 

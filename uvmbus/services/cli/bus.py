@@ -1,9 +1,10 @@
-"""`uvmbus list`, `uvmbus bind`, `uvmbus unbind`: the bus layer on the command line."""
+"""`uvmbus list`, `status`, `bind`, `unbind`: the bus layer and the services on the command line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from uvmbus.services.cli import add_json, add_root
 
@@ -15,18 +16,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="cls", help="only devices of this class (e.g. netvsc, storvsc)")
     p.set_defaults(func=_list)
 
+    s = sub.add_parser("status", help="devices, bindings, running uvmbus services, per-queue "
+                       "counters, process CPU/RSS")
+    add_root(s)
+    add_json(s)
+    s.add_argument("--run-dir", default=None,
+                   help="where daemons keep pidfiles and control sockets "
+                        "(default: $UVMBUS_RUN_DIR or <root>/run/uvmbus)")
+    s.add_argument("--sample", type=float, default=0.2, metavar="SECONDS",
+                   help="CPU usage sampling time (0: skip)")
+    s.set_defaults(func=_status)
+
     b = sub.add_parser("bind", help="give a device to uio_hv_generic (userspace)")
     add_root(b)
     b.add_argument("device", help="instance GUID, unique prefix, or class name")
     b.add_argument("--force", action="store_true",
                    help="take the device even if the OS uses it (mounted disk, addressed NIC)")
-    b.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the uio node")
+    b.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the uio node (default 10; 30 with --boot)")
+    b.add_argument("--persist", action="store_true",
+                   help="also bind it at every boot (uvmbus-bind@GUID.service + "
+                        "<root>/etc/uvmbus/bind.d/GUID.conf)")
+    b.add_argument("--boot", action="store_true",
+                   help="as uvmbus-bind@.service runs it: options from the persisted record")
     b.set_defaults(func=_bind)
 
     u = sub.add_parser("unbind", help="give a device back to its kernel driver")
     add_root(u)
     u.add_argument("device", help="instance GUID, unique prefix, or class name")
     u.add_argument("--timeout", type=float, default=10.0)
+    u.add_argument("--persist", action="store_true",
+                   help="also stop binding it at boot (removes what bind --persist wrote)")
     u.set_defaults(func=_unbind)
 
 
@@ -51,19 +71,65 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from uvmbus.services.status import collect_status, format_status
+
+    st = collect_status(args.root, run_dir=args.run_dir, sample=max(0.0, args.sample))
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+    else:
+        print(format_status(st))
+    return 0
+
+
 def _bind(args: argparse.Namespace) -> int:
     from uvmbus.bus import Bus, bind_uio
+    from uvmbus.errors import ConfigError, NotFound
+    from uvmbus.services.persist import persist_binding, read_record
 
     bus = Bus(args.root)
-    dev = bind_uio(bus, args.device, force=args.force, timeout=args.timeout)
+    force = args.force
+    timeout = args.timeout if args.timeout is not None else (30.0 if args.boot else 10.0)
+    if args.boot:
+        if args.persist:
+            raise ConfigError("--boot and --persist do not go together")
+        rec = read_record(args.root, args.device)
+        if rec is None:
+            raise NotFound(f"no persisted binding for {args.device} (etc/uvmbus/bind.d/"
+                           f"{args.device}.conf under {args.root}); `uvmbus bind {args.device} "
+                           "--persist` creates it")
+        force = force or rec.get("FORCE") == "1"
+    dev = bind_uio(bus, args.device, force=force, timeout=timeout)
     print(f"{dev.device_id} bound to uio_hv_generic ({dev.uio})")
+    if args.persist:
+        res = persist_binding(args.root, dev.device_id, class_name=dev.class_name, force=args.force)
+        how = "systemctl enable" if res.systemctl else f"{res.wants} -> {res.unit.name}"
+        print(f"persistent: {res.record} ({how}); `uvmbus unbind {dev.device_id} --persist` undoes it")
     return 0
 
 
 def _unbind(args: argparse.Namespace) -> int:
     from uvmbus.bus import Bus, unbind_uio
+    from uvmbus.errors import NotFound
+    from uvmbus.services.persist import read_record, unpersist_binding
 
     bus = Bus(args.root)
-    dev = unbind_uio(bus, args.device, timeout=args.timeout)
+    try:
+        dev = bus.device(args.device)
+    except NotFound:
+        if args.persist and read_record(args.root, args.device) is not None:
+            res = unpersist_binding(args.root, args.device)     # the device is gone: forget it
+            print(f"{args.device} is not present; persisted binding removed "
+                  f"({', '.join(str(p) for p in res.removed)})")
+            return 0
+        raise
+    dev = unbind_uio(bus, dev, timeout=args.timeout)
     print(f"{dev.device_id} returned to {dev.driver or 'no driver'}")
+    if args.persist:
+        res = unpersist_binding(args.root, dev.device_id)
+        gone = ", ".join(str(p) for p in res.removed) or "nothing was persisted"
+        print(f"no longer bound at boot (removed: {gone})")
+    elif read_record(args.root, dev.device_id) is not None:
+        print(f"note: {dev.device_id} is still bound to uio_hv_generic at every boot; "
+              "add --persist to stop that", file=sys.stderr)
     return 0

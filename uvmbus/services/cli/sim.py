@@ -60,10 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_root(c)
     add_json(c)
     c.add_argument("request", choices=("ping", "stats", "devices", "kernel", "stop", "fault",
-                                       "clear", "rescind", "reoffer", "subchannels"),
+                                       "clear", "rescind", "reoffer", "subchannels", "link", "model"),
                    help="what to do")
     c.add_argument("args", nargs="*", help="fault: NAME [VALUE]; rescind/reoffer: DEVICE; "
-                   "subchannels: DEVICE COUNT")
+                   "subchannels: DEVICE COUNT; link: DEVICE up|down; "
+                   "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations)")
     c.add_argument("--device", default="*", help="device for fault/clear (GUID, prefix, model, *)")
     c.add_argument("--reoffer-after", type=float, default=None, metavar="SECONDS",
                    help="rescind: offer the device again after this delay")
@@ -148,6 +149,20 @@ def _ctl(args: argparse.Namespace) -> int:
         req = {"cmd": args.request, "device": a[0]}
         if args.request == "rescind" and args.reoffer_after is not None:
             req["reoffer_after"] = args.reoffer_after
+    elif args.request == "link":
+        if len(a) != 2 or a[1] not in ("up", "down"):
+            raise ConfigError("link needs DEVICE up|down")
+        req = {"cmd": "model", "device": a[0], "op": "link", "args": {"up": a[1] == "up"}}
+    elif args.request == "model":
+        if len(a) < 2:
+            raise ConfigError("model needs DEVICE OP [KEY=VALUE ...]")
+        margs: dict[str, Any] = {}
+        for kv in a[2:]:
+            key, sep, val = kv.partition("=")
+            if not sep:
+                raise ConfigError(f"model arguments are KEY=VALUE, not {kv!r}")
+            margs[key] = val
+        req = {"cmd": "model", "device": a[0], "op": a[1], "args": margs}
     else:
         if len(a) != 2:
             raise ConfigError("subchannels needs DEVICE COUNT")
@@ -155,7 +170,7 @@ def _ctl(args: argparse.Namespace) -> int:
     with ControlClient(args.root) as client:
         reply = client.call(req.pop("cmd"), **req)
     reply.pop("ok", None)
-    if args.json or args.request in ("stats", "devices", "kernel"):
+    if args.json or args.request in ("stats", "devices", "kernel", "model", "link"):
         print(json.dumps(reply, indent=None if args.json else 2))
     else:
         print("ok")

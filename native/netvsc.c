@@ -1,0 +1,1164 @@
+/*
+ * netvsc guest data path: see netvsc.h.  Protocol: ../shared/reference/netvsc.md §4–§6.
+ *
+ * Everything the host controls is validated from private copies: ring packets are copied
+ * out by uvb_in_read; RNDIS headers and PPIs in the receive buffer are copied into locals
+ * before any offset derived from them is used.  A malformed packet is acked with status 2
+ * (so the host gets its buffers back), counted in host_errors and described in errmsg.
+ */
+#define _GNU_SOURCE
+#include "uvmbus.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TRAILER 8u
+#define DESC 16u
+#define IB_BYTES (4u << 20)
+#define IB_PKTS 8192u
+#define ACK_CAP 16384u
+#define CTRL_MAX_RECORDS 4096u
+#define NVSP_LEN 40u
+#define CONSUMED 0u
+#define RANGE_BAD 0x80000000u      /* uvb_pkt.reserved: packet had an invalid range */
+#define RANGE_MASK 0x0000FFFFu
+
+struct ctrl_node {
+    struct ctrl_node *next;
+    struct uvb_nvsc_ctrl rec;
+    uint8_t data[];
+};
+
+struct nvsc_priv {
+    uint8_t *ib;
+    uint32_t ib_used;
+    struct uvb_pkt *pk;
+    uint32_t npk, cur;
+    uint64_t *acks;
+    uint32_t *ack_status;
+    uint32_t nacks;
+    uint64_t *held;
+    uint32_t *held_status;
+    uint32_t nheld;
+    uint32_t *sec_free;
+    uint32_t nsec_free;
+    uint16_t *sec_frames;       /* frames in each in-flight section (0xFFFF = free) */
+    uint32_t *slot_free;
+    uint32_t nslot_free;
+    uint8_t *slot_busy;
+    struct ctrl_node *cq_head, *cq_tail;
+    uint32_t cq_count;
+};
+
+static struct nvsc_priv *P(struct uvb_nvsc_queue *q) { return (struct nvsc_priv *)q->priv; }
+
+static inline uint32_t rd32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint32_t ring_bytes(uint32_t payload, uint32_t ext)
+{
+    return ((DESC + ext + payload + 7u) & ~7u) + TRAILER;
+}
+
+static void host_error(struct uvb_nvsc_queue *q, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->errmsg, sizeof q->errmsg, fmt, ap);
+    va_end(ap);
+    q->host_errors++;
+}
+
+/* ------------------------------------------------------------------------ */
+/* setup                                                                     */
+
+int uvb_nvsc_queue_init(struct uvb_nvsc_queue *q)
+{
+    if (!q->tx || !q->rx || !q->sig || !q->recv_buf || !q->send_buf || !q->section_size ||
+        (uint64_t)(q->section_first + (uint64_t)q->section_count) * q->section_size > q->send_size ||
+        q->section_count == 0 || q->section_count > 0xFFFFFF)
+        return UVB_EINVAL;
+    if (q->gpa_slots && (!q->gpa_base || !q->gpa_pfns || q->gpa_slot_size < 4096 || (q->gpa_slot_size & 4095u)))
+        return UVB_EINVAL;
+    if (!q->max_pkt_per_msg)
+        q->max_pkt_per_msg = 1;
+    if (q->pkt_align < 4)
+        q->pkt_align = 4;
+    if (q->pkt_align & (q->pkt_align - 1))
+        return UVB_EINVAL;
+    if (!q->max_xfer)
+        q->max_xfer = q->section_size;
+    if (q->ack_size < 8 || q->ack_size > NVSP_LEN)
+        q->ack_size = 8;
+    if (!q->max_frame)
+        q->max_frame = 1514;
+    struct nvsc_priv *p = calloc(1, sizeof *p);
+    if (!p)
+        return UVB_EINVAL;
+    q->priv = p;
+    p->ib = malloc(IB_BYTES);
+    p->pk = calloc(IB_PKTS, sizeof *p->pk);
+    p->acks = calloc(ACK_CAP, sizeof *p->acks);
+    p->ack_status = calloc(ACK_CAP, sizeof *p->ack_status);
+    p->held = calloc(ACK_CAP, sizeof *p->held);
+    p->held_status = calloc(ACK_CAP, sizeof *p->held_status);
+    p->sec_free = calloc(q->section_count, sizeof *p->sec_free);
+    p->sec_frames = calloc(q->section_count, sizeof *p->sec_frames);
+    if (q->gpa_slots) {
+        p->slot_free = calloc(q->gpa_slots, sizeof *p->slot_free);
+        p->slot_busy = calloc(q->gpa_slots, 1);
+    }
+    if (!p->ib || !p->pk || !p->acks || !p->ack_status || !p->held || !p->held_status ||
+        !p->sec_free || !p->sec_frames || (q->gpa_slots && (!p->slot_free || !p->slot_busy))) {
+        uvb_nvsc_queue_fini(q);
+        return UVB_EINVAL;
+    }
+    for (uint32_t i = q->section_count; i-- > 0;) {
+        p->sec_free[p->nsec_free++] = q->section_first + i;
+        p->sec_frames[i] = 0xFFFF;
+    }
+    for (uint32_t i = q->gpa_slots; i-- > 0;)
+        p->slot_free[p->nslot_free++] = i;
+    return 0;
+}
+
+void uvb_nvsc_queue_fini(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return;
+    free(p->ib);
+    free(p->pk);
+    free(p->acks);
+    free(p->ack_status);
+    free(p->held);
+    free(p->held_status);
+    free(p->sec_free);
+    free(p->sec_frames);
+    free(p->slot_free);
+    free(p->slot_busy);
+    struct ctrl_node *c = p->cq_head;
+    while (c) {
+        struct ctrl_node *n = c->next;
+        free(c);
+        c = n;
+    }
+    free(p);
+    q->priv = NULL;
+}
+
+uint32_t uvb_nvsc_tx_inflight(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return 0;
+    return (q->section_count - p->nsec_free) + (q->gpa_slots - p->nslot_free);
+}
+
+/* ------------------------------------------------------------------------ */
+/* control records                                                           */
+
+static void ctrl_push(struct uvb_nvsc_queue *q, uint32_t kind, uint64_t tid, uint32_t status,
+                      const uint8_t *data, uint32_t len)
+{
+    struct nvsc_priv *p = P(q);
+    if (p->cq_count >= CTRL_MAX_RECORDS) {
+        q->ctrl_dropped++;
+        return;
+    }
+    struct ctrl_node *c = malloc(sizeof *c + len);
+    if (!c) {
+        q->ctrl_dropped++;
+        return;
+    }
+    c->next = NULL;
+    c->rec.kind = kind;
+    c->rec.len = len;
+    c->rec.trans_id = tid;
+    c->rec.status = status;
+    c->rec.reserved = 0;
+    if (len)
+        memcpy(c->data, data, len);
+    if (p->cq_tail)
+        p->cq_tail->next = c;
+    else
+        p->cq_head = c;
+    p->cq_tail = c;
+    p->cq_count++;
+    q->rx_ctrl++;
+}
+
+int uvb_nvsc_ctrl_next(struct uvb_nvsc_queue *q, struct uvb_nvsc_ctrl *rec, uint8_t *buf,
+                       uint32_t buflen)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    struct ctrl_node *c = p->cq_head;
+    if (!c)
+        return 0;
+    p->cq_head = c->next;
+    if (!p->cq_head)
+        p->cq_tail = NULL;
+    p->cq_count--;
+    *rec = c->rec;
+    uint32_t n = c->rec.len < buflen ? c->rec.len : buflen;
+    if (n)
+        memcpy(buf, c->data, n);
+    rec->len = n;
+    free(c);
+    return (int)(n ? n : 1);
+}
+
+/* ------------------------------------------------------------------------ */
+/* acks                                                                      */
+
+static int flush_acks(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    uint32_t done = 0;
+    uint8_t msg[NVSP_LEN] = {0};
+    struct nvsp_send_rndis_pkt_complete c = {NVSP_MSG1_TYPE_SEND_RNDIS_PKT_COMPLETE, NVSP_STAT_SUCCESS};
+    while (done < p->nacks) {
+        c.status = p->ack_status[done];
+        memcpy(msg, &c, sizeof c);
+        int rc = uvb_out_inband(q->tx, VMBUS_PKT_COMP, 0, p->acks[done], msg, q->ack_size);
+        if (rc == UVB_EAGAIN)
+            break;                          /* ring full: keep the rest for later */
+        if (rc < 0)
+            return rc;
+        done++;
+    }
+    q->rx_acks += done;
+    if (done) {
+        memmove(p->acks, p->acks + done, (p->nacks - done) * sizeof *p->acks);
+        memmove(p->ack_status, p->ack_status + done, (p->nacks - done) * sizeof *p->ack_status);
+        p->nacks -= done;
+    }
+    int rc = uvb_out_commit_signal(q->tx, q->sig);
+    return rc < 0 ? rc : 0;
+}
+
+static int ack(struct uvb_nvsc_queue *q, uint64_t tid, uint32_t status)
+{
+    struct nvsc_priv *p = P(q);
+    if (p->nacks >= ACK_CAP) {
+        int rc = flush_acks(q);
+        if (rc < 0)
+            return rc;
+        if (p->nacks >= ACK_CAP)
+            return UVB_EAGAIN;
+    }
+    p->acks[p->nacks] = tid;
+    p->ack_status[p->nacks++] = status;
+    return 0;
+}
+
+int uvb_nvsc_rx_release(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    uint32_t i = 0;
+    for (; i < p->nheld && p->nacks < ACK_CAP; i++) {
+        p->acks[p->nacks] = p->held[i];
+        p->ack_status[p->nacks++] = p->held_status[i];
+    }
+    if (i < p->nheld) {
+        memmove(p->held, p->held + i, (p->nheld - i) * sizeof *p->held);
+        memmove(p->held_status, p->held_status + i, (p->nheld - i) * sizeof *p->held_status);
+    }
+    p->nheld -= i;
+    return flush_acks(q);
+}
+
+int uvb_nvsc_flush(struct uvb_nvsc_queue *q)
+{
+    if (!P(q))
+        return UVB_EINVAL;
+    return flush_acks(q);
+}
+
+/* ------------------------------------------------------------------------ */
+/* completions                                                               */
+
+static void handle_comp(struct uvb_nvsc_queue *q, const uint8_t *payload, uint32_t len, uint64_t tid)
+{
+    struct nvsc_priv *p = P(q);
+    uint64_t kind = tid & UVB_NVSC_TID_KIND;
+    uint32_t idx = (uint32_t)(tid & UVB_NVSC_TID_INDEX);
+    if (kind != UVB_NVSC_TID_DATA && kind != UVB_NVSC_TID_CTRL && kind != UVB_NVSC_TID_GPA) {
+        ctrl_push(q, UVB_NVSC_CTRL_COMP, tid, 0, payload, len);
+        return;
+    }
+    if (len < 8 || rd32(payload) != NVSP_MSG1_TYPE_SEND_RNDIS_PKT_COMPLETE) {
+        host_error(q, "completion for transaction %#llx is not SEND_RNDIS_PKT_COMPLETE (type %u, %u bytes)",
+                   (unsigned long long)tid, len >= 4 ? rd32(payload) : 0u, len);
+        return;
+    }
+    uint32_t status = rd32(payload + 4);
+    if (tid & ~(uint64_t)(UVB_NVSC_TID_KIND | UVB_NVSC_TID_INDEX)) {
+        host_error(q, "completion with malformed transaction id %#llx", (unsigned long long)tid);
+        return;
+    }
+    if (kind == UVB_NVSC_TID_GPA) {
+        if (idx >= q->gpa_slots || !p->slot_busy[idx]) {
+            host_error(q, "completion for GPA slot %u that is not in flight", idx);
+            return;
+        }
+        p->slot_busy[idx] = 0;
+        p->slot_free[p->nslot_free++] = idx;
+        q->tx_completions++;
+        if (status != NVSP_STAT_SUCCESS)
+            q->tx_failed++;
+        return;
+    }
+    if (idx < q->section_first || idx - q->section_first >= q->section_count ||
+        p->sec_frames[idx - q->section_first] == 0xFFFF) {
+        host_error(q, "completion for send section %u that is not in flight on this queue", idx);
+        return;
+    }
+    uint32_t frames = p->sec_frames[idx - q->section_first];
+    p->sec_frames[idx - q->section_first] = 0xFFFF;
+    p->sec_free[p->nsec_free++] = idx;
+    q->tx_completions++;
+    if (kind == UVB_NVSC_TID_CTRL) {
+        if (status != NVSP_STAT_SUCCESS)
+            ctrl_push(q, UVB_NVSC_CTRL_SENDFAIL, tid, status, NULL, 0);
+    } else if (status != NVSP_STAT_SUCCESS) {
+        q->tx_failed += frames;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* reading the ring                                                          */
+
+static void compact(struct nvsc_priv *p)
+{
+    if (p->cur == 0)
+        return;
+    if (p->cur >= p->npk) {
+        p->npk = p->cur = 0;
+        p->ib_used = 0;
+        return;
+    }
+    uint32_t base = p->pk[p->cur].pkt_offset;
+    memmove(p->ib, p->ib + base, p->ib_used - base);
+    uint32_t k = p->npk - p->cur;
+    memmove(p->pk, p->pk + p->cur, k * sizeof *p->pk);
+    for (uint32_t i = 0; i < k; i++) {
+        p->pk[i].pkt_offset -= base;
+        p->pk[i].data_offset -= base;
+    }
+    p->ib_used -= base;
+    p->npk = k;
+    p->cur = 0;
+}
+
+/* Read the RX ring into the packet queue; completions are handled at once.  Returns packets
+ * read (>= 0), or < 0.  *full = 1 when the queue had no room while the ring had data. */
+static int fill(struct uvb_nvsc_queue *q, int *full)
+{
+    struct nvsc_priv *p = P(q);
+    *full = 0;
+    while (p->cur < p->npk && p->pk[p->cur].type == CONSUMED)
+        p->cur++;                       /* completions handled by an earlier fill */
+    if (p->cur >= p->npk) {
+        p->npk = p->cur = 0;
+        p->ib_used = 0;
+    } else if (p->cur > 0 && (IB_BYTES - p->ib_used < (1u << 20) || p->npk > IB_PKTS / 2)) {
+        compact(p);
+    }
+    uint32_t room = IB_BYTES - p->ib_used, proom = IB_PKTS - p->npk;
+    if (!proom || room < 4096) {
+        *full = uvb_in_avail(q->rx) > 0;
+        return 0;
+    }
+    int n = uvb_in_read(q->rx, p->ib + p->ib_used, room, p->pk + p->npk, proom);
+    if (n == UVB_ENOBUFS) {
+        *full = 1;
+        return 0;
+    }
+    if (n <= 0)
+        return n;
+    uint32_t base = p->ib_used;
+    for (int i = 0; i < n; i++) {
+        struct uvb_pkt *k = &p->pk[p->npk + i];
+        k->pkt_offset += base;
+        k->data_offset += base;
+        k->reserved = 0;
+        if (k->type == VMBUS_PKT_COMP) {
+            handle_comp(q, p->ib + k->data_offset, k->data_len, k->trans_id);
+            k->type = CONSUMED;
+        }
+    }
+    struct uvb_pkt *last = &p->pk[p->npk + n - 1];
+    p->ib_used = last->pkt_offset + ((last->pkt_len + 7u) & ~7u);
+    p->npk += (uint32_t)n;
+    int rc = uvb_in_commit_signal(q->rx, q->sig);
+    if (rc < 0)
+        return rc;
+    return n;
+}
+
+int uvb_nvsc_reap(struct uvb_nvsc_queue *q)
+{
+    if (!P(q))
+        return UVB_EINVAL;
+    int full;
+    int n = fill(q, &full);
+    return n;
+}
+
+int uvb_nvsc_rx_pending(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    for (uint32_t i = p->cur; i < p->npk; i++)
+        if (p->pk[i].type != CONSUMED)
+            return 1;
+    if (p->nacks)
+        flush_acks(q);
+    int a = uvb_in_avail(q->rx);
+    return a < 0 ? a : a > 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* transfer-page packets                                                     */
+
+struct xfer {
+    uint16_t pageset;
+    uint32_t count;
+    const struct vmtransfer_page_range *ranges;
+    uint32_t channel_type;
+};
+
+/* Validate the header of an XFER_PAGES packet.  0 or -1 (host error recorded). */
+static int xfer_header(struct uvb_nvsc_queue *q, const struct uvb_pkt *k, struct xfer *x)
+{
+    struct nvsc_priv *p = P(q);
+    const uint8_t *pkt = p->ib + k->pkt_offset;
+    const uint8_t *payload = p->ib + k->data_offset;
+    memcpy(&x->pageset, pkt + 16, 2);
+    memcpy(&x->count, pkt + 20, 4);
+    x->ranges = (const struct vmtransfer_page_range *)(pkt + 24);
+    if (k->data_len < 8 || rd32(payload) != NVSP_MSG1_TYPE_SEND_RNDIS_PKT) {
+        host_error(q, "transfer-page packet (tid %llu) carries NVSP message type %u, not SEND_RNDIS_PKT (107)",
+                   (unsigned long long)k->trans_id, k->data_len >= 4 ? rd32(payload) : 0u);
+        return -1;
+    }
+    x->channel_type = rd32(payload + 4);
+    if (x->pageset != q->recv_buf_id) {
+        host_error(q, "transfer-page packet (tid %llu) names page set %#x, the receive buffer is %#x",
+                   (unsigned long long)k->trans_id, x->pageset, q->recv_buf_id);
+        return -1;
+    }
+    if (x->count == 0) {
+        host_error(q, "transfer-page packet (tid %llu) has no ranges", (unsigned long long)k->trans_id);
+        return -1;
+    }
+    return 0;
+}
+
+/* Validate one range and copy its RNDIS header.  Returns the message length, or 0 (host
+ * error recorded).  *hdr receives up to 44 bytes. */
+static uint32_t range_msg(struct uvb_nvsc_queue *q, const struct vmtransfer_page_range *r,
+                          uint64_t tid, struct rndis_packet *hdr)
+{
+    struct vmtransfer_page_range g;
+    memcpy(&g, r, sizeof g);
+    if ((uint64_t)g.byte_offset + g.byte_count > q->recv_size || g.byte_count < RNDIS_HEADER_SIZE) {
+        host_error(q, "transfer-page packet (tid %llu): range [%#x, +%u) is outside the %llu-byte "
+                   "receive buffer or too short", (unsigned long long)tid, g.byte_offset, g.byte_count,
+                   (unsigned long long)q->recv_size);
+        return 0;
+    }
+    memset(hdr, 0, sizeof *hdr);
+    uint32_t n = g.byte_count < sizeof *hdr ? g.byte_count : (uint32_t)sizeof *hdr;
+    memcpy(hdr, q->recv_buf + g.byte_offset, n);
+    if (hdr->msg_len < RNDIS_HEADER_SIZE || hdr->msg_len > g.byte_count) {
+        host_error(q, "transfer-page packet (tid %llu): RNDIS message type %#x claims %u bytes in a "
+                   "%u-byte range", (unsigned long long)tid, hdr->msg_type, hdr->msg_len, g.byte_count);
+        return 0;
+    }
+    return hdr->msg_len;
+}
+
+/* Parse an RNDIS PACKET at `off` (validated length msg_len) into a frame.  0 or -1. */
+static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rndis_packet *h,
+                        uint64_t tid, struct uvb_nvsc_frame *f)
+{
+    if (h->msg_len < RNDIS_PACKET_SIZE) {
+        host_error(q, "RNDIS PACKET (tid %llu) of %u bytes: shorter than its 44-byte header",
+                   (unsigned long long)tid, h->msg_len);
+        return -1;
+    }
+    uint64_t dend = 8ull + h->data_offset + h->data_len;
+    if (h->data_offset < RNDIS_PPI_OFFSET_DEFAULT || h->data_len < 14 || dend > h->msg_len ||
+        h->data_len > UVB_NVSC_MAX_FRAME) {
+        host_error(q, "RNDIS PACKET (tid %llu): data offset %u length %u do not fit its %u-byte message",
+                   (unsigned long long)tid, h->data_offset, h->data_len, h->msg_len);
+        return -1;
+    }
+    f->offset = off + 8 + h->data_offset;
+    f->len = h->data_len;
+    f->hash = 0;
+    f->csum = 0;
+    f->vlan = 0;
+    f->flags = 0;
+    if (!h->per_pkt_info_len)
+        return 0;
+    uint64_t pend = 8ull + h->per_pkt_info_offset + h->per_pkt_info_len;
+    if (h->per_pkt_info_offset < RNDIS_PPI_OFFSET_DEFAULT || (h->per_pkt_info_offset & 3u) ||
+        pend > h->msg_len || h->per_pkt_info_len > 1024) {
+        host_error(q, "RNDIS PACKET (tid %llu): per-packet info at %u (+%u) outside its %u-byte message",
+                   (unsigned long long)tid, h->per_pkt_info_offset, h->per_pkt_info_len, h->msg_len);
+        return -1;
+    }
+    uint8_t ppi[1024];
+    uint32_t left = h->per_pkt_info_len;
+    memcpy(ppi, q->recv_buf + off + 8 + h->per_pkt_info_offset, left);
+    const uint8_t *e = ppi;
+    while (left) {
+        struct rndis_ppi hd;
+        if (left < sizeof hd) {
+            host_error(q, "RNDIS PACKET (tid %llu): %u stray bytes after the per-packet info",
+                       (unsigned long long)tid, left);
+            return -1;
+        }
+        memcpy(&hd, e, sizeof hd);
+        if (hd.size < sizeof hd || hd.size > left || hd.ppi_offset < sizeof hd || hd.ppi_offset > hd.size) {
+            host_error(q, "RNDIS PACKET (tid %llu): per-packet info element of size %u offset %u "
+                       "(%u bytes left)", (unsigned long long)tid, hd.size, hd.ppi_offset, left);
+            return -1;
+        }
+        if (!(hd.type & PPI_INTERNAL_FLAG) && hd.ppi_offset + 4 <= hd.size) {
+            uint32_t v = rd32(e + hd.ppi_offset);
+            switch (hd.type) {
+            case PPI_TCPIP_CHKSUM:
+                f->csum = v;
+                f->flags |= UVB_NVSC_F_CSUM;
+                break;
+            case PPI_IEEE_8021Q:
+                f->vlan = (uint16_t)(((v & VLAN_PPI_PRIORITY_MASK) << 13) | ((v & VLAN_PPI_CFI) ? 0x1000u : 0u) |
+                                     ((v & VLAN_PPI_VID_MASK) >> VLAN_PPI_VID_SHIFT));
+                f->flags |= UVB_NVSC_F_VLAN;
+                break;
+            case PPI_HASH_VALUE:
+                f->hash = v;
+                f->flags |= UVB_NVSC_F_HASH;
+                break;
+            default:
+                break;
+            }
+        }
+        e += hd.size;
+        left -= hd.size;
+    }
+    return 0;
+}
+
+/* Copy a non-PACKET RNDIS message to a control record. */
+static void ctrl_msg(struct uvb_nvsc_queue *q, uint64_t off, uint32_t len)
+{
+    ctrl_push(q, UVB_NVSC_CTRL_RNDIS, 0, 0, q->recv_buf + off, len);
+}
+
+/* Finish a transfer-page packet: queue (or hold) its ack. */
+static int finish_xfer(struct uvb_nvsc_queue *q, struct uvb_pkt *k, int hold)
+{
+    struct nvsc_priv *p = P(q);
+    uint32_t status = (k->reserved & RANGE_BAD) ? NVSP_STAT_FAIL : NVSP_STAT_SUCCESS;
+    k->type = CONSUMED;
+    q->rx_xfer++;
+    if (hold && p->nheld < ACK_CAP) {
+        p->held[p->nheld] = k->trans_id;
+        p->held_status[p->nheld++] = status;
+        return 0;
+    }
+    return ack(q, k->trans_id, status);
+}
+
+/* A control-channel transfer packet: every message becomes a record. */
+static int control_xfer(struct uvb_nvsc_queue *q, struct uvb_pkt *k, const struct xfer *x)
+{
+    for (uint32_t r = 0; r < x->count; r++) {
+        struct rndis_packet h;
+        uint32_t len = range_msg(q, &x->ranges[r], k->trans_id, &h);
+        if (!len) {
+            k->reserved |= RANGE_BAD;
+            continue;
+        }
+        if (h.msg_type == RNDIS_MSG_PACKET) {
+            host_error(q, "RNDIS PACKET on the control channel (tid %llu)", (unsigned long long)k->trans_id);
+            k->reserved |= RANGE_BAD;
+            q->rx_drops++;
+            continue;
+        }
+        struct vmtransfer_page_range g;
+        memcpy(&g, &x->ranges[r], sizeof g);
+        ctrl_msg(q, g.byte_offset, len);
+    }
+    return finish_xfer(q, k, 0);
+}
+
+int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, uint32_t max,
+                      uint8_t *copy_buf, uint64_t copy_cap)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    int zc = copy_buf == NULL;
+    if (p->nheld) {
+        int rc = uvb_nvsc_rx_release(q);
+        if (rc < 0)
+            return rc;
+    }
+    uint32_t nf = 0;
+    uint64_t used = 0;
+    int stop = 0;
+    while (nf < max && !stop) {
+        if (p->cur >= p->npk) {
+            int full;
+            int rc = fill(q, &full);
+            if (rc < 0)
+                return rc;
+            if (rc == 0)
+                break;
+            continue;
+        }
+        struct uvb_pkt *k = &p->pk[p->cur];
+        if (k->type == CONSUMED) {
+            p->cur++;
+            continue;
+        }
+        if (k->type == VMBUS_PKT_INBAND) {
+            ctrl_push(q, UVB_NVSC_CTRL_INBAND, k->trans_id, 0, p->ib + k->data_offset, k->data_len);
+            k->type = CONSUMED;
+            p->cur++;
+            continue;
+        }
+        if (k->type != VMBUS_PKT_XFER_PAGES) {
+            host_error(q, "unexpected packet type %u from the host (tid %llu)", k->type,
+                       (unsigned long long)k->trans_id);
+            if (k->flags & VMBUS_PKT_FLAG_COMPLETION_REQUESTED)
+                ack(q, k->trans_id, NVSP_STAT_FAIL);
+            k->type = CONSUMED;
+            p->cur++;
+            continue;
+        }
+        struct xfer x;
+        if (xfer_header(q, k, &x)) {
+            k->reserved |= RANGE_BAD;
+            q->rx_drops++;
+            int rc = finish_xfer(q, k, 0);
+            if (rc < 0)
+                return rc;
+            p->cur++;
+            continue;
+        }
+        if (x.channel_type == NVSP_CHANNEL_TYPE_CONTROL) {
+            int rc = control_xfer(q, k, &x);
+            if (rc < 0)
+                return rc;
+            p->cur++;
+            continue;
+        }
+        uint32_t r = k->reserved & RANGE_MASK;
+        int gave = 0;
+        for (; r < x.count; r++) {
+            if (nf >= max) {
+                stop = 1;
+                break;
+            }
+            if (r + 4 < x.count) {
+                /* the host wrote these lines on another CPU: start fetching early */
+                struct vmtransfer_page_range nx;
+                memcpy(&nx, &x.ranges[r + 4], sizeof nx);
+                if ((uint64_t)nx.byte_offset + 320 <= q->recv_size) {
+                    __builtin_prefetch(q->recv_buf + nx.byte_offset, 0, 3);
+                    __builtin_prefetch(q->recv_buf + nx.byte_offset + 256, 0, 3);
+                }
+            }
+            struct rndis_packet h;
+            uint32_t len = range_msg(q, &x.ranges[r], k->trans_id, &h);
+            if (!len) {
+                k->reserved |= RANGE_BAD;
+                q->rx_drops++;
+                continue;
+            }
+            struct vmtransfer_page_range g;
+            memcpy(&g, &x.ranges[r], sizeof g);
+            if (h.msg_type != RNDIS_MSG_PACKET) {
+                ctrl_msg(q, g.byte_offset, len);
+                continue;
+            }
+            struct uvb_nvsc_frame *f = &frames[nf];
+            if (parse_packet(q, g.byte_offset, &h, k->trans_id, f)) {
+                k->reserved |= RANGE_BAD;
+                q->rx_drops++;
+                continue;
+            }
+            if (!zc) {
+                uint64_t at = (used + 7u) & ~7ull;
+                if (at + f->len > copy_cap) {
+                    stop = 1;
+                    break;
+                }
+                memcpy(copy_buf + at, q->recv_buf + f->offset, f->len);
+                f->offset = at;
+                used = at + f->len;
+            }
+            q->rx_packets++;
+            q->rx_bytes += f->len;
+            nf++;
+            gave = 1;
+        }
+        k->reserved = (k->reserved & ~RANGE_MASK) | (r & RANGE_MASK);
+        if (r < x.count)
+            break;                              /* resume this packet next time */
+        /* zero-copy: frames of this packet are in the caller's hands until released */
+        int rc = finish_xfer(q, k, zc && gave);
+        if (rc < 0)
+            return rc;
+        p->cur++;
+    }
+    int rc = flush_acks(q);
+    if (rc < 0)
+        return rc;
+    return (int)nf;
+}
+
+/* ------------------------------------------------------------------------ */
+/* control plane                                                             */
+
+/* Drop the oldest data packet in the queue (acking it) to make room. 1 dropped, 0 none. */
+static int drop_oldest_data(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    for (uint32_t i = p->cur; i < p->npk; i++) {
+        struct uvb_pkt *k = &p->pk[i];
+        if (k->type != VMBUS_PKT_XFER_PAGES)
+            continue;
+        struct xfer x;
+        if (xfer_header(q, k, &x) == 0 && x.channel_type == NVSP_CHANNEL_TYPE_CONTROL)
+            continue;
+        q->rx_drops += xfer_header(q, k, &x) == 0 ? x.count - (k->reserved & RANGE_MASK) : 1;
+        finish_xfer(q, k, 0);
+        while (p->cur < p->npk && p->pk[p->cur].type == CONSUMED)
+            p->cur++;
+        return 1;
+    }
+    return 0;
+}
+
+int uvb_nvsc_poll_ctrl(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    for (int round = 0; round < 64; round++) {
+        int full;
+        int rc = fill(q, &full);
+        if (rc < 0)
+            return rc;
+        for (uint32_t i = p->cur; i < p->npk; i++) {
+            struct uvb_pkt *k = &p->pk[i];
+            if (k->type == VMBUS_PKT_INBAND) {
+                ctrl_push(q, UVB_NVSC_CTRL_INBAND, k->trans_id, 0, p->ib + k->data_offset, k->data_len);
+                k->type = CONSUMED;
+            } else if (k->type == VMBUS_PKT_XFER_PAGES && !(k->reserved & RANGE_MASK)) {
+                struct xfer x;
+                if (xfer_header(q, k, &x)) {
+                    k->reserved |= RANGE_BAD;
+                    q->rx_drops++;
+                    if (finish_xfer(q, k, 0) < 0)
+                        return UVB_ECORRUPT;
+                } else if (x.channel_type == NVSP_CHANNEL_TYPE_CONTROL) {
+                    int r2 = control_xfer(q, k, &x);
+                    if (r2 < 0)
+                        return r2;
+                }
+            } else if (k->type != CONSUMED && k->type != VMBUS_PKT_XFER_PAGES) {
+                host_error(q, "unexpected packet type %u from the host", k->type);
+                k->type = CONSUMED;
+            }
+        }
+        while (p->cur < p->npk && p->pk[p->cur].type == CONSUMED)
+            p->cur++;
+        if (full) {
+            if (!drop_oldest_data(q))
+                break;
+            continue;
+        }
+        if (rc == 0)
+            break;
+    }
+    int rc = flush_acks(q);
+    return rc < 0 ? rc : (int)p->cq_count;
+}
+
+static int take_section(struct uvb_nvsc_queue *q, uint32_t *sec)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p->nsec_free) {
+        int full;
+        int rc = fill(q, &full);
+        if (rc < 0)
+            return rc;
+        if (!p->nsec_free)
+            return UVB_EAGAIN;
+    }
+    *sec = p->sec_free[--p->nsec_free];
+    return 0;
+}
+
+static void give_section(struct uvb_nvsc_queue *q, uint32_t sec)
+{
+    struct nvsc_priv *p = P(q);
+    p->sec_frames[sec - q->section_first] = 0xFFFF;
+    p->sec_free[p->nsec_free++] = sec;
+}
+
+static int send_section(struct uvb_nvsc_queue *q, uint32_t sec, uint32_t used, uint32_t chtype,
+                        uint64_t kind, uint32_t frames)
+{
+    uint8_t msg[NVSP_LEN] = {0};
+    struct nvsp_send_rndis_pkt m = {NVSP_MSG1_TYPE_SEND_RNDIS_PKT, chtype, sec, used};
+    memcpy(msg, &m, sizeof m);
+    int rc = uvb_out_inband(q->tx, VMBUS_PKT_INBAND, VMBUS_PKT_FLAG_COMPLETION_REQUESTED, kind | sec,
+                            msg, NVSP_LEN);
+    if (rc == 0) {
+        P(q)->sec_frames[sec - q->section_first] = (uint16_t)frames;
+        q->tx_msgs++;
+    }
+    return rc;
+}
+
+int uvb_nvsc_send_ctrl(struct uvb_nvsc_queue *q, const uint8_t *msg, uint32_t len)
+{
+    if (!P(q))
+        return UVB_EINVAL;
+    if (len > q->section_size || len < RNDIS_HEADER_SIZE)
+        return UVB_EINVAL;
+    uint32_t sec;
+    int rc = take_section(q, &sec);
+    if (rc)
+        return rc;
+    memcpy(q->send_buf + (uint64_t)sec * q->section_size, msg, len);
+    rc = send_section(q, sec, len, NVSP_CHANNEL_TYPE_CONTROL, UVB_NVSC_TID_CTRL, 0);
+    if (rc) {
+        give_section(q, sec);
+        return rc;
+    }
+    rc = uvb_out_commit_signal(q->tx, q->sig);
+    return rc < 0 ? rc : 0;
+}
+
+int uvb_nvsc_send_inband(struct uvb_nvsc_queue *q, const uint8_t *msg, uint32_t len,
+                         uint64_t trans_id, uint16_t flags)
+{
+    int rc = uvb_out_inband(q->tx, VMBUS_PKT_INBAND, flags, trans_id, msg, len);
+    if (rc)
+        return rc;
+    rc = uvb_out_commit_signal(q->tx, q->sig);
+    return rc < 0 ? rc : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* TX                                                                        */
+
+/* RNDIS PACKET header + PPIs for a frame at `dst`; returns the header+PPI length. */
+static uint32_t write_tx_header(uint8_t *dst, uint32_t len, uint32_t flags, uint32_t csum, uint32_t tci)
+{
+    uint32_t ppi = 0;
+    uint8_t *e = dst + RNDIS_PACKET_SIZE;
+    if (flags & UVB_NVSC_F_TX_CSUM) {
+        struct rndis_ppi_u32 c = {RNDIS_PPI_SIZE_U32, PPI_TCPIP_CHKSUM, RNDIS_PPI_HDR_SIZE, csum};
+        memcpy(e + ppi, &c, sizeof c);
+        ppi += RNDIS_PPI_SIZE_U32;
+    }
+    if (flags & UVB_NVSC_F_VLAN) {
+        uint32_t v = ((tci >> 13) & 7u) | (((tci >> 12) & 1u) << 3) | ((tci & 0xfffu) << VLAN_PPI_VID_SHIFT);
+        struct rndis_ppi_u32 c = {RNDIS_PPI_SIZE_U32, PPI_IEEE_8021Q, RNDIS_PPI_HDR_SIZE, v};
+        memcpy(e + ppi, &c, sizeof c);
+        ppi += RNDIS_PPI_SIZE_U32;
+    }
+    struct rndis_packet h = {
+        .msg_type = RNDIS_MSG_PACKET,
+        .msg_len = RNDIS_PACKET_SIZE + ppi + len,
+        .data_offset = RNDIS_PPI_OFFSET_DEFAULT + ppi,
+        .data_len = len,
+        .per_pkt_info_offset = RNDIS_PPI_OFFSET_DEFAULT,
+        .per_pkt_info_len = ppi,
+    };
+    memcpy(dst, &h, sizeof h);
+    return RNDIS_PACKET_SIZE + ppi;
+}
+
+static inline uint32_t ppi_bytes(uint32_t flags)
+{
+    return ((flags & UVB_NVSC_F_TX_CSUM) ? RNDIS_PPI_SIZE_U32 : 0u) +
+           ((flags & UVB_NVSC_F_VLAN) ? RNDIS_PPI_SIZE_U32 : 0u);
+}
+
+/* Copy a frame, leaving out an inline 802.1Q tag (bytes 12..15) when `strip`. */
+static inline void copy_frame(uint8_t *dst, const uint8_t *f, uint32_t len, int strip)
+{
+    if (strip) {
+        memcpy(dst, f, 12);
+        memcpy(dst + 12, f + 16, len - 16);
+    } else {
+        memcpy(dst, f, len);
+    }
+}
+
+/* Send one large frame GPA-direct through a bounce slot. 0, UVB_EAGAIN (no slot / ring), < 0.
+ * `len` is the frame length as sent (without a stripped tag). */
+static int send_gpa(struct uvb_nvsc_queue *q, const uint8_t *f, uint32_t len, uint32_t flags,
+                    uint32_t csum, uint32_t tci, int strip)
+{
+    struct nvsc_priv *p = P(q);
+    uint32_t total = RNDIS_PACKET_SIZE + ppi_bytes(flags) + len;
+    if (total > q->gpa_slot_size)
+        return UVB_EINVAL;
+    if (!p->nslot_free) {
+        int full;
+        int rc = fill(q, &full);
+        if (rc < 0)
+            return rc;
+        if (!p->nslot_free)
+            return UVB_EAGAIN;
+    }
+    uint32_t npfn = (total + 4095u) / 4096u;
+    if (uvb_out_free(q->tx) <= ring_bytes(NVSP_LEN, 16u + 8u * npfn) + 64u)
+        return UVB_EAGAIN;
+    uint32_t slot = p->slot_free[--p->nslot_free];
+    uint8_t *dst = q->gpa_base + (uint64_t)slot * q->gpa_slot_size;
+    uint32_t hl = write_tx_header(dst, len, flags, csum, tci);
+    copy_frame(dst + hl, f, len + (strip ? 4u : 0u), strip);
+    uint8_t msg[NVSP_LEN] = {0};
+    struct nvsp_send_rndis_pkt m = {NVSP_MSG1_TYPE_SEND_RNDIS_PKT, NVSP_CHANNEL_TYPE_DATA,
+                                    NVSP_SECTION_INDEX_NONE, 0};
+    memcpy(msg, &m, sizeof m);
+    struct uvb_gpa g = {total, 0};
+    struct uvb_iov iov = {msg, NVSP_LEN};
+    const uint64_t *pfns = q->gpa_pfns + (uint64_t)slot * (q->gpa_slot_size / 4096u);
+    int rc = uvb_out_gpa_direct(q->tx, VMBUS_PKT_FLAG_COMPLETION_REQUESTED, UVB_NVSC_TID_GPA | slot,
+                                &g, 1, pfns, npfn, &iov, 1);
+    if (rc) {
+        p->slot_free[p->nslot_free++] = slot;
+        return rc;
+    }
+    p->slot_busy[slot] = 1;
+    q->tx_msgs++;
+    q->tx_gpa++;
+    return 0;
+}
+
+/* The packing loop shared by every TX entry point.  get(i) yields frame i. */
+struct txsrc {
+    const uint8_t *base;
+    const struct uvb_nvsc_frame *frames;
+    const uint8_t *const *ptrs;
+    const uint32_t *lens;
+};
+
+static inline void src_get(const struct txsrc *s, uint32_t i, const uint8_t **f, uint32_t *len,
+                           uint32_t *flags, uint32_t *csum, uint32_t *tci)
+{
+    if (s->frames) {
+        const struct uvb_nvsc_frame *fr = &s->frames[i];
+        *f = s->base + fr->offset;
+        *len = fr->len;
+        /* RX metadata (F_CSUM, F_HASH) is never taken as a TX request: forwarding a received
+         * burst keeps only its VLAN tag */
+        *flags = fr->flags & (UVB_NVSC_F_TX_CSUM | UVB_NVSC_F_VLAN);
+        *csum = fr->csum;
+        *tci = fr->vlan;
+    } else {
+        *f = s->ptrs[i];
+        *len = s->lens[i];
+        *flags = 0;
+        *csum = 0;
+        *tci = 0;
+    }
+}
+
+static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    uint32_t limit = q->section_size < q->max_xfer ? q->section_size : q->max_xfer;
+    uint32_t align = q->pkt_align;
+    uint32_t msg_need = ring_bytes(NVSP_LEN, 0);
+    uint32_t ring_free = uvb_out_free(q->tx);
+    if (q->tx->error)
+        return q->tx->error;
+    uint32_t sec = 0, used = 0, npk = 0, last = 0;
+    int open = 0;
+    uint32_t taken = 0, in_sec = 0;
+    int err = 0;
+    uint64_t bytes_in_sec = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *f;
+        uint32_t len, flags, csum, tci;
+        if (s->frames && i + 4 < n)
+            __builtin_prefetch(s->base + s->frames[i + 4].offset, 0, 3);
+        src_get(s, i, &f, &len, &flags, &csum, &tci);
+        /* an inline 802.1Q tag travels as a VLAN PPI: the host's L2 header is 14 bytes (§4.4) */
+        int strip = 0;
+        if (len >= 18 && f[12] == 0x81 && f[13] == 0x00 && !(flags & UVB_NVSC_F_VLAN)) {
+            tci = (uint32_t)f[14] << 8 | f[15];
+            flags |= UVB_NVSC_F_VLAN;
+            strip = 1;
+            len -= 4;
+        }
+        if (len < 14 || len > q->max_frame) {
+            q->tx_drops++;
+            if (!open)
+                taken++;
+            else
+                in_sec++;
+            continue;
+        }
+        uint32_t msg = RNDIS_PACKET_SIZE + ppi_bytes(flags) + len;
+        if (msg > limit) {
+            /* GPA direct: keep frame order, flush the open section first */
+            if (open) {
+                if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
+                    give_section(q, sec);
+                    q->tx_ring_full++;
+                    open = 0;
+                    break;
+                }
+                ring_free -= msg_need;
+                q->tx_packets += npk;
+                q->tx_bytes += bytes_in_sec;
+                taken += in_sec;
+                open = 0;
+            }
+            if (!q->gpa_slots || msg > q->gpa_slot_size) {
+                q->tx_drops++;
+                taken++;
+                continue;
+            }
+            int rc = send_gpa(q, f, len, flags, csum, tci, strip);
+            if (rc == UVB_EAGAIN) {
+                if (P(q)->nslot_free)
+                    q->tx_ring_full++;
+                else
+                    q->tx_no_section++;
+                break;
+            }
+            if (rc < 0) {
+                err = rc;
+                break;
+            }
+            ring_free = uvb_out_free(q->tx);
+            q->tx_packets++;
+            q->tx_bytes += len;
+            taken++;
+            continue;
+        }
+        if (open) {
+            uint32_t at = (used + align - 1) & ~(align - 1);
+            if (npk >= q->max_pkt_per_msg || at + msg > limit) {
+                if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
+                    give_section(q, sec);
+                    q->tx_ring_full++;
+                    open = 0;
+                    break;
+                }
+                ring_free -= msg_need;
+                q->tx_packets += npk;
+                q->tx_bytes += bytes_in_sec;
+                taken += in_sec;
+                open = 0;
+            }
+        }
+        if (!open) {
+            if (ring_free <= msg_need + 64u) {
+                ring_free = uvb_out_free(q->tx);
+                if (ring_free <= msg_need + 64u) {
+                    q->tx_ring_full++;
+                    break;
+                }
+            }
+            int rc = take_section(q, &sec);
+            if (rc == UVB_EAGAIN) {
+                q->tx_no_section++;
+                break;
+            }
+            if (rc < 0) {
+                err = rc;
+                break;
+            }
+            open = 1;
+            used = 0;
+            npk = 0;
+            in_sec = 0;
+            bytes_in_sec = 0;
+        }
+        uint8_t *base = q->send_buf + (uint64_t)sec * q->section_size;
+        if (npk) {
+            uint32_t at = (used + align - 1) & ~(align - 1);
+            if (at > used)
+                memset(base + used, 0, at - used);
+            uint32_t ml = at - last;
+            memcpy(base + last + 4, &ml, 4);       /* pad the previous message */
+            used = at;
+        }
+        uint32_t hl = write_tx_header(base + used, len, flags, csum, tci);
+        copy_frame(base + used + hl, f, len + (strip ? 4u : 0u), strip);
+        last = used;
+        used += msg;
+        npk++;
+        in_sec++;
+        bytes_in_sec += len;
+    }
+    if (open) {
+        if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
+            give_section(q, sec);
+            q->tx_ring_full++;
+        } else {
+            q->tx_packets += npk;
+            q->tx_bytes += bytes_in_sec;
+            taken += in_sec;
+        }
+    }
+    int rc = uvb_out_commit_signal(q->tx, q->sig);
+    if (rc < 0)
+        return rc;
+    if (err && !taken)
+        return err;
+    return (int)taken;
+}
+
+int uvb_nvsc_tx_burst(struct uvb_nvsc_queue *q, const uint8_t *base,
+                      const struct uvb_nvsc_frame *frames, uint32_t n)
+{
+    struct txsrc s = {base, frames, NULL, NULL};
+    return tx_pack(q, &s, n);
+}
+
+int uvb_nvsc_tx_ptrs(struct uvb_nvsc_queue *q, const uint8_t *const *ptrs, const uint32_t *lens,
+                     uint32_t n)
+{
+    struct txsrc s = {NULL, NULL, ptrs, lens};
+    return tx_pack(q, &s, n);
+}
+
+int uvb_nvsc_tx_fwd(struct uvb_nvsc_queue *q, const struct uvb_nvsc_frame *frames, uint32_t n)
+{
+    struct txsrc s = {q->recv_buf, frames, NULL, NULL};
+    return tx_pack(q, &s, n);
+}

@@ -1,0 +1,173 @@
+"""``uvmbus net bench``: frames per second through the netvsc data path, with the ring's C
+loop (``uvb_bench_loop``) measured in the same run as the reference.
+
+Modes (the host decides where frames come from / go to; against the simulator the NIC's
+backend is switched for the run through its control socket):
+
+* ``rx``  — receive zero-copy bursts and release them (host: generator backend);
+* ``tx``  — send a prebuilt burst of UDP frames again and again (host: sink backend);
+* ``fwd`` — receive a zero-copy burst and send it straight back out (the frames never
+  leave the receive buffer in Python; host: generator, TX sunk).
+
+One Python call per burst in every mode; each queue runs in its own thread (the C calls
+release the GIL).  Gbit/s counts Ethernet frame bytes (no preamble, FCS or gap).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uvmbus.errors import ConfigError
+from uvmbus.netvsc.burst import TxBatch
+from uvmbus.netvsc.nic import Nic, Queue
+
+__all__ = ["BenchResult", "bench_frame", "run_bench"]
+
+MODES = ("rx", "tx", "fwd")
+BACKEND_FOR = {"rx": "generator", "tx": "sink", "fwd": "generator"}
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    size: int
+    queues: int
+    seconds: float
+    frames: int
+    burst: int
+    per_queue: list[int] = field(default_factory=list)
+    ring_c_loop_mpps: float = 0.0
+    host: dict[str, Any] = field(default_factory=dict)
+    guest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mpps(self) -> float:
+        return self.frames / self.seconds / 1e6 if self.seconds else 0.0
+
+    @property
+    def gbits(self) -> float:
+        return self.frames * self.size * 8 / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
+    def ring_c_loop_gbits(self) -> float:
+        return self.ring_c_loop_mpps * 1e6 * self.size * 8 / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mpps"] = round(self.mpps, 4)
+        d["gbit_per_s"] = round(self.gbits, 3)
+        d["ring_c_loop_gbit_per_s"] = round(self.ring_c_loop_gbits, 3)
+        d["ratio_to_ring_c_loop"] = round(self.mpps / self.ring_c_loop_mpps, 4) if self.ring_c_loop_mpps else None
+        return d
+
+
+def bench_frame(size: int, i: int = 0) -> bytes:
+    """An IPv4/UDP frame of ``size`` bytes (≥ 60) with a correct IP header checksum."""
+    size = max(size, 60)
+    plen = size - 42
+    ip = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, 0, 28 + plen, 0, 0x4000, 64, 17, 0,
+                               bytes([10, 0, 1, i & 0xFF]), bytes([10, 0, 0, 1])))
+    s = sum(struct.unpack(">10H", ip))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    ip[10:12] = struct.pack(">H", ~s & 0xFFFF)
+    udp = struct.pack(">HHHH", 5000 + i, 9, 8 + plen, 0)
+    return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + bytes(ip) + udp + bytes(plen)
+
+
+def _sim_control(root: str) -> Any:
+    """A control client when ``root`` is a running simulator's root, else None."""
+    if not (Path(root) / "sim" / "control.sock").exists():
+        return None
+    from uvmbus.sim.control import ControlClient
+    return ControlClient(root)
+
+
+def _loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threading.Event,
+          out: list[int], slot: int) -> None:
+    # When a queue has nothing to do it waits (interrupt-driven, ≤ 1 ms) instead of spinning:
+    # on a small machine a spinning guest steals the CPU the host needs.
+    n = 0
+    rx, tx = q.rx_burst, q.tx_burst
+    if mode == "rx":
+        while not stop.is_set():
+            n += len(rx(burst, 0.001, copy=False))
+    elif mode == "tx":
+        assert batch is not None
+        while not stop.is_set():
+            n += tx(batch, timeout=0.001)
+    else:
+        while not stop.is_set():
+            b = rx(burst, 0.001, copy=False)
+            if len(b):
+                n += tx(b, timeout=0.001)
+    out[slot] = n
+
+
+def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, queues: int = 1,
+              burst: int = 256, warmup: float = 0.3, reference: bool = True,
+              flows: int = 64, spin_us: int = 50) -> BenchResult:
+    """Run one benchmark (see the module docstring)."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}")
+    if not 60 <= size <= 9014:
+        raise ConfigError("frame size must be 60..9014 bytes")
+    ctl = _sim_control(root)
+    if ctl is not None:
+        ctl.call("model", device=device, op="backend", args={"backend": BACKEND_FOR[mode]})
+        ctl.call("model", device=device, op="generator", args={"size": size, "flows": flows, "count": 0})
+    mtu = max(1500, size - 14)
+    try:
+        with Nic(device, root, queues=queues, mtu=mtu, spin_us=spin_us) as nic:
+            nq = nic.num_queues
+            batch = TxBatch([bench_frame(size, i) for i in range(burst)]) if mode == "tx" else None
+            counts = [0] * nq
+            stop = threading.Event()
+            threads = [threading.Thread(target=_loop, args=(nic.queue(i), mode, burst, batch, stop, counts, i),
+                                        name=f"bench-q{i}", daemon=True) for i in range(nq)]
+            for t in threads:
+                t.start()
+            time.sleep(warmup)
+            start_counts = _snapshot(nic, mode)
+            t0 = time.perf_counter()
+            time.sleep(seconds)
+            end_counts = _snapshot(nic, mode)
+            elapsed = time.perf_counter() - t0
+            stop.set()
+            for t in threads:
+                t.join(10)
+            per_queue = [e - s for s, e in zip(start_counts, end_counts, strict=True)]
+            guest = nic.stats()["total"]
+            host: dict[str, Any] = {}
+            if ctl is not None:
+                host = ctl.call("model", device=device, op="stats")["results"]
+                host = next(iter(host.values())).get("netvsp", {}) if host else {}
+                host = {k: host.get(k) for k in ("backend", "queues_active", "generated")} | {
+                    "queues": {k: {kk: v[kk] for kk in ("rx_frames", "rx_nobuf", "rx_ring_full",
+                                                         "sink_frames", "tx_frames")}
+                               for k, v in host.get("queues", {}).items()}}
+    finally:
+        if ctl is not None:
+            try:
+                ctl.call("model", device=device, op="backend", args={"backend": "loopback"})
+            finally:
+                ctl.close()
+    res = BenchResult(mode, size, nq, elapsed, sum(per_queue), burst, per_queue, host=host,
+                      guest={k: guest[k] for k in ("rx_packets", "tx_packets", "drops", "tx_ring_full",
+                                                   "tx_no_section", "host_errors", "signals")})
+    if reference:
+        from uvmbus.ring.bench import bench_c_loop
+        res.ring_c_loop_mpps = bench_c_loop(size, min(seconds, 2.0), burst).mpps
+    return res
+
+
+def _snapshot(nic: Nic, mode: str) -> list[int]:
+    """Per-queue progress counters (C counters: safe to read from this thread)."""
+    key = "rx_packets" if mode == "rx" else "tx_packets"
+    return [int(getattr(q.raw, key)) for q in nic.queues]
+

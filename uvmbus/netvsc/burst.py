@@ -1,0 +1,222 @@
+"""Bursts of frames as the C data path hands them over: whole batches, no per-frame Python.
+
+* :class:`RxBurst` — what ``rx_burst`` returns: one buffer (the receive buffer for a
+  zero-copy burst, a per-queue copy buffer otherwise) plus a ``struct uvb_nvsc_frame[]``
+  array of (offset, length, hash, checksum info, VLAN, flags).  Indexing gives a memoryview
+  of one frame; the array and the buffer can go straight back to C (``tx_burst(burst)``
+  forwards a burst without touching a frame in Python).
+* :class:`TxBatch` — frames packed back to back in one buffer with their descriptors; build
+  it once and send it many times (benchmarks, generators), or let ``tx_burst`` build one
+  from a list of ``bytes``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from uvmbus.errors import ConfigError
+from uvmbus.native import ffi, lib
+
+__all__ = ["FrameMeta", "RxBurst", "TxBatch", "csum_request"]
+
+F_VLAN = lib.UVB_NVSC_F_VLAN
+F_HASH = lib.UVB_NVSC_F_HASH
+F_CSUM = lib.UVB_NVSC_F_CSUM
+F_TX_CSUM = lib.UVB_NVSC_F_TX_CSUM
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """Per-frame metadata from the host's per-packet info."""
+
+    length: int
+    vlan: int | None          # 802.1Q TCI (priority << 13 | DEI << 12 | VLAN id), None: untagged
+    rss_hash: int | None      # the host's Toeplitz hash, None: not given
+    csum: int | None          # raw checksum PPI (RX bits), None: not given
+
+    @property
+    def vlan_id(self) -> int | None:
+        return None if self.vlan is None else self.vlan & 0xFFF
+
+    @property
+    def ip_checksum_ok(self) -> bool:
+        return self.csum is not None and bool(self.csum & lib.CSUM_RX_IP_OK)
+
+    @property
+    def l4_checksum_ok(self) -> bool:
+        return self.csum is not None and bool(self.csum & (lib.CSUM_RX_TCP_OK | lib.CSUM_RX_UDP_OK))
+
+    @property
+    def checksum_failed(self) -> bool:
+        bad = lib.CSUM_RX_IP_FAILED | lib.CSUM_RX_TCP_FAILED | lib.CSUM_RX_UDP_FAILED
+        return self.csum is not None and bool(self.csum & bad)
+
+
+class RxBurst(Sequence[memoryview]):
+    """Frames received by one ``rx_burst`` call (see the module docstring).
+
+    Zero-copy bursts (``copy=False``) view the receive buffer: the frames stay valid until
+    :meth:`release` or the next ``rx_burst`` on the same queue, after which the host may
+    overwrite them.  Copied bursts view the queue's copy buffer and stay valid until the
+    next copied ``rx_burst`` on that queue; :meth:`frames` returns independent ``bytes``.
+    """
+
+    __slots__ = ("_view", "_base", "_arr", "_n", "zero_copy", "_queue", "_released")
+
+    def __init__(self, view: memoryview, base: Any, arr: Any, count: int, *, zero_copy: bool,
+                 queue: Any = None):
+        self._view = view
+        self._base = base
+        self._arr = arr
+        self._n = count
+        self.zero_copy = zero_copy
+        self._queue = queue
+        self._released = False
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> memoryview:  # type: ignore[override]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        f = self._arr[i]
+        return self._view[f.offset:f.offset + f.len]
+
+    def __iter__(self) -> Iterator[memoryview]:
+        v, a = self._view, self._arr
+        for i in range(self._n):
+            f = a[i]
+            yield v[f.offset:f.offset + f.len]
+
+    def frames(self) -> list[bytes]:
+        """Every frame as independent ``bytes``."""
+        return [bytes(m) for m in self]
+
+    def lengths(self) -> list[int]:
+        return [self._arr[i].len for i in range(self._n)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._arr[i].len for i in range(self._n))
+
+    def meta(self, i: int) -> FrameMeta:
+        f = self._arr[i]
+        fl = f.flags
+        return FrameMeta(f.len, f.vlan if fl & F_VLAN else None, f.hash if fl & F_HASH else None,
+                         f.csum if fl & F_CSUM else None)
+
+    def metas(self) -> list[FrameMeta]:
+        return [self.meta(i) for i in range(self._n)]
+
+    @property
+    def descriptors(self) -> Any:
+        """The ``struct uvb_nvsc_frame[]`` (offsets relative to :attr:`base`)."""
+        return self._arr
+
+    @property
+    def base(self) -> Any:
+        """``uint8_t *`` the descriptor offsets are relative to."""
+        return self._base
+
+    def release(self) -> None:
+        """Zero-copy bursts: give the frames back to the host now (ack their packets)."""
+        if self.zero_copy and not self._released and self._queue is not None:
+            self._released = True
+            self._queue._release()
+
+    def __repr__(self) -> str:
+        return f"<RxBurst {self._n} frames{' zero-copy' if self.zero_copy else ''}>"
+
+
+def csum_request(frame: bytes | bytearray | memoryview) -> int | None:
+    """The TX checksum PPI asking the host to fill the IPv4 header and TCP/UDP checksums of
+    ``frame`` (§4.4), or None when the frame is not plain IPv4/IPv6 TCP/UDP."""
+    if len(frame) < 34:
+        return None
+    et = struct.unpack_from(">H", frame, 12)[0]
+    if et == 0x0800:
+        ihl = (frame[14] & 0xF) * 4
+        proto = frame[23]
+        info = lib.CSUM_TX_IS_IPV4 | lib.CSUM_TX_IP_HDR
+        l4 = 14 + ihl
+    elif et == 0x86DD and len(frame) >= 54:
+        proto = frame[20]
+        info = lib.CSUM_TX_IS_IPV6
+        l4 = 54
+    else:
+        return None
+    if proto == 6:
+        info |= lib.CSUM_TX_TCP
+    elif proto == 17:
+        info |= lib.CSUM_TX_UDP
+    else:
+        return info if et == 0x0800 else None
+    return info | (l4 << lib.CSUM_TX_TCP_HDR_OFFSET_SHIFT)
+
+
+class TxBatch:
+    """Frames laid out back to back with their ``struct uvb_nvsc_frame`` descriptors.
+
+    ``vlan`` (one TCI for all frames, or a list) asks the host to insert an 802.1Q tag;
+    ``offload_csum=True`` asks it to compute IPv4/TCP/UDP checksums (frames it cannot parse
+    are sent unchanged)."""
+
+    __slots__ = ("buf", "_ptr", "arr", "_n", "nbytes")
+
+    def __init__(self, frames: Iterable[bytes | bytearray | memoryview], *,
+                 vlan: int | Sequence[int | None] | None = None, offload_csum: bool = False):
+        frames = list(frames)
+        n = len(frames)
+        self._n = n
+        self.buf = bytearray(b"".join(frames))
+        self.nbytes = len(self.buf)
+        self._ptr = ffi.from_buffer("uint8_t[]", self.buf) if self.buf else ffi.new("uint8_t[]", 1)
+        self.arr = ffi.new("struct uvb_nvsc_frame[]", max(n, 1))
+        vl: Sequence[int | None]
+        if vlan is None or isinstance(vlan, int):
+            vl = [vlan] * n
+        else:
+            vl = list(vlan)
+            if len(vl) != n:
+                raise ConfigError(f"TxBatch: {len(vl)} VLAN tags for {n} frames")
+        off = 0
+        for i, fr in enumerate(frames):
+            d = self.arr[i]
+            d.offset = off
+            d.len = len(fr)
+            flags = 0
+            if vl[i] is not None:
+                tci = vl[i]
+                assert tci is not None
+                if not 0 <= tci <= 0xFFFF:
+                    raise ConfigError(f"VLAN TCI {tci} out of range")
+                d.vlan = tci
+                flags |= F_VLAN
+            if offload_csum:
+                c = csum_request(fr)
+                if c is not None:
+                    d.csum = c
+                    flags |= F_TX_CSUM
+            d.flags = flags
+            off += len(fr)
+
+    @classmethod
+    def repeat(cls, frame: bytes, count: int) -> TxBatch:
+        """``count`` copies of one frame (benchmarks)."""
+        return cls([frame] * count)
+
+    @property
+    def base(self) -> Any:
+        return self._ptr
+
+    @property
+    def descriptors(self) -> Any:
+        return self.arr
+
+    def __len__(self) -> int:
+        return self._n

@@ -1,0 +1,1054 @@
+"""The netvsc driver: bring-up, queues, control plane, teardown (netvsc.md §3–§7).
+
+:func:`open` returns a :class:`Nic`.  Bring-up follows §3 exactly: NVSP INIT from 6.1 down
+to 1 (40-byte messages), NDIS config (MTU + 14, capabilities), NDIS version, receive and
+send buffers connected with the GPADL handles the kernel put in the uio map names, RNDIS
+INITIALIZE, packet filter 0, OID queries (maximum frame size, MAC, offload capabilities,
+media connect status, link speed, RSS capabilities), offload parameters, sub-channels +
+RSS parameters for more than one queue, then the packet filter DIRECTED | MULTICAST |
+BROADCAST.  Link-status indications are handled whenever they arrive.
+
+Copy-only: every control message and every frame travels through send-buffer sections,
+so the driver needs neither hugepages nor CAP_SYS_ADMIN.  Frames larger than a section
+(jumbo MTU) go GPA-direct through bounce slots in DMA memory when it is available
+(``uvmbus.dma``; the simulator's guest RAM, or hugepages on a guest).
+
+The data path is C (``native/netvsc.c``): one :class:`Queue` per channel, one owner thread
+each; Python sees whole bursts (:class:`~uvmbus.netvsc.burst.RxBurst`,
+:class:`~uvmbus.netvsc.burst.TxBatch`).  Queue 0 (the primary channel) also carries the
+control plane; its calls are serialised with a lock, so control requests from another
+thread are safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from uvmbus.channel import Channel, ChannelDevice, DeviceWaiter, open_device
+from uvmbus.errors import (
+    ChannelError,
+    ChannelTimeout,
+    ConfigError,
+    KernelUnsupported,
+    NegotiationError,
+    NetError,
+    ProtocolError,
+    RequestFailed,
+    ResourceError,
+    RingCorrupt,
+    UvmbusError,
+)
+from uvmbus.native import ffi, lib
+from uvmbus.netvsc import protocol as P
+from uvmbus.netvsc.burst import RxBurst, TxBatch
+from uvmbus.ring import FLAG_COMPLETION_REQUESTED
+from uvmbus.uio import MappedRegion
+
+__all__ = ["DEFAULT_TIMEOUT", "Nic", "NicInfo", "Queue", "QueueSpec", "attach_queue", "open"]
+
+log = logging.getLogger("uvmbus.netvsc")
+
+DEFAULT_TIMEOUT = 10.0
+MAX_BURST = 1024
+MIN_SECTION = 68
+MIN_SUB_ALLOC = 68
+MAX_QUEUES = 64
+FILTER_DEFAULT = P.FILTER_DIRECTED | P.FILTER_MULTICAST | P.FILTER_BROADCAST
+GPA_SLOTS = 64
+_CTRL_BUF = 65536
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@dataclass
+class NicInfo:
+    """What bring-up learned (``uvmbus net info``)."""
+
+    device_id: str
+    mac: str
+    mtu: int
+    link_up: bool
+    link_speed_bps: int
+    nvsp_version: str
+    ndis_version: str
+    queues: int
+    requested_queues: int
+    rss_queues_offered: int
+    max_pkt_per_msg: int
+    pkt_alignment: int
+    recv_buffer: int
+    sub_alloc_size: int
+    sub_allocs: int
+    send_buffer: int
+    section_size: int
+    sections: int
+    gpa_direct: bool
+    offloads: dict[str, Any] = field(default_factory=dict)
+    send_table: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QueueSpec:
+    """Everything another process needs to drive one queue on its own (shared-nothing):
+    pass it (it pickles) and call :func:`attach_queue` there."""
+
+    device_id: str
+    root: str
+    index: int
+    relid: int
+    section_first: int
+    section_count: int
+    section_size: int
+    max_pkt_per_msg: int
+    pkt_align: int
+    max_xfer: int
+    max_frame: int
+
+
+class Queue:
+    """One NIC queue (= one VMBus channel).  Owned by one thread; see ``docs/netvsc.md``."""
+
+    def __init__(self, index: int, channel: Channel, waiter: DeviceWaiter, recv: MappedRegion,
+                 send: MappedRegion, *, section_size: int, section_first: int, section_count: int,
+                 max_pkt_per_msg: int, pkt_align: int, max_xfer: int, max_frame: int,
+                 gpa: Any = None, strict: bool = False, copy_frames: int = MAX_BURST):
+        self.index = index
+        self.channel = channel
+        self.waiter = waiter
+        self.strict = strict
+        self._recv = recv
+        self._send = send
+        self._gpa = gpa                       # (DmaRegion, slot_size, slots) or None
+        raw = ffi.new("struct uvb_nvsc_queue *")
+        raw.tx = channel.tx.raw
+        raw.rx = channel.rx.raw
+        raw.sig = channel.signal
+        raw.recv_buf = recv.ptr
+        raw.recv_size = recv.size
+        raw.send_buf = send.ptr
+        raw.send_size = send.size
+        raw.section_size = section_size
+        raw.section_first = section_first
+        raw.section_count = section_count
+        raw.max_pkt_per_msg = max_pkt_per_msg
+        raw.pkt_align = pkt_align
+        raw.max_xfer = max_xfer
+        raw.recv_buf_id = P.RECV_BUF_ID
+        raw.queue_id = index
+        raw.max_frame = max_frame
+        raw.ack_size = 8
+        if gpa is not None:
+            region, slot_size, slots = gpa
+            raw.gpa_base = region.ptr
+            raw.gpa_pfns = region.pfn_table
+            raw.gpa_slot_size = slot_size
+            raw.gpa_slots = slots
+        rc = lib.uvb_nvsc_queue_init(raw)
+        if rc:
+            raise ConfigError(f"netvsc queue {index}: data path set-up refused ({rc}): "
+                              f"sections {section_first}+{section_count} of {section_size} bytes")
+        self.raw = raw
+        self._frames = ffi.new("struct uvb_nvsc_frame[]", MAX_BURST)
+        self._copy_cap = copy_frames * (max_frame + 8)
+        self._copy = bytearray(self._copy_cap)
+        self._copy_ptr = ffi.from_buffer("uint8_t[]", self._copy)
+        self._copy_view = memoryview(self._copy)
+        self._recv_view = memoryview(recv.mm)[recv.offset:recv.offset + recv.size]
+        self._seen_errors = 0
+        self._seen_ctrl = 0
+        self.last_host_error = ""
+        self.on_ctrl: Callable[[Queue], None] | None = None
+        self.lock: threading.RLock | None = None      # queue 0: shared with the control plane
+        self.spin_us = 0
+        #: kernels before 6.16 cannot take a sub-channel interrupt (uio_vmbus.md §1.6: NULL
+        #: device_obj in hv_uio_channel_cb): such queues stay masked and are polled
+        self.poll_only = False
+        self.closed = False
+
+    # -- errors ------------------------------------------------------------------------------
+    def _fail(self, rc: int) -> None:
+        for r, name in ((self.channel.rx, "RX"), (self.channel.tx, "TX")):
+            if r.dead:
+                raise RingCorrupt(f"{name} ring: {r.error_message}", channel=self.channel.name)
+        if rc == lib.UVB_EIO:
+            raise ChannelError("signalling the host failed: the device was rescinded", channel=self.channel.name)
+        raise NetError(f"queue {self.index}: data path error {rc} ({ffi.string(lib.uvb_strerror(rc)).decode()})")
+
+    def _after(self) -> None:
+        raw = self.raw
+        if raw.host_errors != self._seen_errors:
+            n = raw.host_errors - self._seen_errors
+            self._seen_errors = raw.host_errors
+            msg = ffi.string(raw.errmsg).decode(errors="replace")
+            self.last_host_error = msg
+            log.warning("netvsc queue %d: %d malformed host packet(s), last: %s", self.index, n, msg)
+            if self.strict:
+                raise ProtocolError(f"queue {self.index}: host sent a malformed packet: {msg}")
+        if raw.rx_ctrl != self._seen_ctrl:
+            self._seen_ctrl = raw.rx_ctrl
+            if self.on_ctrl is not None:
+                self.on_ctrl(self)
+
+    # -- RX -----------------------------------------------------------------------------------
+    def rx_burst(self, max_frames: int = 256, timeout: float = 0.0, *, copy: bool = True) -> RxBurst:
+        """Up to ``max_frames`` frames; waits up to ``timeout`` seconds for the first one."""
+        if self.closed:
+            raise NetError(f"queue {self.index} is closed")
+        n = min(max_frames, MAX_BURST)
+        lk = self.lock
+        if lk is not None:
+            lk.acquire()
+        try:
+            got = self._rx_once(n, copy)
+            if got == 0 and timeout > 0:
+                deadline = _now() + timeout
+                while got == 0:
+                    remaining = deadline - _now()
+                    if remaining <= 0:
+                        break
+                    if not lib.uvb_nvsc_rx_pending(self.raw):
+                        if lk is not None:
+                            lk.release()
+                        try:
+                            self._sleep(remaining)
+                        finally:
+                            if lk is not None:
+                                lk.acquire()
+                    got = self._rx_once(n, copy)
+        finally:
+            if lk is not None:
+                lk.release()
+        if copy:
+            return RxBurst(self._copy_view, self._copy_ptr, self._frames, got, zero_copy=False)
+        return RxBurst(self._recv_view, self._recv.ptr, self._frames, got, zero_copy=True, queue=self)
+
+    def _rx_once(self, n: int, copy: bool) -> int:
+        if copy:
+            got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, self._copy_ptr, self._copy_cap)
+        else:
+            got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, ffi.NULL, 0)
+        if got < 0:
+            self._fail(got)
+        self._after()
+        return int(got)
+
+    def _sleep(self, timeout: float) -> bool:
+        if self.spin_us:
+            end = time.perf_counter() + self.spin_us / 1e6
+            while time.perf_counter() < end:
+                if lib.uvb_nvsc_rx_pending(self.raw):
+                    return True
+        if self.poll_only:
+            end = _now() + timeout
+            while _now() < end:
+                if lib.uvb_nvsc_rx_pending(self.raw):
+                    return True
+                time.sleep(0.0001)
+            return False
+        return self.waiter.wait([self.channel], timeout)
+
+    def _release(self) -> None:
+        lk = self.lock
+        if lk is not None:
+            with lk:
+                rc = lib.uvb_nvsc_rx_release(self.raw)
+        else:
+            rc = lib.uvb_nvsc_rx_release(self.raw)
+        if rc < 0:
+            self._fail(rc)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until something arrived on this queue (True) or the timeout (False)."""
+        if lib.uvb_nvsc_rx_pending(self.raw):
+            return True
+        return self._sleep(1e9 if timeout is None else timeout)
+
+    # -- TX -------------------------------------------------------------------------------------
+    def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview], *,
+                 timeout: float = 0.0) -> int:
+        """Send frames; returns how many the queue took (fewer when send-buffer sections or
+        ring space ran out: back-pressure).  With ``timeout`` > 0, wait for space until every
+        frame is taken or the time is up."""
+        if self.closed:
+            raise NetError(f"queue {self.index} is closed")
+        batch: Any
+        if isinstance(frames, (RxBurst, TxBatch)):
+            batch = frames
+        else:
+            batch = TxBatch(frames)
+        n = len(batch)
+        if n == 0:
+            return 0
+        base, arr = batch.base, batch.descriptors
+        lk = self.lock
+        if lk is not None:
+            lk.acquire()
+        try:
+            done = self._tx_once(base, arr, 0, n)
+            if done < n and timeout > 0:
+                deadline = _now() + timeout
+                while done < n:
+                    remaining = deadline - _now()
+                    if remaining <= 0:
+                        break
+                    if lib.uvb_nvsc_reap(self.raw) == 0:
+                        if lk is not None:
+                            lk.release()
+                        try:
+                            self._sleep(min(remaining, 0.05))
+                        finally:
+                            if lk is not None:
+                                lk.acquire()
+                    done += self._tx_once(base, arr, done, n)
+        finally:
+            if lk is not None:
+                lk.release()
+        return done
+
+    def _tx_once(self, base: Any, arr: Any, start: int, n: int) -> int:
+        rc = lib.uvb_nvsc_tx_burst(self.raw, base, arr + start, n - start)
+        if rc < 0:
+            self._fail(rc)
+        self._after()
+        return int(rc)
+
+    def forward(self, burst: RxBurst) -> int:
+        """Send the frames of a zero-copy burst received on any queue (no copy in Python)."""
+        return self.tx_burst(burst)
+
+    def reap(self) -> None:
+        """Collect TX completions now (frees sections)."""
+        rc = lib.uvb_nvsc_reap(self.raw)
+        if rc < 0:
+            self._fail(rc)
+
+    @property
+    def tx_inflight(self) -> int:
+        return int(lib.uvb_nvsc_tx_inflight(self.raw))
+
+    # -- stats --------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        r = self.raw
+        keys = ("rx_packets", "rx_bytes", "rx_xfer", "rx_acks", "rx_drops", "rx_ctrl", "tx_packets",
+                "tx_bytes", "tx_msgs", "tx_gpa", "tx_completions", "tx_failed", "tx_drops",
+                "tx_ring_full", "tx_no_section", "host_errors", "ctrl_dropped")
+        s = {k: int(getattr(r, k)) for k in keys}
+        s["drops"] = s["rx_drops"] + s["tx_drops"]
+        s["ring_full"] = s["tx_ring_full"]
+        s["no_section"] = s["tx_no_section"]
+        s["signals"] = int(self.channel.signal.count)
+        s["tx_inflight"] = self.tx_inflight
+        return s
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        lib.uvb_nvsc_queue_fini(self.raw)
+        self._copy_view.release()
+        self._recv_view.release()
+
+
+class Nic:
+    """A synthetic NIC driven from userspace.  Use :func:`open`."""
+
+    def __init__(self, device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1,
+                 mtu: int = 1500, timeout: float = DEFAULT_TIMEOUT, strict: bool = False,
+                 gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
+                 hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
+                 rx_copy_frames: int = MAX_BURST):
+        if not 1 <= queues <= MAX_QUEUES:
+            raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
+        if not 68 <= mtu <= 9202:
+            raise ConfigError(f"MTU {mtu}: this NIC accepts 68..9202 (NDIS frame ≤ 9216)")
+        self.device_ref = device
+        self.root = str(root)
+        self.requested_queues = queues
+        self.timeout = timeout
+        self.strict = strict
+        self.gpa_wanted = gpa
+        self.versions = tuple(versions)
+        self.hash_info = hash_info
+        self.spin_us = spin_us
+        self.rx_copy_frames = rx_copy_frames
+        self._mtu_wanted = mtu
+        self._link_cbs: list[Callable[[bool], None]] = []
+        self._lock = threading.RLock()
+        self._req_ids = itertools.count(1)
+        self._tids = itertools.count(1 << 48)
+        self.closed = True
+        self._bring_up()
+
+    # ==== bring-up (§3) ===============================================================
+    def _bring_up(self) -> None:
+        self.queues: list[Queue] = []
+        self._responses: dict[int, P.RndisMessage] = {}
+        self._completions: dict[int, bytes] = {}
+        self._send_failures = 0
+        self.send_table: list[int] = []
+        self.link_up = True
+        self.link_speed = 0
+        self.events: dict[str, int] = {"link_changes": 0, "unknown_messages": 0, "vf_associations": 0,
+                                       "offload_indications": 0, "network_changes": 0}
+        self._gpa_regions: list[Any] = []
+        self._dma: Any = None
+        self.max_pkt_per_msg = 1          # until RNDIS INITIALIZE_CMPLT says more
+        self.pkt_align = 8
+        self.max_xfer = 0
+        self.last_host_error = ""
+        self.cd: ChannelDevice = open_device(self.device_ref, self.root)
+        self.closed = False
+        try:
+            self._negotiate()
+            self._connect_buffers()
+            self._make_queue0()
+            self._rndis_bring_up()
+        except BaseException:
+            self._close_quietly()
+            raise
+
+    def _negotiate(self) -> None:
+        ch = self.cd.primary
+        chosen = None
+        for v in self.versions:
+            r = ch.request(P.nvsp_init(v), timeout=self.timeout)
+            m = P.parse_nvsp(r.payload)
+            if m.type != P.MSG_INIT_COMPLETE:
+                raise ProtocolError(f"INIT answered with NVSP message {m.name}")
+            if m["status"] == P.STATUS_SUCCESS:
+                chosen = v
+                break
+            log.debug("host refused NVSP version %s (status %d)", P.VERSION_NAMES.get(v), m["status"])
+        if chosen is None:
+            raise NegotiationError("the host accepted none of the NVSP versions "
+                                   f"{', '.join(P.VERSION_NAMES.get(v, hex(v)) for v in self.versions)}")
+        self.nvsp_version = chosen
+        self.mtu = self._mtu_wanted
+        if chosen >= P.NVSP_V2:
+            caps = P.CAP_IEEE8021Q
+            if chosen >= P.NVSP_V5:
+                caps |= P.CAP_TEAMING      # "needed to receive link speed updates" (§2.4)
+            ch.send(P.nvsp_ndis_config(self.mtu + 14, caps))
+        elif self.mtu > 1500:
+            raise ConfigError(f"MTU {self.mtu}: NVSP version 1 has no NDIS config message (MTU 1500 only)")
+        self.ndis_version = P.ndis_version_for(chosen)
+        ch.send(P.nvsp_ndis_version(*self.ndis_version))
+
+    def _connect_buffers(self) -> None:
+        ch = self.cd.primary
+        uio = self.cd.uio
+        self._recv = uio.buffer("recv")
+        self._send = uio.buffer("send")
+        if self._recv.gpadl is None or self._send.gpadl is None:
+            raise ConfigError("the uio recv/send maps carry no GPADL handle in their names")
+        r = ch.request(P.nvsp_send_recv_buf(self._recv.gpadl, P.RECV_BUF_ID), timeout=self.timeout)
+        m = P.parse_nvsp(r.payload)
+        if m.type != P.MSG_SEND_RECV_BUF_COMPLETE or m["status"] != P.STATUS_SUCCESS:
+            raise RequestFailed(f"host refused the receive buffer (GPADL {self._recv.gpadl:#x}): "
+                                f"{m.name} status {m.get('status')}", status=m.get("status"))
+        sec = m["section"]
+        if m["num_sections"] != 1 or sec["offset"] != 0:
+            raise ProtocolError(f"receive buffer answered with {m['num_sections']} sections at offset "
+                                f"{sec['offset']} (exactly one at 0 is the protocol)")
+        if sec["sub_alloc_size"] < MIN_SUB_ALLOC or sec["sub_alloc_size"] * sec["num_sub_allocs"] > self._recv.size:
+            raise ProtocolError(f"receive buffer sub-allocations {sec['num_sub_allocs']} x "
+                                f"{sec['sub_alloc_size']} do not fit {self._recv.size} bytes")
+        self.sub_alloc_size = sec["sub_alloc_size"]
+        self.sub_allocs = sec["num_sub_allocs"]
+        r = ch.request(P.nvsp_send_send_buf(self._send.gpadl, P.SEND_BUF_ID), timeout=self.timeout)
+        m = P.parse_nvsp(r.payload)
+        if m.type != P.MSG_SEND_SEND_BUF_COMPLETE or m["status"] != P.STATUS_SUCCESS:
+            raise RequestFailed(f"host refused the send buffer (GPADL {self._send.gpadl:#x}): "
+                                f"{m.name} status {m.get('status')}", status=m.get("status"))
+        size = m["section_size"]
+        if size < MIN_SECTION or size % 4:
+            raise ProtocolError(f"send buffer section size {size} (must be ≥ {MIN_SECTION}, a multiple of 4)")
+        self.section_size = size
+        self.sections = self._send.size // size
+        self.max_xfer = size
+        left = ch.poll()
+        if left:
+            log.warning("netvsc: %d unexpected packet(s) from the host during bring-up ignored", len(left))
+
+    def _queue_params(self) -> dict[str, Any]:
+        return {"section_size": self.section_size, "max_pkt_per_msg": self.max_pkt_per_msg,
+                "pkt_align": self.pkt_align, "max_xfer": self.max_xfer, "max_frame": self.mtu + 14,
+                "strict": self.strict, "copy_frames": self.rx_copy_frames}
+
+    def _make_queue0(self, nq: int = 1) -> None:
+        first, count = self._slice(0, nq)
+        q = Queue(0, self.cd.primary, self.cd.waiter, self._recv, self._send, section_first=first,
+                  section_count=count, gpa=self._gpa_for(0), **self._queue_params())
+        q.lock = self._lock
+        q.on_ctrl = self._dispatch
+        q.spin_us = self.spin_us
+        if self.queues:
+            self.queues[0] = q
+        else:
+            self.queues.append(q)
+
+    def _slice(self, index: int, nq: int) -> tuple[int, int]:
+        per = self.sections // nq
+        return index * per, per
+
+    def _gpa_for(self, index: int) -> Any:
+        """Bounce slots for frames that do not fit a send section (jumbo MTU)."""
+        frame = self.mtu + 14
+        if ffi.sizeof("struct rndis_packet") + 32 + frame <= self.section_size:
+            return None
+        if self.gpa_wanted is False:
+            return None
+        if self._dma is None:
+            try:
+                from uvmbus.dma import open_dma_memory
+                self._dma = open_dma_memory(self.root)
+            except UvmbusError as exc:
+                if self.gpa_wanted:
+                    raise
+                log.warning("netvsc: MTU %d frames exceed a %d-byte send section and no DMA memory "
+                            "is available (%s): larger frames will be dropped", self.mtu,
+                            self.section_size, exc)
+                self.gpa_wanted = False
+                return None
+        slot = (44 + 32 + frame + 4095) // 4096 * 4096
+        try:
+            region = self._dma.alloc_region(slot * GPA_SLOTS, name=f"netvsc-q{index}")
+        except UvmbusError as exc:
+            if self.gpa_wanted:
+                raise ResourceError(f"netvsc: no DMA memory for jumbo frames: {exc}") from exc
+            log.warning("netvsc: no DMA memory for frames larger than a send section (%s)", exc)
+            self.gpa_wanted = False
+            return None
+        self._gpa_regions.append(region)
+        return (region, slot, region.size // slot)
+
+    # -- control plane -------------------------------------------------------------------------
+    @property
+    def _q0(self) -> Queue:
+        return self.queues[0]
+
+    def _dispatch(self, q: Queue) -> None:
+        """Drain the control records of queue ``q`` (link events, responses, completions)."""
+        rec = ffi.new("struct uvb_nvsc_ctrl *")
+        buf = ffi.new("uint8_t[]", _CTRL_BUF)
+        while True:
+            n = lib.uvb_nvsc_ctrl_next(q.raw, rec, buf, _CTRL_BUF)
+            if n <= 0:
+                break
+            data = bytes(ffi.buffer(buf, rec.len))
+            kind = rec.kind
+            if kind == lib.UVB_NVSC_CTRL_RNDIS:
+                self._rndis_event(data)
+            elif kind == lib.UVB_NVSC_CTRL_INBAND:
+                self._inband_event(data, int(rec.trans_id))
+            elif kind == lib.UVB_NVSC_CTRL_COMP:
+                self._completions[int(rec.trans_id)] = data
+            elif kind == lib.UVB_NVSC_CTRL_SENDFAIL:
+                self._send_failures += 1
+
+    def _rndis_event(self, data: bytes) -> None:
+        try:
+            m = P.parse_rndis(data)
+        except ProtocolError as exc:
+            self._host_problem(f"malformed RNDIS control message: {exc}")
+            return
+        if m.type == P.RNDIS_INDICATE:
+            self._indication(m)
+        elif m.type & lib.RNDIS_MSG_COMPLETION:
+            self._responses[m.req_id] = m
+        else:
+            self._host_problem(f"unexpected RNDIS message {m.name} from the host")
+
+    def _indication(self, m: P.RndisMessage) -> None:
+        st = m.status
+        if st in (P.ST_MEDIA_CONNECT, P.ST_MEDIA_DISCONNECT):
+            up = st == P.ST_MEDIA_CONNECT
+            changed = up != self.link_up
+            self.link_up = up
+            self.events["link_changes"] += 1
+            log.info("netvsc %s: link %s", self.device_id[:8], "up" if up else "down")
+            if changed:
+                self._fire_link(up)
+        elif st == P.ST_LINK_SPEED_CHANGE and len(m.info) >= 4:
+            self.link_speed = struct.unpack_from("<I", m.info)[0] * 100
+        elif st == P.ST_NETWORK_CHANGE:
+            self.events["network_changes"] += 1
+            self._fire_link(self.link_up)
+        elif st == P.ST_TASK_OFFLOAD_CURRENT_CONFIG:
+            self.events["offload_indications"] += 1
+        else:
+            log.debug("netvsc: indication %#x ignored", st)
+
+    def _fire_link(self, up: bool) -> None:
+        for cb in list(self._link_cbs):
+            try:
+                cb(up)
+            except Exception:  # a user callback must not break the data path
+                log.exception("netvsc: link-change callback failed")
+
+    def _inband_event(self, data: bytes, tid: int) -> None:
+        t = P.nvsp_type(data)
+        if t == P.MSG_SEND_INDIRECTION_TABLE:
+            try:
+                self.send_table = P.send_table_from(data, self.nvsp_version)
+            except ProtocolError as exc:
+                self._host_problem(str(exc))
+        elif t == P.MSG_VF_ASSOCIATION:
+            self.events["vf_associations"] += 1      # never asked for (no SR-IOV advertised)
+        elif t == P.MSG_SWITCH_DATA_PATH:
+            pass
+        else:
+            self._host_problem(f"unknown in-band NVSP message type {t} from the host")
+
+    def _host_problem(self, msg: str) -> None:
+        self.events["unknown_messages"] += 1
+        self.last_host_error = msg
+        log.warning("netvsc %s: %s", self.device_id[:8], msg)
+        if self.strict:
+            raise ProtocolError(msg)
+
+    def _wait_q0(self, deadline: float, what: str) -> None:
+        remaining = deadline - _now()
+        if remaining <= 0:
+            raise ChannelTimeout(f"no {what} from the host within {self.timeout:.1f} s",
+                                 channel=self.cd.primary.name)
+        self._lock.release()
+        try:
+            self.cd.waiter.wait([self.cd.primary], min(remaining, 0.5))
+        finally:
+            self._lock.acquire()
+
+    def _poll_q0(self) -> None:
+        rc = lib.uvb_nvsc_poll_ctrl(self._q0.raw)
+        if rc < 0:
+            self._q0._fail(rc)
+        self._q0._after()
+        self._dispatch(self._q0)
+
+    def _send_ctrl(self, msg: bytes, deadline: float) -> None:
+        while True:
+            rc = lib.uvb_nvsc_send_ctrl(self._q0.raw, msg, len(msg))
+            if rc == 0:
+                return
+            if rc != lib.UVB_EAGAIN:
+                self._q0._fail(rc)
+            self._poll_q0()
+            self._wait_q0(deadline, "free send section for a control message")
+
+    def request(self, msg: bytes, req_id: int, expect: int, timeout: float | None = None) -> P.RndisMessage:
+        """Send an RNDIS request and wait for its completion (matched by request id)."""
+        deadline = _now() + (self.timeout if timeout is None else timeout)
+        with self._lock:
+            fails = self._send_failures
+            self._send_ctrl(msg, deadline)
+            while True:
+                self._poll_q0()
+                m = self._responses.pop(req_id, None)
+                if m is not None:
+                    if m.type != expect:
+                        raise ProtocolError(f"RNDIS request {req_id} answered with {m.name}")
+                    return m
+                if self._send_failures != fails:
+                    raise RequestFailed("the host completed an RNDIS control request with a failure "
+                                        "status (it rejected the message)", status=P.STATUS_FAIL)
+                self._wait_q0(deadline, f"answer to RNDIS request {req_id}")
+
+    def query(self, oid: int, data: bytes = b"", *, timeout: float | None = None) -> bytes:
+        rid = next(self._req_ids)
+        m = self.request(P.rndis_query(rid, oid, data), rid, P.RNDIS_QUERY_C, timeout)
+        if m.status != P.ST_SUCCESS:
+            raise RequestFailed(f"OID {oid:#010x} query failed with RNDIS status {m.status:#x}", status=m.status)
+        return m.info
+
+    def set(self, oid: int, data: bytes, *, timeout: float | None = None) -> None:
+        rid = next(self._req_ids)
+        m = self.request(P.rndis_set(rid, oid, data), rid, P.RNDIS_SET_C, timeout)
+        if m.status != P.ST_SUCCESS:
+            raise RequestFailed(f"OID {oid:#010x} set failed with RNDIS status {m.status:#x}", status=m.status)
+
+    def nvsp_request(self, msg: bytes, timeout: float | None = None) -> P.NvspMessage:
+        """An NVSP request on the primary channel after bring-up (completion by transaction id)."""
+        deadline = _now() + (self.timeout if timeout is None else timeout)
+        tid = next(self._tids)
+        with self._lock:
+            while True:
+                rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
+                if rc == 0:
+                    break
+                if rc != lib.UVB_EAGAIN:
+                    self._q0._fail(rc)
+                self._poll_q0()
+                self._wait_q0(deadline, "ring space")
+            while True:
+                self._poll_q0()
+                data = self._completions.pop(tid, None)
+                if data is not None:
+                    return P.parse_nvsp(data)
+                self._wait_q0(deadline, f"completion of NVSP message {P.nvsp_type(msg)}")
+
+    def nvsp_send(self, msg: bytes) -> None:
+        with self._lock:
+            rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), 0, 0)
+            if rc:
+                self._q0._fail(rc)
+
+    def _rndis_bring_up(self) -> None:
+        rid = next(self._req_ids)
+        m = self.request(P.rndis_init(rid), rid, P.RNDIS_INIT_C)
+        f = m.fields
+        if m.status != P.ST_SUCCESS:
+            raise RequestFailed(f"RNDIS INITIALIZE failed with status {m.status:#x}", status=m.status)
+        self.max_pkt_per_msg = max(1, f["max_pkt_per_msg"])
+        self.pkt_align = max(4, 1 << min(f["pkt_alignment_factor"], 12))
+        self.max_xfer = min(f["max_xfer_size"] or self.section_size, self.section_size)
+        q0 = self._q0.raw
+        q0.max_pkt_per_msg = self.max_pkt_per_msg
+        q0.pkt_align = self.pkt_align
+        q0.max_xfer = self.max_xfer
+        # some hosts leave a non-zero filter after INITIALIZE (§3 step 7)
+        self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", 0))
+        maxframe = struct.unpack_from("<I", self.query(P.OID_GEN_MAXIMUM_FRAME_SIZE).ljust(4, b"\0"))[0]
+        if maxframe and maxframe < self.mtu:
+            log.info("netvsc: host maximum frame %d < MTU %d: MTU lowered", maxframe, self.mtu)
+            self.mtu = maxframe
+            for q in self.queues:
+                q.raw.max_frame = self.mtu + 14
+        mac = self.query(P.OID_802_3_PERMANENT_ADDRESS)
+        if len(mac) < 6:
+            raise ProtocolError(f"permanent address of {len(mac)} bytes")
+        self.mac_bytes = bytes(mac[:6])
+        self.offloads = P.OffloadCaps()
+        try:
+            caps = self.query(P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, P.ndis_offload_query_input(self.nvsp_version))
+            self.offloads = P.parse_ndis_offload(caps)
+        except RequestFailed:
+            log.info("netvsc: host reports no offload capabilities")
+        o = self.offloads
+        v4 = self.nvsp_version <= P.NVSP_V4
+        params = P.build_offload_params(self.nvsp_version, tcp4=4 if o.tx_tcp4 else 1,
+                                        udp4=0 if v4 else (4 if o.tx_udp4 else 1),
+                                        tcp6=4 if o.tx_tcp6 else 1, udp6=0 if v4 else (4 if o.tx_udp6 else 1))
+        try:
+            self.set(P.OID_TCP_OFFLOAD_PARAMETERS, params)
+        except RequestFailed as exc:
+            log.info("netvsc: offload parameters refused: %s", exc)
+        state = self.query(P.OID_GEN_MEDIA_CONNECT_STATUS)
+        self.link_up = len(state) >= 4 and struct.unpack_from("<I", state)[0] == lib.NDIS_MEDIA_STATE_CONNECTED
+        self.rss_queues_offered = 1
+        nq = 1
+        if self.nvsp_version >= P.NVSP_V5:
+            speed = self.query(P.OID_GEN_LINK_SPEED)
+            if len(speed) >= 4:
+                self.link_speed = struct.unpack_from("<I", speed)[0] * 100
+            if self.ndis_version >= (6, 20):
+                try:
+                    rss = P.parse_rss_caps(self.query(P.OID_GEN_RECEIVE_SCALE_CAPABILITIES))
+                    self.rss_queues_offered = rss.num_queues
+                except (RequestFailed, ProtocolError) as exc:
+                    log.info("netvsc: no RSS capabilities (%s): one queue", exc)
+            if self.rss_queues_offered >= 2:
+                nq = min(self.requested_queues, self.rss_queues_offered, MAX_QUEUES)
+        elif self.requested_queues > 1:
+            log.info("netvsc: NVSP %s has no sub-channels: one queue", P.VERSION_NAMES[self.nvsp_version])
+        if nq > 1:
+            self._setup_queues(nq)
+        self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", FILTER_DEFAULT))
+
+    def _setup_queues(self, nq: int) -> None:
+        m = self.nvsp_request(P.nvsp_subchannel_request(nq - 1))
+        if m.type != P.MSG_SUBCHANNEL:
+            raise ProtocolError(f"SUBCHANNEL answered with {m.name}")
+        status, granted = struct.unpack_from("<II", m.raw.ljust(12, b"\0"), 4)
+        if status != P.STATUS_SUCCESS or granted == 0:
+            log.info("netvsc: host granted no sub-channels (status %d): one queue", status)
+            return
+        if granted > nq - 1:
+            raise ProtocolError(f"host granted {granted} sub-channels, {nq - 1} were requested")
+        nq = 1 + granted
+        try:
+            chans = self.cd.open_subchannels(granted, timeout=max(self.timeout, 10.0))
+        except KernelUnsupported as exc:
+            # the host granted them, but this kernel cannot signal them: stay on one queue
+            # (RSS stays off, so the host steers everything to queue 0)
+            log.warning("netvsc: %s; using one queue", exc)
+            return
+        poll_only = not self.cd.uio.quirks.irqcontrol_all_channels
+        with self._lock:
+            old = self.queues[0]
+            self._poll_q0()
+            if old.tx_inflight:
+                deadline = _now() + self.timeout
+                while old.tx_inflight:
+                    self._poll_q0()
+                    self._wait_q0(deadline, "completion of control messages")
+            self._make_queue0(nq)
+            old.close()
+        for i, ch in enumerate(chans, start=1):
+            first, count = self._slice(i, nq)
+            q = Queue(i, ch, self.cd.new_waiter(), self._recv, self._send, section_first=first,
+                      section_count=count, gpa=self._gpa_for(i), **self._queue_params())
+            q.on_ctrl = self._dispatch
+            q.spin_us = self.spin_us
+            q.poll_only = poll_only
+            self.queues.append(q)
+        table = [i % nq for i in range(lib.NDIS_RSS_TABLE_ENTRIES)]
+        self.set(P.OID_GEN_RECEIVE_SCALE_PARAMETERS,
+                 P.build_rss_params(table, hash_info=self.hash_info, flags=P.RSS_FLAG_DISABLE))
+        self.set(P.OID_GEN_RECEIVE_SCALE_PARAMETERS, P.build_rss_params(table, hash_info=self.hash_info))
+        self.rss_table = table
+
+    # ==== public API =====================================================================
+    @property
+    def device_id(self) -> str:
+        return self.cd.device.device_id
+
+    @property
+    def mac(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.mac_bytes)
+
+    @property
+    def num_queues(self) -> int:
+        return len(self.queues)
+
+    def queue(self, index: int) -> Queue:
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        try:
+            return self.queues[index]
+        except IndexError:
+            raise ConfigError(f"queue {index}: this NIC has {len(self.queues)} queue(s)") from None
+
+    def rx_burst(self, queue: int = 0, max_frames: int = 256, timeout: float = 0.0, *,
+                 copy: bool = True) -> RxBurst:
+        """Receive up to ``max_frames`` frames on ``queue`` (see :meth:`Queue.rx_burst`)."""
+        return self.queue(queue).rx_burst(max_frames, timeout, copy=copy)
+
+    def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview],
+                 queue: int = 0, *, timeout: float = 0.0) -> int:
+        """Send frames on ``queue``; returns how many were taken (back-pressure)."""
+        return self.queue(queue).tx_burst(frames, timeout=timeout)
+
+    def poll_events(self) -> None:
+        """Process pending control messages (link indications) without receiving frames."""
+        if self.closed:
+            return
+        if self._lock.acquire(blocking=False):
+            try:
+                self._poll_q0()
+            finally:
+                self._lock.release()
+
+    def on_link_change(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(up)`` when the host reports a link change (from the thread that
+        receives on queue 0 or calls :meth:`poll_events`)."""
+        self._link_cbs.append(callback)
+
+    def wait_link(self, up: bool, timeout: float) -> bool:
+        """Wait until the link is ``up`` (True) / down (False); False on timeout."""
+        deadline = _now() + timeout
+        while True:
+            self.poll_events()
+            if self.link_up == up:
+                return True
+            remaining = deadline - _now()
+            if remaining <= 0:
+                return False
+            self.cd.waiter.wait([self.cd.primary], min(remaining, 0.1))
+
+    def stats(self) -> dict[str, Any]:
+        qs = [q.stats() for q in self.queues]
+        total: dict[str, int] = {}
+        for s in qs:
+            for k, v in s.items():
+                total[k] = total.get(k, 0) + v
+        return {"queues": qs, "total": total, "events": dict(self.events), "link_up": self.link_up}
+
+    def info(self) -> NicInfo:
+        return NicInfo(
+            device_id=self.device_id, mac=self.mac, mtu=self.mtu, link_up=self.link_up,
+            link_speed_bps=self.link_speed, nvsp_version=P.VERSION_NAMES.get(self.nvsp_version, hex(self.nvsp_version)),
+            ndis_version=f"{self.ndis_version[0]}.{self.ndis_version[1]}", queues=len(self.queues),
+            requested_queues=self.requested_queues, rss_queues_offered=self.rss_queues_offered,
+            max_pkt_per_msg=self.max_pkt_per_msg, pkt_alignment=self.pkt_align, recv_buffer=self._recv.size,
+            sub_alloc_size=self.sub_alloc_size, sub_allocs=self.sub_allocs, send_buffer=self._send.size,
+            section_size=self.section_size, sections=self.sections, gpa_direct=bool(self._gpa_regions),
+            offloads=self.offloads.to_dict(), send_table=list(self.send_table))
+
+    def set_mtu(self, mtu: int) -> None:
+        """Change the MTU: a full NVSP/RNDIS re-initialisation, as Linux does (§3)."""
+        if not 68 <= mtu <= 9202:
+            raise ConfigError(f"MTU {mtu}: this NIC accepts 68..9202")
+        self._teardown()
+        self._mtu_wanted = mtu
+        self._bring_up()
+
+    def export_queue(self, index: int) -> QueueSpec:
+        """Hand queue ``index`` (≥ 1) to another process: this process stops using it."""
+        if index == 0:
+            raise ConfigError("queue 0 carries the control plane and stays with the Nic")
+        q = self.queue(index)
+        spec = QueueSpec(self.device_id, self.root, index, q.channel.relid, int(q.raw.section_first),
+                         int(q.raw.section_count), self.section_size, self.max_pkt_per_msg, self.pkt_align,
+                         self.max_xfer, self.mtu + 14)
+        q.close()
+        return spec
+
+    # ==== teardown ==========================================================================
+    def _teardown(self) -> None:
+        if self.closed:
+            return
+        try:
+            with self._lock:
+                self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", 0), timeout=2.0)
+                self._drain(2.0)
+                rid = next(self._req_ids)
+                self._send_ctrl(P.rndis_halt(rid), _now() + 2.0)
+                self._drain(2.0)
+                self.nvsp_send(P.nvsp_revoke(P.MSG_REVOKE_RECV_BUF, P.RECV_BUF_ID))
+                self.nvsp_send(P.nvsp_revoke(P.MSG_REVOKE_SEND_BUF, P.SEND_BUF_ID))
+        except UvmbusError as exc:
+            log.warning("netvsc %s: teardown incomplete (%s); closing anyway", self.device_ref, exc)
+        finally:
+            self._close_quietly()
+
+    def _drain(self, timeout: float) -> None:
+        """Wait for every send completion; discard what is still being received."""
+        deadline = _now() + timeout
+        for q in self.queues:
+            if q.closed:
+                continue
+            while True:
+                if q is self._q0:
+                    self._poll_q0()
+                else:
+                    q.reap()
+                while lib.uvb_nvsc_rx_burst(q.raw, q._frames, MAX_BURST, ffi.NULL, 0) > 0:
+                    lib.uvb_nvsc_rx_release(q.raw)
+                lib.uvb_nvsc_rx_release(q.raw)
+                if not q.tx_inflight or _now() >= deadline:
+                    break
+                self._lock.release()
+                try:
+                    q._sleep(0.02)
+                finally:
+                    self._lock.acquire()
+
+    def _close_quietly(self) -> None:
+        for q in getattr(self, "queues", []):
+            q.close()
+            if q.waiter is not self.cd.waiter:
+                q.waiter.close()
+        self.queues = []
+        for r in getattr(self, "_gpa_regions", []):
+            try:
+                r.close()
+            except UvmbusError:
+                pass
+        self._gpa_regions = []
+        if getattr(self, "_dma", None) is not None:
+            self._dma.close()
+            self._dma = None
+        if not self.closed:
+            self.cd.close()
+        self.closed = True
+
+    def close(self) -> None:
+        """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels."""
+        self._teardown()
+
+    def __enter__(self) -> Nic:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"mac {self.mac} mtu {self.mtu} queues {len(self.queues)}"
+        return f"<Nic {self.device_ref} {state}>"
+
+
+def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mtu: int = 1500,
+         **options: Any) -> Nic:
+    """Bring up the synthetic NIC ``device`` (GUID, prefix or "netvsc") bound to
+    uio_hv_generic under ``root``.  Options: ``timeout``, ``strict`` (malformed host packets
+    raise :class:`ProtocolError` instead of being dropped and counted), ``gpa`` (GPA-direct
+    for frames larger than a send section: None = when DMA memory is available),
+    ``versions``, ``hash_info``, ``spin_us``."""
+    return Nic(device, root, queues=queues, mtu=mtu, **options)
+
+
+class _AttachedQueue(Queue):
+    """A queue driven by another process (:func:`attach_queue`): owns its mappings."""
+
+    def __init__(self, spec: QueueSpec):
+        from uvmbus.bus import Bus
+        from uvmbus.ring import RingPair
+        from uvmbus.uio import UioDevice, open_endpoint
+
+        bus = Bus(spec.root)
+        dev = bus.device(spec.device_id)
+        self._uio = UioDevice(bus, dev)
+        try:
+            info = next((c for c in dev.channels() if c.relid == spec.relid), None)
+            if info is None or not info.ring_path:
+                raise ConfigError(f"queue {spec.index}: sub-channel relid {spec.relid} has no ring file")
+            fd = os.open(info.ring_path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            ring_bytes = size // 2
+            pair = RingPair.attach(mm, ring_bytes, self._uio.page_size, own=True,
+                                   name=f"netvsc/{spec.relid}")
+            ch = Channel(pair, relid=spec.relid, subchannel_id=info.subchannel_id or 0, monitor_id=info.monitor_id,
+                         signal=self._uio.make_signal(spec.relid, info.monitor_id, subchannel=True),
+                         name=f"netvsc/{spec.relid}")
+            if not dev.uio_dev_path:
+                raise ConfigError(f"{spec.device_id} is not bound to uio_hv_generic")
+            waiter = DeviceWaiter(open_endpoint(dev.uio_dev_path), owns_endpoint=True)
+            super().__init__(spec.index, ch, waiter, self._uio.buffer("recv"), self._uio.buffer("send"),
+                             section_size=spec.section_size, section_first=spec.section_first,
+                             section_count=spec.section_count, max_pkt_per_msg=spec.max_pkt_per_msg,
+                             pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame)
+            self.poll_only = not self._uio.quirks.irqcontrol_all_channels
+        except BaseException:
+            self._uio.close()
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        self.waiter.close()
+        self.channel.close()
+        self._uio.close()
+
+    def __enter__(self) -> _AttachedQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach_queue(spec: QueueSpec) -> Queue:
+    """In another process: drive the queue described by ``spec`` (from
+    :meth:`Nic.export_queue`) — its sub-channel ring file, the shared buffers, its own slice
+    of send sections and its own endpoint file for interrupts.  Nothing is shared with the
+    owning process but the memory the host also sees."""
+    return _AttachedQueue(spec)
+

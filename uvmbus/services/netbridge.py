@@ -1,0 +1,397 @@
+"""``uvmbus net bridge``: a netvsc NIC driven from userspace, joined to a TAP interface.
+
+The kernel (or a network namespace) then uses the synthetic NIC through the TAP: frames the
+host delivers to the NIC are written to the TAP; frames the kernel sends on the TAP go out of
+the NIC.  An optional hook (:mod:`uvmbus.services.hooks`) sees every burst in both
+directions and may pass, change or drop frames.
+
+Threads (each queue has one owner, docs/netvsc.md):
+
+* ``rx-Q`` per NIC queue: ``rx_burst(Q, timeout)`` → hook → ``write(tap)``;
+* ``tx``: ``poll(tap)`` → up to a burst of ``read(tap)`` → hook → ``tx_burst(queue 0)``.
+  Queue 0's calls take the NIC's lock, so the ``rx-0`` thread and this one can share it;
+  on back-pressure ``tx`` retries ``tx_burst`` (which reaps completions) for up to
+  ``TX_RETRY`` seconds and then drops the rest (counted);
+* the main thread: signals, sd_notify (READY, STATUS, WATCHDOG only while every worker
+  beats), metrics textfile.
+
+SIGTERM: stop reading the TAP, let the workers finish the burst in hand, then close the NIC
+(packet filter 0, wait for every send completion, ack what is still in the receive ring,
+RNDIS HALT, revoke the buffers, close the channels) and the TAP.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from uvmbus.errors import ConfigError, UvmbusError
+from uvmbus.services.daemon import Daemon
+from uvmbus.services.hooks import Hook, load_hook
+from uvmbus.services.metrics import Registry, sim_collector
+from uvmbus.services.tap import TapInterface
+
+__all__ = ["BridgeOptions", "NetBridge", "run_bridge"]
+
+log = logging.getLogger("uvmbus.net.bridge")
+
+BURST = 256
+RX_TIMEOUT = 0.2
+TX_RETRY = 0.05
+STATUS_PERIOD = 5.0
+
+
+@dataclass
+class BridgeOptions:
+    device: str
+    tap: str
+    root: str = "/"
+    netns: str | None = None
+    hook: str | None = None
+    cpus: list[int] | None = None
+    queues: int = 1
+    mtu: int = 1500
+    addresses: list[str] = field(default_factory=list)
+    burst: int = BURST
+
+
+@dataclass
+class _DirStats:
+    frames: int = 0
+    bytes: int = 0
+    hook_drops: int = 0
+    hook_added: int = 0
+    hook_errors: int = 0
+    tap_drops: int = 0
+    nic_drops: int = 0
+    oversize: int = 0
+    bursts: int = 0
+
+
+class NetBridge:
+    """The bridge itself (opened NIC + TAP + workers); :func:`run_bridge` is the daemon."""
+
+    def __init__(self, opts: BridgeOptions, daemon: Daemon):
+        self.opts = opts
+        self.daemon = daemon
+        self.nic: Any = None
+        self.tap: TapInterface | None = None
+        self.hook: Hook | None = None
+        self.stats = {"rx": _DirStats(), "tx": _DirStats()}
+        self.queue_stats: dict[int, _DirStats] = {}
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._hook_errors_logged = 0
+        self._burst_hist: Any = None
+        self._device_id = ""
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def open(self) -> None:
+        import uvmbus.netvsc as nv
+
+        o = self.opts
+        if o.cpus:
+            avail = os.sched_getaffinity(0)
+            bad = [c for c in o.cpus if c not in avail]
+            if bad:
+                raise ConfigError(f"--cpu {','.join(map(str, bad))}: not among the CPUs this process "
+                                  f"may use ({','.join(map(str, sorted(avail)))})")
+            os.sched_setaffinity(0, set(o.cpus))
+        if o.hook:
+            self.hook, setup = load_hook(o.hook)
+        else:
+            setup = None
+        self.nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu)
+        try:
+            self.tap = TapInterface(o.tap, netns=o.netns, mac=self.nic.mac, mtu=self.nic.mtu,
+                                    addresses=o.addresses)
+            self.tap.set_carrier(bool(self.nic.link_up))
+            self.nic.on_link_change(self._link_changed)
+            if setup is not None:
+                setup({"device": self.nic.device_id, "mac": self.nic.mac, "mtu": self.nic.mtu,
+                       "tap": o.tap, "netns": o.netns, "queues": self.nic.num_queues})
+        except BaseException:
+            self.close()
+            raise
+        for q in range(self.nic.num_queues):
+            self.queue_stats[q] = _DirStats()
+
+    def _link_changed(self, up: bool) -> None:
+        log.info("link %s", "up" if up else "down", extra={"device": self.device_id})
+        if self.tap is not None:
+            self.tap.set_carrier(up)
+
+    @property
+    def device_id(self) -> str:
+        if self.nic is not None:
+            self._device_id = str(self.nic.device_id)
+        return self._device_id or self.opts.device
+
+    # -- hook ---------------------------------------------------------------------------------------
+    def _apply_hook(self, direction: str, frames: list[bytes]) -> list[bytes | bytearray] | None:
+        assert self.hook is not None
+        st = self.stats[direction]
+        try:
+            out = self.hook(direction, frames)
+        except Exception:
+            st.hook_errors += 1
+            st.hook_drops += len(frames)
+            if self._hook_errors_logged < 10:
+                self._hook_errors_logged += 1
+                log.exception("hook failed on a %s burst of %d frames (dropped)", direction, len(frames))
+            return []
+        if out is None:
+            return None
+        res = list(out)
+        if len(res) < len(frames):
+            st.hook_drops += len(frames) - len(res)
+        else:
+            st.hook_added += len(res) - len(frames)
+        return res
+
+    # -- NIC -> TAP -------------------------------------------------------------------------------
+    def _rx_loop(self, q: int) -> None:
+        name = f"rx-{q}"
+        st = self.stats["rx"]
+        qst = self.queue_stats[q]
+        fd = self.tap.fd if self.tap else -1
+        hist = self._burst_hist
+        while not self._stop.is_set():
+            self.daemon.beat(name)
+            burst = self.nic.rx_burst(q, self.opts.burst, timeout=RX_TIMEOUT)
+            n = len(burst)
+            if not n:
+                continue
+            t0 = time.perf_counter()
+            frames: Iterable[Any]
+            if self.hook is not None:
+                got = self._apply_hook("rx", burst.frames())
+                frames = burst if got is None else got
+            else:
+                frames = burst
+            sent = nbytes = 0
+            for f in frames:
+                try:
+                    nbytes += os.write(fd, f)
+                    sent += 1
+                except OSError as exc:
+                    st.tap_drops += 1
+                    if exc.errno not in (errno.EAGAIN, errno.EIO, errno.ENOBUFS):
+                        raise
+            st.frames += sent
+            st.bytes += nbytes
+            st.bursts += 1
+            qst.frames += sent
+            if hist is not None:
+                hist.labels(self.device_id, "rx").observe(time.perf_counter() - t0)
+
+    # -- TAP -> NIC -------------------------------------------------------------------------------
+    def _read_tap(self, limit: int) -> list[bytes]:
+        fd = self.tap.fd if self.tap else -1
+        out: list[bytes] = []
+        while len(out) < limit:
+            try:
+                out.append(os.read(fd, 65536))
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                    break
+                raise
+        return out
+
+    def _tx_loop(self) -> None:
+        st = self.stats["tx"]
+        fd = self.tap.fd if self.tap else -1
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        p.register(self._wake_r, select.POLLIN)
+        max_frame = self.nic.mtu + 18              # Ethernet header + one VLAN tag
+        hist = self._burst_hist
+        while not self._stop.is_set():
+            self.daemon.beat("tx")
+            p.poll(int(RX_TIMEOUT * 1000))
+            if self._stop.is_set():
+                break
+            frames = self._read_tap(self.opts.burst)
+            if not frames:
+                continue
+            t0 = time.perf_counter()
+            big = [f for f in frames if len(f) > max_frame]
+            if big:
+                st.oversize += len(big)
+                frames = [f for f in frames if len(f) <= max_frame]
+            out: list[Any] = frames
+            if self.hook is not None:
+                got = self._apply_hook("tx", frames)
+                if got is not None:
+                    out = got
+            if not out:
+                continue
+            done = self.nic.tx_burst(out, 0)
+            if done < len(out):
+                deadline = time.monotonic() + TX_RETRY
+                while done < len(out) and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                    done += self.nic.tx_burst(out[done:], 0)
+                if done < len(out):
+                    st.nic_drops += len(out) - done
+            st.frames += done
+            st.bytes += sum(len(f) for f in out[:done])
+            st.bursts += 1
+            if hist is not None:
+                hist.labels(self.device_id, "tx").observe(time.perf_counter() - t0)
+
+    # -- run ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for q in range(self.nic.num_queues):
+            self.daemon.spawn(f"rx-{q}", functools.partial(self._rx_loop, q))
+        self.daemon.spawn("tx", self._tx_loop)
+
+    def stop(self, timeout: float = 5.0) -> list[str]:
+        """Stop reading, let the workers finish their bursts; names of workers left running."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        return self.daemon.join_workers(timeout)
+
+    def close(self) -> None:
+        if self.nic is not None:
+            try:
+                self.nic.close()             # filter 0, drain completions, ack, HALT, revoke, close
+            except UvmbusError as exc:
+                log.warning("closing the NIC: %s", exc)
+            self.nic = None
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # -- observability -------------------------------------------------------------------------------
+    def queue_rows(self) -> list[dict[str, Any]]:
+        if self.nic is None:
+            return []
+        rows = []
+        for q, s in enumerate(self.nic.stats()["queues"]):
+            row = {"queue": q}
+            for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_drops", "tx_drops",
+                      "drops", "ring_full", "no_section", "host_errors", "signals", "tx_inflight"):
+                row[k] = s.get(k, 0)
+            rows.append(row)
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "device_id": self.device_id,
+            "tap": self.opts.tap, "netns": self.opts.netns, "hook": self.opts.hook,
+            "cpus": self.opts.cpus,
+            "bridge": {k: vars(v) for k, v in self.stats.items()},
+            "queues": self.queue_rows(),
+        }
+        if self.nic is not None:
+            d.update(mac=self.nic.mac, mtu=self.nic.mtu, link_up=bool(self.nic.link_up))
+        return d
+
+    def status_line(self) -> str:
+        rx, tx = self.stats["rx"], self.stats["tx"]
+        drops = sum(s.hook_drops + s.tap_drops + s.nic_drops for s in (rx, tx))
+        link = "up" if self.nic is not None and self.nic.link_up else "down"
+        return (f"{self.opts.tap}<->{self.device_id[:8]} link {link}: rx {rx.frames} frames, "
+                f"tx {tx.frames} frames, dropped {drops}")
+
+    def register_metrics(self, reg: Registry) -> None:
+        dev = ("device", "queue", "direction")
+        packets = reg.counter("net_packets_total", "frames through the NIC queue", dev)
+        nbytes = reg.counter("net_bytes_total", "bytes through the NIC queue", dev)
+        drops = reg.counter("net_drops_total", "frames the driver dropped", dev)
+        ring_full = reg.counter("net_ring_full_total", "TX attempts that found the ring full",
+                                ("device", "queue"))
+        no_section = reg.counter("net_no_section_total", "TX attempts without a free send section",
+                                 ("device", "queue"))
+        host_err = reg.counter("net_host_errors_total", "malformed packets from the host (dropped)",
+                               ("device", "queue"))
+        signals = reg.counter("net_signals_total", "guest->host signals issued", ("device", "queue"))
+        link = reg.gauge("net_link_up", "1 when the host reports the link up", ("device",))
+        bframes = reg.counter("bridge_frames_total", "frames the bridge moved", ("device", "direction"))
+        bbytes = reg.counter("bridge_bytes_total", "bytes the bridge moved", ("device", "direction"))
+        bdrops = reg.counter("bridge_drops_total", "frames the bridge dropped, by reason",
+                             ("device", "direction", "reason"))
+        hook_err = reg.counter("bridge_hook_errors_total", "hook calls that raised", ("device", "direction"))
+        self._burst_hist = reg.histogram("bridge_burst_seconds",
+                                         "time to move one burst (hook included)", ("device", "direction"))
+
+        def collect() -> None:
+            if self.nic is None:
+                return
+            d = self.device_id
+            for row in self.queue_rows():
+                q = str(row["queue"])
+                packets.labels(d, q, "rx").set(row["rx_packets"])
+                packets.labels(d, q, "tx").set(row["tx_packets"])
+                nbytes.labels(d, q, "rx").set(row["rx_bytes"])
+                nbytes.labels(d, q, "tx").set(row["tx_bytes"])
+                drops.labels(d, q, "rx").set(row["rx_drops"])
+                drops.labels(d, q, "tx").set(row["tx_drops"])
+                ring_full.labels(d, q).set(row["ring_full"])
+                no_section.labels(d, q).set(row["no_section"])
+                host_err.labels(d, q).set(row["host_errors"])
+                signals.labels(d, q).set(row["signals"])
+            link.labels(d).set(1 if self.nic.link_up else 0)
+            for dirn, s in self.stats.items():
+                bframes.labels(d, dirn).set(s.frames)
+                bbytes.labels(d, dirn).set(s.bytes)
+                for reason in ("hook_drops", "tap_drops", "nic_drops", "oversize"):
+                    bdrops.labels(d, dirn, reason.removesuffix("_drops")).set(getattr(s, reason))
+                hook_err.labels(d, dirn).set(s.hook_errors)
+
+        reg.add_collector(collect)
+        sc = sim_collector(reg, self.opts.root, [self.device_id])
+        if sc is not None:
+            reg.add_collector(sc)
+
+
+def run_bridge(opts: BridgeOptions, daemon: Daemon) -> int:
+    """The daemon's life: open, READY, run until SIGTERM, STOPPING, drain, close."""
+    daemon.install_signal_handlers()
+    bridge = NetBridge(opts, daemon)
+    bridge.open()
+    try:
+        daemon.start(bridge.device_id)
+        bridge.register_metrics(daemon.registry)
+        daemon.status_fn = bridge.status
+        bridge.start()
+        daemon.ready(bridge.status_line())
+        last = time.monotonic()
+
+        def on_tick() -> None:
+            nonlocal last
+            if time.monotonic() - last >= STATUS_PERIOD:
+                last = time.monotonic()
+                daemon.set_status(bridge.status_line())
+
+        daemon.run(on_tick)
+        daemon.stopping(f"stopping ({daemon.stop_reason}): draining")
+        log.info("stopping (%s)", daemon.stop_reason)
+        left = bridge.stop()
+        if left:
+            log.warning("workers still running after 5 s: %s", ", ".join(left))
+    finally:
+        bridge.close()
+        daemon.close()
+    log.info("stopped: %s", bridge.status_line())
+    return 1 if daemon.failed else 0

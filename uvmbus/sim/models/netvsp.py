@@ -1,0 +1,945 @@
+"""NetVSP: the simulated host side of the synthetic NIC (netvsc.md §10, openvmm's NetVSP).
+
+Written from the reference's description of the host (§5–§7, §10), not from the guest
+driver: it shares only the wire structs (``native/netvsc_wire.h`` via
+:mod:`uvmbus.netvsc.protocol`), so a driver bug meets the failure a real host would give.
+
+State machine of the primary channel (§10.1):
+
+* **Version**: only INIT (NVSP 1) is accepted; the version at @4 must be one the host offers
+  (option ``versions``; default 2, 2.x, 4, 5, 6, 6.1) — else INIT_COMPLETE status 0 and the
+  guest may retry.  From 6.1 on the host pads its messages to 40 bytes, before to 32.
+* **Init**: SEND_NDIS_CONFIG (once, v2+; MTU outside 1514..9216 → 1514), SEND_NDIS_VER (once),
+  SEND_RECV_BUF (once; needs NDIS_CONFIG first from v2; the GPADL must be the receive
+  buffer's), SEND_SEND_BUF (once; the send buffer's GPADL; section size 6144).  Receive
+  sub-allocations are 256 + mtu + 36 bytes; the reply is {1, 1, {0, size, count, end}}.
+  Ready when all four are there — or when an RNDIS packet arrives with everything but the
+  send buffer.  Anything else is fatal.
+* **Ready**: SEND_RNDIS_PKT (data in C: ``native/netvsp.c``; control here), RX acks (C),
+  SUBCHANNEL (primary, v5+), REVOKE_*_BUF (primary: the data path stops silently),
+  SWITCH_DATA_PATH (completed; no VF is ever offered), OID_QUERY_EX (NOT_SUPPORTED).
+  Anything else is fatal.
+
+**Fatal errors** (unknown NVSP type, bad section index/size, malformed GPA ranges, bad ack
+transaction id, double ack, control-buffer ack on a sub-channel, duplicate INIT-phase
+messages, SUBCHANNEL on a sub-channel, RNDIS INIT twice, RESET / INDICATE_STATUS / SET_EX
+from the guest, ...) make the channel go silent: the model logs ``netvsp error`` with the
+reason, counts it (``fatal_errors``) and stops the channel's worker — the guest gets no
+error message, exactly like a real host.  **RNDIS-level errors** in a request are not fatal:
+that request is completed with NVSP status 2 (FAILURE).
+
+RNDIS (primary only; control on a sub-channel is completed with FAILURE): INIT →
+INIT_CMPLT {8 packets per message, alignment 8, max transfer 0xEFFFFFFF}; QUERY of the OID
+table of §4.5; SET of the packet filter (RX flows only while it is non-zero), offload
+parameters (then a TASK_OFFLOAD_CURRENT_CONFIG indication), RSS parameters (validated like
+the reference host: key 40 bytes, table size non-zero and a multiple of 4, entries below the
+queue maximum; shorter tables replicate), network addresses, config parameters;
+KEEPALIVE; HALT is ignored.  Responses go through the 16 reserved control sub-allocations
+(transaction id = index); when they are all with the guest, responses queue (≤ 100 KiB),
+then new requests fail.
+
+Multi-queue (§7): SUBCHANNEL{ALLOCATE, n} is granted when n < max_queues and the receive
+buffer has a sub-allocation per queue after the reserved ones; the sub-channels are then
+offered; once all are open the host sends SEND_INDIRECTION_TABLE (16 entries, i % queues).
+RX frames are steered with Toeplitz over the guest's key and table.
+
+Link (§10.1): up at start with no indication; changes (``control("link", up=...)``) are
+sent as MEDIA_CONNECT / MEDIA_DISCONNECT, paced: after one indication, further changes
+within ``link_pacing`` seconds (default 5, as the reference host) are coalesced into one.
+
+VF / accelerated networking (§8) is not emulated: SEND_VF_ASSOCIATION is never sent, even
+when the guest advertises SR-IOV.
+
+Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
+(loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
+``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
+``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
+``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
+bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
+NVSP message of an unknown type).
+
+Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``fault`` (kind,
+count), ``inband`` (hex payload), ``generator`` (size, flows, count, proto), ``backend``
+(loopback / sink / generator / none, switched while running), ``stats``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any, NoReturn
+
+from uvmbus.errors import ConfigError, ProtocolError
+from uvmbus.native import ffi, lib
+from uvmbus.netvsc import protocol as P
+from uvmbus.ring import FLAG_COMPLETION_REQUESTED, PKT_COMP, PKT_GPA_DIRECT, PKT_INBAND, Packet
+from uvmbus.sim.backends import BackendSpec, parse_backend
+from uvmbus.sim.channel import ChannelStopped, HostChannel
+from uvmbus.sim.models import register_model
+from uvmbus.sim.models.base import DeviceModel, gpa_ranges
+
+__all__ = ["NETVSC_CLASS_ID", "NetvspModel", "parse_versions"]
+
+NETVSC_CLASS_ID = "f8615163-df3e-46c5-913f-f2d2f965ed0e"
+
+ALL_VERSIONS = (P.NVSP_V1, P.NVSP_V2, P.NVSP_V4, P.NVSP_V5, P.NVSP_V6, P.NVSP_V61)
+_NAMES = {"1": P.NVSP_V1, "2": P.NVSP_V2, "4": P.NVSP_V4, "5": P.NVSP_V5, "6": P.NVSP_V6,
+          "6.1": P.NVSP_V61, "61": P.NVSP_V61}
+
+SECTION_SIZE = lib.UVB_NVSP_SECTION_SIZE
+MTU_DEFAULT = 1514
+STATUS_NOT_SUPPORTED = 0xC00000BB     # OID_QUERY_EX answer (§10.1)
+
+FAULTS = {
+    "bad_range": lib.UVB_NVSP_FAULT_BAD_RANGE,
+    "bad_rndis_len": lib.UVB_NVSP_FAULT_BAD_RNDIS_LEN,
+    "bad_nvsp_type": lib.UVB_NVSP_FAULT_BAD_NVSP_TYPE,
+    "bad_pageset": lib.UVB_NVSP_FAULT_BAD_PAGESET,
+    "bad_data_offset": lib.UVB_NVSP_FAULT_BAD_DATA_OFFSET,
+    "bad_ppi": lib.UVB_NVSP_FAULT_BAD_PPI,
+}
+UNKNOWN_INBAND_TYPE = 0x6666
+
+# NVSP states
+VERSION, INIT, READY = "version", "init", "ready"
+# RNDIS states
+R_INITIALIZING, R_OPERATIONAL, R_HALTED = "initializing", "operational", "halted"
+
+
+def parse_versions(text: Any) -> tuple[int, ...]:
+    """``"5/6.1"``, ``"5,6.1"``, ``"0x50000"`` or a list → NVSP version numbers."""
+    if text is None or text == "" or text == "all":
+        return ALL_VERSIONS
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(",", "/").split("/")
+    out = []
+    for it in items:
+        s = str(it).strip().lower()
+        if s in _NAMES:
+            out.append(_NAMES[s])
+            continue
+        try:
+            v = int(s, 0)
+        except ValueError:
+            raise ConfigError(f"NVSP version {it!r}: use 1, 2, 4, 5, 6, 6.1 or a number") from None
+        if v not in ALL_VERSIONS:
+            raise ConfigError(f"NVSP version {v:#x} does not exist")
+        out.append(v)
+    if not out:
+        raise ConfigError("no NVSP version offered")
+    return tuple(sorted(set(out)))
+
+
+def _mac_for(device_id: str) -> bytes:
+    h = bytes.fromhex(device_id.replace("-", "")[:8])
+    return bytes([0x00, 0x15, 0x5D]) + h[1:4]
+
+
+def _parse_mac(text: str) -> bytes:
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6:
+        raise ConfigError(f"mac {text!r}: need 6 bytes")
+    return bytes(int(p, 16) for p in parts)
+
+
+class _Queue:
+    """The C queue of one open channel plus what keeps its memory alive."""
+
+    def __init__(self, channel: HostChannel, index: int):
+        self.channel = channel
+        self.index = index
+        self.q: Any = ffi.new("struct uvb_nvsp_queue *")
+
+
+@register_model
+class NetvspModel(DeviceModel):
+    name = "netvsc"
+    class_id = NETVSC_CLASS_ID
+    description = "synthetic NIC host (NetVSP): NVSP/RNDIS, RSS, sub-channels, link state"
+    kernel_driver = "hv_netvsc"
+    is_nic = True
+    cli_option = "nic"
+
+    @classmethod
+    def from_cli(cls, value: Any) -> list[dict[str, Any]]:
+        if isinstance(value, int):
+            return [{} for _ in range(value)]
+        return [{"backend": v} for v in value]
+
+    def __init__(self, device: Any, **options: Any) -> None:
+        super().__init__(device, **options)
+        opts = dict(options)
+        opts.pop("value", None)
+        self.backend: BackendSpec = parse_backend(str(opts.pop("backend", "loopback")))
+        self.versions = parse_versions(opts.pop("versions", None))
+        mac = opts.pop("mac", None)
+        self.mac = _parse_mac(str(mac)) if mac else _mac_for(device.device_id)
+        self.max_queues = int(opts.pop("max_queues", 8))
+        if not 1 <= self.max_queues <= lib.UVB_NVSP_MAX_QUEUES:
+            raise ConfigError(f"max_queues must be 1..{lib.UVB_NVSP_MAX_QUEUES}")
+        self.link_speed = int(float(opts.pop("link_speed", 10e9)))
+        self.link_pacing = float(opts.pop("link_pacing", 5.0))
+        self.min_request = int(opts.pop("min_request", 0))
+        self.gen = {
+            "size": int(opts.pop("gen_size", 1514)),
+            "flows": int(opts.pop("gen_flows", 64)),
+            "proto": str(opts.pop("gen_proto", "udp")).lower(),
+            "count": int(opts.pop("gen_count", 0)),
+        }
+        if self.gen["proto"] not in ("udp", "tcp"):
+            raise ConfigError("gen_proto must be udp or tcp")
+        fault = opts.pop("fault", None)
+        fault_count = int(opts.pop("fault_count", 1))
+        if opts:
+            raise ConfigError(f"netvsc: unknown option(s) {', '.join(sorted(opts))}")
+        self._lock = threading.RLock()
+        self.nic: Any = ffi.new("struct uvb_nvsp *")
+        self.nic.backend = self.backend.code
+        self.nic.backend_fd = -1
+        self.nic.link_up = 1
+        self.nic.rx_hash_ppi = 1
+        self.nic.rx_verify_csum = 1
+        self.nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        self._apply_gen()
+        self._queues: dict[int, _Queue] = {}
+        self._tap: Any = None
+        self._link_up = True          # backend state
+        self._guest_link = True       # what the guest was last told
+        self._link_timer = False
+        self._link_gen = 0
+        self.counters: dict[str, int] = {
+            "fatal_errors": 0, "rndis_requests": 0, "rndis_failed": 0, "link_indications": 0,
+            "subchannel_grants": 0, "ignored_short": 0, "send_tables": 0, "ctrl_overflow": 0,
+            "inband_injected": 0,
+        }
+        self.fatal_messages: list[str] = []
+        self._after_response: list[bytes] = []
+        self._reset_state()
+        if fault:
+            self.set_fault(str(fault), fault_count)
+
+    # ==== protocol state ==================================================================
+    def _reset_state(self) -> None:
+        self.state = VERSION
+        self.version = 0
+        self.msg_size = 32
+        self.ndis_config: tuple[int, int] | None = None
+        self.ndis_version: tuple[int, int] | None = None
+        self.recv_buf_id: int | None = None
+        self.send_buf_ok = False
+        self.mtu = MTU_DEFAULT
+        self.rndis = R_INITIALIZING
+        self.revoked = False
+        self.granted = 0
+        self.subchannel_requested = False
+        self.table_sent = False
+        self.filter = 0
+        self.offload_params: dict[str, int] = {}
+        self.rss: P.RssParams | None = None
+        self.dead_channels: set[int] = set()
+        n = self.nic
+        n.data_ready = 0
+        n.filter = 0
+        n.rss_enabled = 0
+        n.num_queues = 1
+        n.msg_size = 32
+        n.recv_buf_id = P.RECV_BUF_ID
+        n.dead = 0
+        n.sub_size = n.sub_count = 0
+        n.send_buf = ffi.NULL
+        n.send_size = n.section_count = 0
+
+    def reset(self) -> None:
+        """The guest closed the device: forget the protocol state (buffers stay GPADL'd)."""
+        with self._lock:
+            for entry in list(self._queues.values()):
+                self._drop_queue(entry)
+            self._queues.clear()
+            lib.uvb_nvsp_fini(self.nic)
+            self._reset_state()
+            self._guest_link = self._link_up
+
+    def _apply_gen(self) -> None:
+        g = self.nic.gen
+        g.size = self.gen["size"]
+        g.flows = self.gen["flows"]
+        g.proto = lib.UVB_NVSP_GEN_TCP4 if self.gen["proto"] == "tcp" else lib.UVB_NVSP_GEN_UDP4
+        g.limit = self.gen["count"]
+        g.burst = 0
+        ffi.memmove(g.dst_mac, self.mac, 6)
+        ffi.memmove(g.src_mac, bytes([0x02, 0x00, 0x00, 0xAA, 0xBB, 0xCC]), 6)
+        g.src_ip = 0x0A000001           # 10.0.0.1 (+ flow number)
+        g.dst_ip = 0x0A0000FE           # 10.0.0.254
+        g.src_port = 10000
+        g.dst_port = 9
+        self.nic.cfg_epoch += 1
+
+    # ==== channel hooks ===================================================================
+    def open(self, channel: HostChannel) -> None:
+        with self._lock:
+            ram = self.device.guest_ram
+            if ram is not None and self.nic.guest_ram == ffi.NULL:
+                self.nic.guest_ram = ram.ptr          # GPA-direct TX (bounds-checked in C)
+                self.nic.ram_size = ram.size
+                self.nic.ram_base_pfn = ram.base_pfn
+            if channel.is_primary and self._tap is None and self.backend.kind == "tap":
+                self._start_tap()
+            entry = _Queue(channel, channel.subchannel_id)
+            rc = lib.uvb_nvsp_queue_init(entry.q, self.nic, entry.index, channel.tx.raw, channel.rx.raw,
+                                         channel.irq, channel.kick)
+            if rc:
+                raise ConfigError(f"netvsp: queue {entry.index} set-up failed ({rc})")
+            self._queues[channel.relid] = entry
+            if self.nic.priv != ffi.NULL:
+                lib.uvb_nvsp_attach_queue(self.nic, entry.q)
+            if not channel.is_primary:
+                self._maybe_send_table()
+
+    def close(self, channel: HostChannel) -> None:
+        with self._lock:
+            entry = self._queues.pop(channel.relid, None)
+            if entry is not None:
+                self._drop_queue(entry)
+            if channel.is_primary and self._tap is not None:
+                self._stop_tap()
+
+    def _drop_queue(self, entry: _Queue) -> None:
+        if self.nic.priv != ffi.NULL:
+            lib.uvb_nvsp_detach_queue(self.nic, entry.q)
+        lib.uvb_nvsp_queue_fini(entry.q)
+
+    def pump(self, channel: HostChannel, spin_ns: int) -> int | None:
+        entry = self._queues.get(channel.relid)
+        if entry is None or self.nic.priv == ffi.NULL or channel.relid in self.dead_channels:
+            return None
+        q = entry.q
+        while True:
+            before = (q.tx_msgs, q.rx_acks, q.rx_xfer, q.completions)
+            rc = int(lib.uvb_nvsp_pump(q, spin_ns))
+            st = channel.stats
+            st["packets_from_guest"] += int(q.tx_msgs + q.rx_acks - before[0] - before[1])
+            st["packets_to_guest"] += int(q.rx_xfer + q.completions - before[2] - before[3])
+            mask = int(q.poke_mask)
+            if mask:
+                q.poke_mask = 0
+                self._poke(mask)
+                if rc == lib.UVB_HOST_KICKED and not channel.kick[0]:
+                    continue
+            return rc
+
+    def _poke(self, mask: int) -> None:
+        for entry in list(self._queues.values()):
+            if mask & (1 << entry.index):
+                entry.channel.poke()
+
+    def packet(self, channel: HostChannel, pkt: Packet) -> None:
+        entry = self._queues.get(channel.relid)
+        if entry is not None and entry.q.punt_fatal:
+            msg = ffi.string(entry.q.punt_msg).decode(errors="replace")
+            entry.q.punt_fatal = 0
+            self._fatal(channel, msg)
+        if self.min_request and pkt.type != PKT_COMP and len(pkt.payload) < self.min_request:
+            self.counters["ignored_short"] += 1
+            return
+        with self._lock:
+            if self.state == READY and entry is not None and self.nic.priv != ffi.NULL:
+                rc = self._process_c(entry, channel, pkt)
+                if rc is not None:
+                    lib.uvb_nvsp_service(entry.q)
+                    return
+            self._handle(channel, pkt)
+            if entry is not None and self.nic.priv != ffi.NULL:
+                lib.uvb_nvsp_service(entry.q)
+
+    def _process_c(self, entry: _Queue, channel: HostChannel, pkt: Packet) -> int | None:
+        """The data path for a packet that reached Python (packet faults active, or a punt):
+        returns None when Python must handle it (control)."""
+        hdr, pl = bytes(pkt.header), bytes(pkt.payload)
+        head = 16 + len(hdr)
+        raw = struct.pack("<HHHHQ", pkt.type, head // 8, (head + len(pl)) // 8, pkt.flags, pkt.trans_id) + hdr + pl
+        info = ffi.new("struct uvb_pkt *")
+        info.type, info.flags, info.trans_id = pkt.type, pkt.flags, pkt.trans_id
+        info.pkt_offset, info.pkt_len = 0, len(raw)
+        info.data_offset, info.data_len = head, len(pl)
+        rc = int(lib.uvb_nvsp_process(entry.q, raw, info))
+        if rc == lib.UVB_HOST_SLOWPATH:
+            if entry.q.punt_fatal:
+                entry.q.punt_fatal = 0
+                self._fatal(channel, ffi.string(entry.q.punt_msg).decode(errors="replace"))
+            return None
+        if rc < 0:
+            raise ProtocolError(f"netvsp data path failed ({rc})")
+        if rc & 0x100:
+            self._complete(channel, pkt.trans_id, rndis_pkt_complete(rc & 0xFF, self.msg_size))
+        return rc
+
+    # ==== errors ==========================================================================
+    def _fatal(self, channel: HostChannel, why: str) -> NoReturn:
+        msg = (f"netvsp error: relid {channel.relid} (queue {channel.subchannel_id}): {why}; the "
+               "channel goes silent, as a real host's does (netvsc.md §10.1)")
+        self.counters["fatal_errors"] += 1
+        self.fatal_messages.append(msg)
+        self.device.log(msg)
+        self.dead_channels.add(channel.relid)
+        if channel.is_primary:
+            self.nic.dead = 1
+        raise ChannelStopped(msg, channel=f"relid {channel.relid}")
+
+    def _complete(self, channel: HostChannel, tid: int, payload: bytes) -> None:
+        channel.complete(tid, payload)
+
+    def _nvsp_reply(self, msg: bytes) -> bytes:
+        return msg[:self.msg_size].ljust(self.msg_size, b"\0")
+
+    # ==== NVSP ===========================================================================
+    def _handle(self, channel: HostChannel, pkt: Packet) -> None:
+        if pkt.type == PKT_COMP:
+            # not an RX ack the data path accepted (those never get here in Ready)
+            self._fatal(channel, f"completion (transaction {pkt.trans_id:#x}) for nothing the host "
+                                 f"sent in state {self.state}")
+        if pkt.type not in (PKT_INBAND, PKT_GPA_DIRECT):
+            self._fatal(channel, f"VMBus packet type {pkt.type} is not used by NVSP")
+        payload = bytes(pkt.payload)
+        if len(payload) < 4:
+            self._fatal(channel, f"NVSP message of {len(payload)} bytes")
+        mtype = P.nvsp_type(payload)
+        if not channel.is_primary and self.state != READY:
+            self._fatal(channel, f"NVSP message {mtype} on sub-channel before the NIC is ready")
+        if self.state == VERSION:
+            self._state_version(channel, pkt, mtype, payload)
+        elif self.state == INIT:
+            self._state_init(channel, pkt, mtype, payload)
+        else:
+            self._state_ready(channel, pkt, mtype, payload)
+
+    def _need(self, channel: HostChannel, payload: bytes, ctype: str, what: str) -> P.NvspMessage:
+        if len(payload) < ffi.sizeof(ctype):
+            self._fatal(channel, f"{what} of {len(payload)} bytes (needs {ffi.sizeof(ctype)})")
+        return P.parse_nvsp(payload)
+
+    def _state_version(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
+        if mtype != P.MSG_INIT:
+            self._fatal(channel, f"NVSP message type {mtype} before INIT (version negotiation)")
+        m = self._need(channel, payload, "struct nvsp_init", "INIT")
+        requested = m["min_protocol_ver"]          # the reference host reads @4 only
+        ok = requested in self.versions
+        if ok:
+            self.version = requested
+            self.msg_size = 40 if requested >= P.NVSP_V61 else 32
+            self.nic.msg_size = self.msg_size
+            self.state = INIT
+        if pkt.flags & FLAG_COMPLETION_REQUESTED:
+            reply = P.nvsp("struct nvsp_init_complete", P.MSG_INIT_COMPLETE, size=self.msg_size,
+                           negotiated_protocol_ver=(2 if requested == P.NVSP_V1 else 0xFFFFFFFF) if ok else 0,
+                           max_mdl_chain_len=34, status=P.STATUS_SUCCESS if ok else lib.NVSP_STAT_NONE)
+            self._complete(channel, pkt.trans_id, reply)
+
+    def _state_init(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
+        want_comp = bool(pkt.flags & FLAG_COMPLETION_REQUESTED)
+        if mtype == P.MSG_SEND_NDIS_CONFIG:
+            if self.version < P.NVSP_V2:
+                self._fatal(channel, "SEND_NDIS_CONFIG does not exist in NVSP version 1")
+            if self.ndis_config is not None:
+                self._fatal(channel, "second SEND_NDIS_CONFIG")
+            m = self._need(channel, payload, "struct nvsp_send_ndis_config", "SEND_NDIS_CONFIG")
+            mtu = m["mtu"]
+            self.ndis_config = (mtu, m["capability"])
+            self.mtu = mtu if 1514 <= mtu <= 9216 else MTU_DEFAULT
+            if want_comp:
+                self._complete(channel, pkt.trans_id, self._nvsp_reply(struct.pack("<I", mtype)))
+        elif mtype == P.MSG_SEND_NDIS_VER:
+            if self.ndis_version is not None:
+                self._fatal(channel, "second SEND_NDIS_VER")
+            m = self._need(channel, payload, "struct nvsp_send_ndis_ver", "SEND_NDIS_VER")
+            self.ndis_version = (m["ndis_major_ver"], m["ndis_minor_ver"])
+            if want_comp:
+                self._complete(channel, pkt.trans_id, self._nvsp_reply(struct.pack("<I", mtype)))
+        elif mtype == P.MSG_SEND_RECV_BUF:
+            self._recv_buf(channel, pkt, payload)
+        elif mtype == P.MSG_SEND_SEND_BUF:
+            self._send_buf(channel, pkt, payload)
+        elif mtype == P.MSG_SEND_RNDIS_PKT and self._init_done(without_send_buf=True):
+            self._become_ready()
+            self._state_ready(channel, pkt, mtype, payload)
+            return
+        else:
+            self._fatal(channel, f"NVSP message type {mtype} during initialization (state init)")
+        if self._init_done():
+            self._become_ready()
+
+    def _init_done(self, without_send_buf: bool = False) -> bool:
+        cfg = self.ndis_config is not None or self.version < P.NVSP_V2
+        return (cfg and self.ndis_version is not None and self.recv_buf_id is not None
+                and (self.send_buf_ok or without_send_buf))
+
+    def _become_ready(self) -> None:
+        self.state = READY
+        n = self.nic
+        n.num_queues = 1
+
+    def _recv_buf(self, channel: HostChannel, pkt: Packet, payload: bytes) -> None:
+        if self.recv_buf_id is not None:
+            self._fatal(channel, "second SEND_RECV_BUF")
+        if self.version >= P.NVSP_V2 and self.ndis_config is None:
+            self._fatal(channel, "SEND_RECV_BUF before SEND_NDIS_CONFIG (required from NVSP 2)")
+        m = self._need(channel, payload, "struct nvsp_send_recv_buf", "SEND_RECV_BUF")
+        buf = self.device.buffer("recv")
+        if buf is None or m["gpadl_handle"] != buf.gpadl:
+            self._fatal(channel, f"SEND_RECV_BUF names GPADL {m['gpadl_handle']:#x}, which is not an "
+                                 f"established buffer (receive buffer: {buf.gpadl if buf else None})")
+        rc = lib.uvb_nvsp_set_recv_buf(self.nic, buf.ptr, buf.size, self.mtu)
+        if rc:
+            self._fatal(channel, f"receive buffer of {buf.size} bytes unusable with MTU {self.mtu}")
+        self.recv_buf_id = m["id"]
+        self.nic.recv_buf_id = m["id"]
+        for entry in self._queues.values():
+            lib.uvb_nvsp_attach_queue(self.nic, entry.q)
+        if pkt.flags & FLAG_COMPLETION_REQUESTED:
+            n = self.nic
+            body = struct.pack("<IIIIIII", P.MSG_SEND_RECV_BUF_COMPLETE, P.STATUS_SUCCESS, 1, 0,
+                               n.sub_size, n.sub_count, n.sub_size * n.sub_count)
+            self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
+
+    def _send_buf(self, channel: HostChannel, pkt: Packet, payload: bytes) -> None:
+        if self.send_buf_ok:
+            self._fatal(channel, "second SEND_SEND_BUF")
+        m = self._need(channel, payload, "struct nvsp_send_send_buf", "SEND_SEND_BUF")
+        buf = self.device.buffer("send")
+        if buf is None or m["gpadl_handle"] != buf.gpadl:
+            self._fatal(channel, f"SEND_SEND_BUF names GPADL {m['gpadl_handle']:#x}, which is not an "
+                                 f"established buffer (send buffer: {buf.gpadl if buf else None})")
+        n = self.nic
+        n.send_buf = buf.ptr
+        n.send_size = buf.size
+        n.section_size = SECTION_SIZE
+        n.section_count = buf.size // SECTION_SIZE
+        self.send_buf_ok = True
+        if pkt.flags & FLAG_COMPLETION_REQUESTED:
+            body = struct.pack("<III", P.MSG_SEND_SEND_BUF_COMPLETE, P.STATUS_SUCCESS, SECTION_SIZE)
+            self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
+
+    def _state_ready(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
+        want_comp = bool(pkt.flags & FLAG_COMPLETION_REQUESTED)
+        if mtype == P.MSG_SEND_RNDIS_PKT:
+            self._rndis_pkt(channel, pkt, payload)
+        elif mtype == P.MSG_SUBCHANNEL:
+            if not channel.is_primary:
+                self._fatal(channel, "SUBCHANNEL request on a sub-channel")
+            if self.version < P.NVSP_V5:
+                self._fatal(channel, f"SUBCHANNEL request in NVSP version {self.version:#x} (needs 5)")
+            m = self._need(channel, payload, "struct nvsp_subchannel_request", "SUBCHANNEL")
+            granted = self._grant(m["op"], m["num_subchannels"])
+            if want_comp:
+                body = struct.pack("<III", P.MSG_SUBCHANNEL,
+                                   P.STATUS_SUCCESS if granted else P.STATUS_FAIL, granted)
+                self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
+        elif mtype in (P.MSG_REVOKE_RECV_BUF, P.MSG_REVOKE_SEND_BUF):
+            if channel.is_primary:
+                self.revoked = True
+                self.nic.data_ready = 0
+                self.nic.filter = 0
+        elif mtype == P.MSG_SWITCH_DATA_PATH:
+            if self.version < P.NVSP_V4:
+                self._fatal(channel, "SWITCH_DATA_PATH before NVSP 4")
+            if want_comp:
+                self._complete(channel, pkt.trans_id, b"")
+        elif mtype == P.MSG_OID_QUERY_EX:
+            if want_comp:
+                body = struct.pack("<III", P.MSG_OID_QUERY_EX_COMP, STATUS_NOT_SUPPORTED, 0)
+                self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
+        else:
+            self._fatal(channel, f"NVSP message type {mtype} in state ready")
+
+    # ==== sub-channels / RSS =============================================================
+    def _grant(self, op: int, n: int) -> int:
+        """§7: exactly n when n < max_queues and the buffer has a sub-allocation per queue."""
+        if op != lib.NVSP_SUBCHANNEL_OP_ALLOCATE or self.subchannel_requested or n == 0:
+            return 0
+        if n >= self.max_queues:
+            return 0
+        data_ids = int(self.nic.sub_count) - lib.UVB_NVSP_CTRL_IDS
+        if data_ids < n + 1:
+            return 0
+        self.subchannel_requested = True
+        self.granted = n
+        self.counters["subchannel_grants"] += 1
+        lib.uvb_nvsp_set_queues(self.nic, 1 + n)
+        self.device.offer_subchannels(n)
+        return n
+
+    def _maybe_send_table(self) -> None:
+        """Once every granted sub-channel is open: SEND_INDIRECTION_TABLE (§7)."""
+        if self.table_sent or not self.granted:
+            return
+        opened = sum(1 for e in self._queues.values() if e.index > 0)
+        if opened < self.granted:
+            return
+        chans = 1 + opened
+        table = [i % chans for i in range(P.SEND_TABLE_ENTRIES)]
+        msg = struct.pack("<III", P.MSG_SEND_INDIRECTION_TABLE, P.SEND_TABLE_ENTRIES, 12) + \
+            struct.pack("<16I", *table)
+        lib.uvb_nvsp_post_inband(self.nic, msg, len(msg), 0, 0)
+        self.table_sent = True
+        self.counters["send_tables"] += 1
+        self._poke_primary()
+
+    def _poke_primary(self) -> None:
+        for entry in list(self._queues.values()):
+            if entry.index == 0:
+                entry.channel.poke()
+
+    # ==== RNDIS ==========================================================================
+    def _rndis_bytes(self, channel: HostChannel, pkt: Packet, m: P.NvspMessage) -> bytes | None:
+        """The RNDIS byte stream of a SEND_RNDIS_PKT: section bytes, then GPA ranges (§5)."""
+        n = self.nic
+        idx, size = m["send_buf_section_index"], m["send_buf_section_size"]
+        data = b""
+        if idx != P.SECTION_NONE:
+            if not self.send_buf_ok or idx >= n.section_count:
+                self._fatal(channel, f"SEND_RNDIS_PKT with send-buffer section {idx}: only "
+                                     f"{int(n.section_count)} sections exist")
+            if size == 0 or size > SECTION_SIZE:
+                self._fatal(channel, f"SEND_RNDIS_PKT with section {idx} size {size}")
+            data = bytes(ffi.buffer(n.send_buf + idx * SECTION_SIZE, size))
+        elif size:
+            self._fatal(channel, f"SEND_RNDIS_PKT without a section but size {size}")
+        if pkt.type == PKT_GPA_DIRECT:
+            ram = self.device.guest_ram
+            if ram is None:
+                return None
+            try:
+                data += b"".join(ram.read(pfns, off, count) for count, off, pfns in gpa_ranges(pkt))
+            except ConfigError:
+                return None                 # a PFN outside guest RAM fails the request
+        return data
+
+    def _rndis_pkt(self, channel: HostChannel, pkt: Packet, payload: bytes) -> None:
+        want_comp = bool(pkt.flags & FLAG_COMPLETION_REQUESTED)
+        m = self._need(channel, payload, "struct nvsp_send_rndis_pkt", "SEND_RNDIS_PKT")
+        if self.revoked:
+            return                          # the data path stopped silently
+        data = self._rndis_bytes(channel, pkt, m)
+        if data is None or len(data) < 8:
+            self._fail_request(channel, pkt)
+            return
+        rtype = struct.unpack_from("<I", data)[0]
+        if rtype == P.RNDIS_PACKET:
+            # data before RNDIS is operational (the C path punts it here)
+            self._fail_request(channel, pkt)
+            return
+        if not channel.is_primary:
+            self._fail_request(channel, pkt)        # control on a sub-channel (§7)
+            return
+        self.counters["rndis_requests"] += 1
+        try:
+            msg = P.parse_rndis(data)
+        except ProtocolError:
+            self._fail_request(channel, pkt)
+            return
+        self._after_response = []
+        response = self._rndis_control(channel, msg, data)
+        if response is not None:
+            if lib.uvb_nvsp_post_ctrl(self.nic, response, len(response)) != 0:
+                self.counters["ctrl_overflow"] += 1
+                self._fail_request(channel, pkt)
+                return
+        for extra in self._after_response:
+            if lib.uvb_nvsp_post_ctrl(self.nic, extra, len(extra)) != 0:
+                self.counters["ctrl_overflow"] += 1
+        if want_comp:
+            self._complete(channel, pkt.trans_id, rndis_pkt_complete(P.STATUS_SUCCESS, self.msg_size))
+
+    def _fail_request(self, channel: HostChannel, pkt: Packet) -> None:
+        self.counters["rndis_failed"] += 1
+        if pkt.flags & FLAG_COMPLETION_REQUESTED:
+            self._complete(channel, pkt.trans_id, rndis_pkt_complete(P.STATUS_FAIL, self.msg_size))
+
+    def _rndis_control(self, channel: HostChannel, msg: P.RndisMessage, raw: bytes) -> bytes | None:
+        t = msg.type
+        if t == P.RNDIS_INIT:
+            if self.rndis != R_INITIALIZING:
+                self._fatal(channel, "second RNDIS INITIALIZE")
+            self.rndis = R_OPERATIONAL
+            if self.nic.priv != ffi.NULL:
+                self.nic.data_ready = 1
+            return P.rndis_init_complete(msg.req_id)
+        if t == P.RNDIS_QUERY:
+            status, data = self._query(msg)
+            return P.rndis_query_complete(msg.req_id, status, data)
+        if t == P.RNDIS_SET:
+            # the reference host reads the info buffer right after the 20-byte body (§4.1)
+            info = raw[28:msg.length]
+            return P.rndis_set_complete(msg.req_id, self._set(channel, msg.oid, info))
+        if t == P.RNDIS_KEEPALIVE:
+            return P.rndis_keepalive_complete(msg.req_id)
+        if t == P.RNDIS_HALT:
+            self.rndis = R_HALTED
+            return None
+        self._fatal(channel, f"RNDIS message {msg.name} from the guest")
+        return None
+
+    def _query(self, msg: P.RndisMessage) -> tuple[int, bytes]:
+        oid = msg.oid
+        mtu = self.mtu
+        u32 = lambda v: struct.pack("<I", v & 0xFFFFFFFF)  # noqa: E731
+        ndis_minor = self.ndis_version[1] if self.ndis_version else 0
+        simple: dict[int, bytes] = {
+            P.OID_GEN_HARDWARE_STATUS: u32(0),
+            P.OID_GEN_MEDIA_SUPPORTED: u32(0),
+            P.OID_GEN_MEDIA_IN_USE: u32(0),
+            P.OID_GEN_MAXIMUM_LOOKAHEAD: u32(mtu - 14),
+            P.OID_GEN_CURRENT_LOOKAHEAD: u32(mtu - 14),
+            P.OID_GEN_MAXIMUM_FRAME_SIZE: u32(mtu - 14),
+            P.OID_GEN_LINK_SPEED: u32(self.link_speed // 100),
+            P.OID_GEN_TRANSMIT_BUFFER_SPACE: u32(256 * 1024),
+            P.OID_GEN_RECEIVE_BUFFER_SPACE: u32(256 * 1024),
+            P.OID_GEN_TRANSMIT_BLOCK_SIZE: u32(mtu),
+            P.OID_GEN_RECEIVE_BLOCK_SIZE: u32(mtu),
+            P.OID_GEN_MAXIMUM_TOTAL_SIZE: u32(mtu),
+            P.OID_GEN_VENDOR_ID: u32(0x155D),
+            P.OID_GEN_VENDOR_DESCRIPTION: b"Microsoft Corporation\0",
+            P.OID_GEN_CURRENT_PACKET_FILTER: u32(0),
+            P.OID_GEN_DRIVER_VERSION: struct.pack("<H", 0x0100),
+            P.OID_GEN_VENDOR_DRIVER_VERSION: struct.pack("<H", 0x0100),
+            P.OID_GEN_MAC_OPTIONS: u32(0x24D),
+            P.OID_GEN_MEDIA_CONNECT_STATUS: u32(lib.NDIS_MEDIA_STATE_CONNECTED if self._guest_link
+                                                else lib.NDIS_MEDIA_STATE_DISCONNECTED),
+            P.OID_GEN_MAXIMUM_SEND_PACKETS: u32(0xFFFFFFFF),
+            P.OID_GEN_MAX_LINK_SPEED: struct.pack("<QQ", self.link_speed, self.link_speed),
+            P.OID_GEN_FRIENDLY_NAME: "Network Device".encode("utf-16-le").ljust(512, b"\0"),
+            P.OID_802_3_PERMANENT_ADDRESS: self.mac,
+            P.OID_802_3_CURRENT_ADDRESS: self.mac,
+            P.OID_802_3_MAXIMUM_LIST_SIZE: u32(0),
+        }
+        if oid in simple:
+            return P.ST_SUCCESS, simple[oid]
+        if oid == P.OID_GEN_SUPPORTED_LIST:
+            major = self.ndis_version[0] if self.ndis_version else 0
+            if major not in (5, 6):
+                return P.ST_BAD_VERSION, b""
+            oids = sorted(simple)
+            if major == 6:
+                oids += [P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, P.OID_TCP_OFFLOAD_CURRENT_CONFIG,
+                         P.OID_TCP_OFFLOAD_PARAMETERS]
+                if ndis_minor >= 30:
+                    oids += [P.OID_GEN_RECEIVE_SCALE_CAPABILITIES, P.OID_GEN_RECEIVE_SCALE_PARAMETERS]
+            return P.ST_SUCCESS, struct.pack(f"<{len(oids)}I", *oids)
+        if oid in (P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, P.OID_TCP_OFFLOAD_CURRENT_CONFIG):
+            rev = 3
+            if len(msg.info) >= 4 and msg.info[0] == lib.NDIS_OBJTYPE_OFFLOAD and msg.info[1] in (1, 2, 3):
+                rev = msg.info[1]
+            return P.ST_SUCCESS, self._offload_caps(rev)
+        if oid == P.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
+            return P.ST_SUCCESS, P.build_rss_caps(self.max_queues)
+        return P.ST_NOT_SUPPORTED, b""
+
+    def _offload_caps(self, rev: int) -> bytes:
+        c4 = (lib.NDIS_TXCSUM_CAP_IP4 | lib.NDIS_TXCSUM_CAP_TCP4 | lib.NDIS_TXCSUM_CAP_TCP4OPT
+              | lib.NDIS_TXCSUM_CAP_UDP4 | lib.NDIS_TXCSUM_CAP_IP4OPT)
+        c6 = lib.NDIS_TXCSUM_CAP_TCP6 | lib.NDIS_TXCSUM_CAP_UDP6 | lib.NDIS_TXCSUM_CAP_TCP6OPT
+        return P.build_ndis_offload(c4, c6, rev=rev)
+
+    def _set(self, channel: HostChannel, oid: int, info: bytes) -> int:
+        if oid == P.OID_GEN_CURRENT_PACKET_FILTER:
+            if len(info) < 4:
+                return P.ST_INVALID_DATA
+            self.filter = struct.unpack_from("<I", info)[0]
+            self.nic.filter = self.filter
+            if self.filter:
+                self._kick_all()
+            return P.ST_SUCCESS
+        if oid == P.OID_TCP_OFFLOAD_PARAMETERS:
+            if len(info) < 20 or info[0] != lib.NDIS_OBJTYPE_DEFAULT or info[1] < 1:
+                return P.ST_INVALID_DATA
+            params = P.parse_offload_params(info)
+            if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
+                return P.ST_NOT_SUPPORTED
+            self.offload_params = params
+            # sent after the SET completion, like the reference host's pending_offload_change
+            self._after_response.append(
+                P.rndis_indicate_status(P.ST_TASK_OFFLOAD_CURRENT_CONFIG, self._offload_caps(3)))
+            return P.ST_SUCCESS
+        if oid == P.OID_GEN_RECEIVE_SCALE_PARAMETERS:
+            return self._set_rss(info)
+        if oid in (P.OID_GEN_NETWORK_LAYER_ADDRESSES, P.OID_GEN_RNDIS_CONFIG_PARAMETER,
+                   P.OID_802_3_MULTICAST_LIST):
+            return P.ST_SUCCESS
+        return P.ST_NOT_SUPPORTED
+
+    def _set_rss(self, info: bytes) -> int:
+        """§4.8 host validation; §10.1: an RSS change restarts the queues."""
+        try:
+            p = P.parse_rss_params(info)
+        except ProtocolError:
+            return P.ST_INVALID_DATA
+        n = self.nic
+        if p.flags & P.RSS_FLAG_DISABLE or not (p.hash_info & 0xFF):
+            n.rss_enabled = 0
+            self.rss = p
+            n.cfg_epoch += 1
+            return P.ST_SUCCESS
+        if len(p.key) != 40 or not p.table or any(e >= self.max_queues for e in p.table):
+            return P.ST_INVALID_DATA
+        table = [p.table[i % len(p.table)] for i in range(lib.NDIS_RSS_TABLE_ENTRIES)]
+        ffi.memmove(n.rss_key, p.key, 40)
+        for i, e in enumerate(table):
+            n.rss_table[i] = e
+        n.hash_info = p.hash_info
+        n.rss_enabled = 1
+        n.cfg_epoch += 1
+        self.rss = p
+        self._kick_all()
+        return P.ST_SUCCESS
+
+    def _kick_all(self) -> None:
+        for entry in list(self._queues.values()):
+            entry.channel.poke()
+
+    # ==== link state =======================================================================
+    def set_link(self, up: bool) -> None:
+        """Backend link change (control socket).  Paced like the reference host."""
+        with self._lock:
+            self._link_up = up
+            self.nic.link_up = 1 if up else 0
+            if self._link_timer:
+                return                       # coalesced: the timer sends the final state
+            if up == self._guest_link:
+                # it bounced since the guest was told: intermediate now, final after pacing
+                self._indicate(not up)
+            else:
+                self._indicate(up)
+            self._arm_link_timer()
+
+    def _arm_link_timer(self) -> None:
+        self._link_timer = True
+        self._link_gen += 1
+        gen = self._link_gen
+        vm = self.device.vm
+        vm.later(self.link_pacing, self._link_timer_fired, gen)
+
+    def _link_timer_fired(self, gen: int) -> None:
+        with self._lock:
+            if gen != self._link_gen:
+                return
+            self._link_timer = False
+            if self._link_up != self._guest_link:
+                self._indicate(self._link_up)
+                self._arm_link_timer()
+
+    def _indicate(self, up: bool) -> None:
+        self._guest_link = up
+        if self.rndis != R_OPERATIONAL or self.nic.priv == ffi.NULL:
+            return
+        ind = P.rndis_indicate_status(P.ST_MEDIA_CONNECT if up else P.ST_MEDIA_DISCONNECT)
+        if lib.uvb_nvsp_post_ctrl(self.nic, ind, len(ind)) != 0:
+            self.counters["ctrl_overflow"] += 1
+            return
+        self.counters["link_indications"] += 1
+        self._poke_primary()
+
+    # ==== faults / backends ==================================================================
+    def set_fault(self, kind: str, count: int = 1) -> None:
+        if kind == "unknown_inband":
+            self.inject_inband(struct.pack("<I", UNKNOWN_INBAND_TYPE).ljust(40, b"\0"))
+            return
+        if kind in ("", "none", "clear"):
+            self.nic.fault_count = 0
+            self.nic.fault_kind = 0
+            return
+        code = FAULTS.get(kind)
+        if code is None:
+            raise ConfigError(f"netvsc fault {kind!r}: known: {', '.join([*FAULTS, 'unknown_inband'])}")
+        self.nic.fault_kind = code
+        self.nic.fault_count = max(0, count)
+
+    def inject_inband(self, payload: bytes) -> None:
+        if self.nic.priv == ffi.NULL:
+            raise ConfigError("netvsc: the NIC has no receive buffer yet")
+        lib.uvb_nvsp_post_inband(self.nic, payload, len(payload), 0, 0)
+        self.counters["inband_injected"] += 1
+        self._poke_primary()
+
+    def _start_tap(self) -> None:
+        from uvmbus.sim.backends.tap import TapDevice
+        self._tap = TapDevice(self.backend.ifname, self.backend.netns, mtu=self.mtu - 14)
+        self.nic.backend_fd = self._tap.fd
+        self._tap.start(self.nic, self._poke)
+
+    def _stop_tap(self) -> None:
+        tap, self._tap = self._tap, None
+        self.nic.backend_fd = -1
+        if tap is not None:
+            tap.close()
+
+    def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Model operations (``uvmbus sim ctl model netvsc OP``; simulator event loop)."""
+        if op == "link":
+            up = args.get("up", True)
+            if isinstance(up, str):
+                up = up.lower() not in ("0", "down", "false", "no", "off")
+            self.set_link(bool(up))
+            return {"link": "up" if up else "down"}
+        if op == "fault":
+            self.set_fault(str(args.get("kind", "")), int(args.get("count", 1)))
+            return {"fault": args.get("kind")}
+        if op == "inband":
+            self.inject_inband(bytes.fromhex(str(args["payload"])))
+            return {}
+        if op == "generator":
+            for k in ("size", "flows", "count"):
+                if k in args:
+                    self.gen[k] = int(args[k])
+            if "proto" in args:
+                self.gen["proto"] = str(args["proto"])
+            self.nic.gen.generated = 0
+            self._apply_gen()
+            self._kick_all()
+            return {"generator": dict(self.gen)}
+        if op == "backend":
+            spec = parse_backend(str(args.get("backend", "")))
+            if spec.kind == "tap" or self.backend.kind == "tap":
+                raise ConfigError("netvsc: the TAP backend is chosen at start (--nic-backend tap:...)")
+            self.backend = spec
+            self.nic.backend = spec.code
+            self._kick_all()
+            return {"backend": str(spec)}
+        if op == "stats":
+            return self.describe()
+        raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, fault, inband, "
+                          "generator, backend, stats")
+
+    # ==== reporting ============================================================================
+    def describe(self) -> dict[str, Any]:
+        n = self.nic
+        queues = {}
+        with self._lock:
+            entries = sorted(self._queues.items())
+        for relid, e in entries:
+            q = e.q
+            queues[str(e.index)] = {
+                "relid": relid, **{k: int(getattr(q, k)) for k in (
+                    "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
+                    "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts")},
+                "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
+            }
+        return {"netvsp": {
+            "state": self.state, "rndis": self.rndis,
+            "version": P.VERSION_NAMES.get(self.version, hex(self.version)) if self.version else None,
+            "offered_versions": [P.VERSION_NAMES[v] for v in self.versions],
+            "ndis_version": None if self.ndis_version is None else f"{self.ndis_version[0]}.{self.ndis_version[1]}",
+            "mtu": self.mtu, "mac": ":".join(f"{b:02x}" for b in self.mac), "backend": str(self.backend),
+            "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
+            "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
+            "filter": self.filter, "rss": bool(n.rss_enabled), "link": "up" if self._link_up else "down",
+            "guest_link": "up" if self._guest_link else "down",
+            "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
+            "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,
+            "faults_injected": int(n.faults_injected), "generated": int(n.gen.generated),
+            "queues": queues, **self.counters, "fatal": self.fatal_messages[-5:],
+        }}
+
+
+def rndis_pkt_complete(status: int, size: int) -> bytes:
+    """NVSP SEND_RNDIS_PKT_COMPLETE padded to the host's message size."""
+    return struct.pack("<II", P.MSG_SEND_RNDIS_PKT_COMPLETE, status).ljust(size, b"\0")

@@ -1,0 +1,279 @@
+"""A LUN of the synthetic SCSI controller as a block device.
+
+Byte offsets and lengths must be multiples of :attr:`Disk.block_size` and stay inside the
+disk (checked here, with a clear :class:`ConfigError`).  Requests larger than the host's
+maximum transfer are split and run concurrently; data goes through DMA bounce buffers,
+except with :meth:`Disk.readinto` / :meth:`Disk.write` on a :class:`~uvmbus.dma.DmaBuffer`
+(zero copy).  The batch interface (:meth:`Disk.read_command` / :meth:`Disk.write_command`
++ :meth:`Controller.submit` / :meth:`Controller.reap`) keeps many requests in flight.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from uvmbus.dma import DmaBuffer
+from uvmbus.errors import ConfigError, IllegalRequest, LunGone, ScsiError, StorageError
+from uvmbus.native import lib
+from uvmbus.storvsc import protocol as P
+from uvmbus.storvsc import scsi
+
+if TYPE_CHECKING:
+    from uvmbus.storvsc.batch import IoBatch
+    from uvmbus.storvsc.controller import Command, Controller
+
+__all__ = ["Disk"]
+
+_VPD_ALLOC = 1024
+
+
+class Disk:
+    """One LUN (see the module docstring)."""
+
+    def __init__(self, controller: Controller, lun: int, inquiry: scsi.InquiryData) -> None:
+        self.controller = controller
+        self.lun = lun
+        self.inquiry = inquiry
+        self.capacity = scsi.Capacity(0, 512)
+        self.vpd_pages: list[int] = []
+        self.serial: str | None = None
+        self.device_ids: list[scsi.Designator] = []
+        self.block_limits = scsi.BlockLimits()
+        self.rotation_rate = 0
+        self.provisioning: scsi.LogicalBlockProvisioning | None = None
+        self.gone = False
+
+    # ==== identity =========================================================================
+    @property
+    def size(self) -> int:
+        """Bytes."""
+        return self.capacity.size
+
+    @property
+    def block_size(self) -> int:
+        return self.capacity.block_size
+
+    @property
+    def blocks(self) -> int:
+        return self.capacity.blocks
+
+    @property
+    def vendor(self) -> str:
+        return self.inquiry.vendor
+
+    @property
+    def product(self) -> str:
+        return self.inquiry.product
+
+    @property
+    def revision(self) -> str:
+        return self.inquiry.revision
+
+    @property
+    def unmap_supported(self) -> bool:
+        return bool(self.provisioning and self.provisioning.lbpu)
+
+    def refresh(self) -> None:
+        """READ CAPACITY(16)."""
+        res = self.controller.execute(self.lun, scsi.read_capacity16(32), data_in=32,
+                                      what="READ CAPACITY(16)")
+        cap = scsi.parse_read_capacity16(res.data)
+        if cap.block_size not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+            raise StorageError(f"LUN {self.lun}: READ CAPACITY reports block size {cap.block_size}")
+        self.capacity = cap
+
+    def read_vpd(self) -> None:
+        """INQUIRY VPD 0x00 and the pages it lists among 0x80, 0x83, 0xB0, 0xB1, 0xB2."""
+        self.vpd_pages = scsi.parse_vpd_supported(self._vpd(0x00))
+        if 0x80 in self.vpd_pages:
+            self.serial = scsi.parse_vpd_serial(self._vpd(0x80))
+        if 0x83 in self.vpd_pages:
+            self.device_ids = scsi.parse_vpd_device_ids(self._vpd(0x83))
+        if 0xB0 in self.vpd_pages:
+            self.block_limits = scsi.parse_vpd_block_limits(self._vpd(0xB0))
+        if 0xB1 in self.vpd_pages:
+            self.rotation_rate = scsi.parse_vpd_rotation_rate(self._vpd(0xB1))
+        if 0xB2 in self.vpd_pages:
+            self.provisioning = scsi.parse_vpd_lbp(self._vpd(0xB2))
+
+    def _vpd(self, page: int) -> bytes:
+        res = self.controller.execute(self.lun, scsi.inquiry(_VPD_ALLOC, evpd=True, page=page),
+                                      data_in=_VPD_ALLOC, what=f"INQUIRY VPD {page:#04x}")
+        return res.data
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "lun": self.lun, "size": self.size, "block_size": self.block_size, "blocks": self.blocks,
+            "vendor": self.vendor, "product": self.product, "revision": self.revision,
+            "serial": self.serial, "vpd_pages": [f"{p:#04x}" for p in self.vpd_pages],
+            "rotation_rate": self.rotation_rate, "unmap": self.unmap_supported,
+            "thin": bool(self.capacity.lbpme),
+            "device_ids": [{"type": x.type, "value": x.text} for x in self.device_ids],
+        }
+        bl = self.block_limits
+        if 0xB0 in self.vpd_pages:
+            d["block_limits"] = {"max_transfer_blocks": bl.max_transfer_blocks,
+                                 "max_unmap_blocks": bl.max_unmap_blocks,
+                                 "max_unmap_descriptors": bl.max_unmap_descriptors,
+                                 "unmap_granularity": bl.unmap_granularity}
+        return d
+
+    def __repr__(self) -> str:
+        return (f"<Disk LUN {self.lun} {self.size} bytes ({self.blocks} x {self.block_size}) "
+                f"{self.vendor} {self.product}{' GONE' if self.gone else ''}>")
+
+    # ==== checks ===========================================================================
+    def _check(self, offset: int, length: int, what: str) -> None:
+        if self.gone:
+            raise LunGone(f"LUN {self.lun} was removed from the controller")
+        bs = self.block_size
+        if offset < 0 or length < 0:
+            raise ConfigError(f"{what}: negative offset {offset} or length {length}")
+        if offset % bs or length % bs:
+            raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
+                              f"the {bs}-byte block size of LUN {self.lun}")
+        if offset + length > self.size:
+            raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of LUN "
+                              f"{self.lun} ({self.size} bytes)")
+
+    # ==== batch interface ==================================================================
+    def _command(self, write: bool, offset: int, buffer: DmaBuffer, length: int | None,
+                 buf_offset: int, fua: bool, user: Any) -> Command:
+        from uvmbus.storvsc.controller import Command
+
+        n = buffer.size - buf_offset if length is None else length
+        what = "WRITE(16)" if write else "READ(16)"
+        self._check(offset, n, what)
+        if n == 0:
+            raise ConfigError(f"{what}: zero-length transfer")
+        return Command(kind=lib.UVB_STOR_WRITE16 if write else lib.UVB_STOR_READ16, lun=self.lun,
+                       buffer=buffer, buf_offset=buf_offset, length=n,
+                       lba=offset // self.block_size, blocks=n // self.block_size, fua=fua,
+                       data_in=P.DataIn.WRITE if write else P.DataIn.READ, what=what, user=user)
+
+    def read_command(self, offset: int, buffer: DmaBuffer, *, length: int | None = None,
+                     buf_offset: int = 0, user: Any = None) -> Command:
+        """A READ(16) of ``length`` bytes (default: the buffer) at ``offset`` into ``buffer``,
+        for :meth:`Controller.submit` (at most ``controller.max_transfer`` bytes)."""
+        return self._command(False, offset, buffer, length, buf_offset, False, user)
+
+    def write_command(self, offset: int, buffer: DmaBuffer, *, length: int | None = None,
+                      buf_offset: int = 0, fua: bool = False, user: Any = None) -> Command:
+        """A WRITE(16) (with FUA if asked) from ``buffer``, for :meth:`Controller.submit`."""
+        return self._command(True, offset, buffer, length, buf_offset, fua, user)
+
+    def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False) -> IoBatch:
+        """An :class:`~uvmbus.storvsc.batch.IoBatch` of ``slots`` buffers of ``size`` bytes
+        on this LUN (claims one of the controller's queues until closed)."""
+        from uvmbus.storvsc.batch import IoBatch
+
+        self.controller._api_entry()
+        self._check(0, size, "batch")
+        return IoBatch(self, slots, size, write=write, fua=fua)
+
+    # ==== synchronous I/O ==================================================================
+    def _io(self, write: bool, offset: int, view: memoryview | None, dma: DmaBuffer | None,
+            length: int, fua: bool) -> int:
+        """Run a transfer of ``length`` bytes split at the host's maximum transfer."""
+        ctl = self.controller
+        ctl._api_entry()
+        what = "write" if write else "read"
+        self._check(offset, length, what)
+        if length == 0:
+            return 0
+        chunk = max(self.block_size, ctl.max_transfer - ctl.max_transfer % self.block_size)
+        pieces = [(off, min(chunk, length - off)) for off in range(0, length, chunk)]
+        window = 64
+        done = 0
+        for w in range(0, len(pieces), window):
+            part = pieces[w:w + window]
+            cmds: list[Command] = []
+            bounce: list[DmaBuffer] = []
+            try:
+                for off, n in part:
+                    if dma is not None:
+                        buf, boff = dma, off
+                    else:
+                        buf, boff = ctl.alloc_buffer(n), 0
+                        bounce.append(buf)
+                        if write:
+                            assert view is not None
+                            buf.view[:n] = view[off:off + n]
+                    cmds.append(self._command(write, offset + off, buf, n, boff, fua, None))
+                ctl.run(cmds)
+                for (off, n), cmd in zip(part, cmds, strict=True):
+                    if cmd.error is not None:
+                        raise cmd.error
+                    if cmd.transferred != n:
+                        raise StorageError(f"{what} of {n} bytes at {offset + off} on LUN {self.lun}: "
+                                           f"the host moved {cmd.transferred}")
+                    if not write and dma is None:
+                        assert view is not None
+                        view[off:off + n] = cmd.buffer.view[:n]       # type: ignore[union-attr]
+                    done += n
+            finally:
+                kept = {id(c.buffer) for c in cmds if c.tag in ctl._quarantine}
+                for b in bounce:
+                    if id(b) not in kept:      # the host may still write an abandoned one
+                        b.free()
+        return done
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at byte ``offset``."""
+        out = bytearray(length)
+        self._io(False, offset, memoryview(out), None, length, False)
+        return bytes(out)
+
+    def readinto(self, offset: int, buffer: Any) -> int:
+        """Fill ``buffer`` (writable bytes-like, or a DmaBuffer: zero copy) from ``offset``."""
+        if isinstance(buffer, DmaBuffer):
+            return self._io(False, offset, None, buffer, buffer.size, False)
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise ConfigError("readinto needs a writable buffer")
+        return self._io(False, offset, view, None, len(view), False)
+
+    def write(self, offset: int, data: Any, *, fua: bool = False) -> int:
+        """Write ``data`` (bytes-like, or a DmaBuffer: zero copy) at ``offset``; ``fua`` forces
+        it to stable storage before completion."""
+        if isinstance(data, DmaBuffer):
+            return self._io(True, offset, None, data, data.size, fua)
+        view = memoryview(data).cast("B")
+        return self._io(True, offset, view, None, len(view), fua)
+
+    def flush(self) -> None:
+        """SYNCHRONIZE CACHE(16): everything written is on stable storage."""
+        self.controller._api_entry()
+        self._check(0, 0, "flush")
+        self.controller.execute(self.lun, scsi.synchronize_cache16(), what="SYNCHRONIZE CACHE(16)")
+
+    def discard(self, offset: int, length: int) -> None:
+        """UNMAP ``[offset, offset + length)``: the blocks are deallocated (thin disks then
+        read zeros)."""
+        self.controller._api_entry()
+        self._check(offset, length, "discard")
+        if not self.unmap_supported:
+            raise IllegalRequest(f"LUN {self.lun} does not support UNMAP (no LBPU in VPD 0xB2)")
+        if length == 0:
+            return
+        bs = self.block_size
+        lba, blocks = offset // bs, length // bs
+        per = self.block_limits.max_unmap_blocks or 0xFFFFFFFF
+        ndesc = self.block_limits.max_unmap_descriptors or 1
+        ranges = []
+        while blocks:
+            n = min(blocks, per, 0xFFFFFFFF)
+            ranges.append((lba, n))
+            lba += n
+            blocks -= n
+        for i in range(0, len(ranges), ndesc):
+            params = scsi.unmap_parameters(ranges[i:i + ndesc])
+            self.controller.execute(self.lun, scsi.unmap(len(params)), data_out=params, what="UNMAP")
+
+    def test_unit_ready(self) -> bool:
+        """True if the LUN answers TEST UNIT READY with GOOD status."""
+        try:
+            self.controller.execute(self.lun, scsi.test_unit_ready(), what="TEST UNIT READY")
+        except (ScsiError, LunGone):
+            return False
+        return True
