@@ -75,7 +75,7 @@ class SimProcess:
     def bind(self, device_id: str, timeout: float = 10.0) -> Any:
         """Bind to uio_hv_generic through the guest's bus layer (like `uvmbus bind`)."""
         from uvmbus.bus import Bus, bind_uio
-        return bind_uio(Bus(self.root), device_id, force=True, timeout=timeout)
+        return bind_uio(Bus(self.root), device_id, timeout=timeout)
 
     def unbind(self, device_id: str, timeout: float = 10.0) -> Any:
         from uvmbus.bus import Bus, unbind_uio

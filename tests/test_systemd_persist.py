@@ -49,12 +49,10 @@ def test_persist_enable_reboot_unpersist(tmp_path, capsys):
         bus = Bus(root)
         assert bus.device(nic).driver == "hv_netvsc"
 
-        # --force: the safety check looks at the real machine's interfaces (the simulated NIC
-        # is called eth0 like the real one), so a simulated root needs it; it is recorded.
-        assert main(["bind", nic, "--root", str(root), "--persist", "--force"]) == 0
+        assert main(["bind", nic, "--root", str(root), "--persist"]) == 0
         assert bus.device(nic).driver == "uio_hv_generic"
         rec = read_record(root, nic)
-        assert rec == {"DEVICE": nic, "CLASS": "netvsc", "FORCE": "1"}
+        assert rec == {"DEVICE": nic, "CLASS": "netvsc", "FORCE": "0"}
         unit = root / "etc/systemd/system/uvmbus-bind@.service"
         assert exec_start(unit, nic)[0] == str(Path(sys.executable).parent / "uvmbus")
 

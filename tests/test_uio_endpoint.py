@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -34,6 +35,7 @@ class FakeSimServer:
         self.lsock.listen(4)
         self.conn: socket.socket | None = None
         self.got_irq = threading.Event()
+        self.torn_down = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -47,6 +49,12 @@ class FakeSimServer:
         while True:
             data = conn.recv(64)
             if not data:
+                return
+            if data.startswith(b"{"):
+                assert json.loads(data) == {"op": "close"}
+                time.sleep(0.05)              # the teardown takes a while ...
+                self.torn_down = True         # ... and is complete before the answer
+                conn.send(json.dumps({"event": "closed"}).encode())
                 return
             self.irq.append(struct.unpack("<I", data)[0])
             self.got_irq.set()
@@ -175,3 +183,10 @@ def test_uio_endpoint_on_a_character_device():
     ep.irqcontrol(1)                      # 4-byte write accepted
     assert not ep.signal_fd_is_socket and ep.signal_fd == ep.fileno()
     ep.close()
+
+
+def test_sim_endpoint_close_returns_after_the_teardown(server):
+    """close() of a real uio fd tears the channel down before returning; so does ours."""
+    ep = open_endpoint(server.path)
+    ep.close()
+    assert server.torn_down

@@ -332,7 +332,12 @@ class Queue:
 
     def reap(self) -> None:
         """Collect TX completions now (frees sections)."""
-        rc = lib.uvb_nvsc_reap(self.raw)
+        lk = self.lock
+        if lk is not None:
+            with lk:
+                rc = lib.uvb_nvsc_reap(self.raw)
+        else:
+            rc = lib.uvb_nvsc_reap(self.raw)
         if rc < 0:
             self._fail(rc)
 

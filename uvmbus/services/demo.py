@@ -2,8 +2,8 @@
 
 1. start ``uvmbus sim`` as a subprocess in a temporary root, with one synthetic NIC
    (loopback backend: the host sends every frame back) and one SCSI disk (a sparse image);
-2. bind both to uio_hv_generic through the bus layer (``--force``: the safety check looks at
-   the *real* system's interfaces and mounts, which a simulated root does not describe);
+2. bind both to uio_hv_generic through the bus layer (with its safety check: the simulated
+   NIC and disk are named so that they cannot be mistaken for the machine's own);
 3. NIC: bring it up, send frames of every size and check they come back byte for byte, then
    measure frames/s and bits/s with minimum-size and full-size frames;
 4. disk: write random data (FUA on the last piece, then SYNCHRONIZE CACHE), read it back,
@@ -278,7 +278,7 @@ def run_demo(*, seconds: float = 1.5, say: Callable[[str], None] = print, keep: 
             nic_id, disk_id = sim.device("netvsc"), sim.device("storvsc")
             bus = Bus(root)
             for dev in (nic_id, disk_id):
-                d = bind_uio(bus, dev, force=True, timeout=10.0)
+                d = bind_uio(bus, dev, timeout=10.0)
                 say(f"  bound {d.device_id} ({d.class_name}) to uio_hv_generic ({d.uio})")
             result["nic"] = _nic_phase(nic_id, str(root), seconds, say)
             result["disk"] = _disk_phase(disk_id, str(root), image, seconds, say)

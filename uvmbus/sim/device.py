@@ -273,27 +273,36 @@ class SimDevice:
         except OSError:
             self.connection_closed(conn)
 
-    def connection_closed(self, conn: Connection) -> None:
+    def connection_closed(self, conn: Connection, *, ack: bool = False) -> None:
+        """The guest closed one "file"; the last close closes the channel. With ``ack`` the
+        guest asked and waits: answer after the teardown."""
         if conn in self.connections:
             self.connections.remove(conn)
             self._update_notify()
             self.vm.forget_connection(conn)
-            conn.close()
             if not self.connections:
                 self._close_channel()
+            if ack:
+                conn.ack_close()
+            conn.close()
 
     def _update_notify(self) -> None:
         fds = [c.eventfd for c in self.connections][: lib.UVB_HOST_MAX_NOTIFY]
         lib.uvb_host_notify_set(self.notify, ffi.new("int32_t[]", fds or [0]), len(fds))
 
-    def messages(self, conn: Connection, msgs: list[bytes]) -> None:
-        from uvmbus.sim.endpoint import irqcontrol_value
+    def messages(self, conn: Connection, msgs: list[bytes]) -> bool:
+        """Handle the guest's messages; True when one of them closed the connection."""
+        from uvmbus.sim.endpoint import irqcontrol_value, is_close_request
         for m in msgs:
             v = irqcontrol_value(m)
-            if v is None:
+            if v is not None:
+                self.irqcontrol(v)
+            elif is_close_request(m):
+                self.connection_closed(conn, ack=True)
+                return True
+            else:
                 self.vm.counters["bad_endpoint_messages"] += 1
-                continue
-            self.irqcontrol(v)
+        return False
 
     # ==== channels (event loop) ============================================================
     def _open_channel(self) -> None:

@@ -9,7 +9,11 @@ Protocol version 1 (the client is :class:`uvmbus.uio.endpoint.SimEndpoint`):
 * every 4-byte message from the guest is an irqcontrol write (little-endian u32);
 * an interrupt is ``write(eventfd, 1)`` on every open connection of the device (each open
   file has its own event count, as with ``/dev/uioN``);
-* rescind: the server sends ``{"event": "rescind"}`` and closes the connection.
+* rescind: the server sends ``{"event": "rescind"}`` and closes the connection;
+* close: the guest sends ``{"op": "close"}``; the server closes that file (the channel too, if
+  it was the last one) and answers ``{"event": "closed"}`` before closing its end, so the
+  guest's close returns after the teardown, as ``close()`` of a real uio fd does.  A guest
+  that just drops the connection (or dies) is handled the same way, without the answer.
 
 The first connection opens the channel and the last close closes it (uio's first open / last
 release).  This module only moves bytes; :mod:`uvmbus.sim.device` decides what they mean.
@@ -23,7 +27,7 @@ import socket
 import struct
 from pathlib import Path
 
-__all__ = ["PROTO", "Connection", "EndpointServer"]
+__all__ = ["PROTO", "Connection", "EndpointServer", "irqcontrol_value", "is_close_request"]
 
 PROTO = 1
 _U32 = struct.Struct("<I")
@@ -67,6 +71,12 @@ class Connection:
                 return out, True
             out.append(data)
 
+    def ack_close(self) -> None:
+        try:
+            self.sock.send(json.dumps({"event": "closed"}).encode(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
     def rescind(self) -> None:
         try:
             self.sock.send(json.dumps({"event": "rescind"}).encode(), socket.MSG_DONTWAIT)
@@ -81,6 +91,16 @@ class Connection:
             self.sock.close()
         finally:
             os.close(self.eventfd)
+
+
+def is_close_request(message: bytes) -> bool:
+    """True for the guest's ``{"op": "close"}``."""
+    if not message.startswith(b"{"):
+        return False
+    try:
+        return bool(json.loads(message.decode()).get("op") == "close")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def irqcontrol_value(message: bytes) -> int | None:

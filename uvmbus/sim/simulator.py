@@ -83,6 +83,10 @@ def prepare_root(root: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     return p, False
 
 
+#: longest the event loop sleeps before re-checking whether it must stop (seconds)
+_MAX_LOOP_SLEEP = 0.5
+
+
 class Simulator:
     """One simulated VM (see the module docstring)."""
 
@@ -152,7 +156,7 @@ class Simulator:
 
     def alloc_ifname(self, dev: SimDevice) -> tuple[str, str]:
         n = next(self._ifnames)
-        return f"eth{n}", f"00:15:5d:33:{(n >> 8) & 0xFF:02x}:{n & 0xFF:02x}"
+        return f"simeth{n}", f"00:15:5d:33:{(n >> 8) & 0xFF:02x}:{n & 0xFF:02x}"
 
     def alloc_scsi_host(self, dev: SimDevice) -> int:
         return next(self._scsi_hosts)
@@ -188,6 +192,13 @@ class Simulator:
                 self._sel.unregister(dev.server)
             except (KeyError, ValueError):
                 pass
+
+    def _serve_connection(self, dev: SimDevice, conn: Connection) -> None:
+        msgs, closed = conn.receive()
+        if msgs and dev.messages(conn, msgs):
+            return
+        if closed:
+            dev.connection_closed(conn)
 
     def forget_connection(self, conn: Connection) -> None:
         self._conn_owner.pop(conn, None)
@@ -331,9 +342,11 @@ class Simulator:
 
     def _loop(self) -> None:
         while not self._stopping:
-            timeout = None
+            # Never block for long: the stop request normally wakes the loop through the
+            # wakeup fd, but a missed wake-up must not keep the simulator from exiting.
+            timeout = _MAX_LOOP_SLEEP
             if self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = min(timeout, max(0.0, self._timers[0][0] - time.monotonic()))
             events = self._sel.select(timeout)
             # hang-ups and messages of open connections first, new connections last: a guest
             # that closes and reopens must see the close processed before the open
@@ -381,6 +394,10 @@ class Simulator:
             dev: SimDevice = obj
             if dev.server is None:
                 return
+            # A guest that closed (or died) and reconnects at once: finish the old file's
+            # close before the new open, so the new session gets a freshly opened channel.
+            for old in list(dev.connections):
+                self._serve_connection(dev, old)
             while (conn := dev.server.accept()) is not None:
                 self._conn_owner[conn] = dev
                 self._sel.register(conn, selectors.EVENT_READ, ("conn", conn))
@@ -398,11 +415,7 @@ class Simulator:
             dev2 = self._conn_owner.get(conn)
             if dev2 is None:
                 return
-            msgs, closed = conn.receive()
-            if msgs:
-                dev2.messages(conn, msgs)
-            if closed:
-                dev2.connection_closed(conn)
+            self._serve_connection(dev2, conn)
         elif kind == "control":
             assert self._control is not None
             while (cc := self._control.accept()) is not None:

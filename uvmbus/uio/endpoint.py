@@ -30,6 +30,9 @@ Simulator wire protocol (version 1), for the server side in ``uvmbus.sim``:
 * interrupt (server → guest): ``write(eventfd, 1)``; reads coalesce.
 * rescind (server → guest): JSON ``{"event": "rescind"}``; the server then
   stops serving; every later guest operation raises :class:`ChannelRevoked`.
+* close (guest → server): JSON ``{"op": "close"}``; the server closes this
+  file (and the channel, if it was the last) and answers ``{"event": "closed"}``:
+  like ``close()`` of a real uio fd, our close returns after the teardown.
 """
 
 from __future__ import annotations
@@ -116,7 +119,9 @@ class UioEndpoint(Endpoint):
         self.path = str(path)
         self.page_size = mmap.PAGESIZE
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            # Non-blocking: when several threads wait on one fd, poll wakes them all but only
+            # the first read sees the new count; the others must get EAGAIN, not block.
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except PermissionError as exc:
             raise PrivilegeError(
                 f"cannot open {self.path}: permission denied. Run as root, or grant access to the "
@@ -322,7 +327,17 @@ class SimEndpoint(Endpoint):
                     pass
         return self._revoked
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        if self._sock.fileno() >= 0 and not self._revoked:
+            try:
+                self._sock.send(json.dumps({"op": "close"}).encode(), socket.MSG_NOSIGNAL)
+                self._sock.settimeout(timeout)
+                while True:          # wait for the teardown (or the server going away)
+                    data = self._sock.recv(65536)
+                    if not data or json.loads(data.decode()).get("event") in ("closed", "rescind"):
+                        break
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                pass
         for fd in list(self._map_fds.values()) + [self._event_fd]:
             if fd >= 0:
                 os.close(fd)

@@ -276,7 +276,7 @@ class StorvspModel(DeviceModel):
                                   f"({self.table.disks[n].path})")
             disk = ImageDisk(spec)
             self.table.disks[n] = disk
-            self._names[n] = f"sd{_disk_name(next(_disk_names))}"
+            self._names[n] = f"simsd{_disk_name(next(_disk_names))}"
             self._sync_native(n)
             if notify:
                 self.counters["hot_adds"] += 1
