@@ -3,6 +3,7 @@
  */
 #define _GNU_SOURCE
 #include "uvmbus.h"
+#include "util.h"
 
 #include <errno.h>
 #include <string.h>
@@ -10,24 +11,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TRAILER 8u
-#define DESC 16u
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static inline uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static void sleep_ns(uint64_t ns)
 {
@@ -115,17 +98,6 @@ int uvb_host_monitor_wait(struct uvb_host_monitor *m, uint64_t timeout_ns, uint3
 /* ------------------------------------------------------------------------ */
 /* interrupts                                                                */
 
-static inline void spin_lock(uint32_t *l)
-{
-    while (__atomic_exchange_n(l, 1u, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(l, __ATOMIC_RELAXED))
-            cpu_relax();
-}
-
-static inline void spin_unlock(uint32_t *l)
-{
-    __atomic_store_n(l, 0u, __ATOMIC_RELEASE);
-}
 
 int uvb_host_notify_set(struct uvb_host_notify *n, const int32_t *fds, uint32_t count)
 {

@@ -8,14 +8,13 @@
  */
 #define _GNU_SOURCE
 #include "uvmbus.h"
+#include "util.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define TRAILER 8u
-#define DESC 16u
 #define IB_BYTES (4u << 20)
 #define IB_PKTS 8192u
 #define ACK_CAP 16384u
@@ -992,6 +991,22 @@ static inline void src_get(const struct txsrc *s, uint32_t i, const uint8_t **f,
     }
 }
 
+/* Send the open section as one NVSP message. 0: sent, its frames count as taken;
+ * -1: no ring space, the section goes back and its frames are not taken. */
+static int flush_section(struct uvb_nvsc_queue *q, uint32_t sec, uint32_t used, uint32_t npk,
+                         uint64_t bytes, uint32_t frames, uint32_t *taken)
+{
+    if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
+        give_section(q, sec);
+        q->tx_ring_full++;
+        return -1;
+    }
+    q->tx_packets += npk;
+    q->tx_bytes += bytes;
+    *taken += frames;
+    return 0;
+}
+
 static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
 {
     struct nvsc_priv *p = P(q);
@@ -1034,17 +1049,10 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         if (msg > limit) {
             /* GPA direct: keep frame order, flush the open section first */
             if (open) {
-                if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
-                    give_section(q, sec);
-                    q->tx_ring_full++;
-                    open = 0;
-                    break;
-                }
-                ring_free -= msg_need;
-                q->tx_packets += npk;
-                q->tx_bytes += bytes_in_sec;
-                taken += in_sec;
                 open = 0;
+                if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken))
+                    break;
+                ring_free -= msg_need;
             }
             if (!q->gpa_slots || msg > q->gpa_slot_size) {
                 q->tx_drops++;
@@ -1072,17 +1080,10 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         if (open) {
             uint32_t at = (used + align - 1) & ~(align - 1);
             if (npk >= q->max_pkt_per_msg || at + msg > limit) {
-                if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
-                    give_section(q, sec);
-                    q->tx_ring_full++;
-                    open = 0;
-                    break;
-                }
-                ring_free -= msg_need;
-                q->tx_packets += npk;
-                q->tx_bytes += bytes_in_sec;
-                taken += in_sec;
                 open = 0;
+                if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken))
+                    break;
+                ring_free -= msg_need;
             }
         }
         if (!open) {
@@ -1125,16 +1126,8 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         in_sec++;
         bytes_in_sec += len;
     }
-    if (open) {
-        if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
-            give_section(q, sec);
-            q->tx_ring_full++;
-        } else {
-            q->tx_packets += npk;
-            q->tx_bytes += bytes_in_sec;
-            taken += in_sec;
-        }
-    }
+    if (open)
+        flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken);
     int rc = uvb_out_commit_signal(q->tx, q->sig);
     if (rc < 0)
         return rc;

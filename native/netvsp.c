@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include "uvmbus.h"
+#include "util.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -16,8 +17,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TRAILER 8u
-#define DESC 16u
 #define END_ID 0xFFFFFFFFu
 
 #define ST_FREE   0
@@ -32,33 +31,6 @@
 #define MAX_GEN_FLOWS 4096u
 #define NEED_SPACE 1000     /* internal: completion does not fit in the RX ring */
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static inline uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static inline void lock(uint32_t *l)
-{
-    while (__atomic_exchange_n(l, 1u, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(l, __ATOMIC_RELAXED))
-            cpu_relax();
-}
-
-static inline void unlock(uint32_t *l)
-{
-    __atomic_store_n(l, 0u, __ATOMIC_RELEASE);
-}
 
 static inline uint32_t ring_bytes(uint32_t payload, uint32_t ext)
 {
@@ -154,18 +126,18 @@ static int punt(struct uvb_nvsp_queue *q, int fatal, const char *fmt, ...)
 
 static void pool_push(struct pool *p, uint32_t id)
 {
-    lock(&p->lock);
+    spin_lock(&p->lock);
     p->ids[p->n++] = id;
-    unlock(&p->lock);
+    spin_unlock(&p->lock);
 }
 
 static uint32_t pool_pop_many(struct pool *p, uint32_t *out, uint32_t want)
 {
-    lock(&p->lock);
+    spin_lock(&p->lock);
     uint32_t k = p->n < want ? p->n : want;
     for (uint32_t i = 0; i < k; i++)
         out[i] = p->ids[--p->n];
-    unlock(&p->lock);
+    spin_unlock(&p->lock);
     return k;
 }
 
@@ -202,9 +174,9 @@ static void free_priv(struct uvb_nvsp *n)
 static void rebuild_pools(struct uvb_nvsp *n, uint32_t nq)
 {
     struct nic_priv *np = NP(n);
-    lock(&np->ctrl.lock);
+    spin_lock(&np->ctrl.lock);
     for (uint32_t i = 0; i < UVB_NVSP_MAX_QUEUES; i++)
-        lock(&np->pools[i].lock);
+        spin_lock(&np->pools[i].lock);
     uint32_t data = n->sub_count > UVB_NVSP_CTRL_IDS ? n->sub_count - UVB_NVSP_CTRL_IDS : 0;
     np->nq = nq;
     np->per_queue = data / nq;
@@ -219,8 +191,8 @@ static void rebuild_pools(struct uvb_nvsp *n, uint32_t nq)
         p->ids[p->n++] = id;
     }
     for (uint32_t i = UVB_NVSP_MAX_QUEUES; i-- > 0;)
-        unlock(&np->pools[i].lock);
-    unlock(&np->ctrl.lock);
+        spin_unlock(&np->pools[i].lock);
+    spin_unlock(&np->ctrl.lock);
 }
 
 int uvb_nvsp_set_recv_buf(struct uvb_nvsp *n, uint8_t *buf, uint64_t size, uint32_t mtu)
@@ -617,9 +589,9 @@ void uvb_nvsp_attach_queue(struct uvb_nvsp *n, struct uvb_nvsp_queue *q)
     struct nic_priv *np = NP(n);
     if (!np || q->index >= UVB_NVSP_MAX_QUEUES)
         return;
-    lock(&np->qlock);
+    spin_lock(&np->qlock);
     np->queues[q->index] = q;
-    unlock(&np->qlock);
+    spin_unlock(&np->qlock);
 }
 
 void uvb_nvsp_detach_queue(struct uvb_nvsp *n, struct uvb_nvsp_queue *q)
@@ -627,10 +599,10 @@ void uvb_nvsp_detach_queue(struct uvb_nvsp *n, struct uvb_nvsp_queue *q)
     struct nic_priv *np = NP(n);
     if (!np || q->index >= UVB_NVSP_MAX_QUEUES)
         return;
-    lock(&np->qlock);
+    spin_lock(&np->qlock);
     if (np->queues[q->index] == q)
         np->queues[q->index] = NULL;
-    unlock(&np->qlock);
+    spin_unlock(&np->qlock);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -646,7 +618,7 @@ static int inbox_push(struct queue_priv *qp, const uint8_t *f, uint32_t len, uin
                       uint32_t tci)
 {
     uint32_t need = 8u + ((len + 7u) & ~7u);
-    lock(&qp->ib_lock);
+    spin_lock(&qp->ib_lock);
     uint64_t head = __atomic_load_n(&qp->ib_head, __ATOMIC_ACQUIRE);
     uint64_t tail = qp->ib_tail;
     uint32_t pos = (uint32_t)(tail % INBOX_BYTES);
@@ -654,7 +626,7 @@ static int inbox_push(struct queue_priv *qp, const uint8_t *f, uint32_t len, uin
     if (pos + need > INBOX_BYTES)
         pad = INBOX_BYTES - pos;
     if (tail - head + pad + need > INBOX_BYTES) {
-        unlock(&qp->ib_lock);
+        spin_unlock(&qp->ib_lock);
         return -1;
     }
     if (pad) {
@@ -667,7 +639,7 @@ static int inbox_push(struct queue_priv *qp, const uint8_t *f, uint32_t len, uin
     memcpy(qp->ib + pos, &r, 8);
     memcpy(qp->ib + pos + 8, f, len);
     __atomic_store_n(&qp->ib_tail, tail + need, __ATOMIC_RELEASE);
-    unlock(&qp->ib_lock);
+    spin_unlock(&qp->ib_lock);
     return 0;
 }
 
@@ -906,10 +878,10 @@ static void route_frame(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len
             q->inbox_drops++;
         return;
     }
-    lock(&np->qlock);
+    spin_lock(&np->qlock);
     struct uvb_nvsp_queue *t = np->queues[k];
     int ok = t && t->priv && inbox_push(QP(t), f, len, flags, tci) == 0;
-    unlock(&np->qlock);
+    spin_unlock(&np->qlock);
     if (!ok)
         q->inbox_drops++;
     else
@@ -1100,14 +1072,14 @@ static int post(struct uvb_nvsp *n, uint32_t kind, const uint8_t *msg, uint32_t 
         return UVB_EINVAL;
     if (kind == 0 && len > n->sub_size)
         return UVB_EINVAL;
-    lock(&n->ctrl_lock);
+    spin_lock(&n->ctrl_lock);
     if (kind == 0 && n->ctrl_queued_bytes + len > UVB_NVSP_CTRL_QUEUE_MAX) {
-        unlock(&n->ctrl_lock);
+        spin_unlock(&n->ctrl_lock);
         return UVB_EAGAIN;
     }
     struct ctrl_rec *r = malloc(sizeof *r + len);
     if (!r) {
-        unlock(&n->ctrl_lock);
+        spin_unlock(&n->ctrl_lock);
         return UVB_EINVAL;
     }
     r->next = NULL;
@@ -1124,7 +1096,7 @@ static int post(struct uvb_nvsp *n, uint32_t kind, const uint8_t *msg, uint32_t 
     np->cq_count++;
     if (kind == 0)
         n->ctrl_queued_bytes += len;
-    unlock(&n->ctrl_lock);
+    spin_unlock(&n->ctrl_lock);
     return 0;
 }
 
@@ -1155,9 +1127,9 @@ static uint32_t send_ctrl(struct uvb_nvsp_queue *q, int *blocked)
     if (q->index != 0 || !np)
         return 0;
     for (;;) {
-        lock(&n->ctrl_lock);
+        spin_lock(&n->ctrl_lock);
         struct ctrl_rec *r = np->cq_head;
-        unlock(&n->ctrl_lock);
+        spin_unlock(&n->ctrl_lock);
         if (!r)
             break;
         int rc;
@@ -1190,14 +1162,14 @@ static uint32_t send_ctrl(struct uvb_nvsp_queue *q, int *blocked)
         }
         if (rc < 0)
             return sent;
-        lock(&n->ctrl_lock);
+        spin_lock(&n->ctrl_lock);
         np->cq_head = r->next;
         if (!np->cq_head)
             np->cq_tail = NULL;
         np->cq_count--;
         if (r->kind == 0)
             n->ctrl_queued_bytes -= r->len;
-        unlock(&n->ctrl_lock);
+        spin_unlock(&n->ctrl_lock);
         free(r);
         n->ctrl_sent++;
         sent++;
@@ -1233,15 +1205,15 @@ static int handle_ack(struct uvb_nvsp_queue *q, uint64_t tid)
         struct pool *p = pool_of(np, id);
         if (p != cur) {
             if (cur)
-                unlock(&cur->lock);
+                spin_unlock(&cur->lock);
             cur = p;
-            lock(&cur->lock);
+            spin_lock(&cur->lock);
         }
         cur->ids[cur->n++] = id;
         id = nx;
     }
     if (cur)
-        unlock(&cur->lock);
+        spin_unlock(&cur->lock);
     q->rx_acks++;
     return 0;
 }
@@ -1686,10 +1658,10 @@ int uvb_nvsp_inject(struct uvb_nvsp *n, const uint8_t *frame, uint32_t len, uint
     if (!rx_open(n))
         return UVB_EAGAIN;
     uint32_t k = uvb_nvsp_frame_queue(n, frame, len);
-    lock(&np->qlock);
+    spin_lock(&np->qlock);
     struct uvb_nvsp_queue *t = np->queues[k];
     int ok = t && t->priv && inbox_push(QP(t), frame, len, flags, vlan_tci) == 0;
-    unlock(&np->qlock);
+    spin_unlock(&np->qlock);
     if (!ok) {
         if (t)
             t->inbox_drops++;

@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE
 #include "uvmbus.h"
+#include "util.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -30,8 +31,6 @@ _Static_assert(sizeof(struct hv_monitor_page) == 4096, "monitor page layout");
 _Static_assert(offsetof(struct hv_monitor_page, latency) == 576, "monitor latency offset");
 _Static_assert(offsetof(struct hv_monitor_page, parameter) == 1088, "monitor parameter offset");
 
-#define TRAILER 8u
-#define DESC 16u
 
 static inline uint32_t ld_acq(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint32_t ld_rlx(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
@@ -862,7 +861,5 @@ out:
 
 uint64_t uvb_now_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return mono_ns();
 }

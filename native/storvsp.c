@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "uvmbus.h"
+#include "util.h"
 
 #include <errno.h>
 #include <string.h>
@@ -12,26 +13,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TRAILER 8u
-#define DESC 16u
 #define HV_PAGE 4096u
 #define IOV_BATCH 256u
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static inline uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static inline uint32_t be16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
 static inline uint32_t be32(const uint8_t *p)

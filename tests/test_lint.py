@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (the configuration is in pyproject.toml)."""
+"""The code base stays ruff-clean and type-checks with mypy (configuration in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -18,4 +18,13 @@ def test_ruff_clean():
         pytest.skip("ruff is not installed (it is in the [test] extra)")
     proc = subprocess.run([ruff, "check", "uvmbus", "tests", "native/build.py"], cwd=ROOT,
                           capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_clean():
+    mypy = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")
+    if not Path(mypy).exists():
+        pytest.skip("mypy is not installed (it is in the [test] extra)")
+    proc = subprocess.run([mypy, "--cache-dir", str(ROOT / "build" / "mypy-cache")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

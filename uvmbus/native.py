@@ -11,7 +11,7 @@ from typing import Any
 from uvmbus.errors import ConfigError
 
 try:
-    from uvmbus._native import ffi, lib  # type: ignore[import-not-found]
+    from uvmbus._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     raise ImportError(
         "uvmbus's native extension is not built. Run `pip install .` (or `make build` "

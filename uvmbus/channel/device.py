@@ -90,13 +90,13 @@ class ChannelDevice:
         self.spin_us = spin_us
         self.waiter = DeviceWaiter(uio.endpoint)
         self._extra_waiters: list[DeviceWaiter] = []
-        dev = self.device
+        dev, relid = self.device, uio.relid
         rings = RingPair.attach(uio.rings.mm, uio.primary_ring_bytes, uio.page_size,
-                                offset=uio.rings.offset, name=f"{dev.class_name}/{dev.relid}")
+                                offset=uio.rings.offset, name=f"{dev.class_name}/{relid}")
         self.primary = Channel(
-            rings, relid=dev.relid, subchannel_id=0, monitor_id=dev.monitor_id,
-            signal=uio.make_signal(dev.relid, dev.monitor_id), waiter=self.waiter,
-            name=f"{dev.class_name}/{dev.relid}", spin_us=spin_us,
+            rings, relid=relid, subchannel_id=0, monitor_id=dev.monitor_id,
+            signal=uio.make_signal(relid, dev.monitor_id), waiter=self.waiter,
+            name=f"{dev.class_name}/{relid}", spin_us=spin_us,
         )
         self.subchannels: list[Channel] = []
 
@@ -132,7 +132,7 @@ class ChannelDevice:
 
     def new_waiter(self) -> DeviceWaiter:
         """A waiter with its own endpoint file, for a thread that waits on its own queues."""
-        w = DeviceWaiter(open_endpoint(self.device.uio_dev_path), owns_endpoint=True)
+        w = DeviceWaiter(open_endpoint(self.uio.uio_path), owns_endpoint=True)
         self._extra_waiters.append(w)
         return w
 

@@ -60,7 +60,7 @@ class Packet:
         return bool(self.flags & FLAG_COMPLETION_REQUESTED)
 
 
-class PacketBatch(Sequence[Packet]):
+class PacketBatch:
     """Packets from one :meth:`InRing.read`, stored contiguously in one buffer.
 
     The views are valid until the next ``read`` on the same ring (the buffer is
@@ -78,7 +78,7 @@ class PacketBatch(Sequence[Packet]):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, i: int) -> Packet:  # type: ignore[override]
+    def __getitem__(self, i: int) -> Packet:
         if i < 0:
             i += self.count
         if not 0 <= i < self.count:
@@ -200,7 +200,7 @@ class _Ring:
     def close(self) -> None:
         if self._ptr is not None:
             release(self._ptr)
-            self._ptr = None  # type: ignore[assignment]
+            self._ptr = None
             self._mem = None
 
 

@@ -56,6 +56,7 @@ from uvmbus.errors import (
 from uvmbus.services import nbdplugin as P
 from uvmbus.services.daemon import Daemon
 from uvmbus.services.metrics import sim_collector
+from uvmbus.sockets import listen_private
 
 __all__ = ["ExportOptions", "BlockExport", "run_export", "plugin_path"]
 
@@ -169,20 +170,7 @@ class BlockExport:
 
     def start_ipc(self, run_dir: Path) -> None:
         self.ipc_path = run_dir / f"blk-{self.device_id}.io"
-        try:
-            self.ipc_path.unlink()
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            s.bind(str(self.ipc_path))
-        finally:
-            os.umask(old)
-        os.chmod(self.ipc_path, 0o600)
-        s.listen(16)
-        s.setblocking(False)
-        self._listener = s
+        self._listener = listen_private(self.ipc_path, socket.SOCK_STREAM, backlog=16)
 
     def start_nbdkit(self, run_dir: Path) -> None:
         """Start nbdkit (call from the main thread) and wait until it listens."""

@@ -31,7 +31,7 @@ import struct
 from typing import Any, NoReturn
 
 try:  # inside nbdkit
-    import nbdkit  # type: ignore[import-not-found]
+    import nbdkit
 except ImportError:  # imported by the daemon or tests for the constants
     nbdkit = None
 

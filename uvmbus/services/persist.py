@@ -83,7 +83,8 @@ def unit_source(name: str) -> Path:
     here = Path(uvmbus.__file__).resolve().parent.parent / "systemd" / name
     if here.exists():
         return here
-    for d in ("/usr/share/uvmbus/systemd", "/usr/local/share/uvmbus/systemd"):
+    for d in (f"{sys.prefix}/share/uvmbus/systemd", "/usr/share/uvmbus/systemd",
+              "/usr/local/share/uvmbus/systemd"):
         p = Path(d) / name
         if p.exists():
             return p

@@ -189,7 +189,7 @@ class HostChannel:
             self._doorbell = -1
 
     def snapshot(self) -> dict[str, Any]:
-        s = dict(self.stats)
+        s: dict[str, Any] = dict(self.stats)
         s["monitor_id"] = self.monitor_id
         s["interrupts"] = int(self.irq.count)
         s["kernel_oops"] = int(self.irq.oops)

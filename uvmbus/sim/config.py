@@ -5,26 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uvmbus.errors import ConfigError
 from uvmbus.sim.kernel import KernelMode
 
-__all__ = ["DeviceSpec", "SimConfig", "parse_size"]
-
-
-def parse_size(text: str) -> int:
-    """``"256M"`` → 268435456 (K/M/G suffixes, powers of 1024)."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if s and s[-1] in "KMG":
-        mult = 1024 ** ("KMG".index(s[-1]) + 1)
-        s = s[:-1]
-    try:
-        value = int(s, 0) * mult
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a size (e.g. 256M)") from None
-    if value < 0:
-        raise ConfigError(f"{text!r}: size must be positive")
-    return value
+__all__ = ["DeviceSpec", "SimConfig"]
 
 
 @dataclass

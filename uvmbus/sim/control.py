@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from uvmbus.errors import SimulatorError
+from uvmbus.sockets import listen_private
 
 __all__ = ["ControlClient", "ControlServer", "control_path"]
 
@@ -42,15 +43,7 @@ class ControlServer:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(str(path))
-        os.chmod(path, 0o600)
-        self.sock.listen(16)
-        self.sock.setblocking(False)
+        self.sock = listen_private(path, socket.SOCK_STREAM, backlog=16)
 
     def fileno(self) -> int:
         return self.sock.fileno()

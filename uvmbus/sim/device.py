@@ -196,7 +196,7 @@ class SimDevice:
             self.vm.tree.add_net(self.device_id, ifname, mac)
         elif driver == "hv_storvsc":
             host = self.vm.alloc_scsi_host(self)
-            disks = getattr(self.model, "disks", lambda: [])()
+            disks: list[Any] = getattr(self.model, "disks", lambda: [])()
             self.vm.tree.add_disks(self.device_id, host, disks)
 
     def _kernel_detach(self) -> None:

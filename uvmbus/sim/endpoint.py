@@ -27,6 +27,8 @@ import socket
 import struct
 from pathlib import Path
 
+from uvmbus.sockets import listen_private
+
 __all__ = ["PROTO", "Connection", "EndpointServer", "irqcontrol_value", "is_close_request"]
 
 PROTO = 1
@@ -116,15 +118,7 @@ class EndpointServer:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.bind(str(path))
-        os.chmod(path, 0o600)
-        self.sock.listen(64)
-        self.sock.setblocking(False)
+        self.sock = listen_private(path, socket.SOCK_SEQPACKET, backlog=64)
         self._numbers = 0
 
     def fileno(self) -> int:

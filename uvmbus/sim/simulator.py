@@ -295,7 +295,7 @@ class Simulator:
                 elif spec.bind != "none":
                     dev.driver_override = spec.bind
                     self.tree.set_driver_override(dev.device_id, spec.bind)
-            elif cfg.bind_uio and dev.kind != "null":
+            elif cfg.bind_uio and spec.model != "null":      # not the integration components
                 self.binder.uio_ids.add(dev.class_id)
         for spec, dev in zip(specs, self.devices, strict=True):
             if spec.bind != "none":
@@ -319,7 +319,7 @@ class Simulator:
     def run(self, ready: Callable[[Simulator], None] | None = None,
             install_signals: bool = True) -> int:
         """Start, announce readiness, serve until SIGTERM/SIGINT or ``stop``, clean up."""
-        old: dict[int, Any] = {}
+        old: dict[signal.Signals, Any] = {}
         old_wakeup = -1
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -411,11 +411,10 @@ class Simulator:
                     conn.close()
                     raise
         elif kind == "conn":
-            conn: Connection = obj
-            dev2 = self._conn_owner.get(conn)
+            dev2 = self._conn_owner.get(obj)
             if dev2 is None:
                 return
-            self._serve_connection(dev2, conn)
+            self._serve_connection(dev2, obj)
         elif kind == "control":
             assert self._control is not None
             while (cc := self._control.accept()) is not None:

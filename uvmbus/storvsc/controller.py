@@ -556,7 +556,7 @@ class Controller:
         cmd.srb_status = int(c.srb_status)
         cmd.scsi_status = int(c.scsi_status)
         if cmd.kind == lib.UVB_STOR_VSTOR_OP:
-            err = None if cmd.status == 0 else RequestFailed(
+            err: Exception | None = None if cmd.status == 0 else RequestFailed(
                 f"{cmd.what} failed: {P.ntstatus_name(cmd.status)}", status=cmd.status)
             self._complete(cmd, err)
             return

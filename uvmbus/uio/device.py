@@ -79,10 +79,17 @@ class UioDevice:
                 f"device {device.device_id} is bound to {device.driver or 'no driver'}, not {UIO_DRIVER}: "
                 f"bind it first (`uvmbus bind {device.device_id}`)"
             )
+        path, relid = device.uio_dev_path, device.relid
+        if path is None or relid is None:
+            raise BusError(f"device {device.device_id}: no uio node or no channel id in sysfs "
+                           "(is the device being bound or removed right now?)")
         self.bus = bus
         self.device = device
+        #: the primary channel's relid (sysfs ``id``)
+        self.relid: int = relid
+        self.uio_path: str = path
         self.quirks: KernelQuirks = bus.kernel
-        self.endpoint: Endpoint = open_endpoint(device.uio_dev_path)
+        self.endpoint: Endpoint = open_endpoint(path)
         self.page_size = self.endpoint.page_size
         self._regions: dict[int, MappedRegion] = {}
         self._maps = {m.index: m for m in device.maps()}
@@ -199,7 +206,7 @@ class UioDevice:
 
         Follows DPDK's discovery loop (§1.8): scan ``channels/``, skip known or
         primary relids and rings not yet accessible, retry every 10 ms."""
-        known = set(exclude or ()) | {self.device.relid}
+        known = set(exclude or ()) | {self.relid}
         found: dict[int, SubchannelRing] = {}
         deadline = time.monotonic() + timeout
         while True:

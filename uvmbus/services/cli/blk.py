@@ -22,24 +22,17 @@ from typing import Any, BinaryIO
 
 from uvmbus.errors import ConfigError
 from uvmbus.services.cli import add_json, add_root
+from uvmbus.units import parse_size
 
 CHUNK = 4 * 1024 * 1024
 
 
 def parse_bytes(text: str) -> int:
-    """``4096``, ``4K``, ``1M``, ``2G`` (powers of 1024)."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if s and s[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(s[-1]) + 1)
-        s = s[:-1]
+    """argparse type for byte counts (``4096``, ``4K``, ``1M``)."""
     try:
-        v = int(s, 0) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4096, 4K, 1M)") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return v
+        return parse_size(text, what="byte count")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -97,8 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "sim_command", None):
         return 2
     from uvmbus.sim import KernelMode, SimConfig, Simulator, prepare_root
-    from uvmbus.sim.config import parse_size
     from uvmbus.sim.models import load_models
+    from uvmbus.units import parse_size
 
     load_models(args.load_model)
     kernel = KernelMode.parse(args.kernel, args.page_size)
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         monitored_subchannels=not (args.unmonitored or args.unmonitored_subchannels),
         monitor_latency_us=args.monitor_latency_us, subchannel_delay=args.subchannel_delay,
         signal_grace=args.signal_grace,
-        guest_ram=parse_size(args.guest_ram), host_spin_us=args.host_spin_us, bind_uio=args.bind,
+        guest_ram=parse_size(args.guest_ram, what="guest RAM size", allow_zero=False), host_spin_us=args.host_spin_us, bind_uio=args.bind,
         ic_devices=not args.no_ic, owns_root=owns, quiet=args.quiet,
     )
 

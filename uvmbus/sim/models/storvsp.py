@@ -62,8 +62,8 @@ from uvmbus.sim.models.storvsp_image import (
     ImageDisk,
     MediaError,
     parse_disk_spec,
-    parse_size,
 )
+from uvmbus.units import parse_size
 
 __all__ = ["STORVSC_CLASS_ID", "StorvspModel", "VERSIONS_OPENVMM", "VERSIONS_HYPERV"]
 
@@ -335,7 +335,7 @@ class StorvspModel(DeviceModel):
                         disk.media_errors.clear()
                     else:
                         size = args["size"]
-                        disk.resize(parse_size(size) if isinstance(size, str) else int(size))
+                        disk.resize(parse_size(size, what="disk size", allow_zero=False) if isinstance(size, str) else int(size))
                 self._sync_native(lun)
             return {"disk": disk.describe()}
         if op == "malformed":
@@ -779,10 +779,10 @@ class StorvspModel(DeviceModel):
         if alloc > buflen or cmddt or (page and not evpd):
             raise _illegal(ASC_INVALID_CDB)
         if not evpd:
-            data = bytearray(104)
-            data[2], data[3], data[4], data[7] = 0x05, 0x02, 99, 0x02
-            data[8:36] = VENDOR + PRODUCT + REVISION
-            return self._to_guest(srb, rng, bytes(data[:min(alloc, 104)]))
+            std = bytearray(104)
+            std[2], std[3], std[4], std[7] = 0x05, 0x02, 99, 0x02
+            std[8:36] = VENDOR + PRODUCT + REVISION
+            return self._to_guest(srb, rng, bytes(std[:min(alloc, 104)]))
         if alloc < 4:
             raise _illegal(ASC_INVALID_CDB)
         pages = [0x00] + ([0x80] if disk.serial else []) + [0x83] + \

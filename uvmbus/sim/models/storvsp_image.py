@@ -27,26 +27,11 @@ from typing import Any
 
 from uvmbus.errors import ConfigError, from_oserror
 from uvmbus.native import ffi, lib
+from uvmbus.units import parse_size
 
-__all__ = ["DiskSpec", "ImageDisk", "parse_disk_spec", "parse_size"]
+__all__ = ["DiskSpec", "ImageDisk", "parse_disk_spec"]
 
 _NAMESPACE = uuid.UUID("2b8b1e0e-7573-766d-6275-73746f727670")
-
-
-def parse_size(text: str) -> int:
-    """``"1G"`` -> 1073741824 (K/M/G/T suffixes, powers of 1024; plain bytes otherwise)."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if s and s[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(s[-1]) + 1)
-        s = s[:-1]
-    try:
-        value = int(s, 0) * mult
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a size (e.g. 1G, 512M, 4096)") from None
-    if value <= 0:
-        raise ConfigError(f"{text!r}: a disk size must be positive")
-    return value
 
 
 @dataclass
@@ -77,7 +62,7 @@ def parse_disk_spec(text: str) -> DiskSpec:
                 raise ConfigError(f"disk spec {text!r}: bs must be 512 or 4096")
             spec.block_size = int(val)
         elif key == "size":
-            spec.size = parse_size(val)
+            spec.size = parse_size(val, what="disk size", allow_zero=False)
         elif key == "lun":
             try:
                 spec.lun = int(val, 0)
