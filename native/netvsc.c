@@ -19,6 +19,10 @@
 #define IB_PKTS 8192u
 #define ACK_CAP 16384u
 #define CTRL_MAX_RECORDS 4096u
+#define CTRL_MAX_LEN (64u << 10)   /* one control record (Python reads records into 64 KiB) */
+#define CTRL_MAX_BYTES (16u << 20) /* all queued control records together */
+#define RX_FILL_BUDGET 8u          /* ring batches one rx_burst may read (bounded work per call) */
+#define SEC_MAX_FRAMES 0xFFFEu     /* sec_frames is 16-bit and 0xFFFF means "free" */
 #define NVSP_LEN 40u
 #define CONSUMED 0u
 #define RANGE_BAD 0x80000000u      /* uvb_pkt.reserved: packet had an invalid range */
@@ -49,6 +53,7 @@ struct nvsc_priv {
     uint8_t *slot_busy;
     struct ctrl_node *cq_head, *cq_tail;
     uint32_t cq_count;
+    uint64_t cq_bytes;
 };
 
 static struct nvsc_priv *P(struct uvb_nvsc_queue *q) { return (struct nvsc_priv *)q->priv; }
@@ -163,18 +168,23 @@ uint32_t uvb_nvsc_tx_inflight(struct uvb_nvsc_queue *q)
 /* ------------------------------------------------------------------------ */
 /* control records                                                           */
 
-static void ctrl_push(struct uvb_nvsc_queue *q, uint32_t kind, uint64_t tid, uint32_t status,
-                      const uint8_t *data, uint32_t len)
+/* Queue a control record (a private copy of `data`).  The host picks `len` (up to a whole
+ * receive-buffer range), so records are truncated to CTRL_MAX_LEN and the queue is bounded
+ * in records and bytes.  Returns the node, or NULL when the record was dropped. */
+static struct ctrl_node *ctrl_push(struct uvb_nvsc_queue *q, uint32_t kind, uint64_t tid,
+                                   uint32_t status, const uint8_t *data, uint32_t len)
 {
     struct nvsc_priv *p = P(q);
-    if (p->cq_count >= CTRL_MAX_RECORDS) {
+    if (len > CTRL_MAX_LEN)
+        len = CTRL_MAX_LEN;
+    if (p->cq_count >= CTRL_MAX_RECORDS || p->cq_bytes + len > CTRL_MAX_BYTES) {
         q->ctrl_dropped++;
-        return;
+        return NULL;
     }
     struct ctrl_node *c = malloc(sizeof *c + len);
     if (!c) {
         q->ctrl_dropped++;
-        return;
+        return NULL;
     }
     c->next = NULL;
     c->rec.kind = kind;
@@ -190,7 +200,9 @@ static void ctrl_push(struct uvb_nvsc_queue *q, uint32_t kind, uint64_t tid, uin
         p->cq_head = c;
     p->cq_tail = c;
     p->cq_count++;
+    p->cq_bytes += len;
     q->rx_ctrl++;
+    return c;
 }
 
 int uvb_nvsc_ctrl_next(struct uvb_nvsc_queue *q, struct uvb_nvsc_ctrl *rec, uint8_t *buf,
@@ -206,6 +218,7 @@ int uvb_nvsc_ctrl_next(struct uvb_nvsc_queue *q, struct uvb_nvsc_ctrl *rec, uint
     if (!p->cq_head)
         p->cq_tail = NULL;
     p->cq_count--;
+    p->cq_bytes -= c->rec.len;
     *rec = c->rec;
     uint32_t n = c->rec.len < buflen ? c->rec.len : buflen;
     if (n)
@@ -564,10 +577,20 @@ static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rnd
     return 0;
 }
 
-/* Copy a non-PACKET RNDIS message to a control record. */
-static void ctrl_msg(struct uvb_nvsc_queue *q, uint64_t off, uint32_t len)
+/* Copy a non-PACKET RNDIS message (validated header *h, length len) to a control record.
+ * 0, or -1 when the message is too large to be a control message (host error recorded). */
+static int ctrl_msg(struct uvb_nvsc_queue *q, uint64_t off, uint32_t len, const struct rndis_packet *h,
+                    uint64_t tid)
 {
-    ctrl_push(q, UVB_NVSC_CTRL_RNDIS, 0, 0, q->recv_buf + off, len);
+    if (len > CTRL_MAX_LEN) {
+        host_error(q, "transfer-page packet (tid %llu): RNDIS control message type %#x of %u bytes "
+                   "(more than %u)", (unsigned long long)tid, h->msg_type, len, CTRL_MAX_LEN);
+        return -1;
+    }
+    struct ctrl_node *c = ctrl_push(q, UVB_NVSC_CTRL_RNDIS, 0, 0, q->recv_buf + off, len);
+    if (c)      /* the buffer is shared: keep the type and length that were validated */
+        memcpy(c->data, h, RNDIS_HEADER_SIZE);
+    return 0;
 }
 
 /* Finish a transfer-page packet: queue (or hold) its ack. */
@@ -603,7 +626,8 @@ static int control_xfer(struct uvb_nvsc_queue *q, struct uvb_pkt *k, const struc
         }
         struct vmtransfer_page_range g;
         memcpy(&g, &x->ranges[r], sizeof g);
-        ctrl_msg(q, g.byte_offset, len);
+        if (ctrl_msg(q, g.byte_offset, len, &h, k->trans_id))
+            k->reserved |= RANGE_BAD;
     }
     return finish_xfer(q, k, 0);
 }
@@ -620,11 +644,15 @@ int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, u
         if (rc < 0)
             return rc;
     }
-    uint32_t nf = 0;
+    uint32_t nf = 0, fills = 0;
     uint64_t used = 0;
     int stop = 0;
     while (nf < max && !stop) {
         if (p->cur >= p->npk) {
+            /* bounded work per call: a host that keeps the ring full of packets that are
+             * not frames (completions, control, malformed) must not pin us here forever */
+            if (fills++ >= RX_FILL_BUDGET)
+                break;
             int full;
             int rc = fill(q, &full);
             if (rc < 0)
@@ -696,7 +724,10 @@ int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, u
             struct vmtransfer_page_range g;
             memcpy(&g, &x.ranges[r], sizeof g);
             if (h.msg_type != RNDIS_MSG_PACKET) {
-                ctrl_msg(q, g.byte_offset, len);
+                if (ctrl_msg(q, g.byte_offset, len, &h, k->trans_id)) {
+                    k->reserved |= RANGE_BAD;
+                    q->rx_drops++;
+                }
                 continue;
             }
             struct uvb_nvsc_frame *f = &frames[nf];
@@ -707,6 +738,15 @@ int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, u
             }
             if (!zc) {
                 uint64_t at = (used + 7u) & ~7ull;
+                if (f->len > copy_cap) {
+                    /* can never fit: dropping it is the only way forward (stopping here would
+                     * leave this packet unacked and every later call stuck on it) */
+                    host_error(q, "RNDIS PACKET (tid %llu): frame of %u bytes exceeds the %llu-byte "
+                               "copy buffer", (unsigned long long)k->trans_id, f->len,
+                               (unsigned long long)copy_cap);
+                    q->rx_drops++;
+                    continue;
+                }
                 if (at + f->len > copy_cap) {
                     stop = 1;
                     break;
@@ -778,8 +818,9 @@ int uvb_nvsc_poll_ctrl(struct uvb_nvsc_queue *q)
                 if (xfer_header(q, k, &x)) {
                     k->reserved |= RANGE_BAD;
                     q->rx_drops++;
-                    if (finish_xfer(q, k, 0) < 0)
-                        return UVB_ECORRUPT;
+                    int r2 = finish_xfer(q, k, 0);
+                    if (r2 < 0)
+                        return r2;                  /* the real cause (e.g. no ring space) */
                 } else if (x.channel_type == NVSP_CHANNEL_TYPE_CONTROL) {
                     int r2 = control_xfer(q, k, &x);
                     if (r2 < 0)
@@ -1014,6 +1055,11 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         return UVB_EINVAL;
     uint32_t limit = q->section_size < q->max_xfer ? q->section_size : q->max_xfer;
     uint32_t align = q->pkt_align;
+    /* max_pkt_per_msg comes from the host (INIT_CMPLT) and may be set after init: a section's
+     * frame count must stay below the 16-bit "free" marker of sec_frames */
+    uint32_t max_pkts = q->max_pkt_per_msg ? q->max_pkt_per_msg : 1u;
+    if (max_pkts > SEC_MAX_FRAMES)
+        max_pkts = SEC_MAX_FRAMES;
     uint32_t msg_need = ring_bytes(NVSP_LEN, 0);
     uint32_t ring_free = uvb_out_free(q->tx);
     if (q->tx->error)
@@ -1079,7 +1125,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         }
         if (open) {
             uint32_t at = (used + align - 1) & ~(align - 1);
-            if (npk >= q->max_pkt_per_msg || at + msg > limit) {
+            if (npk >= max_pkts || at + msg > limit) {
                 open = 0;
                 if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken))
                     break;

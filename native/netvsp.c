@@ -105,6 +105,8 @@ struct queue_priv {
     uint32_t flow_cursor;
     uint32_t epoch;
     uint32_t have_flows;
+    uint64_t quota;             /* with a frame limit: this queue's share of it */
+    uint64_t made;              /* frames this queue generated since its flows were built */
     uint8_t *payload;           /* generator payload pattern */
 };
 
@@ -912,6 +914,12 @@ static void build_flows(struct uvb_nvsp_queue *q)
     if (size < 14 + 20 + l4h + 8)
         size = 14 + 20 + l4h + 8;
     qp->nflows = 0;
+    /* With a limit, frame k of the stream belongs to flow k % total (round-robin over all
+     * flows, as mixed traffic arrives): this queue's share is fixed by its flows, not by
+     * whose worker happens to run first. */
+    uint64_t per_flow = g->limit / total, extra = g->limit % total;
+    qp->quota = 0;
+    qp->made = 0;
     for (uint32_t f = 0; f < total; f++) {
         struct flow fl;
         memset(&fl, 0, sizeof fl);
@@ -952,8 +960,10 @@ static void build_flows(struct uvb_nvsp_queue *q)
         /* hash over a header-only frame (lengths are not part of the hash input) */
         fl.hash = uvb_nvsp_frame_hash(n, h, fl.hdr_len, &htype);
         fl.hash_type = htype;
-        if (queue_for_hash(n, fl.hash, htype) == q->index)
+        if (queue_for_hash(n, fl.hash, htype) == q->index) {
             qp->flows[qp->nflows++] = fl;
+            qp->quota += per_flow + (f < extra ? 1u : 0u);
+        }
     }
     qp->flow_cursor = 0;
     qp->have_flows = 1;
@@ -984,7 +994,7 @@ static uint32_t generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
     while (made < max) {
         if (g->limit) {
             uint64_t done = __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
-            if (done >= g->limit)
+            if (done >= g->limit || qp->made >= qp->quota)
                 break;
         }
         if (qp->batch_n >= maxr) {
@@ -1002,6 +1012,8 @@ static uint32_t generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
             uint64_t left = g->limit - __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
             if (want > left)
                 want = (uint32_t)left;
+            if (want > qp->quota - qp->made)
+                want = (uint32_t)(qp->quota - qp->made);
         }
         uint32_t got = pool_pop_many(&np->pools[q->index], ids, want);
         if (!got)
@@ -1025,6 +1037,7 @@ static uint32_t generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
         got = take;
         if (!got)
             break;
+        qp->made += got;
         for (uint32_t i = 0; i < got; i++) {
             if (i + 4 < got) {
                 uint8_t *nx = n->recv_buf + (uint64_t)ids[i + 4] * n->sub_size;

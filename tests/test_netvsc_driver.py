@@ -110,7 +110,7 @@ def test_bring_up_on_every_offered_version(lsim, vi):
         # multi-queue needs NVSP 5 (sub-channels) and RSS capabilities
         assert info.queues == (4 if parse_versions(VERSIONS[vi])[0] >= P.NVSP_V5 else 1)
         st = netvsp(lsim, d)
-        assert st["state"] == "ready" and st["filter"] == 0x0B and st["rndis"] == "operational"
+        assert st["state"] == "ready" and st["filter"] == 0x0D and st["rndis"] == "operational"
         frames = [udp_frame(i, 60 + i) for i in range(40)]
         assert nic.tx_burst(frames, timeout=5) == 40
         got = drain(nic, 40)

@@ -83,13 +83,24 @@ def test_negotiates_each_version_the_host_accepts(tmp_path: Path, version: int) 
     img = make_image(tmp_path / "v.img", MiB)
     with run_sim(tmp_path, "--device", f"storvsc:disks={img},versions={version:#06x},"
                  "bind=uio_hv_generic", "--no-ic", "--echo", "0") as sim:
-        with storvsc.open("storvsc", sim.root) as h:
+        # the default proposal is Linux's (6.2, 6.0, 5.1); older versions only on request
+        kw = {} if version >= 0x0501 else {"versions": (version,)}
+        with storvsc.open("storvsc", sim.root, **kw) as h:
             assert h.version == version
             assert h.properties.multi_channel == (version >= 0x0501)
             assert h.properties.max_transfer_bytes == 0x40000
             d = h.luns[0]
             assert d.read(0, 4096) == img.read_bytes()[:4096]
         assert sim.totals()["needless_signals"] == 0, sim.needless_report()
+
+
+def test_default_proposal_stops_at_5_1(tmp_path: Path) -> None:
+    """A host that only speaks pre-Win8 versions gets no common version by default."""
+    img = make_image(tmp_path / "v.img", MiB)
+    with run_sim(tmp_path, "--device", f"storvsc:disks={img},versions=0x0402,"
+                 "bind=uio_hv_generic", "--no-ic", "--echo", "0") as sim:
+        with pytest.raises(NegotiationError):
+            storvsc.open("storvsc", sim.root)
 
 
 def test_default_host_refuses_6_2_and_driver_falls_back(hba: storvsc.Controller) -> None:

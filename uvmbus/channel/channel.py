@@ -212,6 +212,7 @@ class Channel:
         other packets stay queued in order."""
         deadline = self._deadline(timeout)
         scanned = 0
+        expired = False
         while True:
             for i in range(scanned, len(self._backlog)):
                 if match(self._backlog[i]):
@@ -219,11 +220,17 @@ class Channel:
                     del self._backlog[i]
                     return p
             scanned = len(self._backlog)
-            if self._drain_into_backlog():
-                continue
+            if expired:
+                raise ChannelTimeout(f"no {what} within the timeout", channel=self.name)
+            drained = self._drain_into_backlog()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise ChannelTimeout(f"no {what} within the timeout", channel=self.name)
+                # scan what was just drained, then give up: a host that keeps the ring busy
+                # with other packets must not keep us here past the deadline
+                expired = True
+                continue
+            if drained:
+                continue
             self.wait(remaining)
 
     # -- receiving --------------------------------------------------------

@@ -61,5 +61,5 @@ def open_dma_memory(root: str | os.PathLike[str] = "/") -> DmaMemory:
     if os.path.realpath(root) != "/":
         raise ConfigError(f"{root}: no simulated guest RAM (sim/guest-ram.json) here, and real "
                           "hugepage DMA memory is only available for root='/'. Start the "
-                          "simulator for this root first.")
+                          "simulator for this root first, with guest RAM (not --guest-ram 0).")
     return HugepageMemory()

@@ -130,17 +130,20 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
             stop = threading.Event()
             threads = [threading.Thread(target=_loop, args=(nic.queue(i), mode, burst, batch, stop, counts, i),
                                         name=f"bench-q{i}", daemon=True) for i in range(nq)]
-            for t in threads:
-                t.start()
-            time.sleep(warmup)
-            start_counts = _snapshot(nic, mode)
-            t0 = time.perf_counter()
-            time.sleep(seconds)
-            end_counts = _snapshot(nic, mode)
-            elapsed = time.perf_counter() - t0
-            stop.set()
-            for t in threads:
-                t.join(10)
+            try:
+                for t in threads:
+                    t.start()
+                time.sleep(warmup)
+                start_counts = _snapshot(nic, mode)
+                t0 = time.perf_counter()
+                time.sleep(seconds)
+                end_counts = _snapshot(nic, mode)
+                elapsed = time.perf_counter() - t0
+            finally:        # also on Ctrl-C: closing the NIC under running workers would crash
+                stop.set()
+                for t in threads:
+                    if t.ident is not None:     # started
+                        t.join(10)
             per_queue = [e - s for s, e in zip(start_counts, end_counts, strict=True)]
             guest = nic.stats()["total"]
             host: dict[str, Any] = {}

@@ -50,7 +50,7 @@ from uvmbus.errors import (
 from uvmbus.native import ffi, lib
 from uvmbus.netvsc import protocol as P
 from uvmbus.netvsc.burst import RxBurst, TxBatch
-from uvmbus.ring import FLAG_COMPLETION_REQUESTED
+from uvmbus.ring import FLAG_COMPLETION_REQUESTED, PKT_COMP, PKT_INBAND, PKT_XFER_PAGES, Packet
 from uvmbus.uio import MappedRegion
 
 __all__ = ["DEFAULT_TIMEOUT", "Nic", "NicInfo", "Queue", "QueueSpec", "attach_queue", "open"]
@@ -62,7 +62,11 @@ MAX_BURST = 1024
 MIN_SECTION = 68
 MIN_SUB_ALLOC = 68
 MAX_QUEUES = 64
-FILTER_DEFAULT = P.FILTER_DIRECTED | P.FILTER_MULTICAST | P.FILTER_BROADCAST
+#: §3 step 15 (Linux, DPDK): DIRECTED | ALL_MULTICAST | BROADCAST (0x0D).  MULTICAST (0x2)
+#: would pass only the multicast list, which this driver never sets (the host allows 0)
+#: the largest RNDIS control message copied out of the receive buffer (the C path's cap)
+CONTROL_MESSAGE_MAX = 64 * 1024
+FILTER_DEFAULT = P.FILTER_DIRECTED | P.FILTER_ALL_MULTICAST | P.FILTER_BROADCAST
 GPA_SLOTS = 64
 _CTRL_BUF = 65536
 
@@ -406,6 +410,10 @@ class Nic:
         self._send_failures = 0
         self.send_table: list[int] = []
         self.link_up = True
+        #: a MEDIA_CONNECT/DISCONNECT indication arrived during bring-up: it, not the
+        #: MEDIA_CONNECT_STATUS query (which the reference host always answers "connected",
+        #: netvsc.md §10.1), says what the link is
+        self._link_indicated = False
         self.link_speed = 0
         self.events: dict[str, int] = {"link_changes": 0, "unknown_messages": 0, "vf_associations": 0,
                                        "offload_indications": 0, "network_changes": 0}
@@ -485,9 +493,46 @@ class Nic:
         self.section_size = size
         self.sections = self._send.size // size
         self.max_xfer = size
-        left = ch.poll()
-        if left:
-            log.warning("netvsc: %d unexpected packet(s) from the host during bring-up ignored", len(left))
+        self._early_packets(ch.poll())
+
+    def _early_packets(self, pkts: list[Packet]) -> None:
+        """Packets the host sent while the primary channel was still driven from Python
+        (before queue 0 exists).  Once both buffers are connected the host is Ready and may
+        send control messages, e.g. a link indication (netvsc.md §10.1): handle them as
+        queue 0 would, and ack every transfer-page packet (§6: one completion each; a
+        control buffer the guest never acks is lost to the host, which has only 16)."""
+        ch = self.cd.primary
+        rb = self._recv
+        for p in pkts:
+            if p.type == PKT_XFER_PAGES:
+                status = P.STATUS_SUCCESS
+                h, payload = bytes(p.header), bytes(p.payload)
+                pageset, count = struct.unpack_from("<H", h)[0], struct.unpack_from("<I", h, 4)[0]
+                if len(payload) < 8 or P.nvsp_type(payload) != P.MSG_SEND_RNDIS_PKT or pageset != P.RECV_BUF_ID:
+                    status = P.STATUS_FAIL
+                    self._host_problem(f"transfer-page packet (tid {p.trans_id}) during bring-up: NVSP "
+                                       f"type {P.nvsp_type(payload)}, page set {pageset:#x}")
+                else:
+                    control = struct.unpack_from("<I", payload, 4)[0] == P.CHANNEL_TYPE_CONTROL
+                    for i in range(count):
+                        size, off = struct.unpack_from("<II", h, 8 + 8 * i)
+                        if off + size > rb.size:
+                            status = P.STATUS_FAIL
+                            self._host_problem(f"transfer-page range [{off:#x}, +{size}) outside the "
+                                               "receive buffer during bring-up")
+                        elif control and size > CONTROL_MESSAGE_MAX:
+                            status = P.STATUS_FAIL      # as the C path: never copy host-sized blobs
+                            self._host_problem(f"control message of {size} bytes during bring-up "
+                                               f"(more than {CONTROL_MESSAGE_MAX})")
+                        elif control:
+                            self._rndis_event(bytes(rb.mm[rb.offset + off:rb.offset + off + size]))
+                ch.send(struct.pack("<II", P.MSG_SEND_RNDIS_PKT_COMPLETE, status), trans_id=p.trans_id,
+                        type=PKT_COMP)
+            elif p.type == PKT_INBAND:
+                self._inband_event(bytes(p.payload), p.trans_id)
+            else:
+                log.warning("netvsc: unexpected packet type %d (tid %#x) from the host during bring-up "
+                            "ignored", p.type, p.trans_id)
 
     def _queue_params(self) -> dict[str, Any]:
         return {"section_size": self.section_size, "max_pkt_per_msg": self.max_pkt_per_msg,
@@ -584,6 +629,7 @@ class Nic:
             up = st == P.ST_MEDIA_CONNECT
             changed = up != self.link_up
             self.link_up = up
+            self._link_indicated = True
             self.events["link_changes"] += 1
             log.info("netvsc %s: link %s", self.device_id[:8], "up" if up else "down")
             if changed:
@@ -752,7 +798,8 @@ class Nic:
         except RequestFailed as exc:
             log.info("netvsc: offload parameters refused: %s", exc)
         state = self.query(P.OID_GEN_MEDIA_CONNECT_STATUS)
-        self.link_up = len(state) >= 4 and struct.unpack_from("<I", state)[0] == lib.NDIS_MEDIA_STATE_CONNECTED
+        if not self._link_indicated:
+            self.link_up = len(state) >= 4 and struct.unpack_from("<I", state)[0] == lib.NDIS_MEDIA_STATE_CONNECTED
         self.rss_queues_offered = 1
         nq = 1
         if self.nvsp_version >= P.NVSP_V5:

@@ -491,6 +491,8 @@ def parse_rndis_packet(data: Any) -> RxPacket:
             raise ProtocolError("RNDIS PACKET per-packet info outside the message")
         pos = p0
         while pos < p0 + pl:
+            if pos + 12 > p0 + pl:
+                raise ProtocolError(f"per-packet info: {p0 + pl - pos} stray bytes after the last element")
             size, ptype, poff = struct.unpack_from("<III", raw, pos)
             if size < 12 or pos + size > p0 + pl or poff < 12 or poff > size:
                 raise ProtocolError(f"per-packet info element size {size} offset {poff}")

@@ -84,6 +84,9 @@ class TapInterface:
                 raise PrivilegeError(f"TUNSETIFF {self.name}: needs CAP_NET_ADMIN") from exc
             if exc.errno == errno.EBUSY:
                 raise ConfigError(f"interface {self.name} already exists and is in use") from exc
+            if exc.errno == errno.EINVAL:
+                raise ConfigError(f"interface {self.name} already exists and is not a TAP: pick "
+                                  "another --tap name") from exc
             raise NetError(f"TUNSETIFF {self.name}: {exc}") from exc
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.name)

@@ -91,6 +91,7 @@ class HostChannel:
         self._thread: threading.Thread | None = None
         self._armed = False
         self._arm_index = 0
+        self._corrupted = False
         # Signals the guest is entitled to, one per episode, each with an expiry time:
         # (a) a TX-mask-clear interval in which the TX ring became non-empty. If the host
         #     slept through it, the guest saw the clear mask and an empty ring and MUST
@@ -227,9 +228,9 @@ class HostChannel:
             self._check_stop()
             self._account()
             self._apply_faults()
-            if self.faults.stalled:
+            if self.faults.stalled or self._corrupted:
                 self._disarm()
-                self._sleep(self._stall_timeout())
+                self._sleep(None if self._corrupted else self._stall_timeout())
                 continue
             status = self._serve()
             if status == lib.UVB_HOST_RXFULL:
@@ -262,6 +263,9 @@ class HostChannel:
             else:                 # guest TX read_index: beyond the data area
                 lib.uvb_ring_store(self.mem.tx_header, 1, self.tx.data_size + 8)
             self.stats["corrupted_packets"] += 1
+            # A host that broke an index stops serving this channel: committing again would
+            # overwrite the garbage before the guest had a chance to see it.
+            self._corrupted = True
             self._interrupt()
         while f.spurious_interrupt > 0:
             f.spurious_interrupt -= 1

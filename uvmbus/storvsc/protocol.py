@@ -67,9 +67,10 @@ class Version(enum.IntEnum):
     WIN10 = lib.VSTOR_PROTO_WIN10
 
 
-#: what the guest proposes, newest first (Linux: 6.2, 6.0, 5.1; FreeBSD adds 4.2 and 2.0)
-GUEST_VERSIONS: tuple[int, ...] = (Version.WIN10, Version.WIN8_1, Version.WIN8, Version.WIN7,
-                                   Version.WIN6)
+#: what the guest proposes, newest first — Linux ≥ 5.19's set (§2.3, §2.8). Pre-Win8 hosts
+#: (4.2, 2.0) expect 48-byte packets, which this driver does not send; FreeBSD still proposes
+#: them. Pass ``versions=`` to ``storvsc.open`` to try them anyway (unverified on real hosts).
+GUEST_VERSIONS: tuple[int, ...] = (Version.WIN10, Version.WIN8_1, Version.WIN8)
 #: what OpenVMM's StorVSP accepts (§2.5): 6.2 gets REVISION_MISMATCH
 HOST_VERSIONS_OPENVMM: tuple[int, ...] = (Version.WIN6, Version.WIN7, Version.WIN8,
                                           Version.WIN8_1)

@@ -4,17 +4,26 @@ Each module in ``COMMAND_MODULES`` defines ``register(subparsers)`` which adds
 its subcommands and sets ``func`` on them.  Common options: ``--root`` (or the
 ``UVMBUS_ROOT`` environment variable; "/" on a real guest, the simulator's
 root otherwise) and ``--json`` where the output is data.
+
+Exit status: 0 on success, 1 when the command failed (one ``uvmbus: error: ...`` line on
+stderr; ``-v`` adds the traceback), 2 for a usage error (argparse), 130 after Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import importlib
 import os
+import select
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-from uvmbus.errors import UvmbusError
+from uvmbus.errors import ConfigError, NotFound, UvmbusError
 
 COMMAND_MODULES = [
     "uvmbus.services.cli.bus",
@@ -31,18 +40,157 @@ def default_root() -> str:
     return os.environ.get("UVMBUS_ROOT", "/")
 
 
-def add_root(p: argparse.ArgumentParser) -> None:
+def add_root(p: argparse.ArgumentParser, *, must_exist: bool = True) -> None:
+    """``--root``; with ``must_exist`` the command fails early when the directory is missing."""
     p.add_argument("--root", default=default_root(),
                    help="filesystem root holding sys/ and dev/ (default: $UVMBUS_ROOT or /)")
+    p.set_defaults(root_must_exist=must_exist)
 
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+# ---- argparse types: bad numbers are usage errors, not tracebacks -------------------------------
+
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if hi is None:
+                raise argparse.ArgumentTypeError(f"{v}: must be >= {lo}")
+            raise argparse.ArgumentTypeError(f"{v}: must be {lo}..{hi}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(*, zero_ok: bool = False, unit: str = "seconds") -> Callable[[str], float]:
+    """argparse type: a finite number > 0 (or >= 0 with ``zero_ok``) of ``unit``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not (v >= 0 if zero_ok else v > 0) or v == float("inf"):     # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>= 0' if zero_ok else '> 0'} {unit}")
+        return v
+
+    parse.__name__ = unit
+    return parse
+
+
+def seconds(*, zero_ok: bool = False) -> Callable[[str], float]:
+    """argparse type: a duration in seconds, > 0 (or >= 0 with ``zero_ok``)."""
+    return number(zero_ok=zero_ok, unit="seconds")
+
+
+PORT = int_range(0, 65535)
+
+
+# ---- devices -------------------------------------------------------------------------------------
+
+def _no_vmbus_hint(root: str) -> str:
+    return (f"no VMBus under {root} (no sys/bus/vmbus): on a Hyper-V/Azure guest use --root /; "
+            "otherwise start `uvmbus sim` and pass the root its `ready` line names "
+            "(--root or UVMBUS_ROOT)")
+
+
+def resolve_device(root: str, ref: str, cls: str) -> Any:
+    """The VMBus device ``ref`` (GUID, unique prefix or class name) under ``root``, which
+    must be of class ``cls`` (netvsc, storvsc): a wrong class fails at once with a clear
+    message instead of a protocol timeout."""
+    from uvmbus.bus import Bus
+
+    bus = Bus(root)
+    if not bus.vmbus_path.is_dir():
+        raise NotFound(_no_vmbus_hint(root))
+    dev = bus.device(ref)
+    if dev.class_name != cls:
+        raise ConfigError(f"{dev.device_id} is a {dev.class_name} device, not {cls}: pick a "
+                          f"{cls} device (`uvmbus list --class {cls} --root {root}`)")
+    return dev
+
+
+def _lock_holder(st: os.stat_result) -> str:
+    """``pid N (command line)`` of the process holding a flock on the file, from /proc/locks."""
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "another process"
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == want and f[4].isdigit():
+            pid = int(f[4])
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                cmd = ""
+            return f"pid {pid}" + (f" ({cmd})" if cmd else "")
+    return "another process"
+
+
+@contextlib.contextmanager
+def device_lock(dev: Any, *, what: str | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the device's sysfs directory while a command drives
+    it, so that a second uvmbus command (or daemon) cannot open the same channel and break
+    the first one's session; the second one fails at once saying who has the device."""
+    try:
+        fd = os.open(dev.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield               # no directory to lock (device just vanished): the open will say so
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = _lock_holder(os.fstat(fd))
+            when = f"before you {what}" if what else "first"
+            raise ConfigError(f"{dev.device_id} is in use by {holder}; stop that {when} "
+                              "(`uvmbus status` lists uvmbus services)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---- parser and entry point ------------------------------------------------------------------
+
+def _add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v`` after any sub-command too (``uvmbus blk read ... -v``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in set(action.choices.values()):
+                if not any("-v" in a.option_strings for a in sp._actions):
+                    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                    help="show tracebacks on errors")
+                _add_verbose_everywhere(sp)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("uvmbus")
+    except Exception:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uvmbus", description="Userspace VMBus drivers for Hyper-V/Azure guests")
+    parser = argparse.ArgumentParser(prog="uvmbus", description="Userspace VMBus drivers for Hyper-V/Azure guests",
+                                     epilog="Exit status: 0 ok, 1 failed, 2 usage error, 130 interrupted. "
+                                            "Docs: README.md and docs/*.md.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"uvmbus {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -52,7 +200,31 @@ def build_parser() -> argparse.ArgumentParser:
                 continue          # command group not built yet
             raise
         mod.register(sub)
+    _add_verbose_everywhere(parser)
     return parser
+
+
+def _os_error_text(exc: OSError) -> str:
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    what = exc.strerror or str(exc)
+    return f"{': '.join(names)}: {what}" if names else what
+
+
+def _stdout_gone() -> bool:
+    """True if stdout's reader has gone (a pipe whose read end was closed polls POLLERR);
+    stdout is then pointed at /dev/null so that the interpreter's final flush stays quiet."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, 0)
+        if not any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0)):
+            return False
+    except (OSError, ValueError):
+        return False
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,13 +233,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    verbose = getattr(args, "verbose", False)
     try:
+        root = getattr(args, "root", None)
+        if root and getattr(args, "root_must_exist", False) and not os.path.isdir(root):
+            given = any(a == "--root" or a.startswith("--root=")
+                        for a in (sys.argv[1:] if argv is None else argv))
+            raise NotFound(f"{'--root ' if given else 'UVMBUS_ROOT='}{root}: no such directory; "
+                           "pass / on a guest or the root of a running `uvmbus sim` (its "
+                           "`ready` line names it)")
         rc = args.func(args)
     except UvmbusError as exc:
-        if args.verbose:
+        if verbose:
             raise
         print(f"uvmbus: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return 141              # the reader went away (`uvmbus list | head -1`): 128 + SIGPIPE
+        if verbose:
+            raise
+        print(f"uvmbus: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
+        print("uvmbus: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)

@@ -8,20 +8,24 @@
   C pread loop over the same backing file as reference in the same run.
 
 DEVICE is a VMBus instance GUID, a unique prefix, or ``storvsc`` when there is one SCSI
-controller; it must be bound to uio_hv_generic (``uvmbus bind``).
+controller; it must be bound to uio_hv_generic (``uvmbus bind``).  Each command holds a lock
+on the device while it runs (``device_lock``): a second one fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import stat
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from uvmbus.errors import ConfigError
-from uvmbus.services.cli import add_json, add_root
+from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
 from uvmbus.units import parse_size
 
 CHUNK = 4 * 1024 * 1024
@@ -36,16 +40,18 @@ def parse_bytes(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("blk", help="synthetic SCSI disks (storvsc driver): info, read, write, bench")
+    p = sub.add_parser("blk", help="synthetic SCSI disks (storvsc driver): info, read, write, bench, "
+                       "NBD export daemon")
     bsub = p.add_subparsers(dest="blk_command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("device", help="VMBus device (GUID, unique prefix, or 'storvsc')")
         add_root(sp)
-        sp.add_argument("--subchannels", type=int, default=0,
+        sp.add_argument("--subchannels", type=int_range(0, 64), default=0,
                         help="sub-channels to request (default 0: one channel)")
-        sp.add_argument("--timeout", type=float, default=30.0, help="per-command timeout (s)")
-        sp.add_argument("--spin-us", type=int, default=0,
+        sp.add_argument("--timeout", type=seconds(), default=30.0,
+                        help="per-command timeout in seconds (default 30)")
+        sp.add_argument("--spin-us", type=int_range(0), default=0,
                         help="poll for completions this long before sleeping (default 0)")
 
     i = bsub.add_parser("info", help="controller and LUNs")
@@ -55,30 +61,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = bsub.add_parser("read", help="copy from a LUN (dd-like)")
     common(r)
-    r.add_argument("--lun", type=int, default=0)
-    r.add_argument("--offset", type=parse_bytes, default=0, help="byte offset (block aligned)")
-    r.add_argument("--length", type=parse_bytes, default=None, help="bytes (default: to the end)")
-    r.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
+    r.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
+    r.add_argument("--offset", type=parse_bytes, default=0, help="byte offset (block aligned; K/M/G)")
+    r.add_argument("--length", type=parse_bytes, default=None,
+                   help="bytes (block aligned; K/M/G; default: to the end)")
+    r.add_argument("-o", "--output", default=None,
+                   help="output file (default: stdout, which must not be a terminal)")
     r.set_defaults(func=_read)
 
     w = bsub.add_parser("write", help="copy into a LUN (dd-like)")
     common(w)
-    w.add_argument("--lun", type=int, default=0)
-    w.add_argument("--offset", type=parse_bytes, default=0, help="byte offset (block aligned)")
+    w.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
+    w.add_argument("--offset", type=parse_bytes, default=0, help="byte offset (block aligned; K/M/G)")
     w.add_argument("-i", "--input", required=True, help="input file ('-' for stdin)")
     w.add_argument("--fua", action="store_true", help="force unit access on every write")
     w.add_argument("--pad", action="store_true",
                    help="zero-pad the last partial block (else its size must be block aligned)")
     w.set_defaults(func=_write)
 
-    b = bsub.add_parser("bench", help="IOPS / MB/s at a queue depth, with a C pread reference")
+    b = bsub.add_parser("bench", help="IOPS / MB/s at a queue depth, with a C pread reference",
+                        description="Measure the driver at a queue depth, then a C pread loop over "
+                                    "the LUN's backing file as reference. The write patterns "
+                                    "OVERWRITE the LUN's data.")
     common(b)
-    b.add_argument("--lun", type=int, default=0)
+    b.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
     b.add_argument("--pattern", choices=("randread", "randwrite", "seqread", "seqwrite"),
-                   default="randread")
+                   default="randread", help="default randread; the write patterns overwrite the LUN")
     b.add_argument("--bs", type=parse_bytes, default=4096, help="I/O size (default 4K)")
-    b.add_argument("--qd", type=int, default=32, help="queue depth (default 32)")
-    b.add_argument("--seconds", type=float, default=5.0, help="measured time (default 5)")
+    b.add_argument("--qd", type=int_range(1), default=32, help="queue depth (default 32)")
+    b.add_argument("--seconds", type=seconds(), default=5.0, help="measured time (default 5)")
     b.add_argument("--reference", default=None, metavar="FILE",
                    help="file for the pread reference (default: the LUN's image when the root "
                         "is a simulator's; none otherwise)")
@@ -88,11 +99,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
-def _open(args: argparse.Namespace, scan: bool = True) -> Any:
+@contextlib.contextmanager
+def _open(args: argparse.Namespace, scan: bool = True) -> Iterator[Any]:
+    """The controller, opened under the device lock (a second command fails at once)."""
     import uvmbus.storvsc as storvsc
 
-    return storvsc.open(args.device, args.root, subchannels=args.subchannels,
-                        timeout=args.timeout, spin_us=args.spin_us, scan=scan)
+    dev = resolve_device(args.root, args.device, "storvsc")
+    with device_lock(dev), storvsc.open(dev.device_id, args.root, subchannels=args.subchannels,
+                                        timeout=args.timeout, spin_us=args.spin_us, scan=scan) as hba:
+        yield hba
 
 
 # ---- info ----------------------------------------------------------------------------------
@@ -128,7 +143,7 @@ class Progress:
     """A one-line progress bar on stderr, only when it is a terminal."""
 
     def __init__(self, total: int, what: str) -> None:
-        self.total = max(total, 1)
+        self.total = total          # 0: unknown (a pipe): bytes and rate only
         self.what = what
         self.on = sys.stderr.isatty()
         self.start = time.monotonic()
@@ -141,12 +156,15 @@ class Progress:
         if not final and now - self.last < 0.1:
             return
         self.last = now
-        frac = done / self.total
-        width = 30
-        bar = "#" * int(frac * width)
         rate = done / max(now - self.start, 1e-9) / 1e6
-        sys.stderr.write(f"\r{self.what} [{bar:<{width}}] {frac:6.1%} {done >> 20} MiB "
-                         f"{rate:8.1f} MB/s")
+        if self.total > 0:
+            frac = min(done / self.total, 1.0)
+            width = 30
+            bar = "#" * int(frac * width)
+            sys.stderr.write(f"\r{self.what} [{bar:<{width}}] {frac:6.1%} {done >> 20} MiB "
+                             f"{rate:8.1f} MB/s")
+        else:
+            sys.stderr.write(f"\r{self.what}: {done >> 20} MiB {rate:8.1f} MB/s")
         if final:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -155,6 +173,9 @@ class Progress:
 # ---- read / write ---------------------------------------------------------------------------------
 
 def _read(args: argparse.Namespace) -> int:
+    if not args.output and sys.stdout.isatty():
+        raise ConfigError("refusing to write disk data to a terminal: pass -o FILE or redirect "
+                          "stdout (`> FILE`, `| ...`)")
     with _open(args) as hba:
         disk = hba.disk(args.lun)
         length = disk.size - args.offset if args.length is None else args.length
@@ -185,13 +206,24 @@ def _read(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace) -> int:
     src: BinaryIO = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     try:
-        total = os.fstat(src.fileno()).st_size if args.input != "-" else 0
+        st = os.fstat(src.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{args.input} is a directory, not a file to copy")
+        total = st.st_size if stat.S_ISREG(st.st_mode) else 0     # 0: unknown (pipe, device)
         with _open(args) as hba:
             disk = hba.disk(args.lun)
             bs = disk.block_size
             if total and total % bs and not args.pad:
                 raise ConfigError(f"{args.input} has {total} bytes, not a multiple of the "
                                   f"{bs}-byte block size; pass --pad to zero-pad the last block")
+            padded = -(-total // bs) * bs
+            if args.offset % bs:
+                raise ConfigError(f"--offset {args.offset} is not a multiple of the {bs}-byte "
+                                  f"block size of LUN {args.lun}")
+            if args.offset + padded > disk.size:
+                raise ConfigError(f"{args.input} ({total} bytes) does not fit at offset "
+                                  f"{args.offset} of LUN {args.lun} ({disk.size} bytes); nothing "
+                                  "was written")
             prog = Progress(total, f"write LUN {args.lun}")
             done = 0
             while True:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from uvmbus.services.cli import add_json, add_root
+from uvmbus.services.cli import add_json, add_root, device_lock, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--run-dir", default=None,
                    help="where daemons keep pidfiles and control sockets "
                         "(default: $UVMBUS_RUN_DIR or <root>/run/uvmbus)")
-    s.add_argument("--sample", type=float, default=0.2, metavar="SECONDS",
+    s.add_argument("--sample", type=seconds(zero_ok=True), default=0.2, metavar="SECONDS",
                    help="CPU usage sampling time (0: skip)")
     s.set_defaults(func=_status)
 
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("device", help="instance GUID, unique prefix, or class name")
     b.add_argument("--force", action="store_true",
                    help="take the device even if the OS uses it (mounted disk, addressed NIC)")
-    b.add_argument("--timeout", type=float, default=None,
+    b.add_argument("--timeout", type=seconds(), default=None,
                    help="seconds to wait for the uio node (default 10; 30 with --boot)")
     b.add_argument("--persist", action="store_true",
                    help="also bind it at every boot (uvmbus-bind@GUID.service + "
@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser("unbind", help="give a device back to its kernel driver")
     add_root(u)
     u.add_argument("device", help="instance GUID, unique prefix, or class name")
-    u.add_argument("--timeout", type=float, default=10.0)
+    u.add_argument("--timeout", type=seconds(), default=10.0,
+                   help="seconds to wait for the kernel driver to take it (default 10)")
     u.add_argument("--persist", action="store_true",
                    help="also stop binding it at boot (removes what bind --persist wrote)")
     u.set_defaults(func=_unbind)
@@ -62,12 +63,18 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no VMBus devices under {bus.root}")
+        if not bus.vmbus_path.is_dir():
+            print(f"no VMBus devices under {bus.root} (no sys/bus/vmbus: not a Hyper-V guest? "
+                  "start `uvmbus sim` and pass its root with --root or UVMBUS_ROOT)")
+        else:
+            print(f"no {args.cls + ' ' if args.cls else ''}VMBus devices under {bus.root}")
         return 0
-    print(f"{'device_id':<38} {'class':<10} {'driver':<16} {'uio':<6} channels")
+    print(f"{'device_id':<38} {'class':<10} {'driver':<16} {'uio':<6} {'channels':<9} os")
     for r in rows:
         chans = ",".join(str(c["relid"]) for c in r.get("channels", []))
-        print(f"{r['device_id']:<38} {r['class']:<10} {r['driver'] or '-':<16} {r['uio'] or '-':<6} {chans}")
+        used = " ".join([*r.get("net", []), *r.get("block", [])]) or "-"     # ifname / sdX disks
+        print(f"{r['device_id']:<38} {r['class']:<10} {r['driver'] or '-':<16} {r['uio'] or '-':<6} "
+              f"{chans:<9} {used}")
     return 0
 
 
@@ -123,7 +130,8 @@ def _unbind(args: argparse.Namespace) -> int:
                   f"({', '.join(str(p) for p in res.removed)})")
             return 0
         raise
-    dev = unbind_uio(bus, dev, timeout=args.timeout)
+    with device_lock(dev, what="unbind it"):
+        dev = unbind_uio(bus, dev, timeout=args.timeout)
     print(f"{dev.device_id} returned to {dev.driver or 'no driver'}")
     if args.persist:
         res = unpersist_binding(args.root, dev.device_id)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from uvmbus.services.cli import add_root
+from uvmbus.services.cli import PORT, add_root, device_lock, int_range, resolve_device, seconds
 
 
 def _group(sub: argparse._SubParsersAction, name: str, help: str, dest: str) -> argparse._SubParsersAction:
@@ -34,12 +34,12 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-dir", default=None,
                    help="pidfile and control socket directory (default: $UVMBUS_RUN_DIR, "
                         "systemd's $RUNTIME_DIRECTORY, or <root>/run/uvmbus)")
-    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    g.add_argument("--metrics-port", type=PORT, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port)")
     g.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     g.add_argument("--metrics-file", default=None, metavar="PATH",
                    help="write Prometheus metrics to PATH atomically (node_exporter textfile)")
-    g.add_argument("--metrics-interval", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--metrics-interval", type=seconds(), default=10.0, metavar="SECONDS",
                    help="textfile refresh period (default 10)")
     g.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (journald-aware) or JSON lines")
@@ -60,11 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--hook", default=None, metavar="MODULE:FUNCTION",
                    help="Python hook called with every burst: (direction, frames) -> frames | None")
     b.add_argument("--cpu", default=None, metavar="N[,M...]", help="pin the daemon to these CPUs")
-    b.add_argument("--queues", type=int, default=1, help="NIC queues (RX threads; default 1)")
-    b.add_argument("--mtu", type=int, default=1500)
+    b.add_argument("--queues", type=int_range(1, 64), default=1, help="NIC queues (RX threads; default 1)")
+    b.add_argument("--mtu", type=int_range(68, 9202), default=1500, help="MTU, 68..9202 (default 1500)")
     b.add_argument("--address", action="append", default=[], metavar="ADDR/PREFIX",
                    help="add this address to the TAP (repeatable)")
-    b.add_argument("--burst", type=int, default=256, help="frames per burst (default 256)")
+    b.add_argument("--burst", type=int_range(1, 1024), default=256,
+                   help="frames per burst, 1..1024 (default 256)")
     _daemon_options(b)
     b.set_defaults(func=_bridge)
 
@@ -73,15 +74,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run until SIGTERM: nbdkit serves the LUN; the daemon owns the "
                                    "device and answers the plugin's requests. Type=notify service.")
     e.add_argument("device", help="VMBus SCSI controller (GUID, unique prefix, or 'storvsc')")
-    e.add_argument("--lun", type=int, default=0)
+    e.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
     where = e.add_mutually_exclusive_group()
     where.add_argument("--socket", default=None, metavar="PATH",
                        help="NBD on this Unix socket (default: <run-dir>/blk-<GUID>.nbd)")
-    where.add_argument("--port", type=int, default=None, metavar="P", help="NBD on TCP port P")
+    where.add_argument("--port", type=int_range(1, 65535), default=None, metavar="P",
+                       help="NBD on TCP port P")
     e.add_argument("--bind-address", default="127.0.0.1", metavar="ADDR",
                    help="address for --port (default 127.0.0.1; NBD has no authentication)")
     e.add_argument("--readonly", action="store_true", help="export read-only")
-    e.add_argument("--subchannels", type=int, default=0, help="storvsc sub-channels (default 0)")
+    e.add_argument("--subchannels", type=int_range(0, 64), default=0,
+                   help="storvsc sub-channels (default 0)")
     e.add_argument("--nbdkit", default="nbdkit", metavar="PATH", help="nbdkit binary")
     e.add_argument("--nbdkit-arg", action="append", default=[], metavar="ARG",
                    help="extra nbdkit argument (repeatable), e.g. --nbdkit-arg=--filter=log")
@@ -92,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     usub = u.add_subparsers(dest="units_command", metavar="COMMAND")
     i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service into "
                         "<root>/etc/systemd/system with ExecStart= pointing at this uvmbus")
-    add_root(i)
+    add_root(i, must_exist=False)
     i.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
                    help="uvmbus executable for ExecStart= (default: this one)")
     i.set_defaults(func=_units_install)
@@ -119,22 +122,24 @@ def _bridge(args: argparse.Namespace) -> int:
             cpus = sorted({int(c) for c in args.cpu.split(",") if c.strip()})
         except ValueError:
             raise ConfigError(f"--cpu {args.cpu!r}: CPU numbers separated by commas") from None
-    if not 1 <= args.burst <= 1024:
-        raise ConfigError("--burst must be 1..1024")
-    opts = BridgeOptions(device=args.device, tap=args.tap, root=args.root, netns=args.netns,
+    dev = resolve_device(args.root, args.device, "netvsc")
+    opts = BridgeOptions(device=dev.device_id, tap=args.tap, root=args.root, netns=args.netns,
                          hook=args.hook, cpus=cpus, queues=args.queues, mtu=args.mtu,
                          addresses=list(args.address), burst=args.burst)
-    return run_bridge(opts, _daemon(args, "net"))
+    with device_lock(dev, what="start a bridge on it"):
+        return run_bridge(opts, _daemon(args, "net"))
 
 
 def _export(args: argparse.Namespace) -> int:
     from uvmbus.services.blkexport import ExportOptions, run_export
 
-    opts = ExportOptions(device=args.device, root=args.root, lun=args.lun, socket=args.socket,
+    dev = resolve_device(args.root, args.device, "storvsc")
+    opts = ExportOptions(device=dev.device_id, root=args.root, lun=args.lun, socket=args.socket,
                          port=args.port, bind_address=args.bind_address, readonly=args.readonly,
                          subchannels=args.subchannels, nbdkit=args.nbdkit,
                          nbdkit_args=list(args.nbdkit_arg))
-    return run_export(opts, _daemon(args, "blk"))
+    with device_lock(dev, what="export it"):
+        return run_export(opts, _daemon(args, "blk"))
 
 
 def _units_install(args: argparse.Namespace) -> int:

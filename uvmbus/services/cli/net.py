@@ -1,7 +1,8 @@
 """`uvmbus net info|capture|bench`: the synthetic NIC from the command line (netvsc driver).
 
 Each command brings the NIC up itself (the device must be bound to uio_hv_generic and not in
-use by another process) and tears it down cleanly at the end.
+use by another process: the commands hold a lock on the device while they run, see
+``device_lock``) and tears it down cleanly at the end.
 """
 
 from __future__ import annotations
@@ -13,39 +14,46 @@ import sys
 import time
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root
+from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("net", help="synthetic NIC (netvsc): info, packet capture, benchmark")
+    p = sub.add_parser("net", help="synthetic NIC (netvsc): info, packet capture, benchmark, "
+                       "TAP bridge daemon")
     nsub = p.add_subparsers(dest="net", metavar="WHAT")
 
     i = nsub.add_parser("info", help="bring the NIC up and show what it negotiated")
     i.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
-    i.add_argument("--queues", type=int, default=1, help="queues to ask for (default 1)")
+    i.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to ask for (default 1)")
     add_root(i)
     add_json(i)
     i.set_defaults(func=_info)
 
     c = nsub.add_parser("capture", help="write received frames to a pcap file")
-    c.add_argument("device")
+    c.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
     c.add_argument("-w", "--write", required=True, metavar="FILE.pcap", help="output file")
-    c.add_argument("-c", "--count", type=int, default=0, help="stop after COUNT frames (0: until ^C)")
-    c.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: no limit)")
-    c.add_argument("--queues", type=int, default=1)
+    c.add_argument("-c", "--count", type=int_range(0), default=0,
+                   help="stop after COUNT frames (0: until ^C)")
+    c.add_argument("--seconds", type=seconds(zero_ok=True), default=0.0,
+                   help="stop after this long (0: no limit)")
+    c.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to receive on (default 1)")
     c.add_argument("--promiscuous", action="store_true", help="packet filter PROMISCUOUS")
     add_root(c)
     c.set_defaults(func=_capture)
 
     b = nsub.add_parser("bench", help="frames/s through the data path, with the ring's C loop "
                         "as reference")
-    b.add_argument("device")
-    b.add_argument("--mode", choices=("rx", "tx", "fwd"), required=True)
-    b.add_argument("--size", type=int, default=64, help="frame size in bytes (60..9014)")
-    b.add_argument("--seconds", type=float, default=5.0)
-    b.add_argument("--queues", type=int, default=1)
-    b.add_argument("--burst", type=int, default=256)
-    b.add_argument("--flows", type=int, default=64, help="generator flows (simulator)")
+    b.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
+    b.add_argument("--mode", choices=("rx", "tx", "fwd"), required=True,
+                   help="rx: receive, tx: send, fwd: receive and send back out")
+    b.add_argument("--size", type=int_range(60, 9014), default=64,
+                   help="frame size in bytes, 60..9014 (default 64)")
+    b.add_argument("--seconds", type=seconds(), default=5.0, help="measured time (default 5)")
+    b.add_argument("--queues", type=int_range(1, 64), default=1, help="queues, one thread each (default 1)")
+    b.add_argument("--burst", type=int_range(1, 1024), default=256,
+                   help="frames per call, 1..1024 (default 256)")
+    b.add_argument("--flows", type=int_range(1), default=64,
+                   help="UDP flows of the simulator's generator (default 64)")
     add_root(b)
     add_json(b)
     b.set_defaults(func=_bench)
@@ -55,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _info(args: argparse.Namespace) -> int:
     import uvmbus.netvsc as nv
 
-    with nv.open(args.device, args.root, queues=args.queues) as nic:
+    dev = resolve_device(args.root, args.device, "netvsc")
+    with device_lock(dev), nv.open(dev.device_id, args.root, queues=args.queues) as nic:
         info = nic.info().to_dict()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -93,10 +102,12 @@ def _capture(args: argparse.Namespace) -> int:
         nonlocal stop
         stop = True
 
+    dev = resolve_device(args.root, args.device, "netvsc")
     old = signal.signal(signal.SIGINT, on_signal)
     n = 0
     try:
-        with nv.open(args.device, args.root, queues=args.queues) as nic, open(args.write, "wb") as f:
+        with device_lock(dev), open(args.write, "wb") as f, \
+                nv.open(dev.device_id, args.root, queues=args.queues) as nic:
             if args.promiscuous:
                 nic.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", P.FILTER_PROMISCUOUS))
             w = PcapWriter(f)
@@ -121,15 +132,18 @@ def _capture(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
-    r = run_bench(args.device, args.root, mode=args.mode, size=args.size, seconds=args.seconds,
-                  queues=args.queues, burst=args.burst, flows=args.flows)
+    dev = resolve_device(args.root, args.device, "netvsc")
+    with device_lock(dev):
+        r = run_bench(dev.device_id, args.root, mode=args.mode, size=args.size, seconds=args.seconds,
+                      queues=args.queues, burst=args.burst, flows=args.flows)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
     print(f"netvsc {r.mode}: {r.size}-byte frames, {r.queues} queue(s), burst {r.burst}, {r.seconds:.1f} s")
     print(f"  {r.mpps:8.3f} Mpps  {r.gbits:8.2f} Gbit/s   ({r.frames} frames; per queue {r.per_queue})")
-    print(f"  ring C loop (same run, {r.size}-byte in-band packets): {r.ring_c_loop_mpps:.2f} Mpps "
-          f"{r.ring_c_loop_gbits:.2f} Gbit/s -> {r.mpps / r.ring_c_loop_mpps:.1%} of it")
+    if r.ring_c_loop_mpps:
+        print(f"  ring C loop (same run, {r.size}-byte in-band packets): {r.ring_c_loop_mpps:.2f} Mpps "
+              f"{r.ring_c_loop_gbits:.2f} Gbit/s -> {r.mpps / r.ring_c_loop_mpps:.1%} of it")
     g = r.guest
     print(f"  guest: drops {g['drops']} ring-full {g['tx_ring_full']} no-section {g['tx_no_section']} "
           f"host errors {g['host_errors']} signals {g['signals']}")

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root
+from uvmbus.services.cli import add_json, add_root, int_range, number, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,17 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=os.environ.get("UVMBUS_ROOT") or None,
                    help="directory for the simulated sys/, dev/, proc/ (default: $UVMBUS_ROOT, "
                         "else a new directory under /dev/shm)")
-    p.add_argument("--echo", type=int, default=None, metavar="N", help="echo devices (default 1 "
-                   "when no other device is asked for)")
-    p.add_argument("--nic", type=int, default=0, metavar="N", help="synthetic NICs (netvsc model)")
+    p.add_argument("--echo", type=int_range(0), default=None, metavar="N", help="echo devices "
+                   "(default 1 when no other device is asked for)")
+    p.add_argument("--nic", type=int_range(0), default=0, metavar="N", help="synthetic NICs (netvsc model)")
     p.add_argument("--nic-backend", default=None, metavar="B", help="frames of the --nic NICs: "
                    "loopback (default), sink, generator, none, tap:NAME[@NETNS]")
-    p.add_argument("--disk", action="append", default=[], metavar="IMAGE",
-                   help="a SCSI disk backed by IMAGE (storvsc model); repeatable")
+    p.add_argument("--disk", action="append", default=[], metavar="IMAGE[:OPT...]",
+                   help="a SCSI disk backed by the raw image IMAGE (storvsc model; options "
+                        ":size=SIZE creates a missing image sparse, :ro, :bs=512|4096, :lun=N, "
+                        ":serial=TEXT, :nounmap); repeatable")
     p.add_argument("--device", action="append", default=[], metavar="MODEL[:KEY=VAL,...]",
                    help="a device of any registered model; repeatable")
-    p.add_argument("--load-model", action="append", default=[], metavar="MODULE",
-                   help="import MODULE, which registers device models; repeatable")
+    p.add_argument("--load-model", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import MODULE (also from the current directory) or FILE.py, which "
+                        "registers device models; repeatable")
     p.add_argument("--kernel", default="6.18", help="simulated guest kernel: 6.9, 6.10, 6.16, 6.18 "
                    "(any X.Y maps onto the same rules; default 6.18)")
     p.add_argument("--page-size", type=int, default=4096, choices=(4096, 16384, 65536),
@@ -38,26 +42,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unmonitored", action="store_true", help="offer channels without monitor ids")
     p.add_argument("--unmonitored-subchannels", action="store_true",
                    help="offer sub-channels without monitor ids (as Azure may for NICs)")
-    p.add_argument("--signal-grace", type=float, default=5.0,
+    p.add_argument("--signal-grace", type=seconds(zero_ok=True), default=5.0,
                    help="seconds a guest signal the host could not rule out stays acceptable "
                         "(needless-signal accounting; default 5)")
-    p.add_argument("--monitor-latency-us", type=float, default=50.0,
+    p.add_argument("--monitor-latency-us", type=number(zero_ok=True, unit="microseconds"), default=50.0,
                    help="monitor page scan interval (Hyper-V default 50)")
-    p.add_argument("--subchannel-delay", type=float, default=0.2, metavar="SECONDS",
+    p.add_argument("--subchannel-delay", type=seconds(zero_ok=True), default=0.2, metavar="SECONDS",
                    help="delay between a sub-channel offer and its ring file")
     p.add_argument("--guest-ram", default="256M", help="simulated guest RAM for GPA-direct (0: none)")
-    p.add_argument("--host-spin-us", type=float, default=20.0,
+    p.add_argument("--host-spin-us", type=number(zero_ok=True, unit="microseconds"), default=20.0,
                    help="how long a host channel polls after its last packet before re-arming")
     p.add_argument("--bind", action="store_true",
                    help="bind every model device to uio_hv_generic at start (as new_id would)")
     p.add_argument("--no-ic", action="store_true",
                    help="do not offer the integration-component devices (heartbeat, kvp, ...)")
     p.add_argument("--quiet", action="store_true", help="less logging on stderr")
+    p.epilog = ("Stop it with Ctrl-C, SIGTERM or `uvmbus sim ctl --root ROOT stop`; it removes "
+                "the files it created.")
     p.set_defaults(func=_run)
     csub = p.add_subparsers(dest="sim_command", metavar="ctl")
     c = csub.add_parser("ctl", help="control a running simulator",
                         description="Send a request to a running simulator's control socket.")
-    add_root(c)
+    add_root(c, must_exist=False)       # the control client says what is missing
     add_json(c)
     c.add_argument("request", choices=("ping", "stats", "devices", "kernel", "stop", "fault",
                                        "clear", "rescind", "reoffer", "subchannels", "link", "model"),
@@ -66,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "subchannels: DEVICE COUNT; link: DEVICE up|down; "
                    "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations)")
     c.add_argument("--device", default="*", help="device for fault/clear (GUID, prefix, model, *)")
-    c.add_argument("--reoffer-after", type=float, default=None, metavar="SECONDS",
+    c.add_argument("--reoffer-after", type=seconds(zero_ok=True), default=None, metavar="SECONDS",
                    help="rescind: offer the device again after this delay")
     c.set_defaults(func=_ctl)
 
@@ -93,6 +99,26 @@ def _device_specs(args: argparse.Namespace) -> list[Any]:
     return specs
 
 
+def _model_modules(names: list[str]) -> list[str]:
+    """``--load-model`` values as module names: FILE.py (or a path) is imported from its
+    directory, and the current directory is searched too (as ``python -m`` does)."""
+    from uvmbus.errors import ConfigError
+
+    mods = []
+    for name in names:
+        if name.endswith(".py") or os.sep in name:
+            path = Path(name)
+            if not path.is_file():
+                raise ConfigError(f"--load-model {name}: no such file")
+            sys.path.insert(0, str(path.resolve().parent))
+            mods.append(path.stem)
+        else:
+            mods.append(name)
+    if mods and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return mods
+
+
 def _run(args: argparse.Namespace) -> int:
     if getattr(args, "sim_command", None):
         return 2
@@ -100,16 +126,17 @@ def _run(args: argparse.Namespace) -> int:
     from uvmbus.sim.models import load_models
     from uvmbus.units import parse_size
 
-    load_models(args.load_model)
+    load_models(_model_modules(args.load_model))
     kernel = KernelMode.parse(args.kernel, args.page_size)
     specs = _device_specs(args)
-    root, owns = prepare_root(args.root)
+    guest_ram = parse_size(args.guest_ram, what="guest RAM size")     # 0: no guest RAM
+    root, owns = prepare_root(args.root)        # last: nothing is left behind by a bad option
     config = SimConfig(
         root=root, kernel=kernel, devices=specs, monitored=not args.unmonitored,
         monitored_subchannels=not (args.unmonitored or args.unmonitored_subchannels),
         monitor_latency_us=args.monitor_latency_us, subchannel_delay=args.subchannel_delay,
         signal_grace=args.signal_grace,
-        guest_ram=parse_size(args.guest_ram, what="guest RAM size", allow_zero=False), host_spin_us=args.host_spin_us, bind_uio=args.bind,
+        guest_ram=guest_ram, host_spin_us=args.host_spin_us, bind_uio=args.bind,
         ic_devices=not args.no_ic, owns_root=owns, quiet=args.quiet,
     )
 
@@ -119,6 +146,10 @@ def _run(args: argparse.Namespace) -> int:
 
     def ready(vm: Simulator) -> None:
         print("ready " + json.dumps(vm.ready_info()), flush=True)
+        if not args.quiet:
+            print(f"uvmbus-sim: ready under {root}: `export UVMBUS_ROOT={root}` (or pass --root "
+                  f"{root}) to use it; stop with Ctrl-C or `uvmbus sim ctl --root {root} stop`",
+                  file=sys.stderr, flush=True)
 
     return Simulator(config).run(ready)
 
@@ -164,8 +195,8 @@ def _ctl(args: argparse.Namespace) -> int:
             margs[key] = val
         req = {"cmd": "model", "device": a[0], "op": a[1], "args": margs}
     else:
-        if len(a) != 2:
-            raise ConfigError("subchannels needs DEVICE COUNT")
+        if len(a) != 2 or not a[1].isdigit():
+            raise ConfigError("subchannels needs DEVICE COUNT (a number of sub-channels)")
         req = {"cmd": "offer_subchannels", "device": a[0], "count": int(a[1])}
     with ControlClient(args.root) as client:
         reply = client.call(req.pop("cmd"), **req)

@@ -43,9 +43,13 @@ buffer has a sub-allocation per queue after the reserved ones; the sub-channels 
 offered; once all are open the host sends SEND_INDIRECTION_TABLE (16 entries, i % queues).
 RX frames are steered with Toeplitz over the guest's key and table.
 
-Link (§10.1): up at start with no indication; changes (``control("link", up=...)``) are
-sent as MEDIA_CONNECT / MEDIA_DISCONNECT, paced: after one indication, further changes
-within ``link_pacing`` seconds (default 5, as the reference host) are coalesced into one.
+Link (§10.1): up at start with no indication; MEDIA_CONNECT_STATUS is always answered
+"connected", as the reference host does (option ``media_status=link`` makes it follow the
+backend); changes (``control("link", up=...)``) are sent as MEDIA_CONNECT / MEDIA_DISCONNECT
+as soon as the primary channel is ready (a change before that — or a link that is down when
+a session starts — is sent then, before RNDIS INIT if need be), paced: after one indication,
+further changes within ``link_pacing`` seconds (default 5, as the reference host) are
+coalesced into one.
 
 VF / accelerated networking (§8) is not emulated: SEND_VF_ASSOCIATION is never sent, even
 when the guest advertises SR-IOV.
@@ -53,7 +57,7 @@ when the guest advertises SR-IOV.
 Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
 (loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
 ``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
-``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+``media_status`` (connected / link), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
@@ -179,6 +183,9 @@ class NetvspModel(DeviceModel):
             raise ConfigError(f"max_queues must be 1..{lib.UVB_NVSP_MAX_QUEUES}")
         self.link_speed = int(float(opts.pop("link_speed", 10e9)))
         self.link_pacing = float(opts.pop("link_pacing", 5.0))
+        self.media_status = str(opts.pop("media_status", "connected")).lower()
+        if self.media_status not in ("connected", "link"):
+            raise ConfigError("media_status must be connected (the reference host) or link")
         self.min_request = int(opts.pop("min_request", 0))
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
@@ -204,7 +211,8 @@ class NetvspModel(DeviceModel):
         self._queues: dict[int, _Queue] = {}
         self._tap: Any = None
         self._link_up = True          # backend state
-        self._guest_link = True       # what the guest was last told
+        self._guest_link = True       # what the guest was last told (up: no initial indication)
+        self._pending_link: bool | None = None   # a link action waiting for the Ready state
         self._link_timer = False
         self._link_gen = 0
         self.counters: dict[str, int] = {
@@ -257,7 +265,12 @@ class NetvspModel(DeviceModel):
             self._queues.clear()
             lib.uvb_nvsp_fini(self.nic)
             self._reset_state()
-            self._guest_link = self._link_up
+            # a new session starts "up, no indication" (§10.1); a link that is down is
+            # reported with an indication once the new session is ready
+            self._guest_link = True
+            self._pending_link = None if self._link_up else False
+            self._link_timer = False
+            self._link_gen += 1               # a pacing timer of the old session is void
 
     def _apply_gen(self) -> None:
         g = self.nic.gen
@@ -423,16 +436,18 @@ class NetvspModel(DeviceModel):
         m = self._need(channel, payload, "struct nvsp_init", "INIT")
         requested = m["min_protocol_ver"]          # the reference host reads @4 only
         ok = requested in self.versions
+        if pkt.flags & FLAG_COMPLETION_REQUESTED:
+            # built before the switch to the negotiated message size: INIT_COMPLETE itself is
+            # padded to the legacy 32 bytes even for 6.1 (the reference host's order, §10.1)
+            reply = P.nvsp("struct nvsp_init_complete", P.MSG_INIT_COMPLETE, size=self.msg_size,
+                           negotiated_protocol_ver=(2 if requested == P.NVSP_V1 else 0xFFFFFFFF) if ok else 0,
+                           max_mdl_chain_len=34, status=P.STATUS_SUCCESS if ok else lib.NVSP_STAT_NONE)
+            self._complete(channel, pkt.trans_id, reply)
         if ok:
             self.version = requested
             self.msg_size = 40 if requested >= P.NVSP_V61 else 32
             self.nic.msg_size = self.msg_size
             self.state = INIT
-        if pkt.flags & FLAG_COMPLETION_REQUESTED:
-            reply = P.nvsp("struct nvsp_init_complete", P.MSG_INIT_COMPLETE, size=self.msg_size,
-                           negotiated_protocol_ver=(2 if requested == P.NVSP_V1 else 0xFFFFFFFF) if ok else 0,
-                           max_mdl_chain_len=34, status=P.STATUS_SUCCESS if ok else lib.NVSP_STAT_NONE)
-            self._complete(channel, pkt.trans_id, reply)
 
     def _state_init(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
         want_comp = bool(pkt.flags & FLAG_COMPLETION_REQUESTED)
@@ -445,15 +460,15 @@ class NetvspModel(DeviceModel):
             mtu = m["mtu"]
             self.ndis_config = (mtu, m["capability"])
             self.mtu = mtu if 1514 <= mtu <= 9216 else MTU_DEFAULT
-            if want_comp:
-                self._complete(channel, pkt.trans_id, self._nvsp_reply(struct.pack("<I", mtype)))
+            if want_comp:                   # "can be empty": the reference host's is (§2.4)
+                self._complete(channel, pkt.trans_id, b"")
         elif mtype == P.MSG_SEND_NDIS_VER:
             if self.ndis_version is not None:
                 self._fatal(channel, "second SEND_NDIS_VER")
             m = self._need(channel, payload, "struct nvsp_send_ndis_ver", "SEND_NDIS_VER")
             self.ndis_version = (m["ndis_major_ver"], m["ndis_minor_ver"])
-            if want_comp:
-                self._complete(channel, pkt.trans_id, self._nvsp_reply(struct.pack("<I", mtype)))
+            if want_comp:                   # an empty completion, only when requested (§2.4)
+                self._complete(channel, pkt.trans_id, b"")
         elif mtype == P.MSG_SEND_RECV_BUF:
             self._recv_buf(channel, pkt, payload)
         elif mtype == P.MSG_SEND_SEND_BUF:
@@ -476,6 +491,11 @@ class NetvspModel(DeviceModel):
         self.state = READY
         n = self.nic
         n.num_queues = 1
+        if self._pending_link is not None and not self._link_timer:
+            # the reference host sends a pending link indication from its Ready state, as soon
+            # as a control sub-allocation is free: RNDIS INIT is not needed (§10.1)
+            up, self._pending_link = self._pending_link, None
+            self._link_action(up, on_loop=False)
 
     def _recv_buf(self, channel: HostChannel, pkt: Packet, payload: bytes) -> None:
         if self.recv_buf_id is not None:
@@ -702,7 +722,10 @@ class NetvspModel(DeviceModel):
             P.OID_GEN_DRIVER_VERSION: struct.pack("<H", 0x0100),
             P.OID_GEN_VENDOR_DRIVER_VERSION: struct.pack("<H", 0x0100),
             P.OID_GEN_MAC_OPTIONS: u32(0x24D),
-            P.OID_GEN_MEDIA_CONNECT_STATUS: u32(lib.NDIS_MEDIA_STATE_CONNECTED if self._guest_link
+            # the reference host always answers "connected" and reports the link with
+            # indications (§10.1); media_status=link makes the answer follow the backend
+            P.OID_GEN_MEDIA_CONNECT_STATUS: u32(lib.NDIS_MEDIA_STATE_CONNECTED
+                                                if self.media_status == "connected" or self._link_up
                                                 else lib.NDIS_MEDIA_STATE_DISCONNECTED),
             P.OID_GEN_MAXIMUM_SEND_PACKETS: u32(0xFFFFFFFF),
             P.OID_GEN_MAX_LINK_SPEED: struct.pack("<QQ", self.link_speed, self.link_speed),
@@ -749,7 +772,11 @@ class NetvspModel(DeviceModel):
                 self._kick_all()
             return P.ST_SUCCESS
         if oid == P.OID_TCP_OFFLOAD_PARAMETERS:
-            if len(info) < 20 or info[0] != lib.NDIS_OBJTYPE_DEFAULT or info[1] < 1:
+            # §4.7: NDIS object header type 0x80, revision >= 1, header size >= 20 (the
+            # revision-1 size) and not beyond the buffer the guest sent
+            hdr_size = struct.unpack_from("<H", info, 2)[0] if len(info) >= 4 else 0
+            if (len(info) < 20 or info[0] != lib.NDIS_OBJTYPE_DEFAULT or info[1] < 1
+                    or hdr_size < 20 or hdr_size > len(info)):
                 return P.ST_INVALID_DATA
             params = P.parse_offload_params(info)
             if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
@@ -797,25 +824,41 @@ class NetvspModel(DeviceModel):
 
     # ==== link state =======================================================================
     def set_link(self, up: bool) -> None:
-        """Backend link change (control socket).  Paced like the reference host."""
+        """Backend link change (control socket, event loop).  Paced like the reference host."""
         with self._lock:
+            if (up == self._link_up == self._guest_link and self._pending_link is None
+                    and not self._link_timer):
+                return                       # no change at all
             self._link_up = up
             self.nic.link_up = 1 if up else 0
             if self._link_timer:
                 return                       # coalesced: the timer sends the final state
-            if up == self._guest_link:
-                # it bounced since the guest was told: intermediate now, final after pacing
-                self._indicate(not up)
-            else:
-                self._indicate(up)
-            self._arm_link_timer()
+            if not self._can_indicate():
+                self._pending_link = up      # sent when the primary channel becomes ready
+                return
+            self._link_action(up)
 
-    def _arm_link_timer(self) -> None:
+    def _can_indicate(self) -> bool:
+        """The reference host sends link indications from its Ready state (buffers connected;
+        a control sub-allocation is all it needs, RNDIS INIT or not)."""
+        return self.state == READY and self.nic.priv != ffi.NULL and not self.revoked
+
+    def _link_action(self, up: bool, *, on_loop: bool = True) -> None:
+        """§10.1: a change relative to what the guest was told is sent now; if the link
+        bounced (the new state is the one the guest already has), the intermediate transition
+        is sent now and the final one after the pacing delay."""
+        self._indicate(not up if up == self._guest_link else up)
+        self._arm_link_timer(on_loop)
+
+    def _arm_link_timer(self, on_loop: bool = True) -> None:
         self._link_timer = True
         self._link_gen += 1
         gen = self._link_gen
         vm = self.device.vm
-        vm.later(self.link_pacing, self._link_timer_fired, gen)
+        if on_loop:
+            vm.later(self.link_pacing, self._link_timer_fired, gen)
+        else:                                # from a channel worker: timers live on the loop
+            vm.call_soon(vm.later, self.link_pacing, self._link_timer_fired, gen)
 
     def _link_timer_fired(self, gen: int) -> None:
         with self._lock:
@@ -823,17 +866,18 @@ class NetvspModel(DeviceModel):
                 return
             self._link_timer = False
             if self._link_up != self._guest_link:
+                if not self._can_indicate():
+                    self._pending_link = self._link_up
+                    return
                 self._indicate(self._link_up)
                 self._arm_link_timer()
 
     def _indicate(self, up: bool) -> None:
-        self._guest_link = up
-        if self.rndis != R_OPERATIONAL or self.nic.priv == ffi.NULL:
-            return
         ind = P.rndis_indicate_status(P.ST_MEDIA_CONNECT if up else P.ST_MEDIA_DISCONNECT)
         if lib.uvb_nvsp_post_ctrl(self.nic, ind, len(ind)) != 0:
             self.counters["ctrl_overflow"] += 1
             return
+        self._guest_link = up
         self.counters["link_indications"] += 1
         self._poke_primary()
 
