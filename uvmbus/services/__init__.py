@@ -7,7 +7,7 @@
 - :mod:`~uvmbus.services.logs`       text (journald-aware) or JSON-lines logging
 - :mod:`~uvmbus.services.status`     ``uvmbus status``: devices, bindings, daemons, CPU/RSS
 - :mod:`~uvmbus.services.persist`    boot-time bindings, installing the systemd units
-- :mod:`~uvmbus.services.netbridge`  ``uvmbus net bridge`` (with :mod:`~uvmbus.services.tap`,
+- :mod:`~uvmbus.services.netbridge`  ``uvmbus net bridge`` (with :mod:`~uvmbus.tap`,
   :mod:`~uvmbus.services.hooks`)
 - :mod:`~uvmbus.services.blkexport`  ``uvmbus blk export`` (nbdkit runs
   :mod:`~uvmbus.services.nbdplugin`)

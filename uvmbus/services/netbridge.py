@@ -37,7 +37,7 @@ from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.services.daemon import Daemon
 from uvmbus.services.hooks import Hook, load_hook
 from uvmbus.services.metrics import Registry, sim_collector
-from uvmbus.services.tap import TapInterface
+from uvmbus.tap import TapInterface
 
 __all__ = ["BridgeOptions", "NetBridge", "run_bridge"]
 

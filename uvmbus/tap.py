@@ -1,5 +1,6 @@
-"""A TAP interface for the net bridge: ``/dev/net/tun`` (``TUNSETIFF``, ``IFF_TAP |
-IFF_NO_PI``) plus link set-up with pyroute2.
+"""A TAP interface: ``/dev/net/tun`` (``TUNSETIFF``, ``IFF_TAP | IFF_NO_PI``) plus link
+set-up with pyroute2. Used by the net bridge daemon (guest side) and by the simulator's TAP
+backend (host side).
 
 The interface takes the synthetic NIC's MAC address (Hyper-V only delivers frames addressed
 to it and drops frames sent from any other source address) and its MTU.  With ``netns`` it
