@@ -8,7 +8,14 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean
+.PHONY: demo test build lint deps clean fuzz
+
+FUZZ_SECONDS ?= 60
+
+# Every fuzz harness (libFuzzer over native/, atheris over the Python parsers) for
+# FUZZ_SECONDS each, under nice; per-harness executions and coverage (docs/reliability.md).
+fuzz: $(STAMP)
+	$(VPY) fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 demo: $(STAMP)
 	$(VENV)/bin/uvmbus demo
@@ -21,7 +28,7 @@ build: $(STAMP)
 	flock /tmp/uvmbus-build.lock $(VPY) native/build.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check uvmbus tests native
+	$(VENV)/bin/ruff check uvmbus tests native fuzz
 
 deps:
 	.ci/install-deps
