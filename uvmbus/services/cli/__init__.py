@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "uvmbus.services.cli.blk",
     "uvmbus.services.cli.demo",
     "uvmbus.services.cli.daemons",      # after net/blk: adds `net bridge`, `blk export`, `units`
+    "uvmbus.services.cli.ic",
 ]
 
 
