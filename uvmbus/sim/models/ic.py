@@ -1,7 +1,7 @@
 """Host side of the integration components: heartbeat, shutdown, time sync, KVP, file copy.
 
 Written from the host's point of view in the references, not from uvmbus's guest code (only
-the wire layouts of ``native/ic_wire.h`` are shared, through :mod:`uvmbus.ic.wire`):
+the wire layouts of ``native/ic_wire.h`` are shared, through cffi's ``ffi``/``lib``):
 
 * framing and negotiation — OpenVMM ``hyperv_ic`` (``IcPipe::negotiate``): each message is one
   in-band packet, transaction id 0, no completion flag; ``vmbuspipe_hdr`` flags 1; the host
@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from uvmbus.errors import ConfigError
-from uvmbus.ic import wire
-from uvmbus.ic.wire import HDR_SIZE, KvpOp, MsgType, Status
+from uvmbus.native import ffi, lib
 from uvmbus.ring import PKT_INBAND, Packet
 from uvmbus.sim.channel import HostChannel
 from uvmbus.sim.models import register_model
 from uvmbus.sim.models.base import DeviceModel
+from uvmbus.sim.models.null import IC_CLASSES
 
 __all__ = ["IC_INSTANCE_IDS", "IcHostModel"]
 
@@ -61,6 +61,37 @@ IC_INSTANCE_IDS = {
     "kvp": "242ff919-07db-4180-9c2e-b86cb68c8c55",
     "fcopy": "eb765408-105f-49b6-b4aa-c123b64d17d4",
 }
+
+_CLASS_IDS = dict(IC_CLASSES)
+_PIPE = lib.IC_PIPE_HDR_SIZE
+HDR_SIZE = lib.IC_HDR_SIZE
+REQUEST_FLAGS = lib.IC_FLAG_TRANSACTION | lib.IC_FLAG_REQUEST
+RESPONSE_FLAGS = lib.IC_FLAG_TRANSACTION | lib.IC_FLAG_RESPONSE
+NEGOTIATE = lib.IC_MSGTYPE_NEGOTIATE
+_STATUS_NAMES = {lib.IC_S_OK: "S_OK", lib.IC_E_FAIL: "E_FAIL", lib.IC_S_CONT: "S_CONT",
+                 lib.IC_ERROR_ALREADY_EXISTS: "ALREADY_EXISTS", lib.IC_ERROR_DISK_FULL: "DISK_FULL",
+                 lib.IC_ERROR_NOT_SUPPORTED: "NOT_SUPPORTED", lib.IC_INVALIDARG: "INVALIDARG"}
+
+
+def _status_name(st: int) -> str:
+    return _STATUS_NAMES.get(st, f"{st:#010x}")
+
+
+def _vstr(v: tuple[int, int]) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+def _parse_version(text: str) -> tuple[int, int]:
+    major, _, minor = text.strip().partition(".")
+    v = (int(major), int(minor or 0))
+    if not (0 <= v[0] <= 0xFFFF and 0 <= v[1] <= 0xFFFF):
+        raise ValueError(text)
+    return v
+
+
+def _offsetof(struct_name: str, field_name: str) -> int:
+    return int(ffi.offsetof(f"struct {struct_name}", field_name))
+
 
 _FILETIME_EPOCH = 116444736000000000
 _SHTDN_REASON_PLANNED = 0x80000000
@@ -74,7 +105,7 @@ def _versions(text: Any, what: str) -> tuple[tuple[int, int], ...]:
     else:
         items = [t for t in str(text).replace(";", "/").replace(" ", "/").split("/") if t]
     try:
-        return tuple(wire.parse_version(t) for t in items)
+        return tuple(_parse_version(t) for t in items)
     except Exception as exc:
         raise ConfigError(f"{what}={text!r}: versions are MAJOR.MINOR separated by '/'") from exc
 
@@ -116,7 +147,7 @@ class _Ticket:
     def describe(self) -> dict[str, Any]:
         st = self.status
         return {"op": self.op, "done": self.done, "status": st,
-                "status_name": None if st is None else wire.status_name(st), **self.data}
+                "status_name": None if st is None else _status_name(st), **self.data}
 
 
 class IcHostModel(DeviceModel):
@@ -207,16 +238,16 @@ class IcHostModel(DeviceModel):
         self.device.log(f"{self.name}: {msg}")
 
     def _send(self, channel: HostChannel, t: _Txn, now: float) -> None:
-        fw, ver = self.negotiated if (self.negotiated and t.msgtype != MsgType.NEGOTIATE) else ((0, 0), (0, 0))
-        flags = wire.REQUEST_FLAGS
-        fault = self._faults.popleft() if self._faults and t.msgtype != MsgType.NEGOTIATE else None
-        pipe_flags = wire.PIPE_TYPE_DATA
+        fw, ver = self.negotiated if (self.negotiated and t.msgtype != NEGOTIATE) else ((0, 0), (0, 0))
+        flags = REQUEST_FLAGS
+        fault = self._faults.popleft() if self._faults and t.msgtype != NEGOTIATE else None
+        pipe_flags = lib.IC_PIPE_TYPE_DATA
         body = t.body
         if fault and fault["kind"] == "bad_flags":
-            flags = wire.RESPONSE_FLAGS
+            flags = RESPONSE_FLAGS
         if fault and fault["kind"] == "bad_pipe":
             pipe_flags = 2
-        hdr = struct.pack("<IIHHHHHHIBBH", pipe_flags, wire.MSG_HDR_SIZE + len(body), fw[0], fw[1],
+        hdr = struct.pack("<IIHHHHHHIBBH", pipe_flags, lib.IC_MSG_HDR_SIZE + len(body), fw[0], fw[1],
                           t.msgtype, ver[0], ver[1], len(body) & 0xFFFF, 0, 0, flags, 0)
         data = hdr + body
         if fault and fault["kind"] == "truncate":
@@ -245,7 +276,7 @@ class IcHostModel(DeviceModel):
                 self._error(f"reply to {cur.what}: {problem}")
                 return            # the request stays outstanding; it will be missed
             self._current = None
-            status = struct.unpack_from("<I", data, wire.PIPE_HDR_SIZE + 12)[0]
+            status = struct.unpack_from("<I", data, _PIPE + 12)[0]
             self.counters["replies"] += 1
             cur.on_reply(status, data[HDR_SIZE:])
 
@@ -253,15 +284,15 @@ class IcHostModel(DeviceModel):
         if len(data) < HDR_SIZE:
             return f"{len(data)} bytes, shorter than the IC header"
         pipe_flags = struct.unpack_from("<I", data, 0)[0]
-        if pipe_flags != wire.PIPE_TYPE_DATA:
-            return f"pipe header type {pipe_flags}, expected {wire.PIPE_TYPE_DATA}"
-        mtype = struct.unpack_from("<H", data, wire.PIPE_HDR_SIZE + 4)[0]
-        txid, flags = data[wire.PIPE_HDR_SIZE + 16], data[wire.PIPE_HDR_SIZE + 17]
+        if pipe_flags != lib.IC_PIPE_TYPE_DATA:
+            return f"pipe header type {pipe_flags}, expected {lib.IC_PIPE_TYPE_DATA}"
+        mtype = struct.unpack_from("<H", data, _PIPE + 4)[0]
+        txid, flags = data[_PIPE + 16], data[_PIPE + 17]
         if mtype != t.msgtype:
             return f"message type {mtype}, expected {t.msgtype}"
         if txid != 0:
             return f"transaction id {txid}, expected 0"
-        if flags & wire.RESPONSE_FLAGS != wire.RESPONSE_FLAGS:
+        if flags & RESPONSE_FLAGS != RESPONSE_FLAGS:
             return f"flags {flags:#x} lack TRANSACTION|RESPONSE"
         if len(data) < t.sent_len:
             return f"{len(data)} bytes, shorter than the {t.sent_len}-byte request"
@@ -270,7 +301,7 @@ class IcHostModel(DeviceModel):
     # ---- negotiation -----------------------------------------------------------------------
     def _negotiate_txn(self, fw: tuple[tuple[int, int], ...], vers: tuple[tuple[int, int], ...]) -> _Txn:
         body = struct.pack("<HHI", len(fw), len(vers), 0) + b"".join(struct.pack("<HH", *v) for v in (*fw, *vers))
-        return _Txn(MsgType.NEGOTIATE, body, lambda st, b: self._negotiated(st, b, fw, vers),
+        return _Txn(NEGOTIATE, body, lambda st, b: self._negotiated(st, b, fw, vers),
                     self._negotiate_missed, what="NEGOTIATE")
 
     def _negotiated(self, status: int, body: bytes, fw: tuple[tuple[int, int], ...],
@@ -332,10 +363,10 @@ class IcHostModel(DeviceModel):
 
     def status(self) -> dict[str, Any]:
         n = self.negotiated
-        return {"state": self.state, "framework": wire.version_str(n[0]) if n else None,
-                "version": wire.version_str(n[1]) if n else None,
-                "offered": [wire.version_str(v) for v in self.offer_versions],
-                "offered_fw": [wire.version_str(v) for v in self.offer_fw],
+        return {"state": self.state, "framework": _vstr(n[0]) if n else None,
+                "version": _vstr(n[1]) if n else None,
+                "offered": [_vstr(v) for v in self.offer_versions],
+                "offered_fw": [_vstr(v) for v in self.offer_fw],
                 "counters": dict(self.counters), "last_error": self.last_error,
                 "pending": len(self._queue) + (1 if self._current else 0)}
 
@@ -385,9 +416,9 @@ def _flag(args: dict[str, Any], key: str) -> bool:
 @register_model
 class HeartbeatHost(IcHostModel):
     name = "heartbeat"
-    class_id = wire.CLASS_IDS["heartbeat"]
+    class_id = _CLASS_IDS["heartbeat"]
     description = "heartbeat IC host: a beat every interval, expects seq + 1"
-    msgtype = MsgType.HEARTBEAT
+    msgtype = lib.IC_MSGTYPE_HEARTBEAT
     host_versions = ((1, 0), (3, 0))
     periodic = True
 
@@ -399,7 +430,7 @@ class HeartbeatHost(IcHostModel):
         return 2.0
 
     def periodic_txn(self) -> _Txn | None:
-        if self._current is not None and self._current.msgtype == MsgType.HEARTBEAT:
+        if self._current is not None and self._current.msgtype == lib.IC_MSGTYPE_HEARTBEAT:
             return None                    # the last beat is still outstanding
         seq = self.seq
         body = struct.pack("<Q", seq) + bytes(32)
@@ -412,7 +443,7 @@ class HeartbeatHost(IcHostModel):
             else:
                 self.counters["beats"] += 1
                 self.seq = got
-        return _Txn(MsgType.HEARTBEAT, body, reply, lambda: None, what=f"heartbeat {seq}")
+        return _Txn(lib.IC_MSGTYPE_HEARTBEAT, body, reply, lambda: None, what=f"heartbeat {seq}")
 
 
 # ==== shutdown ===========================================================================================
@@ -420,9 +451,9 @@ class HeartbeatHost(IcHostModel):
 @register_model
 class ShutdownHost(IcHostModel):
     name = "shutdown"
-    class_id = wire.CLASS_IDS["shutdown"]
+    class_id = _CLASS_IDS["shutdown"]
     description = "shutdown IC host: shutdown/reboot/hibernate requests on demand"
-    msgtype = MsgType.SHUTDOWN
+    msgtype = lib.IC_MSGTYPE_SHUTDOWN
     host_versions = ((1, 0), (3, 0), (3, 1), (3, 2))
 
     def ic_control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -439,11 +470,11 @@ class ShutdownHost(IcHostModel):
         need = {2: (3, 1), 4: (3, 2)}.get(flags & 6)
         if need and self.negotiated and self.negotiated[1] < need:
             raise ConfigError(f"{action} needs shutdown version {need[0]}.{need[1]}; negotiated "
-                              f"{wire.version_str(self.negotiated[1])}")
+                              f"{_vstr(self.negotiated[1])}")
         msg = str(args.get("message", "uvmbus simulated host"))[:2047].encode()
         body = struct.pack("<III", _SHTDN_REASON_PLANNED, 0, flags) + msg.ljust(2048, b"\0")
         tid, ticket = self._ticket("shutdown")
-        self._enqueue([_Txn(MsgType.SHUTDOWN, body, lambda st, b: ticket.finish(st),
+        self._enqueue([_Txn(lib.IC_MSGTYPE_SHUTDOWN, body, lambda st, b: ticket.finish(st),
                             lambda: ticket.finish(None, error="no reply"), what=f"shutdown {action}")])
         return {"ticket": tid}
 
@@ -453,9 +484,9 @@ class ShutdownHost(IcHostModel):
 @register_model
 class TimeSyncHost(IcHostModel):
     name = "timesync"
-    class_id = wire.CLASS_IDS["timesync"]
+    class_id = _CLASS_IDS["timesync"]
     description = "time sync IC host: one SYNC, then a SAMPLE every interval"
-    msgtype = MsgType.TIMESYNC
+    msgtype = lib.IC_MSGTYPE_TIMESYNC
     host_versions = ((4, 0),)
     periodic = True
 
@@ -485,7 +516,7 @@ class TimeSyncHost(IcHostModel):
 
         def reply(status: int, b: bytes) -> None:
             self.counters[f"{kind}_answered" if status == 0 else f"{kind}_failed"] += 1
-        return _Txn(MsgType.TIMESYNC, body, reply, None, what=f"time {kind}")
+        return _Txn(lib.IC_MSGTYPE_TIMESYNC, body, reply, None, what=f"time {kind}")
 
 
 # ==== KVP ================================================================================================
@@ -499,9 +530,9 @@ def _kvp_value(key: str, value: str | None = None) -> bytes:
 @register_model
 class KvpHost(IcHostModel):
     name = "kvp"
-    class_id = wire.CLASS_IDS["kvp"]
+    class_id = _CLASS_IDS["kvp"]
     description = "KVP IC host: get/set/delete/enumerate items, query guest IP info"
-    msgtype = MsgType.KVPEXCHANGE
+    msgtype = lib.IC_MSGTYPE_KVPEXCHANGE
     host_versions = ((3, 0), (4, 0), (5, 0))
 
     def _pool(self, args: dict[str, Any]) -> int:
@@ -517,10 +548,10 @@ class KvpHost(IcHostModel):
         if op in ("kvp_set", "kvp_get"):
             key = str(args["key"])
             if op == "kvp_set":
-                body = struct.pack("<BBH", KvpOp.SET, pool, 0) + _kvp_value(key, str(args.get("value", "")))
+                body = struct.pack("<BBH", lib.IC_KVP_OP_SET, pool, 0) + _kvp_value(key, str(args.get("value", "")))
                 cb: Callable[[int, bytes], None] = lambda st, b: ticket.finish(st)  # noqa: E731
             else:
-                body = struct.pack("<BBH", KvpOp.GET, pool, 0) + _kvp_value(key)
+                body = struct.pack("<BBH", lib.IC_KVP_OP_GET, pool, 0) + _kvp_value(key)
 
                 def cb(st: int, b: bytes) -> None:
                     if st != 0 or len(b) < 4 + 12 + _KEY + _VALUE:
@@ -529,22 +560,22 @@ class KvpHost(IcHostModel):
                     vsize = struct.unpack_from("<I", b, 12)[0]
                     raw = b[16 + _KEY:16 + _KEY + min(vsize, _VALUE)]
                     ticket.finish(st, value=_from_u16(raw))
-            txns = [_Txn(MsgType.KVPEXCHANGE, body, cb, missed, what=op)]
+            txns = [_Txn(lib.IC_MSGTYPE_KVPEXCHANGE, body, cb, missed, what=op)]
         elif op == "kvp_delete":
             k = str(args["key"]).encode("utf-16-le") + b"\0\0"
-            body = struct.pack("<BBHI", KvpOp.DELETE, pool, 0, len(k)) + k[:_KEY].ljust(_KEY, b"\0")
-            txns = [_Txn(MsgType.KVPEXCHANGE, body, lambda st, b: ticket.finish(st), missed, what=op)]
+            body = struct.pack("<BBHI", lib.IC_KVP_OP_DELETE, pool, 0, len(k)) + k[:_KEY].ljust(_KEY, b"\0")
+            txns = [_Txn(lib.IC_MSGTYPE_KVPEXCHANGE, body, lambda st, b: ticket.finish(st), missed, what=op)]
         elif op == "kvp_enumerate":
             items: list[list[str]] = []
             limit = int(args.get("limit", 1000))
 
             def enum_txn(index: int) -> _Txn:
-                body = struct.pack("<BBHI", KvpOp.ENUMERATE, pool, 0, index) + _kvp_value("")
+                body = struct.pack("<BBHI", lib.IC_KVP_OP_ENUMERATE, pool, 0, index) + _kvp_value("")
 
                 def cb(st: int, b: bytes) -> None:
                     if st != 0 or len(b) < 8 + 12 + _KEY + _VALUE:
                         # the guest ends an enumeration with S_CONT ("no more items")
-                        ticket.finish(0 if st == Status.S_CONT else st, items=items)
+                        ticket.finish(0 if st == lib.IC_S_CONT else st, items=items)
                         return
                     ks, vs = struct.unpack_from("<II", b, 12)
                     key = _from_u16(b[20:20 + min(ks, _KEY)])
@@ -554,12 +585,12 @@ class KvpHost(IcHostModel):
                         ticket.finish(0, items=items, truncated=True)
                         return
                     self._queue.appendleft(enum_txn(index + 1))     # lock held by packet()
-                return _Txn(MsgType.KVPEXCHANGE, body, cb, missed, what=f"enumerate {index}")
+                return _Txn(lib.IC_MSGTYPE_KVPEXCHANGE, body, cb, missed, what=f"enumerate {index}")
             txns = [enum_txn(0)]
         elif op == "kvp_ip":
             mac = str(args["mac"])
-            ipv = wire.sizeof("ic_kvp_ipaddr_value")
-            ipmsg = bytearray(struct.pack("<BB", KvpOp.GET_IP_INFO, pool) + bytes(ipv))
+            ipv = int(ffi.sizeof("struct ic_kvp_ipaddr_value"))
+            ipmsg = bytearray(struct.pack("<BB", lib.IC_KVP_OP_GET_IP_INFO, pool) + bytes(ipv))
             ipmsg[2:2 + 256] = _u16(mac, 256)
             ipmsg[2 + 256] = int(args.get("family", 0))
 
@@ -567,12 +598,12 @@ class KvpHost(IcHostModel):
                 out: dict[str, Any] = {}
                 if st == 0 and len(b) >= 2 + ipv:
                     for f in ("ip_addr", "sub_net", "gate_way", "dns_addr"):
-                        off = 2 + wire.offsetof("ic_kvp_ipaddr_value", f)
+                        off = 2 + _offsetof("ic_kvp_ipaddr_value", f)
                         size = 1024 if f == "gate_way" else 2048
                         out[f] = _from_u16(b[off:off + size])
-                    out["dhcp_enabled"] = b[2 + wire.offsetof("ic_kvp_ipaddr_value", "dhcp_enabled")]
+                    out["dhcp_enabled"] = b[2 + _offsetof("ic_kvp_ipaddr_value", "dhcp_enabled")]
                 ticket.finish(st, **out)
-            txns = [_Txn(MsgType.KVPEXCHANGE, bytes(ipmsg), cb, missed, what=op)]
+            txns = [_Txn(lib.IC_MSGTYPE_KVPEXCHANGE, bytes(ipmsg), cb, missed, what=op)]
         else:
             self._tickets.pop(tid, None)
             raise ConfigError(f"kvp: unknown operation {op!r} (kvp_set, kvp_get, kvp_delete, "
@@ -586,9 +617,9 @@ class KvpHost(IcHostModel):
 @register_model
 class FcopyHost(IcHostModel):
     name = "fcopy"
-    class_id = wire.CLASS_IDS["fcopy"]
+    class_id = _CLASS_IDS["fcopy"]
     description = "file copy IC host: Copy-VMFile into the guest"
-    msgtype = MsgType.FCOPY
+    msgtype = lib.IC_MSGTYPE_FCOPY
     host_versions = ((1, 1),)
     host_fw = ((3, 0),)
     kernel_driver: ClassVar[str | None] = None        # no kernel driver since Linux 6.10
@@ -624,7 +655,7 @@ class FcopyHost(IcHostModel):
             ticket.finish(st, steps=statuses, bytes=len(data), **kw)
 
         def cancel() -> None:
-            self._queue.appendleft(_Txn(MsgType.FCOPY, hdr(3), lambda st, b: statuses.append(f"cancel:{st:#x}"),
+            self._queue.appendleft(_Txn(lib.IC_MSGTYPE_FCOPY, hdr(3), lambda st, b: statuses.append(f"cancel:{st:#x}"),
                                         None, what="CANCEL_FCOPY"))
 
         def step(i: int) -> _Txn:
@@ -633,12 +664,12 @@ class FcopyHost(IcHostModel):
                     def cancelled(st: int, b: bytes) -> None:
                         statuses.append(f"cancel:{st:#x}")
                         finish(st, cancelled=True)
-                    return _Txn(MsgType.FCOPY, hdr(3), cancelled, lambda: finish(None), what="CANCEL_FCOPY")
+                    return _Txn(lib.IC_MSGTYPE_FCOPY, hdr(3), cancelled, lambda: finish(None), what="CANCEL_FCOPY")
 
                 def done(st: int, b: bytes) -> None:
                     statuses.append(f"complete:{st:#x}")
                     finish(st)
-                return _Txn(MsgType.FCOPY, hdr(2), done, lambda: finish(None, error="no reply"), what="COMPLETE_FCOPY")
+                return _Txn(lib.IC_MSGTYPE_FCOPY, hdr(2), done, lambda: finish(None, error="no reply"), what="COMPLETE_FCOPY")
             piece = pieces[i]
             body = hdr(1) + struct.pack("<IQI", 0, i * chunk, len(piece)) + piece.ljust(6144, b"\0")
 
@@ -649,7 +680,7 @@ class FcopyHost(IcHostModel):
                     cancel()
                     return
                 self._queue.appendleft(step(i + 1))
-            return _Txn(MsgType.FCOPY, body, wrote, lambda: finish(None, error="no reply"), what=f"WRITE {i}")
+            return _Txn(lib.IC_MSGTYPE_FCOPY, body, wrote, lambda: finish(None, error="no reply"), what=f"WRITE {i}")
 
         def started(st: int, b: bytes) -> None:
             statuses.append(f"start:{st:#x}")
@@ -657,7 +688,7 @@ class FcopyHost(IcHostModel):
                 finish(st)
                 return
             self._queue.appendleft(step(0))
-        self._enqueue([_Txn(MsgType.FCOPY, start, started, lambda: finish(None, error="no reply"),
+        self._enqueue([_Txn(lib.IC_MSGTYPE_FCOPY, start, started, lambda: finish(None, error="no reply"),
                             what="START_FILE_COPY")])
         return {"ticket": tid}
 
