@@ -47,7 +47,7 @@ from uvmbus.sim.faults import DESCRIPTOR_FIELDS, Faults
 from uvmbus.sim.memory import RingMemory
 
 if TYPE_CHECKING:
-    from uvmbus.sim.device import SimDevice
+    from uvmbus.sim.hostapi import HostDevice
 
 __all__ = ["ChannelStopped", "HostChannel"]
 
@@ -62,7 +62,7 @@ class ChannelStopped(ChannelError):
 class HostChannel:
     """One channel (primary or sub-channel) as the simulated host serves it."""
 
-    def __init__(self, device: SimDevice, relid: int, subchannel_id: int, monitor_id: int | None,
+    def __init__(self, device: HostDevice, relid: int, subchannel_id: int, monitor_id: int | None,
                  mem: RingMemory):
         self.device = device
         self.relid = relid

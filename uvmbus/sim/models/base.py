@@ -18,7 +18,7 @@ event loop after every worker stopped):
 * ``pump(channel, spin_ns)`` — optional C fast path (see native/host.h for the contract);
   return ``None`` to use ``packet`` instead.
 
-The device (``self.device``, a :class:`uvmbus.sim.device.SimDevice`) offers sub-channels,
+The device (``self.device``, seen through :class:`uvmbus.sim.hostapi.HostDevice`) offers sub-channels,
 the GPADL buffers (uio maps 3/4), guest RAM by PFN and logging.
 """
 
@@ -30,7 +30,7 @@ from uvmbus.ring import Packet
 
 if TYPE_CHECKING:
     from uvmbus.sim.channel import HostChannel
-    from uvmbus.sim.device import SimDevice
+    from uvmbus.sim.hostapi import HostDevice
 
 __all__ = ["DeviceModel", "gpa_ranges", "xfer_ranges"]
 
@@ -52,7 +52,7 @@ class DeviceModel:
     #: command-line option that creates devices of this model (e.g. "nic" for --nic N)
     cli_option: ClassVar[str | None] = None
 
-    def __init__(self, device: SimDevice, **options: Any) -> None:
+    def __init__(self, device: HostDevice, **options: Any) -> None:
         self.device = device
         self.options = options
 
