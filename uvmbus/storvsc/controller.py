@@ -825,17 +825,24 @@ class Controller:
 
 
 def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
-         force: bool = False, system: SystemView | None = None, **options: Any) -> Controller:
+         force: bool = False, system: SystemView | None = None, lock: bool = True,
+         **options: Any) -> Controller:
     """Open the synthetic SCSI controller ``device`` (GUID, unique prefix, or "storvsc" when
     there is one) under ``root`` and return a ready :class:`Controller`.
 
     The device must be bound to uio_hv_generic; with ``bind`` it is bound here, after the
     bus layer's safety check (which refuses the controller holding the OS disk unless
     ``force``; ``system`` replaces the live-system queries of that check, for tests).
-    ``options`` go to :class:`Controller`."""
+    ``lock`` (default True) holds the device's lock while it is open: another process
+    opening it fails at once with :class:`~uvmbus.errors.DeviceBusy` naming the holder
+    (False: for experts sharing the device on purpose).  ``options`` go to :class:`Controller`."""
     from uvmbus.bus import Bus, bind_uio
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0)
-    return Controller(cd, root=root, **options)
+    cd = open_device(device, root, spin_us=0, lock=lock)
+    try:
+        return Controller(cd, root=root, **options)
+    except BaseException:
+        cd.close()
+        raise
