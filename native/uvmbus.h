@@ -12,8 +12,10 @@
 #include "vmbus_wire.h"
 #include "netvsc_wire.h"
 #include "storvsc_wire.h"
+#include "trace_wire.h"
 #pragma pack(pop)
 
+#include "trace.h"
 #include "ring.h"
 #include "dma.h"
 #include "host.h"

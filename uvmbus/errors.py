@@ -30,7 +30,9 @@ roots, so callers can catch by concept::
     │   │   ├── DataProtect           sense key 7 (write protected)
     │   │   └── NotReady              sense key 2
     │   └── LunGone                   LUN removed / INVALID_LUN
-    └── SimulatorError                simulated host failed to start or misused
+    ├── SimulatorError                simulated host failed to start or misused
+    └── TraceError                    unreadable trace file / replay divergence
+        └── ReplayDivergence          the guest left the recorded session
 """
 
 from __future__ import annotations
@@ -170,6 +172,14 @@ class LunGone(StorageError):
 
 class SimulatorError(UvmbusError):
     """The simulated host could not start or was used incorrectly."""
+
+
+class TraceError(UvmbusError):
+    """A trace file could not be written or read (uvmbus.trace)."""
+
+
+class ReplayDivergence(TraceError):
+    """A guest sent something other than the recorded session shows (``uvmbus sim --replay``)."""
 
 
 def from_oserror(exc: OSError, what: str) -> UvmbusError:

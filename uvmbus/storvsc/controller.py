@@ -888,17 +888,20 @@ class Controller:
 
 
 def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
-         force: bool = False, system: SystemView | None = None, **options: Any) -> Controller:
+         force: bool = False, system: SystemView | None = None, record: Any = None,
+         **options: Any) -> Controller:
     """Open the synthetic SCSI controller ``device`` (GUID, unique prefix, or "storvsc" when
     there is one) under ``root`` and return a ready :class:`Controller`.
 
     The device must be bound to uio_hv_generic; with ``bind`` it is bound here, after the
     bus layer's safety check (which refuses the controller holding the OS disk unless
     ``force``; ``system`` replaces the live-system queries of that check, for tests).
+    ``record``: a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder` recording every VMBus
+    packet of every channel (docs/trace.md); a path is closed with the controller.
     ``options`` go to :class:`Controller`."""
     from uvmbus.bus import Bus, bind_uio
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0)
-    return Controller(cd, root=root, **options)
+    cd = open_device(device, root, spin_us=0, record=record)
+    return Controller(cd, root=root, **options)   # closes cd (and its recorder) if it fails
