@@ -12,6 +12,7 @@
 #include "vmbus_wire.h"
 #include "netvsc_wire.h"
 #include "storvsc_wire.h"
+#include "ic_wire.h"
 #include "trace_wire.h"
 #pragma pack(pop)
 

@@ -198,15 +198,18 @@ class ChannelDevice:
 
 
 def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0,
-                record: Any = None) -> ChannelDevice:
+                lock: bool = True, record: Any = None) -> ChannelDevice:
     """Open device ``ref`` (GUID, unique prefix or class short name) bound to
     uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise).
+    ``lock`` (default True): hold the device's lock while it is open, so that another
+    process opening it fails at once (:class:`~uvmbus.errors.DeviceBusy`); ``lock=False``
+    is for experts sharing a device on purpose.
     ``record``: a trace file path or a :class:`uvmbus.trace.Recorder` recording every
     packet of every channel of the device (a path is closed with the device)."""
     from uvmbus.trace import as_recorder
 
     bus = Bus(root)
-    uio = UioDevice(bus, bus.device(ref))
+    uio = UioDevice(bus, bus.device(ref), lock=lock)
     try:
         rec, owned = as_recorder(record, side="guest")
     except BaseException:

@@ -47,7 +47,7 @@ from uvmbus.sim.faults import DESCRIPTOR_FIELDS, Faults
 from uvmbus.sim.memory import RingMemory
 
 if TYPE_CHECKING:
-    from uvmbus.sim.device import SimDevice
+    from uvmbus.sim.hostapi import HostDevice
 
 __all__ = ["ChannelStopped", "HostChannel"]
 
@@ -62,7 +62,7 @@ class ChannelStopped(ChannelError):
 class HostChannel:
     """One channel (primary or sub-channel) as the simulated host serves it."""
 
-    def __init__(self, device: SimDevice, relid: int, subchannel_id: int, monitor_id: int | None,
+    def __init__(self, device: HostDevice, relid: int, subchannel_id: int, monitor_id: int | None,
                  mem: RingMemory):
         self.device = device
         self.relid = relid
@@ -122,8 +122,9 @@ class HostChannel:
         if rec is not None:
             from uvmbus.bus.classes import lookup_class
 
-            cls = lookup_class(device.class_id)
-            self.trace = rec.port(relid, subchan=subchannel_id, devclass=cls.name if cls else device.kind,
+            cls = lookup_class(str(getattr(device, "class_id", "")))
+            self.trace = rec.port(relid, subchan=subchannel_id,
+                                  devclass=cls.name if cls else str(getattr(device, "kind", "vmbus")),
                                   instance=device.device_id)
             self.trace.attach(self.tx.raw, self.rx.raw)
             recv, send = device.buffer("recv"), device.buffer("send")
@@ -255,6 +256,7 @@ class HostChannel:
                 self._disarm()
                 self._sleep(None if self._corrupted else self._stall_timeout())
                 continue
+            wait = self._tick()
             status = self._serve()
             if status == lib.UVB_HOST_RXFULL:
                 self._wait_rx_space()
@@ -263,7 +265,13 @@ class HostChannel:
                 continue
             if self._rearm():
                 continue
-            self._sleep(None)
+            self._sleep(wait)
+
+    def _tick(self) -> float | None:
+        """The model's host-initiated work (DeviceModel.tick); seconds until it is due again."""
+        wait = self.device.model.tick(self)
+        self.flush()
+        return wait
 
     def _check_stop(self) -> None:
         if self._stop:
