@@ -1,6 +1,6 @@
 """Runs INSIDE the QEMU guest (as root, in the host's root shared over 9p): binds the NVMe
 function to vfio-pci with `uvmbus bind`, drives it with the userspace NVMe driver (CLI and
-API) following tests/qemu/patterns.py, hands it back to the kernel's nvme driver and checks
+API) following tests/qemuvm/patterns.py, hands it back to the kernel's nvme driver and checks
 the kernel reads what the userspace driver wrote.  Writes OUT/result.json; the host then
 checks the image file's sha256.
 
@@ -18,9 +18,9 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent))
 
-from tests.qemu import patterns as P  # noqa: E402
+from qemuvm import patterns as P  # noqa: E402
 
 UVMBUS = str(Path(sys.executable).parent / "uvmbus")
 checks: list[dict[str, object]] = []

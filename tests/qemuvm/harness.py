@@ -11,7 +11,7 @@ command in the guest.
   ``-device nvme`` on a raw image file of the host, a writable 9p share for results;
 - accel: TCG (``UVMBUS_QEMU_ACCEL=kvm`` to try KVM).
 
-Used by tests/test_qemu_nvme.py and by `make qemu-bench` (tests/qemu/bench.py).
+Used by tests/test_qemu_nvme.py and by `make qemu-bench` (tests/qemuvm/bench.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]   # the checkout
 
 BOOT_MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
                 "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p"]
