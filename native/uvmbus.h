@@ -14,6 +14,7 @@
 #include "storvsc_wire.h"
 #include "vfio_wire.h"
 #include "nvme_wire.h"
+#include "ic_wire.h"
 #pragma pack(pop)
 
 #include "ring.h"
