@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, IllegalRequest, StorageError
 from uvmbus.native import ffi, lib
 from uvmbus.nvme.queue import REAP_BATCH, QueuePair
 
-if TYPE_CHECKING:
-    from uvmbus.nvme.controller import Controller
+#: the owning uvmbus.nvme.controller.Controller (not imported: the controller imports us)
+Controller = Any
 
 __all__ = ["Namespace", "NvmeBatch"]
 

@@ -13,14 +13,11 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from uvmbus.dma import DmaBuffer, DmaPool
 from uvmbus.errors import ConfigError, ControllerFatal, NvmeError
 from uvmbus.native import ffi, lib
-
-if TYPE_CHECKING:
-    from uvmbus.nvme.controller import Controller
 
 __all__ = ["QueuePair", "REAP_BATCH", "status_text"]
 
@@ -35,6 +32,19 @@ _GENERIC = {0x00: "success", 0x01: "invalid command opcode", 0x02: "invalid fiel
             0x82: "namespace not ready", 0x83: "reservation conflict"}
 _MEDIA = {0x80: "write fault", 0x81: "unrecovered read error", 0x82: "end-to-end guard check",
           0x86: "access denied", 0x87: "deallocated or unwritten logical block"}
+
+
+class QueueOwner(Protocol):
+    """What a queue pair needs from its controller (uvmbus.nvme.controller.Controller)."""
+
+    dstrd: int
+    bar_ptr: Any
+    timeout: float
+    spin_us: int
+
+    def check_alive(self) -> None: ...
+
+    def _queue_failed(self, q: QueuePair, rc: int) -> None: ...
 
 
 def status_text(status: int) -> str:
@@ -55,7 +65,7 @@ def status_text(status: int) -> str:
 class QueuePair:
     """See the module docstring.  ``qid`` 0 is the admin queue."""
 
-    def __init__(self, ctl: Controller, qid: int, depth: int, pool: DmaPool, *,
+    def __init__(self, ctl: QueueOwner, qid: int, depth: int, pool: DmaPool, *,
                  max_pages: int, vector: int | None, efd: int | None) -> None:
         if not 2 <= depth <= lib.UVB_NVME_MAX_DEPTH:
             raise ConfigError(f"NVMe queue depth {depth} outside 2..{lib.UVB_NVME_MAX_DEPTH}")
