@@ -42,4 +42,4 @@ clean:
 IC_SOAK_SECONDS ?= 300
 .PHONY: ic-soak
 ic-soak: $(STAMP)
-	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q tests/test_ic_sim.py -k end_to_end
+	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q -s tests/test_ic_sim.py -k end_to_end

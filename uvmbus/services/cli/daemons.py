@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("units", help="systemd units")
     usub = u.add_subparsers(dest="units_command", metavar="COMMAND")
-    i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service into "
+    i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service and uvmbus-ic.service into "
                         "<root>/etc/systemd/system with ExecStart= pointing at this uvmbus")
     add_root(i, must_exist=False)
     i.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
