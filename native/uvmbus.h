@@ -12,6 +12,9 @@
 #include "vmbus_wire.h"
 #include "netvsc_wire.h"
 #include "storvsc_wire.h"
+#include "vfio_wire.h"
+#include "nvme_wire.h"
+#include "ic_wire.h"
 #pragma pack(pop)
 
 #include "ring.h"
@@ -21,5 +24,6 @@
 #include "netvsp.h"
 #include "storvsc.h"
 #include "storvsp.h"
+#include "nvme.h"
 
 #endif

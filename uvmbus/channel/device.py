@@ -155,8 +155,12 @@ class ChannelDevice:
         self.close()
 
 
-def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0) -> ChannelDevice:
+def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0,
+                lock: bool = True) -> ChannelDevice:
     """Open device ``ref`` (GUID, unique prefix or class short name) bound to
-    uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise)."""
+    uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise).
+    ``lock`` (default True): hold the device's lock while it is open, so that another
+    process opening it fails at once (:class:`~uvmbus.errors.DeviceBusy`); ``lock=False``
+    is for experts sharing a device on purpose."""
     bus = Bus(root)
-    return ChannelDevice(UioDevice(bus, bus.device(ref)), spin_us=spin_us)
+    return ChannelDevice(UioDevice(bus, bus.device(ref), lock=lock), spin_us=spin_us)

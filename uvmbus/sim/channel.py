@@ -47,7 +47,7 @@ from uvmbus.sim.faults import DESCRIPTOR_FIELDS, Faults
 from uvmbus.sim.memory import RingMemory
 
 if TYPE_CHECKING:
-    from uvmbus.sim.device import SimDevice
+    from uvmbus.sim.hostapi import HostDevice
 
 __all__ = ["ChannelStopped", "HostChannel"]
 
@@ -62,7 +62,7 @@ class ChannelStopped(ChannelError):
 class HostChannel:
     """One channel (primary or sub-channel) as the simulated host serves it."""
 
-    def __init__(self, device: SimDevice, relid: int, subchannel_id: int, monitor_id: int | None,
+    def __init__(self, device: HostDevice, relid: int, subchannel_id: int, monitor_id: int | None,
                  mem: RingMemory):
         self.device = device
         self.relid = relid
@@ -232,6 +232,7 @@ class HostChannel:
                 self._disarm()
                 self._sleep(None if self._corrupted else self._stall_timeout())
                 continue
+            wait = self._tick()
             status = self._serve()
             if status == lib.UVB_HOST_RXFULL:
                 self._wait_rx_space()
@@ -240,7 +241,13 @@ class HostChannel:
                 continue
             if self._rearm():
                 continue
-            self._sleep(None)
+            self._sleep(wait)
+
+    def _tick(self) -> float | None:
+        """The model's host-initiated work (DeviceModel.tick); seconds until it is due again."""
+        wait = self.device.model.tick(self)
+        self.flush()
+        return wait
 
     def _check_stop(self) -> None:
         if self._stop:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import importlib
 import os
 import select
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from uvmbus.errors import ConfigError, NotFound, UvmbusError
@@ -33,6 +30,7 @@ COMMAND_MODULES = [
     "uvmbus.services.cli.blk",
     "uvmbus.services.cli.demo",
     "uvmbus.services.cli.daemons",      # after net/blk: adds `net bridge`, `blk export`, `units`
+    "uvmbus.services.cli.ic",
 ]
 
 
@@ -119,48 +117,16 @@ def resolve_device(root: str, ref: str, cls: str) -> Any:
     return dev
 
 
-def _lock_holder(st: os.stat_result) -> str:
-    """``pid N (command line)`` of the process holding a flock on the file, from /proc/locks."""
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return "another process"
-    for line in lines:
-        f = line.split()
-        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == want and f[4].isdigit():
-            pid = int(f[4])
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            except OSError:
-                cmd = ""
-            return f"pid {pid}" + (f" ({cmd})" if cmd else "")
-    return "another process"
-
-
 @contextlib.contextmanager
 def device_lock(dev: Any, *, what: str | None = None) -> Iterator[None]:
-    """Hold an exclusive advisory lock on the device's sysfs directory while a command drives
-    it, so that a second uvmbus command (or daemon) cannot open the same channel and break
-    the first one's session; the second one fails at once saying who has the device."""
-    try:
-        fd = os.open(dev.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        yield               # no directory to lock (device just vanished): the open will say so
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = _lock_holder(os.fstat(fd))
-            when = f"before you {what}" if what else "first"
-            raise ConfigError(f"{dev.device_id} is in use by {holder}; stop that {when} "
-                              "(`uvmbus status` lists uvmbus services)") from None
+    """Hold the device's lock (:mod:`uvmbus.bus.lock`) for the whole command, so that a second
+    uvmbus command, daemon or script cannot open the same channel and break this one's
+    session; the second one fails at once saying who has the device.  The driver opens the
+    command makes nest inside this hold."""
+    from uvmbus.bus import hold_device
+
+    with hold_device(dev, what=what):
         yield
-    finally:
-        os.close(fd)
 
 
 # ---- parser and entry point ------------------------------------------------------------------

@@ -66,15 +66,64 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_root(c, must_exist=False)       # the control client says what is missing
     add_json(c)
     c.add_argument("request", choices=("ping", "stats", "devices", "kernel", "stop", "fault",
-                                       "clear", "rescind", "reoffer", "subchannels", "link", "model"),
+                                       "clear", "rescind", "reoffer", "subchannels", "link", "model", "ic"),
                    help="what to do")
     c.add_argument("args", nargs="*", help="fault: NAME [VALUE]; rescind/reoffer: DEVICE; "
                    "subchannels: DEVICE COUNT; link: DEVICE up|down; "
-                   "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations)")
+                   "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations); "
+                   "ic: DEVICE OP [KEY=VALUE ...] (integration components, waits for the guest's "
+                   "answer: see docs/ic.md)")
     c.add_argument("--device", default="*", help="device for fault/clear (GUID, prefix, model, *)")
+    c.add_argument("--wait", type=seconds(zero_ok=True), default=15.0, metavar="SECONDS",
+                   help="ic: how long to wait for the guest's answer (default 15)")
     c.add_argument("--reoffer-after", type=seconds(zero_ok=True), default=None, metavar="SECONDS",
                    help="rescind: offer the device again after this delay")
     c.set_defaults(func=_ctl)
+
+
+def _kv_args(items: list[str]) -> dict[str, Any]:
+    from uvmbus.errors import ConfigError
+    out: dict[str, Any] = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"arguments are KEY=VALUE, not {kv!r}")
+        out[key] = val
+    return out
+
+
+def _ctl_ic(args: argparse.Namespace) -> int:
+    """`sim ctl ic DEVICE OP [KEY=VALUE...]`: run an IC host operation and wait for the guest."""
+    import time
+
+    from uvmbus.errors import ChannelTimeout, ConfigError
+    from uvmbus.sim.control import ControlClient
+
+    if len(args.args) < 2:
+        raise ConfigError("ic needs DEVICE OP [KEY=VALUE ...], e.g. `ic shutdown shutdown action=reboot`")
+    device, op = args.args[0], args.args[1]
+    with ControlClient(args.root) as client:
+        reply = client.call("model", device=device, op=op, args=_kv_args(args.args[2:]))
+        results = reply.get("results") or {}
+        if len(results) != 1:
+            raise ConfigError(f"ic: {device!r} names {len(results)} devices; name exactly one")
+        dev_id, res = next(iter(results.items()))
+        if "ticket" in res:
+            ticket = res["ticket"]
+            deadline = time.monotonic() + args.wait
+            while True:
+                r = client.call("model", device=dev_id, op="result", args={"ticket": ticket})
+                res = r["results"][dev_id]
+                if res.get("done"):
+                    break
+                if time.monotonic() >= deadline:
+                    raise ChannelTimeout(f"ic {op}: the guest did not answer within {args.wait:g} s "
+                                         "(is `uvmbus ic run` serving this device?)")
+                time.sleep(0.05)
+    print(json.dumps(res, indent=None if args.json else 2))
+    sys.stdout.flush()
+    # a guest's failure status (or no answer) is exit status 1; the JSON above says which
+    return 1 if res.get("done") and res.get("status") != 0 else 0
 
 
 def _device_specs(args: argparse.Namespace) -> list[Any]:
@@ -184,6 +233,8 @@ def _ctl(args: argparse.Namespace) -> int:
         if len(a) != 2 or a[1] not in ("up", "down"):
             raise ConfigError("link needs DEVICE up|down")
         req = {"cmd": "model", "device": a[0], "op": "link", "args": {"up": a[1] == "up"}}
+    elif args.request == "ic":
+        return _ctl_ic(args)
     elif args.request == "model":
         if len(a) < 2:
             raise ConfigError("model needs DEVICE OP [KEY=VALUE ...]")
