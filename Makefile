@@ -8,13 +8,18 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean
+.PHONY: demo test build lint deps clean units-test
 
 demo: $(STAMP)
 	$(VENV)/bin/uvmbus demo
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
+# under .cache/units/).  `make test` runs it too; this target shows its progress.
+units-test: $(STAMP)
+	$(VPY) -m pytest -v -s -p no:cacheprovider tests/test_units_systemd.py $(PYTEST_ARGS)
 
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
