@@ -10,8 +10,14 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test build lint deps clean
 
+# `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/uvmbus demo
+	@$(VENV)/bin/uvmbus demo $(DEMO_ARGS); rc=$$?; \
+	echo; \
+	echo "uvmbus is installed in the virtualenv $(abspath $(VENV)), not on your PATH:"; \
+	echo "  run it as $(abspath $(VENV))/bin/uvmbus ...   or first:   . $(abspath $(VENV))/bin/activate"; \
+	exit $$rc
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from uvmbus.services.cli import add_json, add_root, device_lock, seconds
+from uvmbus.services.cli import add_json, add_root, device_lock, root_opt, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser("bind", help="give a device to uio_hv_generic (userspace)")
     add_root(b)
+    add_json(b)
     b.add_argument("device", help="instance GUID, unique prefix, or class name")
     b.add_argument("--force", action="store_true",
                    help="take the device even if the OS uses it (mounted disk, addressed NIC)")
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("unbind", help="give a device back to its kernel driver")
     add_root(u)
+    add_json(u)
     u.add_argument("device", help="instance GUID, unique prefix, or class name")
     u.add_argument("--timeout", type=seconds(), default=10.0,
                    help="seconds to wait for the kernel driver to take it (default 10)")
@@ -69,7 +71,7 @@ def _list(args: argparse.Namespace) -> int:
         else:
             print(f"no {args.cls + ' ' if args.cls else ''}VMBus devices under {bus.root}")
         return 0
-    print(f"{'device_id':<38} {'class':<10} {'driver':<16} {'uio':<6} {'channels':<9} os")
+    print(f"{'device_id':<38} {'class':<10} {'driver':<16} {'uio':<6} {'relids':<9} os")
     for r in rows:
         chans = ",".join(str(c["relid"]) for c in r.get("channels", []))
         used = " ".join([*r.get("net", []), *r.get("block", [])]) or "-"     # ifname / sdX disks
@@ -104,14 +106,22 @@ def _bind(args: argparse.Namespace) -> int:
         if rec is None:
             raise NotFound(f"no persisted binding for {args.device} (etc/uvmbus/bind.d/"
                            f"{args.device}.conf under {args.root}); `uvmbus bind {args.device} "
-                           "--persist` creates it")
+                           f"--persist{root_opt(args.root)}` creates it")
         force = force or rec.get("FORCE") == "1"
     dev = bind_uio(bus, args.device, force=force, timeout=timeout)
-    print(f"{dev.device_id} bound to uio_hv_generic ({dev.uio})")
+    out: dict[str, object] = {"device_id": dev.device_id, "class": dev.class_name,
+                              "driver": dev.driver, "uio": dev.uio, "persistent": None}
+    if not args.json:
+        print(f"{dev.device_id} bound to uio_hv_generic ({dev.uio})")
     if args.persist:
         res = persist_binding(args.root, dev.device_id, class_name=dev.class_name, force=args.force)
         how = "systemctl enable" if res.systemctl else f"{res.wants} -> {res.unit.name}"
-        print(f"persistent: {res.record} ({how}); `uvmbus unbind {dev.device_id} --persist` undoes it")
+        out["persistent"] = {"record": str(res.record), "unit": str(res.unit), "systemctl": bool(res.systemctl)}
+        if not args.json:
+            print(f"persistent: {res.record} ({how}); `uvmbus unbind {dev.device_id} "
+                  f"--persist{root_opt(args.root)}` undoes it")
+    if args.json:
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -126,18 +136,30 @@ def _unbind(args: argparse.Namespace) -> int:
     except NotFound:
         if args.persist and read_record(args.root, args.device) is not None:
             res = unpersist_binding(args.root, args.device)     # the device is gone: forget it
-            print(f"{args.device} is not present; persisted binding removed "
-                  f"({', '.join(str(p) for p in res.removed)})")
+            if args.json:
+                print(json.dumps({"device_id": args.device, "present": False,
+                                  "removed": [str(p) for p in res.removed]}, indent=2))
+            else:
+                print(f"{args.device} is not present; persisted binding removed "
+                      f"({', '.join(str(p) for p in res.removed)})")
             return 0
         raise
     with device_lock(dev, what="unbind it"):
         dev = unbind_uio(bus, dev, timeout=args.timeout)
-    print(f"{dev.device_id} returned to {dev.driver or 'no driver'}")
+    out: dict[str, object] = {"device_id": dev.device_id, "present": True, "driver": dev.driver,
+                              "removed": None, "bound_at_boot": False}
+    if not args.json:
+        print(f"{dev.device_id} returned to {dev.driver or 'no driver'}")
     if args.persist:
         res = unpersist_binding(args.root, dev.device_id)
-        gone = ", ".join(str(p) for p in res.removed) or "nothing was persisted"
-        print(f"no longer bound at boot (removed: {gone})")
+        out["removed"] = [str(p) for p in res.removed]
+        if not args.json:
+            gone = ", ".join(str(p) for p in res.removed) or "nothing was persisted"
+            print(f"no longer bound at boot (removed: {gone})")
     elif read_record(args.root, dev.device_id) is not None:
+        out["bound_at_boot"] = True
         print(f"note: {dev.device_id} is still bound to uio_hv_generic at every boot; "
               "add --persist to stop that", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, indent=2))
     return 0

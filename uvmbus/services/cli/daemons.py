@@ -9,10 +9,19 @@ this module runs after them in the registry and adds its sub-commands to their p
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
-from uvmbus.services.cli import PORT, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.services.cli import (
+    PORT,
+    add_json,
+    add_root,
+    device_lock,
+    int_range,
+    resolve_device,
+    seconds,
+)
 
 
 def _group(sub: argparse._SubParsersAction, name: str, help: str, dest: str) -> argparse._SubParsersAction:
@@ -98,6 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_root(i, must_exist=False)
     i.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
                    help="uvmbus executable for ExecStart= (default: this one)")
+    add_json(i)
     i.set_defaults(func=_units_install)
     u.set_defaults(func=lambda a: u.print_help() or 2)
 
@@ -145,7 +155,11 @@ def _export(args: argparse.Namespace) -> int:
 def _units_install(args: argparse.Namespace) -> int:
     from uvmbus.services.persist import install_units
 
-    for p in install_units(args.root, exec_path=args.exec_path):
+    written = install_units(args.root, exec_path=args.exec_path)
+    if args.json:
+        print(json.dumps({"written": [str(p) for p in written]}, indent=2))
+        return 0
+    for p in written:
         print(p)
     print("enable a device's binding with `uvmbus bind GUID --persist`; start a daemon with "
           "`systemctl enable --now uvmbus-net@GUID.service` (options in /etc/uvmbus/net-GUID.env)",

@@ -201,9 +201,34 @@ def _ctl(args: argparse.Namespace) -> int:
     with ControlClient(args.root) as client:
         reply = client.call(req.pop("cmd"), **req)
     reply.pop("ok", None)
-    if args.json or args.request in ("stats", "devices", "kernel", "model", "link"):
-        print(json.dumps(reply, indent=None if args.json else 2))
+    if args.json:                   # always one JSON document, also for ping/stop/fault...
+        print(json.dumps({"ok": True, **reply}, indent=2))
+    elif reply and args.request in ("ping", "stats", "devices", "kernel", "model", "link"):
+        print("\n".join(_human(reply)))
     else:
         print("ok")
     sys.stdout.flush()
     return 0
+
+
+def _human(obj: Any, indent: str = "") -> list[str]:
+    """A reply as indented ``key: value`` lines (``--json`` gives the JSON)."""
+    lines: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines += _human(v, indent + "  ")
+            else:
+                lines.append(f"{indent}{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, (dict, list)):
+                sub = _human(v, indent + "  ")
+                lines.append(f"{indent}- {sub[0].strip()}" if sub else f"{indent}-")
+                lines += sub[1:]
+            else:
+                lines.append(f"{indent}- {v}")
+    else:
+        lines.append(f"{indent}{obj}")
+    return lines
