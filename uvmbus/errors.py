@@ -31,8 +31,14 @@ roots, so callers can catch by concept::
     │   │   ├── UnitAttention         sense key 6 (retryable)
     │   │   ├── DataProtect           sense key 7 (write protected)
     │   │   └── NotReady              sense key 2
-    │   └── LunGone                   LUN removed / INVALID_LUN
-    └── SimulatorError                simulated host failed to start or misused
+    │   ├── LunGone                   LUN removed / INVALID_LUN
+    │   └── NvmeError                 NVMe command failed (status code type / code)
+    │       ├── ControllerFatal       CSTS.CFS, invalid completion, timeout: controller dead
+    │       └── DeviceRemoved         PCI function removed (VFIO request IRQ, surprise removal)
+    ├── VfioError                     VFIO container/group/device set-up failed
+    ├── SimulatorError                simulated host failed to start or misused
+    └── TraceError                    unreadable trace file / replay divergence
+        └── ReplayDivergence          the guest left the recorded session
 """
 
 from __future__ import annotations
@@ -191,8 +197,37 @@ class LunGone(StorageError):
     """The LUN no longer exists on the controller."""
 
 
+class NvmeError(StorageError):
+    """An NVMe command completed with an error status (``sct``/``sc`` set when known)."""
+
+    def __init__(self, message: str, *, sct: int | None = None, sc: int | None = None) -> None:
+        super().__init__(message)
+        self.sct = sct
+        self.sc = sc
+
+
+class ControllerFatal(NvmeError):
+    """The NVMe controller is unusable (CSTS.CFS, invalid completion, command timeout)."""
+
+
+class DeviceRemoved(NvmeError):
+    """The PCI function was removed or is being removed (VFIO request IRQ)."""
+
+
+class VfioError(UvmbusError):
+    """VFIO set-up failed (container, group, device, region, IRQ or DMA mapping)."""
+
+
 class SimulatorError(UvmbusError):
     """The simulated host could not start or was used incorrectly."""
+
+
+class TraceError(UvmbusError):
+    """A trace file could not be written or read (uvmbus.trace)."""
+
+
+class ReplayDivergence(TraceError):
+    """A guest sent something other than the recorded session shows (``uvmbus sim --replay``)."""
 
 
 def from_oserror(exc: OSError, what: str) -> UvmbusError:

@@ -17,10 +17,12 @@ from typing import Any
 from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.services.cli import (
     add_json,
+    add_record,
     add_root,
     device_lock,
     int_range,
     output_file,
+    recording,
     resolve_device,
     seconds,
 )
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_timeout(i)
     add_root(i)
     add_json(i)
+    add_record(i)
     i.set_defaults(func=_info)
 
     c = nsub.add_parser("capture", help="write received frames to a pcap file")
@@ -51,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--promiscuous", action="store_true", help="packet filter PROMISCUOUS")
     _add_timeout(c)
     add_root(c)
+    add_record(c)
     c.set_defaults(func=_capture)
 
     b = nsub.add_parser("bench", help="frames/s through the data path, with the ring's C loop "
@@ -69,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_timeout(b)
     add_root(b)
     add_json(b)
+    add_record(b)
     b.set_defaults(func=_bench)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
@@ -83,7 +88,8 @@ def _info(args: argparse.Namespace) -> int:
     import uvmbus.netvsc as nv
 
     dev = resolve_device(args.root, args.device, "netvsc")
-    with device_lock(dev), nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout) as nic:
+    with device_lock(dev), recording(args) as rec, \
+            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
         info = nic.info().to_dict()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -128,8 +134,8 @@ def _capture(args: argparse.Namespace) -> int:
         if args.write == "-" and sys.stdout.isatty():
             raise ConfigError("refusing to write a pcap to a terminal: pass -w FILE or pipe it "
                               "(`-w - | tshark -r -`)")
-        with device_lock(dev), output_file(args.write, what="pcap") as f, \
-                nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout) as nic:
+        with device_lock(dev), output_file(args.write, what="pcap") as f, recording(args) as rec, \
+                nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
             if args.promiscuous:
                 nic.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", P.FILTER_PROMISCUOUS))
             w = PcapWriter(f)
@@ -181,9 +187,10 @@ def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
     dev = resolve_device(args.root, args.device, "netvsc")
-    with device_lock(dev):
+    with device_lock(dev), recording(args) as rec:
         r = run_bench(dev.device_id, args.root, mode=args.mode, size=args.size, seconds=args.seconds,
-                      queues=args.queues, burst=args.burst, flows=args.flows, timeout=args.timeout)
+                      queues=args.queues, burst=args.burst, flows=args.flows, timeout=args.timeout,
+                      record=rec)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
