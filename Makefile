@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean
+.PHONY: demo test build lint deps clean units-test
 
 # `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
 DEMO_ARGS ?=
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
+# under .cache/units/).  `make test` runs it too; this target shows its progress.
+units-test: $(STAMP)
+	$(VPY) -m pytest -v -s -p no:cacheprovider tests/test_units_systemd.py $(PYTEST_ARGS)
 
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
@@ -48,4 +53,4 @@ clean:
 IC_SOAK_SECONDS ?= 300
 .PHONY: ic-soak
 ic-soak: $(STAMP)
-	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q tests/test_ic_sim.py -k end_to_end
+	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q -s tests/test_ic_sim.py -k end_to_end
