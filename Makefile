@@ -29,7 +29,7 @@ deps:
 $(VPY): | deps
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
+$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py native/preload/*.c)
 	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 	flock /tmp/uvmbus-build.lock $(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
