@@ -8,13 +8,17 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean
+.PHONY: demo test build lint deps clean test-dpdk
 
 demo: $(STAMP)
 	$(VENV)/bin/uvmbus demo
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# DPDK as an independent guest: the full bring-up matrix (CI runs a subset in `make test`).
+test-dpdk: $(STAMP)
+	UVMBUS_DPDK_FULL=1 $(VPY) -m pytest tests/dpdk $(PYTEST_ARGS)
 
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)

@@ -63,6 +63,7 @@ struct uio_file {
     int map_index[MAX_MAPS];
     int map_fd[MAX_MAPS];
     uint64_t map_size[MAX_MAPS];
+    uint64_t map_gpa[MAX_MAPS];     /* GPA of a map in simulated guest RAM (0 = none) */
     uint32_t count;
     int revoked;
 };
@@ -263,6 +264,12 @@ static int uio_open(long num, int flags)
         }
         f.map_index[f.nmaps] = (int)idx;
         f.map_size[f.nmaps] = size;
+        /* optional "gpa" of this map: before the next map's "index" */
+        const char *next = strstr(pos, "\"index\"");
+        const char *g = strstr(pos, "\"gpa\"");
+        unsigned long long gpa = 0;
+        if (g && (!next || g < next) && !json_number(text, "\"gpa\"", &pos, &gpa))
+            f.map_gpa[f.nmaps] = gpa;
         f.nmaps++;
     }
     if (nfds != 1 + f.nmaps) {
@@ -406,6 +413,18 @@ static void *uio_mmap(struct uio_file *f, void *addr, size_t len, int prot, int 
                 (unsigned long long)f->map_size[i]);
             errno = EINVAL;
             return MAP_FAILED;
+        }
+        const char *ge = getenv("UVMBUS_PRELOAD_GUEST_RAM");
+        if (f->map_gpa[i] && ge && !strcmp(ge, "1")) {
+            /* a map in simulated guest RAM (the NIC buffers): at VA = its GPA, so that a
+             * program using IOVA = VA sends GPA-direct ranges that point into it */
+            void *want = (void *)(uintptr_t)f->map_gpa[i];
+            void *r = real_mmap(want, len, prot, (flags & ~MAP_FIXED) | MAP_FIXED_NOREPLACE,
+                                f->map_fd[i], 0);
+            if (r == MAP_FAILED)
+                say("/dev/uio%u: cannot map map %d at its GPA 0x%llx: %s", f->num, k,
+                    (unsigned long long)f->map_gpa[i], strerror(errno));
+            return r;
         }
         return real_mmap(addr, len, prot, flags, f->map_fd[i], 0);
     }

@@ -118,7 +118,8 @@ def _libc() -> ctypes.CDLL:
 
 def _mount(libc: ctypes.CDLL, src: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
-    enc = (lambda s: s.encode() if s is not None else None)
+    def enc(s):
+        return (s.encode() if s is not None else None)
     if libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount {src or fstype} on {target}: {os.strerror(e)}")
@@ -236,7 +237,7 @@ def run_exec(root: str | os.PathLike[str], argv: Sequence[str], *, guest_ram: bo
                 for line in plan.describe():
                     os.write(2, f"uvmbus sim exec: {line}\n".encode())
             os.execve(exe, list(argv), env)     # wfd is close-on-exec: EOF tells success
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
+        except BaseException as exc:
             msg = str(exc) if isinstance(exc, UvmbusError) else f"{type(exc).__name__}: {exc}"
             try:
                 os.write(wfd, msg.encode()[:4000])
