@@ -52,6 +52,11 @@ def _headers() -> tuple[list[Path], list[Path]]:
     return packed, plain
 
 
+def native_sources() -> list[Path]:
+    """Every C source of the extension (also compiled by fuzz/build.py's harnesses)."""
+    return sorted(HERE.glob("*.c"))
+
+
 def make_builder(absolute: bool = False) -> cffi.FFI:
     ffi = cffi.FFI()
     packed, plain = _headers()
@@ -62,7 +67,7 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
     # setuptools wants paths relative to the project root; a direct compile
     # (which runs the compiler in a temporary directory) needs absolute ones.
     rel = (lambda p: str(p)) if absolute else (lambda p: os.path.relpath(p, ROOT))
-    sources = sorted(rel(p) for p in HERE.glob("*.c"))
+    sources = [rel(p) for p in native_sources()]
     ffi.set_source(
         "uvmbus._native",
         '#include "uvmbus.h"\n',

@@ -1085,6 +1085,11 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         }
         if (len < 14 || len > q->max_frame) {
             q->tx_drops++;
+            if (q->tx_reject) {                 /* the caller raises: stop in front of it */
+                q->tx_bad_hit = 1;
+                q->tx_bad_len = len + (strip ? 4u : 0u);
+                break;
+            }
             if (!open)
                 taken++;
             else
@@ -1102,6 +1107,11 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             }
             if (!q->gpa_slots || msg > q->gpa_slot_size) {
                 q->tx_drops++;
+                if (q->tx_reject) {
+                    q->tx_bad_hit = 1;
+                    q->tx_bad_len = len + (strip ? 4u : 0u);
+                    break;
+                }
                 taken++;
                 continue;
             }

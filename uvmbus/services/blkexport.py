@@ -84,6 +84,7 @@ class ExportOptions:
     subchannels: int = 0
     nbdkit: str = "nbdkit"
     nbdkit_args: list[str] = field(default_factory=list)
+    record: Any = None          # uvmbus.trace.Recorder (--record)
 
 
 @dataclass
@@ -140,7 +141,8 @@ class BlockExport:
         if probe.returncode != 0:
             raise NotFound("nbdkit has no python plugin: install nbdkit-plugin-python "
                            f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'no output'})")
-        self.hba = storvsc.open(self.opts.device, self.opts.root, subchannels=self.opts.subchannels)
+        self.hba = storvsc.open(self.opts.device, self.opts.root, subchannels=self.opts.subchannels,
+                                record=self.opts.record)
         try:
             self.disk = self.hba.disk(self.opts.lun)
         except BaseException:

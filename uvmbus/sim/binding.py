@@ -26,7 +26,7 @@ from uvmbus.sim.tree import DRIVERS
 
 if TYPE_CHECKING:
     from uvmbus.sim.device import SimDevice
-    from uvmbus.sim.simulator import Simulator
+    from uvmbus.sim.hostapi import HostVm
 
 __all__ = ["KERNEL_DRIVER_CLASSES", "Binder"]
 
@@ -49,7 +49,7 @@ def _guid(text: str) -> str:
 
 
 class Binder:
-    def __init__(self, vm: Simulator):
+    def __init__(self, vm: HostVm):
         self.vm = vm
         self.uio_ids: set[str] = set()
 

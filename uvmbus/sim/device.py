@@ -28,41 +28,16 @@ from uvmbus.sim.channel import HostChannel
 from uvmbus.sim.endpoint import Connection, EndpointServer
 from uvmbus.sim.faults import Faults
 from uvmbus.sim.kernel import RECV_BUFFER_SIZE, SEND_BUFFER_SIZE
-from uvmbus.sim.memory import RingMemory, SharedMemfd
+from uvmbus.sim.memory import GpadlBuffer, RingMemory, SharedMemfd
 from uvmbus.sim.models.base import DeviceModel
 
 if TYPE_CHECKING:
     from uvmbus.dma.sim import GuestRam
-    from uvmbus.sim.simulator import Simulator
+    from uvmbus.sim.hostapi import HostVm
 
 __all__ = ["GpadlBuffer", "SimDevice"]
 
 UIO_DRIVER = "uio_hv_generic"
-
-
-@dataclass
-class GpadlBuffer:
-    """A NIC receive/send buffer (uio map 3/4): memory shared with the guest plus its GPADL."""
-
-    kind: str          # "recv" or "send"
-    gpadl: int
-    mem: SharedMemfd
-
-    @property
-    def size(self) -> int:
-        return self.mem.size
-
-    @property
-    def view(self) -> memoryview:
-        return memoryview(self.mem.mm)[:self.mem.size]
-
-    @property
-    def ptr(self) -> Any:
-        return self.mem.ptr
-
-    @property
-    def map_name(self) -> str:
-        return f"{self.kind}:{self.gpadl}"
 
 
 @dataclass
@@ -75,7 +50,7 @@ class SubchannelOffer:
 class SimDevice:
     """A device offered on the simulated bus (see the module docstring)."""
 
-    def __init__(self, vm: Simulator, model_cls: type[DeviceModel], options: dict[str, Any],
+    def __init__(self, vm: HostVm, model_cls: type[DeviceModel], options: dict[str, Any],
                  device_id: str):
         self.vm = vm
         self.config = vm.config
@@ -406,6 +381,8 @@ class SimDevice:
         k = self.kernel
         self.vm.counters["irqcontrol_writes"] += 1
         primary = self.primary
+        if primary is not None:
+            primary.trace_event(lib.UVB_TRACE_EV_IRQCONTROL, value)
         chans = [primary] if primary is not None else []
         if k.irqcontrol_all_channels:
             chans += [c for r, c in self.channels.items() if r != self.relid]

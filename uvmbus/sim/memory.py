@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from uvmbus.native import buffer_pointer, lib, release
 
-__all__ = ["RingMemory", "SharedMemfd"]
+__all__ = ["GpadlBuffer", "RingMemory", "SharedMemfd"]
 
 
 class SharedMemfd:
@@ -96,3 +97,28 @@ class RingMemory:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+
+
+@dataclass
+class GpadlBuffer:
+    """A NIC receive/send buffer (uio map 3/4): memory shared with the guest plus its GPADL."""
+
+    kind: str          # "recv" or "send"
+    gpadl: int
+    mem: SharedMemfd
+
+    @property
+    def size(self) -> int:
+        return self.mem.size
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.mem.mm)[:self.mem.size]
+
+    @property
+    def ptr(self) -> Any:
+        return self.mem.ptr
+
+    @property
+    def map_name(self) -> str:
+        return f"{self.kind}:{self.gpadl}"

@@ -87,6 +87,20 @@ def prepare_root(root: str | os.PathLike[str] | None) -> tuple[Path, bool]:
 _MAX_LOOP_SLEEP = 0.5
 
 
+def _ic_spec(name: str, class_id: str) -> DeviceSpec:
+    """An integration component offered by default: its host model (sim/models/ic.py) when
+    loaded, else the null stand-in."""
+    from uvmbus.sim.models import MODELS
+    cls = MODELS.get(name)
+    if cls is None or cls.class_id != class_id:
+        return DeviceSpec("null", {"class_id": class_id, "kind": name, "ic": "1"})
+    opts = {"kind": name, "ic": "1"}
+    instance = getattr(sys.modules.get(cls.__module__), "IC_INSTANCE_IDS", {}).get(name)
+    if instance:
+        opts["device_id"] = instance
+    return DeviceSpec(name, opts)
+
+
 class Simulator:
     """One simulated VM (see the module docstring)."""
 
@@ -285,7 +299,7 @@ class Simulator:
         self._sel.register(self._control, selectors.EVENT_READ, ("control", None))
         specs = list(cfg.devices)
         if cfg.ic_devices:
-            specs = [DeviceSpec("null", {"class_id": guid, "kind": name}) for name, guid in IC_CLASSES] + specs
+            specs = [_ic_spec(name, guid) for name, guid in IC_CLASSES] + specs
         for i, spec in enumerate(specs):
             self.add_device(spec, i)
         for spec, dev in zip(specs, self.devices, strict=True):
@@ -295,7 +309,7 @@ class Simulator:
                 elif spec.bind != "none":
                     dev.driver_override = spec.bind
                     self.tree.set_driver_override(dev.device_id, spec.bind)
-            elif cfg.bind_uio and spec.model != "null":      # not the integration components
+            elif cfg.bind_uio and spec.model != "null" and not spec.options.get("ic"):   # not the ICs
                 self.binder.uio_ids.add(dev.class_id)
         for spec, dev in zip(specs, self.devices, strict=True):
             if spec.bind != "none":

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, ProtocolError, StorageError
 from uvmbus.native import ffi, lib
 from uvmbus.storvsc import scsi
+from uvmbus.storvsc.command import BlockLun, Command
 from uvmbus.storvsc.queue import REAP_BATCH, IoQueue
-
-if TYPE_CHECKING:
-    from uvmbus.storvsc.disk import Disk
 
 __all__ = ["IoBatch"]
 
@@ -43,7 +41,7 @@ __all__ = ["IoBatch"]
 class IoBatch:
     """See the module docstring."""
 
-    def __init__(self, disk: Disk, slots: int, size: int, *, queue: IoQueue | None = None,
+    def __init__(self, disk: BlockLun, slots: int, size: int, *, queue: IoQueue | None = None,
                  write: bool = False, fua: bool = False) -> None:
         ctl = disk.controller
         bs = disk.block_size
@@ -180,8 +178,6 @@ class IoBatch:
     def error(self, i: int) -> Exception:
         """The exception for completion ``i`` of the last :meth:`reap` with ``ok[i] == 0``."""
         c = self.queue.cpls[i]
-        from uvmbus.storvsc.controller import Command
-
         slot = int(self.tags[i])
         r = self.table[slot]
         cmd = Command(kind=int(r.kind), lun=self.disk.lun, length=self.size,

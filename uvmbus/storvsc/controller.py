@@ -47,6 +47,7 @@ from uvmbus.errors import (
 from uvmbus.native import ffi, lib
 from uvmbus.storvsc import protocol as P
 from uvmbus.storvsc import scsi
+from uvmbus.storvsc.command import Command, ScsiResult
 from uvmbus.storvsc.queue import HOST_QUEUE_DEPTH, REAP_BATCH, IoQueue
 
 if TYPE_CHECKING:
@@ -75,70 +76,6 @@ _CPL_ERRORS = {
 }
 _GONE_SRB = {P.SrbStatus.INVALID_LUN, P.SrbStatus.NO_DEVICE, P.SrbStatus.INVALID_TARGET_ID,
              P.SrbStatus.SELECTION_TIMEOUT}
-
-
-class Command:
-    """One request to the controller: a SCSI command (CDB) or a bare VSTOR operation.
-
-    After completion: ``done`` is True, ``error`` holds the exception (None on success),
-    ``transferred`` the bytes the host moved; :meth:`result` raises the error."""
-
-    __slots__ = ("tag", "kind", "lun", "cdb", "data_in", "buffer", "buf_offset", "length", "lba",
-                 "blocks", "fua", "operation", "what", "queue", "submit_ns", "done", "error",
-                 "transferred", "srb_status", "scsi_status", "status", "sense", "retries",
-                 "batch", "user", "latency_ns")
-
-    def __init__(self, *, kind: int, lun: int = 0, cdb: bytes = b"", data_in: int = P.DataIn.NONE,
-                 buffer: DmaBuffer | None = None, buf_offset: int = 0, length: int = 0,
-                 lba: int = 0, blocks: int = 0, fua: bool = False, operation: int = 0,
-                 what: str = "", user: Any = None) -> None:
-        self.tag = 0
-        self.kind = kind
-        self.lun = lun
-        self.cdb = cdb
-        self.data_in = data_in
-        self.buffer = buffer
-        self.buf_offset = buf_offset
-        self.length = length
-        self.lba = lba
-        self.blocks = blocks
-        self.fua = fua
-        self.operation = operation
-        self.what = what
-        self.queue: IoQueue | None = None
-        self.submit_ns = 0
-        self.done = False
-        self.error: Exception | None = None
-        self.transferred = 0
-        self.srb_status = 0
-        self.scsi_status = 0
-        self.status = 0
-        self.sense: scsi.Sense | None = None
-        self.retries = 0
-        self.batch = False
-        self.user = user
-        self.latency_ns = 0
-
-    def result(self) -> int:
-        """Bytes transferred; raises the command's error."""
-        if not self.done:
-            raise StorageError(f"{self.what}: not completed yet")
-        if self.error is not None:
-            raise self.error
-        return self.transferred
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done else ("ok" if self.error is None else f"error {self.error!r}")
-        return f"<Command {self.what} lun {self.lun} tag {self.tag} {state}>"
-
-
-@dataclass(frozen=True)
-class ScsiResult:
-    data: bytes
-    transferred: int
-    srb_status: int
-    scsi_status: int
-    sense: scsi.Sense | None = None
 
 
 @dataclass(frozen=True)
@@ -888,17 +825,27 @@ class Controller:
 
 
 def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
-         force: bool = False, system: SystemView | None = None, **options: Any) -> Controller:
+         force: bool = False, system: SystemView | None = None, lock: bool = True,
+         record: Any = None, **options: Any) -> Controller:
     """Open the synthetic SCSI controller ``device`` (GUID, unique prefix, or "storvsc" when
     there is one) under ``root`` and return a ready :class:`Controller`.
 
     The device must be bound to uio_hv_generic; with ``bind`` it is bound here, after the
     bus layer's safety check (which refuses the controller holding the OS disk unless
     ``force``; ``system`` replaces the live-system queries of that check, for tests).
+    ``lock`` (default True) holds the device's lock while it is open: another process
+    opening it fails at once with :class:`~uvmbus.errors.DeviceBusy` naming the holder
+    (False: for experts sharing the device on purpose).
+    ``record``: a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder` recording every VMBus
+    packet of every channel (docs/trace.md); a path is closed with the controller.
     ``options`` go to :class:`Controller`."""
     from uvmbus.bus import Bus, bind_uio
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0)
-    return Controller(cd, root=root, **options)
+    cd = open_device(device, root, spin_us=0, lock=lock, record=record)
+    try:
+        return Controller(cd, root=root, **options)
+    except BaseException:
+        cd.close()
+        raise

@@ -17,10 +17,10 @@ from uvmbus.errors import ConfigError, IllegalRequest, LunGone, ScsiError, Stora
 from uvmbus.native import lib
 from uvmbus.storvsc import protocol as P
 from uvmbus.storvsc import scsi
+from uvmbus.storvsc.command import Command, LunController
 
 if TYPE_CHECKING:
     from uvmbus.storvsc.batch import IoBatch
-    from uvmbus.storvsc.controller import Command, Controller
 
 __all__ = ["Disk"]
 
@@ -30,7 +30,7 @@ _VPD_ALLOC = 1024
 class Disk:
     """One LUN (see the module docstring)."""
 
-    def __init__(self, controller: Controller, lun: int, inquiry: scsi.InquiryData) -> None:
+    def __init__(self, controller: LunController, lun: int, inquiry: scsi.InquiryData) -> None:
         self.controller = controller
         self.lun = lun
         self.inquiry = inquiry
@@ -139,7 +139,6 @@ class Disk:
     # ==== batch interface ==================================================================
     def _command(self, write: bool, offset: int, buffer: DmaBuffer, length: int | None,
                  buf_offset: int, fua: bool, user: Any) -> Command:
-        from uvmbus.storvsc.controller import Command
 
         n = buffer.size - buf_offset if length is None else length
         what = "WRITE(16)" if write else "READ(16)"

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import importlib
 import os
 import select
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from uvmbus.errors import ConfigError, NotFound, UvmbusError
@@ -33,6 +30,8 @@ COMMAND_MODULES = [
     "uvmbus.services.cli.blk",
     "uvmbus.services.cli.demo",
     "uvmbus.services.cli.daemons",      # after net/blk: adds `net bridge`, `blk export`, `units`
+    "uvmbus.services.cli.ic",
+    "uvmbus.services.cli.trace",
 ]
 
 
@@ -49,6 +48,49 @@ def add_root(p: argparse.ArgumentParser, *, must_exist: bool = True) -> None:
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def add_record(p: argparse.ArgumentParser, *, side: str = "guest") -> None:
+    """``--record FILE.pcapng`` and its options (docs/trace.md)."""
+    from uvmbus.trace.recorder import DEFAULT_SNAPLEN
+
+    what = "every VMBus packet the host side sees, plus signals, interrupts, masks and faults" \
+        if side == "host" else "every VMBus packet of every channel of the device"
+    g = p.add_argument_group("recording (docs/trace.md)")
+    g.add_argument("--record", default=None, metavar="FILE.pcapng", help=f"record {what} to a pcapng trace")
+    g.add_argument("--snaplen", type=int_range(0, 65535), default=DEFAULT_SNAPLEN, metavar="BYTES",
+                   help=f"bytes kept of each buffer a packet points at (RNDIS messages, frames; "
+                        f"default {DEFAULT_SNAPLEN}, 0: none)")
+    g.add_argument("--no-payload", action="store_true",
+                   help="never record frame contents (RNDIS headers and control messages only)")
+    g.add_argument("--rotate", default=None, metavar="SIZE",
+                   help="start a new file (FILE.1.pcapng, ...) when one reaches SIZE (e.g. 100M)")
+
+
+def open_recorder(args: argparse.Namespace, *, side: str = "guest") -> Any:
+    """The recorder ``--record`` asks for, or None."""
+    if not getattr(args, "record", None):
+        return None
+    from uvmbus.trace import Recorder
+    from uvmbus.units import parse_size
+
+    rotate = parse_size(args.rotate, what="--rotate size") if args.rotate else 0
+    return Recorder(args.record, side=side, snaplen=args.snaplen, no_payload=args.no_payload,
+                    rotate_bytes=rotate, comment=" ".join(sys.argv))
+
+
+@contextlib.contextmanager
+def recording(args: argparse.Namespace, *, side: str = "guest") -> Iterator[Any]:
+    """``with recording(args) as rec:`` — the ``--record`` recorder (or None), closed at the end."""
+    rec = open_recorder(args, side=side)
+    try:
+        yield rec
+    finally:
+        if rec is not None:
+            rec.close()
+            if not getattr(args, "json", False):
+                print(f"trace: {rec.stats()['records']} records in {', '.join(map(str, rec.files))}",
+                      file=sys.stderr)
 
 
 # ---- argparse types: bad numbers are usage errors, not tracebacks -------------------------------
@@ -119,48 +161,16 @@ def resolve_device(root: str, ref: str, cls: str) -> Any:
     return dev
 
 
-def _lock_holder(st: os.stat_result) -> str:
-    """``pid N (command line)`` of the process holding a flock on the file, from /proc/locks."""
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return "another process"
-    for line in lines:
-        f = line.split()
-        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == want and f[4].isdigit():
-            pid = int(f[4])
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            except OSError:
-                cmd = ""
-            return f"pid {pid}" + (f" ({cmd})" if cmd else "")
-    return "another process"
-
-
 @contextlib.contextmanager
 def device_lock(dev: Any, *, what: str | None = None) -> Iterator[None]:
-    """Hold an exclusive advisory lock on the device's sysfs directory while a command drives
-    it, so that a second uvmbus command (or daemon) cannot open the same channel and break
-    the first one's session; the second one fails at once saying who has the device."""
-    try:
-        fd = os.open(dev.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        yield               # no directory to lock (device just vanished): the open will say so
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = _lock_holder(os.fstat(fd))
-            when = f"before you {what}" if what else "first"
-            raise ConfigError(f"{dev.device_id} is in use by {holder}; stop that {when} "
-                              "(`uvmbus status` lists uvmbus services)") from None
+    """Hold the device's lock (:mod:`uvmbus.bus.lock`) for the whole command, so that a second
+    uvmbus command, daemon or script cannot open the same channel and break this one's
+    session; the second one fails at once saying who has the device.  The driver opens the
+    command makes nest inside this hold."""
+    from uvmbus.bus import hold_device
+
+    with hold_device(dev, what=what):
         yield
-    finally:
-        os.close(fd)
 
 
 # ---- parser and entry point ------------------------------------------------------------------

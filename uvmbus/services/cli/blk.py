@@ -8,7 +8,11 @@
   C pread loop over the same backing file as reference in the same run.
 
 DEVICE is a VMBus instance GUID, a unique prefix, or ``storvsc`` when there is one SCSI
-controller; it must be bound to uio_hv_generic (``uvmbus bind``).  Each command holds a lock
+controller; it must be bound to uio_hv_generic (``uvmbus bind``).  An NVMe controller (the
+userspace NVMe driver over VFIO) is named by its PCI address (``0000:00:04.0``), its vPCI
+GUID, or ``nvme`` when there is one, bound to vfio-pci (``uvmbus bind``); ``--lun N`` then
+picks the N-th active namespace (0: the first) and ``--subchannels N`` asks for N+1 I/O
+queue pairs.  Both drivers give the same block interface (uvmbus.block).  Each command holds a lock
 on the device while it runs (``device_lock``): a second one fails at once.
 """
 
@@ -25,7 +29,16 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from uvmbus.errors import ConfigError
-from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    device_lock,
+    int_range,
+    recording,
+    resolve_device,
+    seconds,
+)
 from uvmbus.units import parse_size
 
 CHUNK = 4 * 1024 * 1024
@@ -53,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="per-command timeout in seconds (default 30)")
         sp.add_argument("--spin-us", type=int_range(0), default=0,
                         help="poll for completions this long before sleeping (default 0)")
+        add_record(sp)
 
     i = bsub.add_parser("info", help="controller and LUNs")
     common(i)
@@ -99,14 +113,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
+def _nvme_target(args: argparse.Namespace) -> Any:
+    """The PCI function when DEVICE names an NVMe controller (address, vPCI GUID, ``nvme``)."""
+    from uvmbus.services.cli.bus import _pci_target
+
+    fn = _pci_target(args.root, args.device)
+    if fn is not None and fn.class_name != "nvme":
+        raise ConfigError(f"{fn.name} is a {fn.class_name} PCI function, not an NVMe controller")
+    return fn
+
+
 @contextlib.contextmanager
 def _open(args: argparse.Namespace, scan: bool = True) -> Iterator[Any]:
     """The controller, opened under the device lock (a second command fails at once)."""
     import uvmbus.storvsc as storvsc
 
+    fn = _nvme_target(args)
+    if fn is not None:
+        from uvmbus.nvme import Controller
+
+        with device_lock(fn), Controller(fn, io_queues=args.subchannels + 1, timeout=args.timeout,
+                                         spin_us=args.spin_us) as ctl:
+            yield ctl
+        return
+
     dev = resolve_device(args.root, args.device, "storvsc")
-    with device_lock(dev), storvsc.open(dev.device_id, args.root, subchannels=args.subchannels,
-                                        timeout=args.timeout, spin_us=args.spin_us, scan=scan) as hba:
+    with device_lock(dev), recording(args) as rec, \
+            storvsc.open(dev.device_id, args.root, subchannels=args.subchannels, timeout=args.timeout,
+                         spin_us=args.spin_us, scan=scan, record=rec) as hba:
         yield hba
 
 
@@ -119,10 +153,14 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"controller {info['device_id']}: protocol {info['protocol']}, {info['channels']} "
-          f"channel(s) (host max {info['max_channels']}), max transfer "
-          f"{info['max_transfer_bytes']} bytes, queue depth {info['queue_depth']}/channel, "
-          f"DMA memory: {info['dma']}")
+    if "model" in info:         # NVMe
+        print(f"NVMe controller {info['address']}: {info['model']} (serial {info['serial']}, "
+              f"firmware {info['firmware']}), NVMe {info['version']}, {info['io_queues']} I/O "
+              f"queue(s) x {info['queue_depth']}, max transfer {info['max_transfer_bytes']} "
+              f"bytes, IOMMU: {info['iommu']}, interrupts: {info['interrupts']}"
+              + (f", vPCI {info['vmbus_parent']}" if info["vmbus_parent"] else ""))
+    else:
+        _print_storvsc_info(info)
     for d in info["luns"]:
         extra = []
         if d["serial"]:
@@ -131,10 +169,17 @@ def _info(args: argparse.Namespace) -> int:
             extra.append("unmap")
         if d["rotation_rate"] == 1:
             extra.append("non-rotating")
-        print(f"  LUN {d['lun']}: {d['size']} bytes ({d['blocks']} x {d['block_size']}), "
-              f"{d['vendor']} {d['product']} {d['revision']}"
+        print(f"  {'namespace' if 'nsid' in d else 'LUN'} {d['lun']}: {d['size']} bytes "
+              f"({d['blocks']} x {d['block_size']}), {d['vendor']} {d['product']} {d['revision']}"
               + (f", {', '.join(extra)}" if extra else ""))
     return 0
+
+
+def _print_storvsc_info(info: dict[str, Any]) -> None:
+    print(f"controller {info['device_id']}: protocol {info['protocol']}, {info['channels']} "
+          f"channel(s) (host max {info['max_channels']}), max transfer "
+          f"{info['max_transfer_bytes']} bytes, queue depth {info['queue_depth']}/channel, "
+          f"DMA memory: {info['dma']}")
 
 
 # ---- progress ----------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ event loop after every worker stopped):
   ``pkt.payload`` / ``pkt.header`` are only valid during the call;
 * ``close(channel)`` — the channel closed (guest's last close, rescind, unbind, exit);
 * ``reset()`` — the device was closed: forget all protocol state;
+* ``tick(channel)`` — host-initiated work before each serve (returns when to run again);
 * ``pump(channel, spin_ns)`` — optional C fast path (see native/host.h for the contract);
   return ``None`` to use ``packet`` instead.
 
-The device (``self.device``, a :class:`uvmbus.sim.device.SimDevice`) offers sub-channels,
+The device (``self.device``, seen through :class:`uvmbus.sim.hostapi.HostDevice`) offers sub-channels,
 the GPADL buffers (uio maps 3/4), guest RAM by PFN and logging.
 """
 
@@ -30,7 +31,7 @@ from uvmbus.ring import Packet
 
 if TYPE_CHECKING:
     from uvmbus.sim.channel import HostChannel
-    from uvmbus.sim.device import SimDevice
+    from uvmbus.sim.hostapi import HostDevice
 
 __all__ = ["DeviceModel", "gpa_ranges", "xfer_ranges"]
 
@@ -52,7 +53,7 @@ class DeviceModel:
     #: command-line option that creates devices of this model (e.g. "nic" for --nic N)
     cli_option: ClassVar[str | None] = None
 
-    def __init__(self, device: SimDevice, **options: Any) -> None:
+    def __init__(self, device: HostDevice, **options: Any) -> None:
         self.device = device
         self.options = options
 
@@ -74,6 +75,12 @@ class DeviceModel:
 
     def reset(self) -> None:
         """The device was closed by the guest (last close): drop all VSP state."""
+
+    def tick(self, channel: HostChannel) -> float | None:
+        """Host-initiated work (requests the host starts, timers), on the worker before each
+        serve; return seconds until it wants to run again (None: only when woken, e.g. by
+        ``channel.poke()``)."""
+        return None
 
     def pump(self, channel: HostChannel, spin_ns: int) -> int | None:
         """Optional C fast path: drain the TX ring and answer (native/host.h contract).

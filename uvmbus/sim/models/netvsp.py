@@ -1,8 +1,9 @@
 """NetVSP: the simulated host side of the synthetic NIC (netvsc.md §10, openvmm's NetVSP).
 
 Written from the reference's description of the host (§5–§7, §10), not from the guest
-driver: it shares only the wire structs (``native/netvsc_wire.h`` via
-:mod:`uvmbus.netvsc.protocol`), so a driver bug meets the failure a real host would give.
+driver: it shares only the wire structs (``native/netvsc_wire.h`` via ``ffi``; its
+message code is its own, :mod:`uvmbus.sim.models.netvsp_msg`),
+so a driver bug meets the failure a real host would give.
 
 State machine of the primary channel (§10.1):
 
@@ -15,7 +16,7 @@ State machine of the primary channel (§10.1):
   sub-allocations are 256 + mtu + 36 bytes; the reply is {1, 1, {0, size, count, end}}.
   Ready when all four are there — or when an RNDIS packet arrives with everything but the
   send buffer.  Anything else is fatal.
-* **Ready**: SEND_RNDIS_PKT (data in C: ``native/netvsp.c``; control here), RX acks (C),
+* **Ready**: SEND_RNDIS_PKT (data in C: ``native/netvsp*.c``; control here), RX acks (C),
   SUBCHANNEL (primary, v5+), REVOKE_*_BUF (primary: the data path stops silently),
   SWITCH_DATA_PATH (completed; no VF is ever offered), OID_QUERY_EX (NOT_SUPPORTED).
   Anything else is fatal.
@@ -76,10 +77,10 @@ from typing import Any, NoReturn
 
 from uvmbus.errors import ConfigError, ProtocolError
 from uvmbus.native import ffi, lib
-from uvmbus.netvsc import protocol as P
 from uvmbus.ring import FLAG_COMPLETION_REQUESTED, PKT_COMP, PKT_GPA_DIRECT, PKT_INBAND, Packet
 from uvmbus.sim.backends import BackendSpec, parse_backend
 from uvmbus.sim.channel import ChannelStopped, HostChannel
+from uvmbus.sim.models import netvsp_msg as M
 from uvmbus.sim.models import register_model
 from uvmbus.sim.models.base import DeviceModel, gpa_ranges
 
@@ -87,9 +88,13 @@ __all__ = ["NETVSC_CLASS_ID", "NetvspModel", "parse_versions"]
 
 NETVSC_CLASS_ID = "f8615163-df3e-46c5-913f-f2d2f965ed0e"
 
-ALL_VERSIONS = (P.NVSP_V1, P.NVSP_V2, P.NVSP_V4, P.NVSP_V5, P.NVSP_V6, P.NVSP_V61)
-_NAMES = {"1": P.NVSP_V1, "2": P.NVSP_V2, "4": P.NVSP_V4, "5": P.NVSP_V5, "6": P.NVSP_V6,
-          "6.1": P.NVSP_V61, "61": P.NVSP_V61}
+NVSP_V1, NVSP_V2, NVSP_V4 = lib.NVSP_PROTOCOL_VERSION_1, lib.NVSP_PROTOCOL_VERSION_2, lib.NVSP_PROTOCOL_VERSION_4
+NVSP_V5, NVSP_V6, NVSP_V61 = lib.NVSP_PROTOCOL_VERSION_5, lib.NVSP_PROTOCOL_VERSION_6, lib.NVSP_PROTOCOL_VERSION_61
+
+VERSION_NAMES = {NVSP_V1: "1", NVSP_V2: "2", NVSP_V4: "4", NVSP_V5: "5", NVSP_V6: "6", NVSP_V61: "6.1"}
+ALL_VERSIONS = (NVSP_V1, NVSP_V2, NVSP_V4, NVSP_V5, NVSP_V6, NVSP_V61)
+_NAMES = {"1": NVSP_V1, "2": NVSP_V2, "4": NVSP_V4, "5": NVSP_V5, "6": NVSP_V6,
+          "6.1": NVSP_V61, "61": NVSP_V61}
 
 SECTION_SIZE = lib.UVB_NVSP_SECTION_SIZE
 MTU_DEFAULT = 1514
@@ -243,7 +248,7 @@ class NetvspModel(DeviceModel):
         self.table_sent = False
         self.filter = 0
         self.offload_params: dict[str, int] = {}
-        self.rss: P.RssParams | None = None
+        self.rss: M.RssRequest | None = None
         self.dead_channels: set[int] = set()
         n = self.nic
         n.data_ready = 0
@@ -251,7 +256,7 @@ class NetvspModel(DeviceModel):
         n.rss_enabled = 0
         n.num_queues = 1
         n.msg_size = 32
-        n.recv_buf_id = P.RECV_BUF_ID
+        n.recv_buf_id = lib.NVSP_RECV_BUF_ID
         n.dead = 0
         n.sub_size = n.sub_count = 0
         n.send_buf = ffi.NULL
@@ -415,7 +420,7 @@ class NetvspModel(DeviceModel):
         payload = bytes(pkt.payload)
         if len(payload) < 4:
             self._fatal(channel, f"NVSP message of {len(payload)} bytes")
-        mtype = P.nvsp_type(payload)
+        mtype = M.nvsp_msg_type(payload)
         if not channel.is_primary and self.state != READY:
             self._fatal(channel, f"NVSP message {mtype} on sub-channel before the NIC is ready")
         if self.state == VERSION:
@@ -425,55 +430,55 @@ class NetvspModel(DeviceModel):
         else:
             self._state_ready(channel, pkt, mtype, payload)
 
-    def _need(self, channel: HostChannel, payload: bytes, ctype: str, what: str) -> P.NvspMessage:
+    def _need(self, channel: HostChannel, payload: bytes, ctype: str, what: str) -> Any:
         if len(payload) < ffi.sizeof(ctype):
             self._fatal(channel, f"{what} of {len(payload)} bytes (needs {ffi.sizeof(ctype)})")
-        return P.parse_nvsp(payload)
+        return M.nvsp_fields(payload, ctype)
 
     def _state_version(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
-        if mtype != P.MSG_INIT:
+        if mtype != lib.NVSP_MSG_TYPE_INIT:
             self._fatal(channel, f"NVSP message type {mtype} before INIT (version negotiation)")
         m = self._need(channel, payload, "struct nvsp_init", "INIT")
-        requested = m["min_protocol_ver"]          # the reference host reads @4 only
+        requested = m.min_protocol_ver          # the reference host reads @4 only
         ok = requested in self.versions
         if pkt.flags & FLAG_COMPLETION_REQUESTED:
             # built before the switch to the negotiated message size: INIT_COMPLETE itself is
             # padded to the legacy 32 bytes even for 6.1 (the reference host's order, §10.1)
-            reply = P.nvsp("struct nvsp_init_complete", P.MSG_INIT_COMPLETE, size=self.msg_size,
-                           negotiated_protocol_ver=(2 if requested == P.NVSP_V1 else 0xFFFFFFFF) if ok else 0,
-                           max_mdl_chain_len=34, status=P.STATUS_SUCCESS if ok else lib.NVSP_STAT_NONE)
+            negotiated = (2 if requested == NVSP_V1 else 0xFFFFFFFF) if ok else 0
+            reply = M.nvsp_reply(lib.NVSP_MSG_TYPE_INIT_COMPLETE, negotiated, 34,
+                                 lib.NVSP_STAT_SUCCESS if ok else lib.NVSP_STAT_NONE, size=self.msg_size)
             self._complete(channel, pkt.trans_id, reply)
         if ok:
             self.version = requested
-            self.msg_size = 40 if requested >= P.NVSP_V61 else 32
+            self.msg_size = 40 if requested >= NVSP_V61 else 32
             self.nic.msg_size = self.msg_size
             self.state = INIT
 
     def _state_init(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
         want_comp = bool(pkt.flags & FLAG_COMPLETION_REQUESTED)
-        if mtype == P.MSG_SEND_NDIS_CONFIG:
-            if self.version < P.NVSP_V2:
+        if mtype == lib.NVSP_MSG2_TYPE_SEND_NDIS_CONFIG:
+            if self.version < NVSP_V2:
                 self._fatal(channel, "SEND_NDIS_CONFIG does not exist in NVSP version 1")
             if self.ndis_config is not None:
                 self._fatal(channel, "second SEND_NDIS_CONFIG")
             m = self._need(channel, payload, "struct nvsp_send_ndis_config", "SEND_NDIS_CONFIG")
-            mtu = m["mtu"]
-            self.ndis_config = (mtu, m["capability"])
+            mtu = m.mtu
+            self.ndis_config = (mtu, m.capability)
             self.mtu = mtu if 1514 <= mtu <= 9216 else MTU_DEFAULT
             if want_comp:                   # "can be empty": the reference host's is (§2.4)
                 self._complete(channel, pkt.trans_id, b"")
-        elif mtype == P.MSG_SEND_NDIS_VER:
+        elif mtype == lib.NVSP_MSG1_TYPE_SEND_NDIS_VER:
             if self.ndis_version is not None:
                 self._fatal(channel, "second SEND_NDIS_VER")
             m = self._need(channel, payload, "struct nvsp_send_ndis_ver", "SEND_NDIS_VER")
-            self.ndis_version = (m["ndis_major_ver"], m["ndis_minor_ver"])
+            self.ndis_version = (m.ndis_major_ver, m.ndis_minor_ver)
             if want_comp:                   # an empty completion, only when requested (§2.4)
                 self._complete(channel, pkt.trans_id, b"")
-        elif mtype == P.MSG_SEND_RECV_BUF:
+        elif mtype == lib.NVSP_MSG1_TYPE_SEND_RECV_BUF:
             self._recv_buf(channel, pkt, payload)
-        elif mtype == P.MSG_SEND_SEND_BUF:
+        elif mtype == lib.NVSP_MSG1_TYPE_SEND_SEND_BUF:
             self._send_buf(channel, pkt, payload)
-        elif mtype == P.MSG_SEND_RNDIS_PKT and self._init_done(without_send_buf=True):
+        elif mtype == lib.NVSP_MSG1_TYPE_SEND_RNDIS_PKT and self._init_done(without_send_buf=True):
             self._become_ready()
             self._state_ready(channel, pkt, mtype, payload)
             return
@@ -483,7 +488,7 @@ class NetvspModel(DeviceModel):
             self._become_ready()
 
     def _init_done(self, without_send_buf: bool = False) -> bool:
-        cfg = self.ndis_config is not None or self.version < P.NVSP_V2
+        cfg = self.ndis_config is not None or self.version < NVSP_V2
         return (cfg and self.ndis_version is not None and self.recv_buf_id is not None
                 and (self.send_buf_ok or without_send_buf))
 
@@ -500,23 +505,23 @@ class NetvspModel(DeviceModel):
     def _recv_buf(self, channel: HostChannel, pkt: Packet, payload: bytes) -> None:
         if self.recv_buf_id is not None:
             self._fatal(channel, "second SEND_RECV_BUF")
-        if self.version >= P.NVSP_V2 and self.ndis_config is None:
+        if self.version >= NVSP_V2 and self.ndis_config is None:
             self._fatal(channel, "SEND_RECV_BUF before SEND_NDIS_CONFIG (required from NVSP 2)")
         m = self._need(channel, payload, "struct nvsp_send_recv_buf", "SEND_RECV_BUF")
         buf = self.device.buffer("recv")
-        if buf is None or m["gpadl_handle"] != buf.gpadl:
-            self._fatal(channel, f"SEND_RECV_BUF names GPADL {m['gpadl_handle']:#x}, which is not an "
+        if buf is None or m.gpadl_handle != buf.gpadl:
+            self._fatal(channel, f"SEND_RECV_BUF names GPADL {m.gpadl_handle:#x}, which is not an "
                                  f"established buffer (receive buffer: {buf.gpadl if buf else None})")
         rc = lib.uvb_nvsp_set_recv_buf(self.nic, buf.ptr, buf.size, self.mtu)
         if rc:
             self._fatal(channel, f"receive buffer of {buf.size} bytes unusable with MTU {self.mtu}")
-        self.recv_buf_id = m["id"]
-        self.nic.recv_buf_id = m["id"]
+        self.recv_buf_id = m.id
+        self.nic.recv_buf_id = m.id
         for entry in self._queues.values():
             lib.uvb_nvsp_attach_queue(self.nic, entry.q)
         if pkt.flags & FLAG_COMPLETION_REQUESTED:
             n = self.nic
-            body = struct.pack("<IIIIIII", P.MSG_SEND_RECV_BUF_COMPLETE, P.STATUS_SUCCESS, 1, 0,
+            body = struct.pack("<IIIIIII", lib.NVSP_MSG1_TYPE_SEND_RECV_BUF_COMPLETE, lib.NVSP_STAT_SUCCESS, 1, 0,
                                n.sub_size, n.sub_count, n.sub_size * n.sub_count)
             self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
 
@@ -525,8 +530,8 @@ class NetvspModel(DeviceModel):
             self._fatal(channel, "second SEND_SEND_BUF")
         m = self._need(channel, payload, "struct nvsp_send_send_buf", "SEND_SEND_BUF")
         buf = self.device.buffer("send")
-        if buf is None or m["gpadl_handle"] != buf.gpadl:
-            self._fatal(channel, f"SEND_SEND_BUF names GPADL {m['gpadl_handle']:#x}, which is not an "
+        if buf is None or m.gpadl_handle != buf.gpadl:
+            self._fatal(channel, f"SEND_SEND_BUF names GPADL {m.gpadl_handle:#x}, which is not an "
                                  f"established buffer (send buffer: {buf.gpadl if buf else None})")
         n = self.nic
         n.send_buf = buf.ptr
@@ -535,37 +540,37 @@ class NetvspModel(DeviceModel):
         n.section_count = buf.size // SECTION_SIZE
         self.send_buf_ok = True
         if pkt.flags & FLAG_COMPLETION_REQUESTED:
-            body = struct.pack("<III", P.MSG_SEND_SEND_BUF_COMPLETE, P.STATUS_SUCCESS, SECTION_SIZE)
+            body = struct.pack("<III", lib.NVSP_MSG1_TYPE_SEND_SEND_BUF_COMPLETE, lib.NVSP_STAT_SUCCESS, SECTION_SIZE)
             self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
 
     def _state_ready(self, channel: HostChannel, pkt: Packet, mtype: int, payload: bytes) -> None:
         want_comp = bool(pkt.flags & FLAG_COMPLETION_REQUESTED)
-        if mtype == P.MSG_SEND_RNDIS_PKT:
+        if mtype == lib.NVSP_MSG1_TYPE_SEND_RNDIS_PKT:
             self._rndis_pkt(channel, pkt, payload)
-        elif mtype == P.MSG_SUBCHANNEL:
+        elif mtype == lib.NVSP_MSG5_TYPE_SUBCHANNEL:
             if not channel.is_primary:
                 self._fatal(channel, "SUBCHANNEL request on a sub-channel")
-            if self.version < P.NVSP_V5:
+            if self.version < NVSP_V5:
                 self._fatal(channel, f"SUBCHANNEL request in NVSP version {self.version:#x} (needs 5)")
             m = self._need(channel, payload, "struct nvsp_subchannel_request", "SUBCHANNEL")
-            granted = self._grant(m["op"], m["num_subchannels"])
+            granted = self._grant(m.op, m.num_subchannels)
             if want_comp:
-                body = struct.pack("<III", P.MSG_SUBCHANNEL,
-                                   P.STATUS_SUCCESS if granted else P.STATUS_FAIL, granted)
+                body = struct.pack("<III", lib.NVSP_MSG5_TYPE_SUBCHANNEL,
+                                   lib.NVSP_STAT_SUCCESS if granted else lib.NVSP_STAT_FAIL, granted)
                 self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
-        elif mtype in (P.MSG_REVOKE_RECV_BUF, P.MSG_REVOKE_SEND_BUF):
+        elif mtype in (lib.NVSP_MSG1_TYPE_REVOKE_RECV_BUF, lib.NVSP_MSG1_TYPE_REVOKE_SEND_BUF):
             if channel.is_primary:
                 self.revoked = True
                 self.nic.data_ready = 0
                 self.nic.filter = 0
-        elif mtype == P.MSG_SWITCH_DATA_PATH:
-            if self.version < P.NVSP_V4:
+        elif mtype == lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH:
+            if self.version < NVSP_V4:
                 self._fatal(channel, "SWITCH_DATA_PATH before NVSP 4")
             if want_comp:
                 self._complete(channel, pkt.trans_id, b"")
-        elif mtype == P.MSG_OID_QUERY_EX:
+        elif mtype == lib.NVSP_MSG5_TYPE_OID_QUERY_EX:
             if want_comp:
-                body = struct.pack("<III", P.MSG_OID_QUERY_EX_COMP, STATUS_NOT_SUPPORTED, 0)
+                body = struct.pack("<III", lib.NVSP_MSG5_TYPE_OID_QUERY_EX_COMP, STATUS_NOT_SUPPORTED, 0)
                 self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
         else:
             self._fatal(channel, f"NVSP message type {mtype} in state ready")
@@ -595,8 +600,8 @@ class NetvspModel(DeviceModel):
         if opened < self.granted:
             return
         chans = 1 + opened
-        table = [i % chans for i in range(P.SEND_TABLE_ENTRIES)]
-        msg = struct.pack("<III", P.MSG_SEND_INDIRECTION_TABLE, P.SEND_TABLE_ENTRIES, 12) + \
+        table = [i % chans for i in range(lib.NVSP_SEND_TABLE_ENTRIES)]
+        msg = struct.pack("<III", lib.NVSP_MSG5_TYPE_SEND_INDIRECTION_TABLE, lib.NVSP_SEND_TABLE_ENTRIES, 12) + \
             struct.pack("<16I", *table)
         lib.uvb_nvsp_post_inband(self.nic, msg, len(msg), 0, 0)
         self.table_sent = True
@@ -609,12 +614,12 @@ class NetvspModel(DeviceModel):
                 entry.channel.poke()
 
     # ==== RNDIS ==========================================================================
-    def _rndis_bytes(self, channel: HostChannel, pkt: Packet, m: P.NvspMessage) -> bytes | None:
+    def _rndis_bytes(self, channel: HostChannel, pkt: Packet, m: Any) -> bytes | None:
         """The RNDIS byte stream of a SEND_RNDIS_PKT: section bytes, then GPA ranges (§5)."""
         n = self.nic
-        idx, size = m["send_buf_section_index"], m["send_buf_section_size"]
+        idx, size = m.send_buf_section_index, m.send_buf_section_size
         data = b""
-        if idx != P.SECTION_NONE:
+        if idx != lib.NVSP_SECTION_INDEX_NONE:
             if not self.send_buf_ok or idx >= n.section_count:
                 self._fatal(channel, f"SEND_RNDIS_PKT with send-buffer section {idx}: only "
                                      f"{int(n.section_count)} sections exist")
@@ -643,7 +648,7 @@ class NetvspModel(DeviceModel):
             self._fail_request(channel, pkt)
             return
         rtype = struct.unpack_from("<I", data)[0]
-        if rtype == P.RNDIS_PACKET:
+        if rtype == lib.RNDIS_MSG_PACKET:
             # data before RNDIS is operational (the C path punts it here)
             self._fail_request(channel, pkt)
             return
@@ -652,12 +657,12 @@ class NetvspModel(DeviceModel):
             return
         self.counters["rndis_requests"] += 1
         try:
-            msg = P.parse_rndis(data)
-        except ProtocolError:
+            msg = M.read_rndis_request(data)
+        except M.BadRequest:
             self._fail_request(channel, pkt)
             return
         self._after_response = []
-        response = self._rndis_control(channel, msg, data)
+        response = self._rndis_control(channel, msg)
         if response is not None:
             if lib.uvb_nvsp_post_ctrl(self.nic, response, len(response)) != 0:
                 self.counters["ctrl_overflow"] += 1
@@ -667,146 +672,137 @@ class NetvspModel(DeviceModel):
             if lib.uvb_nvsp_post_ctrl(self.nic, extra, len(extra)) != 0:
                 self.counters["ctrl_overflow"] += 1
         if want_comp:
-            self._complete(channel, pkt.trans_id, rndis_pkt_complete(P.STATUS_SUCCESS, self.msg_size))
+            self._complete(channel, pkt.trans_id, rndis_pkt_complete(lib.NVSP_STAT_SUCCESS, self.msg_size))
 
     def _fail_request(self, channel: HostChannel, pkt: Packet) -> None:
         self.counters["rndis_failed"] += 1
         if pkt.flags & FLAG_COMPLETION_REQUESTED:
-            self._complete(channel, pkt.trans_id, rndis_pkt_complete(P.STATUS_FAIL, self.msg_size))
+            self._complete(channel, pkt.trans_id, rndis_pkt_complete(lib.NVSP_STAT_FAIL, self.msg_size))
 
-    def _rndis_control(self, channel: HostChannel, msg: P.RndisMessage, raw: bytes) -> bytes | None:
+    def _rndis_control(self, channel: HostChannel, msg: M.RndisRequest) -> bytes | None:
         t = msg.type
-        if t == P.RNDIS_INIT:
+        if t == lib.RNDIS_MSG_INIT:
             if self.rndis != R_INITIALIZING:
                 self._fatal(channel, "second RNDIS INITIALIZE")
             self.rndis = R_OPERATIONAL
             if self.nic.priv != ffi.NULL:
                 self.nic.data_ready = 1
-            return P.rndis_init_complete(msg.req_id)
-        if t == P.RNDIS_QUERY:
+            return M.init_complete(msg.req_id)
+        if t == lib.RNDIS_MSG_QUERY:
             status, data = self._query(msg)
-            return P.rndis_query_complete(msg.req_id, status, data)
-        if t == P.RNDIS_SET:
+            return M.query_complete(msg.req_id, status, data)
+        if t == lib.RNDIS_MSG_SET:
             # the reference host reads the info buffer right after the 20-byte body (§4.1)
-            info = raw[28:msg.length]
-            return P.rndis_set_complete(msg.req_id, self._set(channel, msg.oid, info))
-        if t == P.RNDIS_KEEPALIVE:
-            return P.rndis_keepalive_complete(msg.req_id)
-        if t == P.RNDIS_HALT:
+            return M.set_complete(msg.req_id, self._set(channel, msg.oid, msg.info))
+        if t == lib.RNDIS_MSG_KEEPALIVE:
+            return M.keepalive_complete(msg.req_id)
+        if t == lib.RNDIS_MSG_HALT:
             self.rndis = R_HALTED
             return None
         self._fatal(channel, f"RNDIS message {msg.name} from the guest")
         return None
 
-    def _query(self, msg: P.RndisMessage) -> tuple[int, bytes]:
+    def _query(self, msg: M.RndisRequest) -> tuple[int, bytes]:
         oid = msg.oid
         mtu = self.mtu
         u32 = lambda v: struct.pack("<I", v & 0xFFFFFFFF)  # noqa: E731
         ndis_minor = self.ndis_version[1] if self.ndis_version else 0
         simple: dict[int, bytes] = {
-            P.OID_GEN_HARDWARE_STATUS: u32(0),
-            P.OID_GEN_MEDIA_SUPPORTED: u32(0),
-            P.OID_GEN_MEDIA_IN_USE: u32(0),
-            P.OID_GEN_MAXIMUM_LOOKAHEAD: u32(mtu - 14),
-            P.OID_GEN_CURRENT_LOOKAHEAD: u32(mtu - 14),
-            P.OID_GEN_MAXIMUM_FRAME_SIZE: u32(mtu - 14),
-            P.OID_GEN_LINK_SPEED: u32(self.link_speed // 100),
-            P.OID_GEN_TRANSMIT_BUFFER_SPACE: u32(256 * 1024),
-            P.OID_GEN_RECEIVE_BUFFER_SPACE: u32(256 * 1024),
-            P.OID_GEN_TRANSMIT_BLOCK_SIZE: u32(mtu),
-            P.OID_GEN_RECEIVE_BLOCK_SIZE: u32(mtu),
-            P.OID_GEN_MAXIMUM_TOTAL_SIZE: u32(mtu),
-            P.OID_GEN_VENDOR_ID: u32(0x155D),
-            P.OID_GEN_VENDOR_DESCRIPTION: b"Microsoft Corporation\0",
-            P.OID_GEN_CURRENT_PACKET_FILTER: u32(0),
-            P.OID_GEN_DRIVER_VERSION: struct.pack("<H", 0x0100),
-            P.OID_GEN_VENDOR_DRIVER_VERSION: struct.pack("<H", 0x0100),
-            P.OID_GEN_MAC_OPTIONS: u32(0x24D),
+            lib.OID_GEN_HARDWARE_STATUS: u32(0),
+            lib.OID_GEN_MEDIA_SUPPORTED: u32(0),
+            lib.OID_GEN_MEDIA_IN_USE: u32(0),
+            lib.OID_GEN_MAXIMUM_LOOKAHEAD: u32(mtu - 14),
+            lib.OID_GEN_CURRENT_LOOKAHEAD: u32(mtu - 14),
+            lib.OID_GEN_MAXIMUM_FRAME_SIZE: u32(mtu - 14),
+            lib.OID_GEN_LINK_SPEED: u32(self.link_speed // 100),
+            lib.OID_GEN_TRANSMIT_BUFFER_SPACE: u32(256 * 1024),
+            lib.OID_GEN_RECEIVE_BUFFER_SPACE: u32(256 * 1024),
+            lib.OID_GEN_TRANSMIT_BLOCK_SIZE: u32(mtu),
+            lib.OID_GEN_RECEIVE_BLOCK_SIZE: u32(mtu),
+            lib.OID_GEN_MAXIMUM_TOTAL_SIZE: u32(mtu),
+            lib.OID_GEN_VENDOR_ID: u32(0x155D),
+            lib.OID_GEN_VENDOR_DESCRIPTION: b"Microsoft Corporation\0",
+            lib.OID_GEN_CURRENT_PACKET_FILTER: u32(0),
+            lib.OID_GEN_DRIVER_VERSION: struct.pack("<H", 0x0100),
+            lib.OID_GEN_VENDOR_DRIVER_VERSION: struct.pack("<H", 0x0100),
+            lib.OID_GEN_MAC_OPTIONS: u32(0x24D),
             # the reference host always answers "connected" and reports the link with
             # indications (§10.1); media_status=link makes the answer follow the backend
-            P.OID_GEN_MEDIA_CONNECT_STATUS: u32(lib.NDIS_MEDIA_STATE_CONNECTED
+            lib.OID_GEN_MEDIA_CONNECT_STATUS: u32(lib.NDIS_MEDIA_STATE_CONNECTED
                                                 if self.media_status == "connected" or self._link_up
                                                 else lib.NDIS_MEDIA_STATE_DISCONNECTED),
-            P.OID_GEN_MAXIMUM_SEND_PACKETS: u32(0xFFFFFFFF),
-            P.OID_GEN_MAX_LINK_SPEED: struct.pack("<QQ", self.link_speed, self.link_speed),
-            P.OID_GEN_FRIENDLY_NAME: "Network Device".encode("utf-16-le").ljust(512, b"\0"),
-            P.OID_802_3_PERMANENT_ADDRESS: self.mac,
-            P.OID_802_3_CURRENT_ADDRESS: self.mac,
-            P.OID_802_3_MAXIMUM_LIST_SIZE: u32(0),
+            lib.OID_GEN_MAXIMUM_SEND_PACKETS: u32(0xFFFFFFFF),
+            lib.OID_GEN_MAX_LINK_SPEED: struct.pack("<QQ", self.link_speed, self.link_speed),
+            lib.OID_GEN_FRIENDLY_NAME: "Network Device".encode("utf-16-le").ljust(512, b"\0"),
+            lib.OID_802_3_PERMANENT_ADDRESS: self.mac,
+            lib.OID_802_3_CURRENT_ADDRESS: self.mac,
+            lib.OID_802_3_MAXIMUM_LIST_SIZE: u32(0),
         }
         if oid in simple:
-            return P.ST_SUCCESS, simple[oid]
-        if oid == P.OID_GEN_SUPPORTED_LIST:
+            return lib.RNDIS_STATUS_SUCCESS, simple[oid]
+        if oid == lib.OID_GEN_SUPPORTED_LIST:
             major = self.ndis_version[0] if self.ndis_version else 0
             if major not in (5, 6):
-                return P.ST_BAD_VERSION, b""
+                return lib.RNDIS_STATUS_BAD_VERSION, b""
             oids = sorted(simple)
             if major == 6:
-                oids += [P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, P.OID_TCP_OFFLOAD_CURRENT_CONFIG,
-                         P.OID_TCP_OFFLOAD_PARAMETERS]
+                oids += [lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, lib.OID_TCP_OFFLOAD_CURRENT_CONFIG,
+                         lib.OID_TCP_OFFLOAD_PARAMETERS]
                 if ndis_minor >= 30:
-                    oids += [P.OID_GEN_RECEIVE_SCALE_CAPABILITIES, P.OID_GEN_RECEIVE_SCALE_PARAMETERS]
-            return P.ST_SUCCESS, struct.pack(f"<{len(oids)}I", *oids)
-        if oid in (P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, P.OID_TCP_OFFLOAD_CURRENT_CONFIG):
+                    oids += [lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES, lib.OID_GEN_RECEIVE_SCALE_PARAMETERS]
+            return lib.RNDIS_STATUS_SUCCESS, struct.pack(f"<{len(oids)}I", *oids)
+        if oid in (lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, lib.OID_TCP_OFFLOAD_CURRENT_CONFIG):
             rev = 3
             if len(msg.info) >= 4 and msg.info[0] == lib.NDIS_OBJTYPE_OFFLOAD and msg.info[1] in (1, 2, 3):
                 rev = msg.info[1]
-            return P.ST_SUCCESS, self._offload_caps(rev)
-        if oid == P.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
-            return P.ST_SUCCESS, P.build_rss_caps(self.max_queues)
-        return P.ST_NOT_SUPPORTED, b""
-
-    def _offload_caps(self, rev: int) -> bytes:
-        c4 = (lib.NDIS_TXCSUM_CAP_IP4 | lib.NDIS_TXCSUM_CAP_TCP4 | lib.NDIS_TXCSUM_CAP_TCP4OPT
-              | lib.NDIS_TXCSUM_CAP_UDP4 | lib.NDIS_TXCSUM_CAP_IP4OPT)
-        c6 = lib.NDIS_TXCSUM_CAP_TCP6 | lib.NDIS_TXCSUM_CAP_UDP6 | lib.NDIS_TXCSUM_CAP_TCP6OPT
-        return P.build_ndis_offload(c4, c6, rev=rev)
+            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev)
+        if oid == lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
+            return lib.RNDIS_STATUS_SUCCESS, M.rss_capabilities(self.max_queues)
+        return lib.RNDIS_STATUS_NOT_SUPPORTED, b""
 
     def _set(self, channel: HostChannel, oid: int, info: bytes) -> int:
-        if oid == P.OID_GEN_CURRENT_PACKET_FILTER:
+        if oid == lib.OID_GEN_CURRENT_PACKET_FILTER:
             if len(info) < 4:
-                return P.ST_INVALID_DATA
+                return lib.RNDIS_STATUS_INVALID_DATA
             self.filter = struct.unpack_from("<I", info)[0]
             self.nic.filter = self.filter
             if self.filter:
                 self._kick_all()
-            return P.ST_SUCCESS
-        if oid == P.OID_TCP_OFFLOAD_PARAMETERS:
+            return lib.RNDIS_STATUS_SUCCESS
+        if oid == lib.OID_TCP_OFFLOAD_PARAMETERS:
             # §4.7: NDIS object header type 0x80, revision >= 1, header size >= 20 (the
             # revision-1 size) and not beyond the buffer the guest sent
-            hdr_size = struct.unpack_from("<H", info, 2)[0] if len(info) >= 4 else 0
-            if (len(info) < 20 or info[0] != lib.NDIS_OBJTYPE_DEFAULT or info[1] < 1
-                    or hdr_size < 20 or hdr_size > len(info)):
-                return P.ST_INVALID_DATA
-            params = P.parse_offload_params(info)
+            params = M.read_offload_request(info)
+            if params is None:
+                return lib.RNDIS_STATUS_INVALID_DATA
             if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
-                return P.ST_NOT_SUPPORTED
+                return lib.RNDIS_STATUS_NOT_SUPPORTED
             self.offload_params = params
             # sent after the SET completion, like the reference host's pending_offload_change
             self._after_response.append(
-                P.rndis_indicate_status(P.ST_TASK_OFFLOAD_CURRENT_CONFIG, self._offload_caps(3)))
-            return P.ST_SUCCESS
-        if oid == P.OID_GEN_RECEIVE_SCALE_PARAMETERS:
+                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG, M.offload_capabilities(3)))
+            return lib.RNDIS_STATUS_SUCCESS
+        if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
-        if oid in (P.OID_GEN_NETWORK_LAYER_ADDRESSES, P.OID_GEN_RNDIS_CONFIG_PARAMETER,
-                   P.OID_802_3_MULTICAST_LIST):
-            return P.ST_SUCCESS
-        return P.ST_NOT_SUPPORTED
+        if oid in (lib.OID_GEN_NETWORK_LAYER_ADDRESSES, lib.OID_GEN_RNDIS_CONFIG_PARAMETER,
+                   lib.OID_802_3_MULTICAST_LIST):
+            return lib.RNDIS_STATUS_SUCCESS
+        return lib.RNDIS_STATUS_NOT_SUPPORTED
 
     def _set_rss(self, info: bytes) -> int:
         """§4.8 host validation; §10.1: an RSS change restarts the queues."""
         try:
-            p = P.parse_rss_params(info)
-        except ProtocolError:
-            return P.ST_INVALID_DATA
+            p = M.read_rss_request(info)
+        except M.BadRequest:
+            return lib.RNDIS_STATUS_INVALID_DATA
         n = self.nic
-        if p.flags & P.RSS_FLAG_DISABLE or not (p.hash_info & 0xFF):
+        if p.flags & lib.NDIS_RSS_FLAG_DISABLE_RSS or not (p.hash_info & 0xFF):
             n.rss_enabled = 0
             self.rss = p
             n.cfg_epoch += 1
-            return P.ST_SUCCESS
+            return lib.RNDIS_STATUS_SUCCESS
         if len(p.key) != 40 or not p.table or any(e >= self.max_queues for e in p.table):
-            return P.ST_INVALID_DATA
+            return lib.RNDIS_STATUS_INVALID_DATA
         table = [p.table[i % len(p.table)] for i in range(lib.NDIS_RSS_TABLE_ENTRIES)]
         ffi.memmove(n.rss_key, p.key, 40)
         for i, e in enumerate(table):
@@ -816,7 +812,7 @@ class NetvspModel(DeviceModel):
         n.cfg_epoch += 1
         self.rss = p
         self._kick_all()
-        return P.ST_SUCCESS
+        return lib.RNDIS_STATUS_SUCCESS
 
     def _kick_all(self) -> None:
         for entry in list(self._queues.values()):
@@ -873,7 +869,7 @@ class NetvspModel(DeviceModel):
                 self._arm_link_timer()
 
     def _indicate(self, up: bool) -> None:
-        ind = P.rndis_indicate_status(P.ST_MEDIA_CONNECT if up else P.ST_MEDIA_DISCONNECT)
+        ind = M.status_indication(lib.RNDIS_STATUS_MEDIA_CONNECT if up else lib.RNDIS_STATUS_MEDIA_DISCONNECT)
         if lib.uvb_nvsp_post_ctrl(self.nic, ind, len(ind)) != 0:
             self.counters["ctrl_overflow"] += 1
             return
@@ -969,8 +965,8 @@ class NetvspModel(DeviceModel):
             }
         return {"netvsp": {
             "state": self.state, "rndis": self.rndis,
-            "version": P.VERSION_NAMES.get(self.version, hex(self.version)) if self.version else None,
-            "offered_versions": [P.VERSION_NAMES[v] for v in self.versions],
+            "version": VERSION_NAMES.get(self.version, hex(self.version)) if self.version else None,
+            "offered_versions": [VERSION_NAMES[v] for v in self.versions],
             "ndis_version": None if self.ndis_version is None else f"{self.ndis_version[0]}.{self.ndis_version[1]}",
             "mtu": self.mtu, "mac": ":".join(f"{b:02x}" for b in self.mac), "backend": str(self.backend),
             "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
@@ -986,4 +982,4 @@ class NetvspModel(DeviceModel):
 
 def rndis_pkt_complete(status: int, size: int) -> bytes:
     """NVSP SEND_RNDIS_PKT_COMPLETE padded to the host's message size."""
-    return struct.pack("<II", P.MSG_SEND_RNDIS_PKT_COMPLETE, status).ljust(size, b"\0")
+    return struct.pack("<II", lib.NVSP_MSG1_TYPE_SEND_RNDIS_PKT_COMPLETE, status).ljust(size, b"\0")
