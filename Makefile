@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean test-dpdk
+.PHONY: demo test build lint deps clean test-dpdk units-test
 
 demo: $(STAMP)
 	$(VENV)/bin/uvmbus demo
@@ -19,6 +19,11 @@ test: $(STAMP)
 # DPDK as an independent guest: the full bring-up matrix (CI runs a subset in `make test`).
 test-dpdk: $(STAMP)
 	UVMBUS_DPDK_FULL=1 $(VPY) -m pytest tests/dpdk $(PYTEST_ARGS)
+
+# The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
+# under .cache/units/).  `make test` runs it too; this target shows its progress.
+units-test: $(STAMP)
+	$(VPY) -m pytest -v -s -p no:cacheprovider tests/test_units_systemd.py $(PYTEST_ARGS)
 
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
@@ -46,4 +51,4 @@ clean:
 IC_SOAK_SECONDS ?= 300
 .PHONY: ic-soak
 ic-soak: $(STAMP)
-	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q tests/test_ic_sim.py -k end_to_end
+	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q -s tests/test_ic_sim.py -k end_to_end

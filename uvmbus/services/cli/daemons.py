@@ -104,11 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("units", help="systemd units")
     usub = u.add_subparsers(dest="units_command", metavar="COMMAND")
-    i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service into "
+    i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service and uvmbus-ic.service into "
                         "<root>/etc/systemd/system with ExecStart= pointing at this uvmbus")
     add_root(i, must_exist=False)
     i.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
                    help="uvmbus executable for ExecStart= (default: this one)")
+    i.add_argument("--force", action="store_true",
+                   help="write the units even if ExecStart= is under /home, /root or /tmp, "
+                        "which the units' ProtectHome=/PrivateTmp= hide")
     i.set_defaults(func=_units_install)
     u.set_defaults(func=lambda a: u.print_help() or 2)
 
@@ -158,7 +161,7 @@ def _export(args: argparse.Namespace) -> int:
 def _units_install(args: argparse.Namespace) -> int:
     from uvmbus.services.persist import install_units
 
-    for p in install_units(args.root, exec_path=args.exec_path):
+    for p in install_units(args.root, exec_path=args.exec_path, force=args.force):
         print(p)
     print("enable a device's binding with `uvmbus bind GUID --persist`; start a daemon with "
           "`systemctl enable --now uvmbus-net@GUID.service` (options in /etc/uvmbus/net-GUID.env)",
