@@ -88,6 +88,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--reoffer-after", type=seconds(zero_ok=True), default=None, metavar="SECONDS",
                    help="rescind: offer the device again after this delay")
     c.set_defaults(func=_ctl)
+    e = csub.add_parser(
+        "exec", help="run an unmodified program (e.g. DPDK) against a running simulator",
+        description="Run CMD in a private mount namespace in which the simulator's sys/ tree "
+                    "stands at /sys and /dev/uioN behaves like the kernel's uio device (a "
+                    "preload library). Needs root. Exit status: CMD's (128+N if killed by "
+                    "signal N).")
+    add_root(e, must_exist=False)       # run_exec says what is missing
+    e.add_argument("--guest-ram", action="store_true",
+                   help="put the program's DMA memory on the simulator's guest RAM (IOVA = "
+                        "simulated GPA); for DPDK: EAL memory from -m, --no-huge and "
+                        "--iova-mode=va are enforced by the library")
+    e.add_argument("-v", "--verbose", action="store_true", help="print the mounts made")
+    e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    e.set_defaults(func=_exec)
 
 
 def _kv_args(items: list[str]) -> dict[str, Any]:
@@ -215,6 +229,15 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if config.record is not None:
             config.record.close()
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from uvmbus.sim.execns import run_exec
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return run_exec(args.root, cmd, guest_ram=args.guest_ram, verbose=args.verbose)
 
 
 def _ctl(args: argparse.Namespace) -> int:
