@@ -57,6 +57,9 @@ class DiffResult:
         for tag, i1, i2, j1, j2 in self.hunks:
             out.append(f"@@ {tag} left {i1 + 1}..{i2} right {j1 + 1}..{j2}")
             a, b = self.left[i1:i2], self.right[j1:j2]
+            if any(len(x) > w for x in a + b):       # too wide for two columns: one per line
+                out += [f"- {x}" for x in a] + [f"+ {x}" for x in b]
+                continue
             for k in range(max(len(a), len(b))):
                 la = a[k] if k < len(a) else ""
                 lb = b[k] if k < len(b) else ""
