@@ -8,13 +8,23 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean units-test
+.PHONY: demo test build lint deps clean test-dpdk units-test
 
+# `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/uvmbus demo
+	@$(VENV)/bin/uvmbus demo $(DEMO_ARGS); rc=$$?; \
+	echo; \
+	echo "uvmbus is installed in the virtualenv $(abspath $(VENV)), not on your PATH:"; \
+	echo "  run it as $(abspath $(VENV))/bin/uvmbus ...   or first:   . $(abspath $(VENV))/bin/activate"; \
+	exit $$rc
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# DPDK as an independent guest: the full bring-up matrix (CI runs a subset in `make test`).
+test-dpdk: $(STAMP)
+	UVMBUS_DPDK_FULL=1 $(VPY) -m pytest tests/dpdk $(PYTEST_ARGS)
 
 # The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
 # under .cache/units/).  `make test` runs it too; this target shows its progress.
@@ -34,7 +44,7 @@ deps:
 $(VPY): | deps
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
+$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py native/preload/*.c)
 	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 	flock /tmp/uvmbus-build.lock $(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
