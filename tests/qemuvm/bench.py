@@ -56,7 +56,12 @@ def main() -> int:
     rows = data["results"]
     summary = []
     for job in dict.fromkeys((r["pattern"], r["bs"], r["qd"]) for r in rows):
-        rs = [r for r in rows if (r["pattern"], r["bs"], r["qd"]) == job]
+        rs = [r for r in rows if (r["pattern"], r["bs"], r["qd"]) == job
+              and "kernel_iops" in r and "uvmbus_iops" in r]
+        if not rs:
+            print(f"{job}: no complete round: {[r for r in rows if r['pattern'] == job[0]]}",
+                  file=sys.stderr)
+            continue
         k = statistics.median(r["kernel_iops"] for r in rs)
         u = statistics.median(r["uvmbus_iops"] for r in rs)
         summary.append({"pattern": job[0], "bs": job[1], "qd": job[2], "kernel_fio_iops": round(k),

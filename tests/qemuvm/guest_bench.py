@@ -45,8 +45,13 @@ def fio(dev: str, pattern: str, bs: str, qd: int, seconds: float) -> float:
     return float(side["iops"])
 
 
+#: fio's pattern names -> uvmbus blk bench's
+UVMBUS_PATTERN = {"read": "seqread", "write": "seqwrite", "randread": "randread",
+                  "randwrite": "randwrite"}
+
+
 def uvmbus(addr: str, pattern: str, bs: str, qd: int, seconds: float) -> float:
-    p = sh(UVMBUS, "blk", "bench", addr, "--pattern", pattern, "--bs", bs, "--qd", str(qd),
+    p = sh(UVMBUS, "blk", "bench", addr, "--pattern", UVMBUS_PATTERN[pattern], "--bs", bs, "--qd", str(qd),
            "--seconds", str(seconds), "--no-reference", "--json")
     return float(json.loads(p.stdout)["iops"])
 
@@ -68,12 +73,15 @@ def main() -> int:
             order = ("kernel", "uvmbus") if rnd % 2 == 0 else ("uvmbus", "kernel")
             row: dict[str, object] = {"pattern": pattern, "bs": bs, "qd": qd, "round": rnd}
             for who in order:
-                if who == "kernel":
-                    sh(UVMBUS, "unbind", addr)
-                    row["kernel_iops"] = fio(kernel_dev(addr), pattern, bs, qd, seconds)
-                else:
-                    sh(UVMBUS, "bind", addr, "--force")
-                    row["uvmbus_iops"] = uvmbus(addr, pattern, bs, qd, seconds)
+                try:
+                    if who == "kernel":
+                        sh(UVMBUS, "unbind", addr)
+                        row["kernel_iops"] = fio(kernel_dev(addr), pattern, bs, qd, seconds)
+                    else:
+                        sh(UVMBUS, "bind", addr, "--force")
+                        row["uvmbus_iops"] = uvmbus(addr, pattern, bs, qd, seconds)
+                except Exception as exc:       # keep the other figures; report the failure
+                    row[f"{who}_error"] = repr(exc)
             print("BENCH", json.dumps(row), flush=True)
             results.append(row)
     (out / "bench.json").write_text(json.dumps({"fio": fio_version, "seconds": seconds,
