@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean
+.PHONY: demo test build lint deps clean qemu-test qemu-bench
 
 demo: $(STAMP)
 	$(VENV)/bin/uvmbus demo
@@ -19,6 +19,14 @@ test: $(STAMP)
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
 	flock /tmp/uvmbus-build.lock $(VPY) native/build.py
+
+# Userspace NVMe driver on Debian's kernel under QEMU: the round trip alone, and the
+# kernel-nvme+fio vs uvmbus benchmark (docs/performance.md; several minutes under TCG).
+qemu-test: $(STAMP)
+	$(VPY) -m pytest -m qemu $(PYTEST_ARGS)
+
+qemu-bench: $(STAMP)
+	nice -n 10 $(VPY) tests/qemuvm/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check uvmbus tests native
