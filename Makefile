@@ -8,13 +8,18 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean qemu-test qemu-bench
+.PHONY: demo test build lint deps clean units-test qemu-test qemu-bench
 
 demo: $(STAMP)
 	$(VENV)/bin/uvmbus demo
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
+# under .cache/units/).  `make test` runs it too; this target shows its progress.
+units-test: $(STAMP)
+	$(VPY) -m pytest -v -s -p no:cacheprovider tests/test_units_systemd.py $(PYTEST_ARGS)
 
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
@@ -44,3 +49,10 @@ $(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native
 
 clean:
 	rm -rf $(VENV) build *.egg-info uvmbus/_native*.so uvmbus/_native.c
+
+# Integration components: the end-to-end test with the heartbeat answered for minutes
+# (a beat every 50 ms, none may be missed); CI runs it for 3 s.
+IC_SOAK_SECONDS ?= 300
+.PHONY: ic-soak
+ic-soak: $(STAMP)
+	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q -s tests/test_ic_sim.py -k end_to_end

@@ -12,7 +12,7 @@
  * negotiation, heartbeat, shutdown, time sync, KVP, fcopy), Linux
  * include/uapi/linux/hyperv.h (KVP/fcopy structs) and include/linux/hyperv.h
  * (icmsg_hdr, icmsg_negotiate).  All fields little-endian; strings from the
- * host are UTF-16LE.  Sizes checked by tests/test_ic_wire.py.
+ * host are UTF-16LE.  Sizes pinned by native/ic_wire.c (_Static_assert) and tests/test_ic_wire.py.
  */
 
 /* ---- framing §7.1 --------------------------------------------------------- */

@@ -15,8 +15,10 @@
 #include "vfio_wire.h"
 #include "nvme_wire.h"
 #include "ic_wire.h"
+#include "trace_wire.h"
 #pragma pack(pop)
 
+#include "trace.h"
 #include "ring.h"
 #include "dma.h"
 #include "host.h"

@@ -111,6 +111,8 @@ def test_ic_end_to_end(tmp_path):
             hb = ctl(sim, ids["heartbeat"], "status")
             assert hb["counters"].get("beats", 0) > t0
             assert hb["counters"].get("missed", 0) == 0 and hb["counters"].get("bad_beats", 0) == 0, hb
+            print(f"heartbeat: {hb['counters']['beats'] - t0} beats in {HEARTBEAT_SECONDS:g} s, "
+                  f"none missed; reply latency mean {hb['reply_ms']['mean']} ms, max {hb['reply_ms']['max']} ms")
 
             # -- file copy in: content and mode; traversal refused -------------------------------
             src = tmp_path / "src.bin"
@@ -208,3 +210,17 @@ def test_ic_old_and_incompatible_hosts(tmp_path):
             assert d.proc.poll() is None
         finally:
             assert d.stop() == 0, d.log.read_text()
+
+
+def test_ic_bind_refused_leaves_devices_with_hv_utils(tmp_path):
+    """Linux < 6.10: uio_hv_generic refuses the (non-monitored) IC channels; the daemon fails
+    with the reason and every device stays with (or goes back to) hv_utils."""
+    with run_sim(tmp_path / "sim", "--echo", "0", "--kernel", "6.9") as sim:
+        p = subprocess.run([*UVMBUS, "ic", "run", "--root", str(sim.root), "--run-dir", str(tmp_path / "run"),
+                            "--kvp-dir", str(tmp_path / "kvp"), "--bind-timeout", "2"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and "6.10" in p.stderr, p.stderr
+        devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+        for n in ("heartbeat", "shutdown", "timesync", "kvp"):
+            assert devs[n].driver == "hv_utils", (n, devs[n].driver)
+        assert not (tmp_path / "run" / "ic-heartbeat+shutdown+timesync+kvp.pid").exists()

@@ -36,7 +36,9 @@ roots, so callers can catch by concept::
     │       ├── ControllerFatal       CSTS.CFS, invalid completion, timeout: controller dead
     │       └── DeviceRemoved         PCI function removed (VFIO request IRQ, surprise removal)
     ├── VfioError                     VFIO container/group/device set-up failed
-    └── SimulatorError                simulated host failed to start or misused
+    ├── SimulatorError                simulated host failed to start or misused
+    └── TraceError                    unreadable trace file / replay divergence
+        └── ReplayDivergence          the guest left the recorded session
 """
 
 from __future__ import annotations
@@ -218,6 +220,14 @@ class VfioError(UvmbusError):
 
 class SimulatorError(UvmbusError):
     """The simulated host could not start or was used incorrectly."""
+
+
+class TraceError(UvmbusError):
+    """A trace file could not be written or read (uvmbus.trace)."""
+
+
+class ReplayDivergence(TraceError):
+    """A guest sent something other than the recorded session shows (``uvmbus sim --replay``)."""
 
 
 def from_oserror(exc: OSError, what: str) -> UvmbusError:

@@ -16,7 +16,8 @@ Where uvmbus goes further (hostile host, nothing lost on failure):
   to it, ``..`` components, NUL-less or over-long (260 UTF-16 units) names, invalid UTF-16 and a
   ``/`` inside the file name are refused (E_FAIL / INVALIDARG), and each component is opened
   with ``O_NOFOLLOW`` relative to its parent so a symlink cannot lead outside the root;
-* data goes to a hidden temporary file next to the target and is renamed over it only at
+* data goes to a hidden temporary file (``.uvmbus-fcopy-PID-N``) next to the target and is
+  renamed over it only at
   COMPLETE_FCOPY, so a cancelled or broken copy never destroys an existing file;
 * non-ASCII names keep their characters (UTF-8) instead of becoming 'X'.
 """
@@ -94,6 +95,7 @@ class FcopyService(IcService):
         self.target_root = Path(target_root)
         self.on_done = on_done
         self._copy: _Copy | None = None
+        self._serial = 0
         self.completed: list[CopyResult] = []
 
     # -- dispatch --------------------------------------------------------------------------
@@ -176,7 +178,8 @@ class FcopyService(IcService):
                 return int(Status.ALREADY_EXISTS)
             if st is not None and not (st.st_mode & 0o170000 == 0o100000):
                 raise ProtocolError(f"{shown} exists and is not a regular file")
-            tmp = f".{file_name[:200]}.uvmbus-fcopy-{os.getpid()}"
+            self._serial += 1                       # short: any file name fits NAME_MAX
+            tmp = f".uvmbus-fcopy-{os.getpid()}-{self._serial}"
             try:
                 os.unlink(tmp, dir_fd=dir_fd)
             except FileNotFoundError:

@@ -380,6 +380,13 @@ class KvpService(IcService):
         mac = decode_utf16(raw_id, 256, 256, "adapter id")
         info = self.ip_info(mac)
         self.counters["ip_info"] += 1
+        family = int(m.kvp_ip_val.addr_family)
+        if info is not None and family in (lib.IC_ADDR_FAMILY_IPV4, lib.IC_ADDR_FAMILY_IPV6):
+            v6 = family == lib.IC_ADDR_FAMILY_IPV6           # the host asked for one family only
+            keep = [(":" in a) == v6 for a in info.addresses]
+            info = IpInfo([a for a, k in zip(info.addresses, keep, strict=True) if k],
+                          [s for s, k in zip(info.subnets, keep, strict=True) if k],
+                          [g for g in info.gateways if (":" in g) == v6], info.dns, info.dhcp)
         if info is None:
             self._problem("refused", f"GET_IP_INFO: no interface with MAC {mac!r}")
             return int(Status.E_FAIL)

@@ -111,7 +111,8 @@ def _loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threadin
 
 def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, queues: int = 1,
               burst: int = 256, warmup: float = 0.3, reference: bool = True,
-              flows: int = 64, spin_us: int = 50, timeout: float = 10.0) -> BenchResult:
+              flows: int = 64, spin_us: int = 50, timeout: float = 10.0,
+              record: Any = None) -> BenchResult:
     """Run one benchmark (see the module docstring)."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}")
@@ -123,7 +124,8 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
         ctl.call("model", device=device, op="generator", args={"size": size, "flows": flows, "count": 0})
     mtu = max(1500, size - 14)
     try:
-        with Nic(device, root, queues=queues, mtu=mtu, spin_us=spin_us, timeout=timeout) as nic:
+        with Nic(device, root, queues=queues, mtu=mtu, spin_us=spin_us, timeout=timeout,
+                 record=record) as nic:
             nq = nic.num_queues
             batch = TxBatch([bench_frame(size, i) for i in range(burst)]) if mode == "tx" else None
             counts = [0] * nq

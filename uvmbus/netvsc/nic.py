@@ -444,7 +444,7 @@ class Nic:
                  mtu: int = 1500, timeout: float = DEFAULT_TIMEOUT, strict: bool = False,
                  gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
                  hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
-                 rx_copy_frames: int = MAX_BURST, lock: bool = True):
+                 rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None):
         if not 1 <= queues <= MAX_QUEUES:
             raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
         if not 68 <= mtu <= 9202:
@@ -466,7 +466,20 @@ class Nic:
         self._req_ids = itertools.count(1)
         self._tids = itertools.count(1 << 48)
         self.closed = True
-        self._bring_up()
+        from uvmbus.trace import as_recorder
+
+        #: the trace recorder of every channel (``record=`` a path or a Recorder), or None
+        self.recorder, self._owns_recorder = as_recorder(record, side="guest")
+        try:
+            self._bring_up()
+        except BaseException:
+            self._close_recorder()
+            raise
+
+    def _close_recorder(self) -> None:
+        if self.recorder is not None and self._owns_recorder:
+            rec, self.recorder = self.recorder, None
+            rec.close()
 
     # ==== bring-up (§3) ===============================================================
     def _bring_up(self) -> None:
@@ -489,7 +502,8 @@ class Nic:
         self.pkt_align = 8
         self.max_xfer = 0
         self.last_host_error = ""
-        self.cd: ChannelDevice = open_device(self.device_ref, self.root, lock=self.lock_device)
+        self.cd: ChannelDevice = open_device(self.device_ref, self.root, lock=self.lock_device,
+                                             record=self.recorder)
         self.closed = False
         try:
             self._negotiate()
@@ -558,6 +572,8 @@ class Nic:
             raise ProtocolError(f"send buffer section size {size} (must be ≥ {MIN_SECTION}, a multiple of 4)")
         self.section_size = size
         self.sections = self._send.size // size
+        self.cd.trace_buffers(pagesets=[(P.RECV_BUF_ID, self._recv.ptr, self._recv.size)],
+                              send=(self._send.ptr, self._send.size, size))
         self.max_xfer = size
         self._early_packets(ch.poll())
 
@@ -1087,7 +1103,10 @@ class Nic:
 
     def close(self) -> None:
         """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels."""
-        self._teardown()
+        try:
+            self._teardown()
+        finally:
+            self._close_recorder()
 
     def __enter__(self) -> Nic:
         return self
@@ -1108,7 +1127,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     for frames larger than a send section: None = when DMA memory is available),
     ``versions``, ``hash_info``, ``spin_us``, ``lock`` (default True: hold the device's lock
     while open, so another process opening it fails at once with
-    :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose)."""
+    :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
+    ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
+    packet of every channel, docs/trace.md)."""
     return Nic(device, root, queues=queues, mtu=mtu, **options)
 
 

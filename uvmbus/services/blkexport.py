@@ -88,6 +88,7 @@ class ExportOptions:
     nbdkit_args: list[str] = field(default_factory=list)
     #: device is an NVMe controller (uvmbus.nvme over VFIO); lun = namespace index
     nvme: bool = False
+    record: Any = None          # uvmbus.trace.Recorder (--record)
 
 
 @dataclass
@@ -151,7 +152,7 @@ class BlockExport:
                                  io_queues=self.opts.subchannels + 1)
         else:
             self.hba = storvsc.open(self.opts.device, self.opts.root,
-                                    subchannels=self.opts.subchannels)
+                                    subchannels=self.opts.subchannels, record=self.opts.record)
         try:
             self.disk = self.hba.disk(self.opts.lun)
         except BaseException:

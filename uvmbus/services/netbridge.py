@@ -61,6 +61,7 @@ class BridgeOptions:
     mtu: int = 1500
     addresses: list[str] = field(default_factory=list)
     burst: int = BURST
+    record: Any = None          # uvmbus.trace.Recorder (--record)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class NetBridge:
             self.hook, setup = load_hook(o.hook)
         else:
             setup = None
-        self.nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu)
+        self.nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu, record=o.record)
         try:
             self.tap = TapInterface(o.tap, netns=o.netns, mac=self.nic.mac, mtu=self.nic.mtu,
                                     addresses=o.addresses)

@@ -826,7 +826,7 @@ class Controller:
 
 def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
          force: bool = False, system: SystemView | None = None, lock: bool = True,
-         **options: Any) -> Controller:
+         record: Any = None, **options: Any) -> Controller:
     """Open the synthetic SCSI controller ``device`` (GUID, unique prefix, or "storvsc" when
     there is one) under ``root`` and return a ready :class:`Controller`.
 
@@ -835,12 +835,15 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
     ``force``; ``system`` replaces the live-system queries of that check, for tests).
     ``lock`` (default True) holds the device's lock while it is open: another process
     opening it fails at once with :class:`~uvmbus.errors.DeviceBusy` naming the holder
-    (False: for experts sharing the device on purpose).  ``options`` go to :class:`Controller`."""
+    (False: for experts sharing the device on purpose).
+    ``record``: a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder` recording every VMBus
+    packet of every channel (docs/trace.md); a path is closed with the controller.
+    ``options`` go to :class:`Controller`."""
     from uvmbus.bus import Bus, bind_uio
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0, lock=lock)
+    cd = open_device(device, root, spin_us=0, lock=lock, record=record)
     try:
         return Controller(cd, root=root, **options)
     except BaseException:

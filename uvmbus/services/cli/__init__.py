@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "uvmbus.services.cli.demo",
     "uvmbus.services.cli.daemons",      # after net/blk: adds `net bridge`, `blk export`, `units`
     "uvmbus.services.cli.ic",
+    "uvmbus.services.cli.trace",
 ]
 
 
@@ -47,6 +48,49 @@ def add_root(p: argparse.ArgumentParser, *, must_exist: bool = True) -> None:
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def add_record(p: argparse.ArgumentParser, *, side: str = "guest") -> None:
+    """``--record FILE.pcapng`` and its options (docs/trace.md)."""
+    from uvmbus.trace.recorder import DEFAULT_SNAPLEN
+
+    what = "every VMBus packet the host side sees, plus signals, interrupts, masks and faults" \
+        if side == "host" else "every VMBus packet of every channel of the device"
+    g = p.add_argument_group("recording (docs/trace.md)")
+    g.add_argument("--record", default=None, metavar="FILE.pcapng", help=f"record {what} to a pcapng trace")
+    g.add_argument("--snaplen", type=int_range(0, 65535), default=DEFAULT_SNAPLEN, metavar="BYTES",
+                   help=f"bytes kept of each buffer a packet points at (RNDIS messages, frames; "
+                        f"default {DEFAULT_SNAPLEN}, 0: none)")
+    g.add_argument("--no-payload", action="store_true",
+                   help="never record frame contents (RNDIS headers and control messages only)")
+    g.add_argument("--rotate", default=None, metavar="SIZE",
+                   help="start a new file (FILE.1.pcapng, ...) when one reaches SIZE (e.g. 100M)")
+
+
+def open_recorder(args: argparse.Namespace, *, side: str = "guest") -> Any:
+    """The recorder ``--record`` asks for, or None."""
+    if not getattr(args, "record", None):
+        return None
+    from uvmbus.trace import Recorder
+    from uvmbus.units import parse_size
+
+    rotate = parse_size(args.rotate, what="--rotate size") if args.rotate else 0
+    return Recorder(args.record, side=side, snaplen=args.snaplen, no_payload=args.no_payload,
+                    rotate_bytes=rotate, comment=" ".join(sys.argv))
+
+
+@contextlib.contextmanager
+def recording(args: argparse.Namespace, *, side: str = "guest") -> Iterator[Any]:
+    """``with recording(args) as rec:`` — the ``--record`` recorder (or None), closed at the end."""
+    rec = open_recorder(args, side=side)
+    try:
+        yield rec
+    finally:
+        if rec is not None:
+            rec.close()
+            if not getattr(args, "json", False):
+                print(f"trace: {rec.stats()['records']} records in {', '.join(map(str, rec.files))}",
+                      file=sys.stderr)
 
 
 # ---- argparse types: bad numbers are usage errors, not tracebacks -------------------------------

@@ -29,7 +29,16 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from uvmbus.errors import ConfigError
-from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    device_lock,
+    int_range,
+    recording,
+    resolve_device,
+    seconds,
+)
 from uvmbus.units import parse_size
 
 CHUNK = 4 * 1024 * 1024
@@ -57,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="per-command timeout in seconds (default 30)")
         sp.add_argument("--spin-us", type=int_range(0), default=0,
                         help="poll for completions this long before sleeping (default 0)")
+        add_record(sp)
 
     i = bsub.add_parser("info", help="controller and LUNs")
     common(i)
@@ -128,8 +138,9 @@ def _open(args: argparse.Namespace, scan: bool = True) -> Iterator[Any]:
         return
 
     dev = resolve_device(args.root, args.device, "storvsc")
-    with device_lock(dev), storvsc.open(dev.device_id, args.root, subchannels=args.subchannels,
-                                        timeout=args.timeout, spin_us=args.spin_us, scan=scan) as hba:
+    with device_lock(dev), recording(args) as rec, \
+            storvsc.open(dev.device_id, args.root, subchannels=args.subchannels, timeout=args.timeout,
+                         spin_us=args.spin_us, scan=scan, record=rec) as hba:
         yield hba
 
 

@@ -14,7 +14,16 @@ import sys
 import time
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    device_lock,
+    int_range,
+    recording,
+    resolve_device,
+    seconds,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_timeout(i)
     add_root(i)
     add_json(i)
+    add_record(i)
     i.set_defaults(func=_info)
 
     c = nsub.add_parser("capture", help="write received frames to a pcap file")
@@ -41,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--promiscuous", action="store_true", help="packet filter PROMISCUOUS")
     _add_timeout(c)
     add_root(c)
+    add_record(c)
     c.set_defaults(func=_capture)
 
     b = nsub.add_parser("bench", help="frames/s through the data path, with the ring's C loop "
@@ -59,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_timeout(b)
     add_root(b)
     add_json(b)
+    add_record(b)
     b.set_defaults(func=_bench)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
@@ -73,7 +85,8 @@ def _info(args: argparse.Namespace) -> int:
     import uvmbus.netvsc as nv
 
     dev = resolve_device(args.root, args.device, "netvsc")
-    with device_lock(dev), nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout) as nic:
+    with device_lock(dev), recording(args) as rec, \
+            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
         info = nic.info().to_dict()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -115,8 +128,8 @@ def _capture(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGINT, on_signal)
     n = 0
     try:
-        with device_lock(dev), open(args.write, "wb") as f, \
-                nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout) as nic:
+        with device_lock(dev), open(args.write, "wb") as f, recording(args) as rec, \
+                nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
             if args.promiscuous:
                 nic.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", P.FILTER_PROMISCUOUS))
             w = PcapWriter(f)
@@ -142,9 +155,10 @@ def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
     dev = resolve_device(args.root, args.device, "netvsc")
-    with device_lock(dev):
+    with device_lock(dev), recording(args) as rec:
         r = run_bench(dev.device_id, args.root, mode=args.mode, size=args.size, seconds=args.seconds,
-                      queues=args.queues, burst=args.burst, flows=args.flows, timeout=args.timeout)
+                      queues=args.queues, burst=args.burst, flows=args.flows, timeout=args.timeout,
+                      record=rec)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0

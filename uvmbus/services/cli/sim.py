@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root, int_range, number, seconds
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    int_range,
+    number,
+    open_recorder,
+    seconds,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ic", action="store_true",
                    help="do not offer the integration-component devices (heartbeat, kvp, ...)")
     p.add_argument("--quiet", action="store_true", help="less logging on stderr")
+    add_record(p, side="host")
     p.epilog = ("Stop it with Ctrl-C, SIGTERM or `uvmbus sim ctl --root ROOT stop`; it removes "
                 "the files it created.")
     p.set_defaults(func=_run)
@@ -188,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         guest_ram=guest_ram, host_spin_us=args.host_spin_us, bind_uio=args.bind,
         ic_devices=not args.no_ic, owns_root=owns, quiet=args.quiet,
     )
+    config.record = open_recorder(args, side="host")
 
     import faulthandler
     import signal
@@ -200,7 +210,11 @@ def _run(args: argparse.Namespace) -> int:
                   f"{root}) to use it; stop with Ctrl-C or `uvmbus sim ctl --root {root} stop`",
                   file=sys.stderr, flush=True)
 
-    return Simulator(config).run(ready)
+    try:
+        return Simulator(config).run(ready)
+    finally:
+        if config.record is not None:
+            config.record.close()
 
 
 def _ctl(args: argparse.Namespace) -> int:

@@ -178,6 +178,9 @@ class IcHostModel(DeviceModel):
         self.negotiated: tuple[tuple[int, int], tuple[int, int]] | None = None
         self.counters: Counter[str] = Counter()
         self.last_error = ""
+        self._lat_n = 0
+        self._lat_sum = 0.0
+        self._lat_max = 0.0
 
     def default_interval(self) -> float:
         return 0.0
@@ -278,6 +281,10 @@ class IcHostModel(DeviceModel):
             self._current = None
             status = struct.unpack_from("<I", data, _PIPE + 12)[0]
             self.counters["replies"] += 1
+            ms = (time.monotonic() - cur.sent_at) * 1000
+            self._lat_n += 1
+            self._lat_sum += ms
+            self._lat_max = max(self._lat_max, ms)
             cur.on_reply(status, data[HDR_SIZE:])
 
     def _check_reply(self, t: _Txn, data: bytes) -> str:
@@ -368,6 +375,8 @@ class IcHostModel(DeviceModel):
                 "offered": [_vstr(v) for v in self.offer_versions],
                 "offered_fw": [_vstr(v) for v in self.offer_fw],
                 "counters": dict(self.counters), "last_error": self.last_error,
+                "reply_ms": {"mean": round(self._lat_sum / self._lat_n, 3) if self._lat_n else None,
+                             "max": round(self._lat_max, 3)},
                 "pending": len(self._queue) + (1 if self._current else 0)}
 
     def describe(self) -> dict[str, Any]:
