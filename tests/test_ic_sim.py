@@ -1,4 +1,5 @@
-"""`uvmbus ic run` against the simulator's IC host models, end to end: version negotiation
+"""`uvmbus ic run` against the simulator's IC host models, end to end (with no capabilities at
+all when root, as uvmbus-ic.service runs it): version negotiation
 with new, old and incompatible hosts, heartbeat answered without a miss, a file copied in
 (content and mode; traversal refused), a shutdown request reaching the action, KVP round trips
 and the IP query, faults (truncated messages, oversized names), the devices given back to
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,12 +50,20 @@ def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def no_capabilities() -> list[str]:
+    """A command prefix dropping every capability (uvmbus-ic.service's empty
+    CapabilityBoundingSet=), when we are root and have setpriv; else nothing."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+
+
 class IcDaemon:
-    def __init__(self, sim, tmp: Path, services: str, *extra: str):
+    def __init__(self, sim, tmp: Path, services: str, *extra: str, prefix: list[str] | None = None):
         self.run_dir = tmp / "run"
         self.log = tmp / "ic.log"
         self.proc = subprocess.Popen(
-            [*UVMBUS, "ic", "run", "--root", str(sim.root), "--services", services,
+            [*(prefix or []), *UVMBUS, "ic", "run", "--root", str(sim.root), "--services", services,
              "--run-dir", str(self.run_dir), *extra],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, text=True)
         self.sock = self.run_dir / f"ic-{services.replace(',', '+')}.sock"
@@ -94,7 +104,8 @@ def test_ic_end_to_end(tmp_path):
         ids = devices_by_model(sim)
         d = IcDaemon(sim, tmp_path, "heartbeat,shutdown,timesync,kvp,fcopy",
                      "--fcopy-root", str(fc), "--kvp-dir", str(tmp_path / "kvp"),
-                     "--shutdown-action", f"command:sh -c 'echo \"$0\" >> {marker}'")
+                     "--shutdown-action", f"command:sh -c 'echo \"$0\" >> {marker}'",
+                     prefix=no_capabilities())
         try:
             # -- negotiation with an OpenVMM-like host: the highest common versions ----------
             want = {"heartbeat": "3.0", "shutdown": "3.2", "timesync": "4.0", "kvp": "4.0", "fcopy": "1.1"}

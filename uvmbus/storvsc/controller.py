@@ -718,6 +718,7 @@ class Controller:
         disk = Disk(self, lun, inq)
         disk.refresh()
         disk.read_vpd()
+        disk.read_write_protect()
         return disk
 
     def scan(self) -> LunChange:
