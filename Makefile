@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean test-dpdk units-test
+.PHONY: demo test build lint deps clean test-dpdk units-test qemu-test qemu-bench
 
 # `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
 DEMO_ARGS ?=
@@ -34,6 +34,14 @@ units-test: $(STAMP)
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
 	flock /tmp/uvmbus-build.lock $(VPY) native/build.py
+
+# Userspace NVMe driver on Debian's kernel under QEMU: the round trip alone, and the
+# kernel-nvme+fio vs uvmbus benchmark (docs/performance.md; several minutes under TCG).
+qemu-test: $(STAMP)
+	$(VPY) -m pytest -m qemu $(PYTEST_ARGS)
+
+qemu-bench: $(STAMP)
+	nice -n 10 $(VPY) tests/qemuvm/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check uvmbus tests native fuzz
