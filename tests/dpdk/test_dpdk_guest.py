@@ -242,6 +242,26 @@ def test_rescind(tmp_path: Path) -> None:
         assert_host_clean(sim)
 
 
+def test_testpmd_brings_nic_up(tmp_path: Path) -> None:
+    """Debian's own dpdk-testpmd, exactly as docs/simulator.md shows it, brings the NIC up."""
+    import shutil
+    import subprocess
+    testpmd = shutil.which("dpdk-testpmd")
+    if testpmd is None:
+        pytest.skip("dpdk-testpmd is not installed (Debian package dpdk; .ci/install-deps)")
+    with run_sim(tmp_path, "--nic", "1", "--bind", "--kernel", "6.18") as sim:
+        r = subprocess.run(
+            [sys.executable, "-m", "uvmbus", "sim", "exec", "--root", str(sim.root), "--guest-ram",
+             "--", testpmd, "--no-huge", "-m", "128", "--iova-mode=va", "--no-pci", "-l", "0-1",
+             "--file-prefix", f"uvbtestpmd{os.getpid()}", "--", "-i", "--total-num-mbufs=2048"],
+            input="show port info 0\nquit\n", capture_output=True, text=True, timeout=180)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out
+        assert "Driver name: net_netvsc" in out and "Link status: up" in out, out
+        assert "Current number of RX queues: 1" in out, out
+        assert_host_clean(sim)
+
+
 def test_sim_exec_errors(tmp_path: Path) -> None:
     """Clear errors: no simulator under the root; a root without guest RAM for --guest-ram."""
     import subprocess
