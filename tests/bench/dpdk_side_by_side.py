@@ -164,32 +164,41 @@ def uvmbus_cases(sim: SimProcess, nic: str, queues: int, cases: list[tuple[str, 
     return out
 
 
+def _fmt(values: list[float], digits: int = 3) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| mode | size | queues | uvmbus Mpps | DPDK 22.11 Mpps | uvmbus / DPDK |",
-             "|---|---|---|---|---|---|"]
+    """Markdown tables; with several rounds every cell lists each round's figure."""
+    from statistics import median
+    rows: dict[tuple[int, str], dict[str, list[Any]]] = {}
     for r in results:
-        for key, u in r["uvmbus"].items():
-            if key.startswith("sweep") or key == "dpdk_stats":
-                continue
-            d = r["dpdk"][key]
-            mode, size = key.split("-")
-            ratio = u["mpps"] / d["mpps"] if d["mpps"] else float("inf")
-            lines.append(f"| {mode} | {size} | {r['queues']} | {u['mpps']:.3f} | {d['mpps']:.3f} "
-                         f"| {ratio:.1f}x |")
-    sweeps = [r for r in results if any(k.startswith("sweep") for k in r["uvmbus"])]
-    if sweeps:
-        lines += ["", "| offered (asked) Mpps | driver | offered Mpps | forwarded Mpps | lost |",
+        for name in ("uvmbus", "dpdk"):
+            for key, m in r[name].items():
+                if key != "dpdk_stats":
+                    rows.setdefault((r["queues"], key), {}).setdefault(name, []).append(m)
+    lines = ["| mode | size | queues | uvmbus Mpps | DPDK 22.11 Mpps | uvmbus / DPDK (medians) |",
+             "|---|---|---|---|---|---|"]
+    for (q, key), by in rows.items():
+        if key.startswith("sweep"):
+            continue
+        u = [m["mpps"] for m in by["uvmbus"]]
+        d = [m["mpps"] for m in by["dpdk"]]
+        ratio = median(u) / median(d) if median(d) else float("inf")
+        mode, size = key.split("-")
+        lines.append(f"| {mode} | {size} | {q} | {_fmt(u)} | {_fmt(d)} | {ratio:.1f}x |")
+    sweep = [(k, by) for (q, k), by in rows.items() if k.startswith("sweep")]
+    if sweep:
+        lines += ["", "| asked Mpps | driver | offered Mpps | forwarded Mpps | lost % |",
                   "|---|---|---|---|---|"]
-        for r in sweeps:
-            for key in r["uvmbus"]:
-                if not key.startswith("sweep"):
-                    continue
-                for name in ("uvmbus", "dpdk"):
-                    m = r[name][key]
-                    off = m["offered"] / m["seconds"] / 1e6
-                    lost = 1 - m["frames"] / m["offered"] if m["offered"] else 0.0
-                    lines.append(f"| {key.split('-', 1)[1]} | {name} | {off:.3f} | {m['mpps']:.3f} "
-                                 f"| {max(lost, 0.0) * 100:.1f} % |")
+        for key, by in sweep:
+            for name in ("uvmbus", "dpdk"):
+                ms = by[name]
+                off = [m["offered"] / m["seconds"] / 1e6 for m in ms]
+                lost = [max(0.0, 1 - m["frames"] / m["offered"]) * 100 if m["offered"] else 0.0
+                        for m in ms]
+                lines.append(f"| {key.split('-', 1)[1]} | {name} | {_fmt(off)} | "
+                             f"{_fmt([m['mpps'] for m in ms])} | {_fmt(lost, 1)} |")
     return "\n".join(lines)
 
 
