@@ -277,3 +277,29 @@ def test_kvp_pool_file_read_by_another_reader_while_locked(tmp_path):
     assert len(pools.records(1)) == 50 and pools.get(1, "k49") == "v" * 49
     assert pools.delete(1, "k0") and not pools.delete(1, "k0")
     assert (tmp_path / ".kvp_pool_1").stat().st_size == 49 * 2560
+
+
+def test_timesync_chrony_socket_gets_sock_samples(tmp_path):
+    """--timesync chrony:PATH: chronyd's SOCK refclock format (timeval, offset, pulse, leap,
+    pad, magic 0x534f434b)."""
+    import socket
+
+    path = str(tmp_path / "chrony.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(path)
+    srv.settimeout(5)
+    s = TimeSyncService(f"chrony:{path}", clock=lambda: 1000.25)
+    negotiate(s, msg=[(4, 0)])
+    ft = int(1003.25 * 1e7) + WLTIMEDELTA
+    r = s.handle(ic_packet(4, struct.pack("<QQBBB3s", ft, 0, 2, 0, 0, b"")))
+    r.after()
+    sec, usec, offset, pulse, leap, _pad, magic = struct.unpack("<qqdiiii", srv.recv(64))
+    assert (sec, usec, pulse, leap, magic) == (1000, 250000, 0, 0, 0x534F434B)
+    assert offset == pytest.approx(3.0)
+    srv.close()
+
+
+def test_timesync_apply_spec_errors():
+    from uvmbus.errors import ConfigError
+    with pytest.raises(ConfigError, match="adjtimex or chrony"):
+        TimeSyncService("ntp")

@@ -1,4 +1,5 @@
-"""`uvmbus ic run` against the simulator's IC host models, end to end: version negotiation
+"""`uvmbus ic run` against the simulator's IC host models, end to end (with no capabilities at
+all when root, as uvmbus-ic.service runs it): version negotiation
 with new, old and incompatible hosts, heartbeat answered without a miss, a file copied in
 (content and mode; traversal refused), a shutdown request reaching the action, KVP round trips
 and the IP query, faults (truncated messages, oversized names), the devices given back to
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,12 +31,30 @@ UVMBUS = [sys.executable, "-m", "uvmbus"]
 HEARTBEAT_SECONDS = float(os.environ.get("UVMBUS_IC_HEARTBEAT_SECONDS", "3"))
 
 
-def ctl(sim, *args: str, check: bool = True) -> dict:
+def ctl_cli(sim, *args: str, check: bool = True) -> dict:
+    """`uvmbus sim ctl --json ic DEVICE OP ...` as a user runs it."""
     p = subprocess.run([*UVMBUS, "sim", "ctl", "--root", str(sim.root), "--json", "ic", *args],
                        capture_output=True, text=True, timeout=60)
     if check:
         assert p.returncode == 0, f"ctl ic {args}: rc {p.returncode}\n{p.stdout}{p.stderr}"
     return json.loads(p.stdout) if p.stdout.strip() else {"rc": p.returncode, "stderr": p.stderr}
+
+
+def ctl(sim, device: str, op: str, *kv: str, check: bool = True, wait: float = 30.0) -> dict:
+    """The same operation through the control socket in-process (what the CLI does, without
+    a Python start-up per call): the ticket is polled until the guest answered."""
+    args = dict(a.split("=", 1) for a in kv)
+    res = sim.control("model", device=device, op=op, args=args)["results"][device]
+    if "ticket" in res:
+        ticket = res["ticket"]
+        deadline = time.monotonic() + wait
+        while not (res := sim.control("model", device=device, op="result",
+                                      args={"ticket": ticket})["results"][device])["done"]:
+            assert time.monotonic() < deadline, f"{op}: no answer within {wait} s"
+            time.sleep(0.02)
+        if check:
+            assert res["status"] == 0, f"{op} {kv}: {res}"
+    return res
 
 
 def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
@@ -48,12 +68,20 @@ def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def no_capabilities() -> list[str]:
+    """A command prefix dropping every capability (uvmbus-ic.service's empty
+    CapabilityBoundingSet=), when we are root and have setpriv; else nothing."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+
+
 class IcDaemon:
-    def __init__(self, sim, tmp: Path, services: str, *extra: str):
+    def __init__(self, sim, tmp: Path, services: str, *extra: str, prefix: list[str] | None = None):
         self.run_dir = tmp / "run"
         self.log = tmp / "ic.log"
         self.proc = subprocess.Popen(
-            [*UVMBUS, "ic", "run", "--root", str(sim.root), "--services", services,
+            [*(prefix or []), *UVMBUS, "ic", "run", "--root", str(sim.root), "--services", services,
              "--run-dir", str(self.run_dir), *extra],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, text=True)
         self.sock = self.run_dir / f"ic-{services.replace(',', '+')}.sock"
@@ -90,11 +118,12 @@ def test_ic_end_to_end(tmp_path):
     with run_sim(tmp_path / "sim", "--echo", "0", "--no-ic",
                  "--device", "heartbeat:interval=0.05,reply_timeout=5",
                  "--device", "shutdown", "--device", "timesync:interval=0.2,skew=2.5",
-                 "--device", "kvp:reply_timeout=2", "--device", "fcopy") as sim:
+                 "--device", "kvp:reply_timeout=10", "--device", "fcopy") as sim:
         ids = devices_by_model(sim)
         d = IcDaemon(sim, tmp_path, "heartbeat,shutdown,timesync,kvp,fcopy",
                      "--fcopy-root", str(fc), "--kvp-dir", str(tmp_path / "kvp"),
-                     "--shutdown-action", f"command:sh -c 'echo \"$0\" >> {marker}'")
+                     "--shutdown-action", f"command:sh -c 'echo \"$0\" >> {marker}'",
+                     prefix=no_capabilities())
         try:
             # -- negotiation with an OpenVMM-like host: the highest common versions ----------
             want = {"heartbeat": "3.0", "shutdown": "3.2", "timesync": "4.0", "kvp": "4.0", "fcopy": "1.1"}
@@ -111,12 +140,14 @@ def test_ic_end_to_end(tmp_path):
             hb = ctl(sim, ids["heartbeat"], "status")
             assert hb["counters"].get("beats", 0) > t0
             assert hb["counters"].get("missed", 0) == 0 and hb["counters"].get("bad_beats", 0) == 0, hb
+            print(f"heartbeat: {hb['counters']['beats'] - t0} beats in {HEARTBEAT_SECONDS:g} s, "
+                  f"none missed; reply latency mean {hb['reply_ms']['mean']} ms, max {hb['reply_ms']['max']} ms")
 
             # -- file copy in: content and mode; traversal refused -------------------------------
             src = tmp_path / "src.bin"
             src.write_bytes(os.urandom(50_000))
-            r = ctl(sim, ids["fcopy"], "copy", f"src={src}", "path=/in/sub", "name=data.bin",
-                    "create_path=1")
+            r = ctl_cli(sim, ids["fcopy"], "copy", f"src={src}", "path=/in/sub", "name=data.bin",
+                        "create_path=1")
             assert r["status"] == 0, r
             out = fc / "in/sub/data.bin"
             assert out.read_bytes() == src.read_bytes() and (out.stat().st_mode & 0o777) == 0o744
@@ -151,7 +182,7 @@ def test_ic_end_to_end(tmp_path):
             assert "127.0.0.1" in ip["ip_addr"].split(";"), ip
 
             # -- faults: a truncated message is dropped (no reply), the next one works ------------
-            ctl(sim, ids["kvp"], "fault", "kind=truncate", "size=20")
+            ctl(sim, ids["kvp"], "fault", "kind=truncate", "size=20", "timeout=1")
             r = ctl(sim, ids["kvp"], "kvp_get", "pool=0", "key=x", check=False)
             assert r.get("error") == "no reply", r
             assert ctl(sim, ids["kvp"], "kvp_set", "pool=1", "key=a", "value=b")["status"] == 0
@@ -208,3 +239,17 @@ def test_ic_old_and_incompatible_hosts(tmp_path):
             assert d.proc.poll() is None
         finally:
             assert d.stop() == 0, d.log.read_text()
+
+
+def test_ic_bind_refused_leaves_devices_with_hv_utils(tmp_path):
+    """Linux < 6.10: uio_hv_generic refuses the (non-monitored) IC channels; the daemon fails
+    with the reason and every device stays with (or goes back to) hv_utils."""
+    with run_sim(tmp_path / "sim", "--echo", "0", "--kernel", "6.9") as sim:
+        p = subprocess.run([*UVMBUS, "ic", "run", "--root", str(sim.root), "--run-dir", str(tmp_path / "run"),
+                            "--kvp-dir", str(tmp_path / "kvp"), "--bind-timeout", "2"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and "6.10" in p.stderr, p.stderr
+        devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+        for n in ("heartbeat", "shutdown", "timesync", "kvp"):
+            assert devs[n].driver == "hv_utils", (n, devs[n].driver)
+        assert not (tmp_path / "run" / "ic-heartbeat+shutdown+timesync+kvp.pid").exists()

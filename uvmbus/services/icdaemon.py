@@ -42,7 +42,7 @@ class IcOptions:
     root: str = "/"
     services: list[str] = field(default_factory=lambda: list(DEFAULT_SERVICES))
     fcopy_root: str | None = None
-    kvp_dir: str = DEFAULT_DIR
+    kvp_dir: str | None = None              # None: <root>/var/lib/hyperv
     shutdown_action: str = "systemctl"      # systemctl | log | command:CMD
     timesync_apply: str = "none"
     bind: bool = True
@@ -78,7 +78,8 @@ def build_service(name: str, opts: IcOptions) -> IcService:
     if name == "timesync":
         return TimeSyncService(opts.timesync_apply)
     if name == "kvp":
-        return KvpService(KvpPools(opts.kvp_dir), root=opts.root)
+        kvp_dir = opts.kvp_dir or os.path.join(opts.root, DEFAULT_DIR.lstrip("/"))
+        return KvpService(KvpPools(kvp_dir), root=opts.root)
     if name == "fcopy":
         if not opts.fcopy_root:
             raise ConfigError("fcopy needs --fcopy-root DIR: the directory host copies land in "
@@ -101,7 +102,7 @@ class _Served:
 
 def run_ic(opts: IcOptions, daemon: Any) -> int:
     """Run the IC daemon until a stop is requested; returns the exit status."""
-    from uvmbus.bus import Bus, bind_uio, unbind_uio
+    from uvmbus.bus import Bus, bind_uio
     from uvmbus.bus.devices import UIO_DRIVER
     from uvmbus.channel import ChannelDevice
     from uvmbus.uio import UioDevice
@@ -130,13 +131,17 @@ def run_ic(opts: IcOptions, daemon: Any) -> int:
                                       "not uio_hv_generic: drop --no-bind or bind it first "
                                       f"(`uvmbus bind {dev.device_id}`)")
                 log.info("%s: taking %s from %s", name, dev.device_id, dev.driver or "no driver")
-                bind_uio(bus, dev, force=opts.force, timeout=opts.bind_timeout)
+                try:
+                    bind_uio(bus, dev, force=opts.force, timeout=opts.bind_timeout)
+                except BaseException:
+                    _give_back(bus, dev, opts, name)      # hv_utils may already be unbound
+                    raise
                 bound_by_us = True
             try:
                 cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)))
             except BaseException:
                 if bound_by_us and opts.give_back:
-                    unbind_uio(bus, dev)
+                    _give_back(bus, dev, opts, name)
                 raise
             served.append(_Served(name, svc, dev, cdev, bound_by_us))
         if not served:
@@ -163,13 +168,20 @@ def run_ic(opts: IcOptions, daemon: Any) -> int:
             with contextlib.suppress(UvmbusError, OSError):
                 s.cdev.close()
             if s.bound_by_us and opts.give_back:
-                try:
-                    unbind_uio(bus, s.dev, timeout=opts.bind_timeout)
-                    log.info("%s: %s given back to %s", s.name, s.dev.device_id, s.dev.driver or "no driver")
-                except UvmbusError as exc:
-                    log.error("%s: could not give %s back: %s", s.name, s.dev.device_id, exc)
+                _give_back(bus, s.dev, opts, s.name)
         locks.close()
         daemon.close()
+
+
+def _give_back(bus: Any, dev: Any, opts: IcOptions, name: str) -> None:
+    """Return ``dev`` to its kernel driver (hv_utils; none for fcopy); log, never raise."""
+    from uvmbus.bus import unbind_uio
+    try:
+        unbind_uio(bus, dev, timeout=opts.bind_timeout)
+        log.info("%s: %s given back to %s", name, dev.device_id, dev.driver or "no driver")
+    except UvmbusError as exc:
+        log.error("%s: could not give %s back: %s (run `uvmbus unbind %s`)", name, dev.device_id,
+                  exc, dev.device_id)
 
 
 def _worker(s: _Served, stop: threading.Event, daemon: Any) -> Callable[[], None]:

@@ -270,7 +270,8 @@ class HostChannel:
     def _tick(self) -> float | None:
         """The model's host-initiated work (DeviceModel.tick); seconds until it is due again."""
         wait = self.device.model.tick(self)
-        self.flush()
+        if wait is not None:          # a model with host-initiated work (others: no change)
+            self.flush()
         return wait
 
     def _check_stop(self) -> None:

@@ -200,8 +200,14 @@ def decode(index: int, rec: pcapng.Record) -> Message:
     chunks = _chunks(att, m)
     if m.devclass == "netvsc":
         _decode_nvsp(m, payload)
-        for c in chunks:
-            _decode_rndis(m, c)
+        for c in chunks:          # a section / range may hold several RNDIS messages
+            off = 0
+            while off + 8 <= len(c):
+                mlen, = struct.unpack_from("<I", c, off + 4)
+                _decode_rndis(m, c[off:off + max(mlen, 8)])
+                if mlen < 8:
+                    break
+                off += mlen
     elif m.devclass == "storvsc":
         _decode_vstor(m, payload)
     elif m.devclass == "ic":

@@ -22,15 +22,16 @@ def _keep(name: str) -> bool:
     return not any(part in name for part in IGNORED)
 
 
-def key(m: Message) -> str:
-    """The comparable text of one message."""
+def key(m: Message, *, side: bool = True) -> str:
+    """The comparable text of one message (``side``: with who recorded it)."""
     if m.kind == "event":
         return f"{m.side} {m.devclass}/{m.subchan} {m.name} {m.fields.get('text', '')}".rstrip()
     flds = " ".join(f"{k}={v}" for k, v in m.fields.items() if _keep(k))
     inner = " | ".join(
         r["name"] + "".join(f" {k}={v}" for k, v in r.get("fields", {}).items() if _keep(k)) for r in m.inner)
     flags = m.vmbus.get("flags", 0)
-    return (f"{m.side} {m.dir} {m.devclass}/{m.subchan} {m.vmbus.get('type_name', '?')}"
+    who = f"{m.side} " if side else ""
+    return (f"{who}{m.dir} {m.devclass}/{m.subchan} {m.vmbus.get('type_name', '?')}"
             f"{'+c' if flags & 1 else ''} {m.name} {flds}" + (f" | {inner}" if inner else "")).rstrip()
 
 
@@ -57,6 +58,9 @@ class DiffResult:
         for tag, i1, i2, j1, j2 in self.hunks:
             out.append(f"@@ {tag} left {i1 + 1}..{i2} right {j1 + 1}..{j2}")
             a, b = self.left[i1:i2], self.right[j1:j2]
+            if any(len(x) > w for x in a + b):       # too wide for two columns: one per line
+                out += [f"- {x}" for x in a] + [f"+ {x}" for x in b]
+                continue
             for k in range(max(len(a), len(b))):
                 la = a[k] if k < len(a) else ""
                 lb = b[k] if k < len(b) else ""

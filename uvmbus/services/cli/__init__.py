@@ -16,8 +16,11 @@ import contextlib
 import importlib
 import os
 import select
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from uvmbus.errors import ConfigError, NotFound, UvmbusError
@@ -139,6 +142,13 @@ PORT = int_range(0, 65535)
 
 # ---- devices -------------------------------------------------------------------------------------
 
+def root_opt(root: str | os.PathLike[str] | None) -> str:
+    """`` --root ROOT`` for a command in a hint, empty for the real root ``/``."""
+    if root is None or os.path.abspath(root) == "/":
+        return ""
+    return f" --root {root}"
+
+
 def _no_vmbus_hint(root: str) -> str:
     return (f"no VMBus under {root} (no sys/bus/vmbus): on a Hyper-V/Azure guest use --root /; "
             "otherwise start `uvmbus sim` and pass the root its `ready` line names "
@@ -171,6 +181,72 @@ def device_lock(dev: Any, *, what: str | None = None) -> Iterator[None]:
 
     with hold_device(dev, what=what):
         yield
+
+
+def _check_simulator_alive(root: str) -> None:
+    """A root a simulator made but that simulator is gone (SIGKILL, a crash): its devices are
+    files nobody serves; say so instead of listing them as live or timing out on them."""
+    state = Path(root) / "sim" / "state.json"
+    if os.path.abspath(root) == "/" or not state.is_file():
+        return
+    import json
+
+    try:
+        pid = int(json.loads(state.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    try:
+        os.kill(pid, 0)
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
+        pass
+    raise NotFound(f"{root} is the root of a simulator that is no longer running (pid {pid} is "
+                   f"gone: killed?): its devices are stale files. Start one again with `uvmbus sim "
+                   f"--root {root} ...` (it clears them), or remove the directory")
+
+
+# ---- output files ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def output_file(path: str | None, *, what: str = "output") -> Iterator[Any]:
+    """A binary file to write a command's output to, which a failed command cannot destroy:
+    the data goes to a temporary file in the same directory, renamed over ``path`` only when
+    the block ends without an exception (Ctrl-C included: the old file stays).  ``-`` (or
+    None) means stdout.  An existing file's permissions are kept."""
+    if path is None or path == "-":
+        out = sys.stdout.buffer
+        try:
+            yield out
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                out.flush()
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{path} is a directory: name the {what} file to write")
+    parent = target.parent
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+        if mode is not None:
+            os.chmod(tmp, mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # ---- parser and entry point ------------------------------------------------------------------
@@ -252,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise NotFound(f"{'--root ' if given else 'UVMBUS_ROOT='}{root}: no such directory; "
                            "pass / on a guest or the root of a running `uvmbus sim` (its "
                            "`ready` line names it)")
+        if root and getattr(args, "root_must_exist", False):
+            _check_simulator_alive(root)
         rc = args.func(args)
     except UvmbusError as exc:
         if verbose:

@@ -35,6 +35,7 @@ from uvmbus.services.cli import (
     add_root,
     device_lock,
     int_range,
+    output_file,
     recording,
     resolve_device,
     seconds,
@@ -80,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--length", type=parse_bytes, default=None,
                    help="bytes (block aligned; K/M/G; default: to the end)")
     r.add_argument("-o", "--output", default=None,
-                   help="output file (default: stdout, which must not be a terminal)")
+                   help="output file, replaced only when the read succeeds (default or '-': "
+                        "stdout, which must not be a terminal)")
     r.set_defaults(func=_read)
 
     w = bsub.add_parser("write", help="copy into a LUN (dd-like)")
@@ -163,6 +165,8 @@ def _info(args: argparse.Namespace) -> int:
         _print_storvsc_info(info)
     for d in info["luns"]:
         extra = []
+        if d.get("read_only"):
+            extra.append("READ-ONLY (write protected)")
         if d["serial"]:
             extra.append(f"serial {d['serial']}")
         if d["unmap"]:
@@ -218,7 +222,7 @@ class Progress:
 # ---- read / write ---------------------------------------------------------------------------------
 
 def _read(args: argparse.Namespace) -> int:
-    if not args.output and sys.stdout.isatty():
+    if args.output in (None, "-") and sys.stdout.isatty():
         raise ConfigError("refusing to write disk data to a terminal: pass -o FILE or redirect "
                           "stdout (`> FILE`, `| ...`)")
     with _open(args) as hba:
@@ -227,9 +231,8 @@ def _read(args: argparse.Namespace) -> int:
         if length < 0:
             raise ConfigError(f"--offset {args.offset} is beyond the end of LUN {args.lun} "
                               f"({disk.size} bytes)")
-        out: BinaryIO = open(args.output, "wb") if args.output else sys.stdout.buffer
         prog = Progress(length, f"read LUN {args.lun}")
-        try:
+        with output_file(args.output, what="output") as out:     # a failed read keeps the old file
             done = 0
             while done < length:
                 n = min(CHUNK, length - done)
@@ -237,12 +240,7 @@ def _read(args: argparse.Namespace) -> int:
                 done += n
                 prog.update(done)
             prog.update(done, final=True)
-        finally:
-            if args.output:
-                out.close()
-            else:
-                out.flush()
-    if args.output:
+    if args.output and args.output != "-":
         print(f"read {length} bytes from LUN {args.lun} at offset {args.offset} into {args.output}",
               file=sys.stderr)
     return 0
@@ -331,7 +329,7 @@ def _sim_signals(args: argparse.Namespace) -> dict[str, int] | None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from uvmbus.storvsc.bench import pread_reference, run_disk
+    from uvmbus.block.bench import pread_reference, run_disk
 
     if args.qd < 1:
         raise ConfigError("--qd must be at least 1")

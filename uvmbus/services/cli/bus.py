@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root, device_lock, seconds
+from uvmbus.services.cli import add_json, add_root, device_lock, root_opt, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bind", help="give a device to userspace: a VMBus device to uio_hv_generic, "
                        "a PCI function (address, or its vPCI GUID) to vfio-pci")
     add_root(b)
+    add_json(b)
     b.add_argument("device", help="instance GUID, unique prefix, class name, or PCI address "
                    "(0000:00:04.0)")
     b.add_argument("--force", action="store_true",
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("unbind", help="give a device back to its kernel driver")
     add_root(u)
+    add_json(u)
     u.add_argument("device", help="instance GUID, unique prefix, class name, or PCI address")
     u.add_argument("--timeout", type=seconds(), default=10.0,
                    help="seconds to wait for the kernel driver to take it (default 10)")
@@ -106,7 +108,7 @@ def _print_vmbus(bus: Any, rows: list[dict[str, Any]], args: argparse.Namespace)
         else:
             print(f"no {args.cls + ' ' if args.cls else ''}VMBus devices under {bus.root}")
         return 0
-    print(f"{'device_id':<38} {'class':<10} {'driver':<16} {'uio':<6} {'channels':<9} os")
+    print(f"{'device_id':<38} {'class':<10} {'driver':<16} {'uio':<6} {'relids':<9} os")
     for r in rows:
         chans = ",".join(str(c["relid"]) for c in r.get("channels", []))
         used = " ".join([*r.get("net", []), *r.get("block", [])]                # ifname / sdX disks
@@ -145,20 +147,29 @@ def _bind(args: argparse.Namespace) -> int:
         if rec is None:
             raise NotFound(f"no persisted binding for {args.device} (etc/uvmbus/bind.d/"
                            f"{args.device}.conf under {args.root}); `uvmbus bind {args.device} "
-                           "--persist` creates it")
+                           f"--persist{root_opt(args.root)}` creates it")
         force = force or rec.get("FORCE") == "1"
         if rec.get("CLASS") == "pci":
             from uvmbus.vfio import PciBus, bind_vfio
 
             fn = bind_vfio(PciBus(args.root), args.device, force=force, timeout=timeout)
-            print(f"{fn.name} (vPCI {args.device}) bound to vfio-pci")
+            _report(args, f"{fn.name} (vPCI {args.device}) bound to vfio-pci",
+                    {"device_id": args.device, "pci": fn.name, "driver": "vfio-pci"})
             return 0
     dev = bind_uio(bus, args.device, force=force, timeout=timeout)
-    print(f"{dev.device_id} bound to uio_hv_generic ({dev.uio})")
+    out: dict[str, object] = {"device_id": dev.device_id, "class": dev.class_name,
+                              "driver": dev.driver, "uio": dev.uio, "persistent": None}
+    if not args.json:
+        print(f"{dev.device_id} bound to uio_hv_generic ({dev.uio})")
     if args.persist:
         res = persist_binding(args.root, dev.device_id, class_name=dev.class_name, force=args.force)
         how = "systemctl enable" if res.systemctl else f"{res.wants} -> {res.unit.name}"
-        print(f"persistent: {res.record} ({how}); `uvmbus unbind {dev.device_id} --persist` undoes it")
+        out["persistent"] = {"record": str(res.record), "unit": str(res.unit), "systemctl": bool(res.systemctl)}
+        if not args.json:
+            print(f"persistent: {res.record} ({how}); `uvmbus unbind {dev.device_id} "
+                  f"--persist{root_opt(args.root)}` undoes it")
+    if args.json:
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -190,11 +201,21 @@ def _bind_pci(args: argparse.Namespace, fn: Any, force: bool, timeout: float) ->
                           "driverctl (`driverctl set-override ADDRESS vfio-pci`) on this machine")
     fn = bind_vfio(PciBus(args.root), fn, force=force, timeout=timeout)
     group = fn.vfio_group_path
-    print(f"{fn.name} bound to vfio-pci (group {group})")
+    out: dict[str, object] = {"pci": fn.name, "driver": "vfio-pci", "group": str(group),
+                              "device_id": fn.vmbus_parent, "persistent": None}
+    text = [f"{fn.name} bound to vfio-pci (group {group})"]
     if args.persist:
         res = persist_binding(args.root, fn.vmbus_parent, class_name="pci", force=args.force)
-        print(f"persistent: {res.record}; `uvmbus unbind {fn.vmbus_parent} --persist` undoes it")
+        out["persistent"] = {"record": str(res.record)}
+        text.append(f"persistent: {res.record}; `uvmbus unbind {fn.vmbus_parent} "
+                    f"--persist{root_opt(args.root)}` undoes it")
+    _report(args, "\n".join(text), out)
     return 0
+
+
+def _report(args: argparse.Namespace, text: str, data: dict[str, object]) -> None:
+    """``text`` for people, or ``data`` as JSON with ``--json``."""
+    print(json.dumps(data, indent=2) if args.json else text)
 
 
 def _unbind(args: argparse.Namespace) -> int:
@@ -208,10 +229,12 @@ def _unbind(args: argparse.Namespace) -> int:
 
         with device_lock(pci, what="unbind it"):
             fn = unbind_vfio(PciBus(args.root), pci, timeout=args.timeout)
-        print(f"{fn.name} returned to {fn.driver or 'no driver'}")
+        text = f"{fn.name} returned to {fn.driver or 'no driver'}"
         if args.persist and fn.vmbus_parent:
             unpersist_binding(args.root, fn.vmbus_parent)
-            print("no longer bound at boot")
+            text += "\nno longer bound at boot"
+        _report(args, text, {"pci": fn.name, "driver": fn.driver, "device_id": fn.vmbus_parent,
+                             "persist_removed": bool(args.persist and fn.vmbus_parent)})
         return 0
     bus = Bus(args.root)
     try:
@@ -219,18 +242,30 @@ def _unbind(args: argparse.Namespace) -> int:
     except NotFound:
         if args.persist and read_record(args.root, args.device) is not None:
             res = unpersist_binding(args.root, args.device)     # the device is gone: forget it
-            print(f"{args.device} is not present; persisted binding removed "
-                  f"({', '.join(str(p) for p in res.removed)})")
+            if args.json:
+                print(json.dumps({"device_id": args.device, "present": False,
+                                  "removed": [str(p) for p in res.removed]}, indent=2))
+            else:
+                print(f"{args.device} is not present; persisted binding removed "
+                      f"({', '.join(str(p) for p in res.removed)})")
             return 0
         raise
     with device_lock(dev, what="unbind it"):
         dev = unbind_uio(bus, dev, timeout=args.timeout)
-    print(f"{dev.device_id} returned to {dev.driver or 'no driver'}")
+    out: dict[str, object] = {"device_id": dev.device_id, "present": True, "driver": dev.driver,
+                              "removed": None, "bound_at_boot": False}
+    if not args.json:
+        print(f"{dev.device_id} returned to {dev.driver or 'no driver'}")
     if args.persist:
         res = unpersist_binding(args.root, dev.device_id)
-        gone = ", ".join(str(p) for p in res.removed) or "nothing was persisted"
-        print(f"no longer bound at boot (removed: {gone})")
+        out["removed"] = [str(p) for p in res.removed]
+        if not args.json:
+            gone = ", ".join(str(p) for p in res.removed) or "nothing was persisted"
+            print(f"no longer bound at boot (removed: {gone})")
     elif read_record(args.root, dev.device_id) is not None:
+        out["bound_at_boot"] = True
         print(f"note: {dev.device_id} is still bound to uio_hv_generic at every boot; "
               "add --persist to stop that", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, indent=2))
     return 0

@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: all but fcopy)")
     r.add_argument("--fcopy-root", default=None, metavar="DIR",
                    help="fcopy: host copies land under DIR (the host's path is taken relative to it)")
-    r.add_argument("--kvp-dir", default="/var/lib/hyperv", metavar="DIR",
-                   help="KVP pool files (hv_kvp_daemon format; default /var/lib/hyperv)")
+    r.add_argument("--kvp-dir", default=None, metavar="DIR",
+                   help="KVP pool files (hv_kvp_daemon format; default <root>/var/lib/hyperv)")
     r.add_argument("--shutdown-action", default="systemctl", metavar="ACTION",
                    help="systemctl (default: systemctl poweroff/reboot/hibernate), log (only log), "
                         "or command:CMD (runs CMD ACTION)")

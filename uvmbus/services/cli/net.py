@@ -14,12 +14,14 @@ import sys
 import time
 from typing import Any
 
+from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.services.cli import (
     add_json,
     add_record,
     add_root,
     device_lock,
     int_range,
+    output_file,
     recording,
     resolve_device,
     seconds,
@@ -42,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = nsub.add_parser("capture", help="write received frames to a pcap file")
     c.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
-    c.add_argument("-w", "--write", required=True, metavar="FILE.pcap", help="output file")
+    c.add_argument("-w", "--write", required=True, metavar="FILE.pcap",
+                   help="output file, replaced only when the capture succeeds ('-': stdout)")
     c.add_argument("-c", "--count", type=int_range(0), default=0,
                    help="stop after COUNT frames (0: until ^C)")
     c.add_argument("--seconds", type=seconds(zero_ok=True), default=0.0,
@@ -128,7 +131,10 @@ def _capture(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGINT, on_signal)
     n = 0
     try:
-        with device_lock(dev), open(args.write, "wb") as f, recording(args) as rec, \
+        if args.write == "-" and sys.stdout.isatty():
+            raise ConfigError("refusing to write a pcap to a terminal: pass -w FILE or pipe it "
+                              "(`-w - | tshark -r -`)")
+        with device_lock(dev), output_file(args.write, what="pcap") as f, recording(args) as rec, \
                 nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
             if args.promiscuous:
                 nic.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", P.FILTER_PROMISCUOUS))
@@ -147,8 +153,34 @@ def _capture(args: argparse.Namespace) -> int:
                 w.flush()
     finally:
         signal.signal(signal.SIGINT, old)
-    print(f"{n} frames written to {args.write}", file=sys.stderr)
+    print(f"{n} frames written to {'stdout' if args.write == '-' else args.write}", file=sys.stderr)
+    if n == 0:
+        hint = _loopback_hint(args.root, dev.device_id)
+        if hint:
+            print(hint, file=sys.stderr)
     return 0
+
+
+def _loopback_hint(root: str, device_id: str) -> str | None:
+    """Why a capture on a simulated NIC saw nothing: its loopback backend only returns what
+    the guest itself sends."""
+    from uvmbus.netvsc.bench import sim_nic_backend
+    from uvmbus.sim.control import ControlClient, control_path
+
+    if not control_path(root).exists():
+        return None
+    try:
+        with ControlClient(root, timeout=3.0) as c:
+            backend = sim_nic_backend(c, device_id)
+    except (UvmbusError, OSError):
+        return None
+    if backend != "loopback":
+        return None
+    return (f"note: no frames: this simulated NIC has the loopback backend, which only returns "
+            f"the frames the guest itself sends. For traffic to capture, switch it to the "
+            f"generator (`uvmbus sim ctl --root {root} model {device_id} backend "
+            f"backend=generator`) or to a TAP (`backend=tap:NAME`), or start the simulator "
+            f"with --nic-backend generator")
 
 
 def _bench(args: argparse.Namespace) -> int:

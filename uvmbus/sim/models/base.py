@@ -79,7 +79,7 @@ class DeviceModel:
     def tick(self, channel: HostChannel) -> float | None:
         """Host-initiated work (requests the host starts, timers), on the worker before each
         serve; return seconds until it wants to run again (None: only when woken, e.g. by
-        ``channel.poke()``)."""
+        ``channel.poke()``).  Packets queued here are flushed when it returns a number."""
         return None
 
     def pump(self, channel: HostChannel, spin_ns: int) -> int | None:

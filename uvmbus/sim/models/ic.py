@@ -130,6 +130,7 @@ class _Txn:
     what: str = ""
     sent_at: float = 0.0
     sent_len: int = 0
+    timeout: float | None = None       # None: the model's reply_timeout
 
 
 @dataclass
@@ -178,6 +179,9 @@ class IcHostModel(DeviceModel):
         self.negotiated: tuple[tuple[int, int], tuple[int, int]] | None = None
         self.counters: Counter[str] = Counter()
         self.last_error = ""
+        self._lat_n = 0
+        self._lat_sum = 0.0
+        self._lat_max = 0.0
 
     def default_interval(self) -> float:
         return 0.0
@@ -209,9 +213,9 @@ class IcHostModel(DeviceModel):
         now = time.monotonic()
         with self._lock:
             cur = self._current
-            if cur is not None and now - cur.sent_at > self.reply_timeout:
+            if cur is not None and now - cur.sent_at > self._timeout(cur):
                 self.counters["missed"] += 1
-                self._error(f"no reply to {cur.what} within {self.reply_timeout:g} s")
+                self._error(f"no reply to {cur.what} within {self._timeout(cur):g} s")
                 self._current = None
                 if cur.on_missed is not None:
                     cur.on_missed()
@@ -228,10 +232,13 @@ class IcHostModel(DeviceModel):
                 self._send(channel, t, now)
             deadlines = []
             if self._current is not None:
-                deadlines.append(self._current.sent_at + self.reply_timeout)
+                deadlines.append(self._current.sent_at + self._timeout(self._current))
             if self._next_periodic is not None and self.state == "ready":
                 deadlines.append(self._next_periodic)
         return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    def _timeout(self, t: _Txn) -> float:
+        return self.reply_timeout if t.timeout is None else t.timeout
 
     def _error(self, msg: str) -> None:
         self.last_error = msg
@@ -253,6 +260,8 @@ class IcHostModel(DeviceModel):
         if fault and fault["kind"] == "truncate":
             data = data[:int(fault.get("size", 20))]
             self.counters["faults_truncated"] += 1
+        if fault and "timeout" in fault:         # the fault's request: give up sooner
+            t.timeout = float(fault["timeout"])
         t.sent_at = now
         t.sent_len = len(data)
         self._current = t
@@ -278,6 +287,10 @@ class IcHostModel(DeviceModel):
             self._current = None
             status = struct.unpack_from("<I", data, _PIPE + 12)[0]
             self.counters["replies"] += 1
+            ms = (time.monotonic() - cur.sent_at) * 1000
+            self._lat_n += 1
+            self._lat_sum += ms
+            self._lat_max = max(self._lat_max, ms)
             cur.on_reply(status, data[HDR_SIZE:])
 
     def _check_reply(self, t: _Txn, data: bytes) -> str:
@@ -368,6 +381,8 @@ class IcHostModel(DeviceModel):
                 "offered": [_vstr(v) for v in self.offer_versions],
                 "offered_fw": [_vstr(v) for v in self.offer_fw],
                 "counters": dict(self.counters), "last_error": self.last_error,
+                "reply_ms": {"mean": round(self._lat_sum / self._lat_n, 3) if self._lat_n else None,
+                             "max": round(self._lat_max, 3)},
                 "pending": len(self._queue) + (1 if self._current else 0)}
 
     def describe(self) -> dict[str, Any]:
