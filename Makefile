@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean test-dpdk units-test
+.PHONY: demo test build lint deps clean test-dpdk units-test qemu-test qemu-bench
 
 # `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
 DEMO_ARGS ?=
@@ -35,8 +35,16 @@ units-test: $(STAMP)
 build: $(STAMP)
 	flock /tmp/uvmbus-build.lock $(VPY) native/build.py
 
+# Userspace NVMe driver on Debian's kernel under QEMU: the round trip alone, and the
+# kernel-nvme+fio vs uvmbus benchmark (docs/performance.md; several minutes under TCG).
+qemu-test: $(STAMP)
+	$(VPY) -m pytest -m qemu $(PYTEST_ARGS)
+
+qemu-bench: $(STAMP)
+	nice -n 10 $(VPY) tests/qemuvm/bench.py $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check uvmbus tests native
+	$(VENV)/bin/ruff check uvmbus tests native fuzz
 
 deps:
 	.ci/install-deps
@@ -58,3 +66,10 @@ IC_SOAK_SECONDS ?= 300
 .PHONY: ic-soak
 ic-soak: $(STAMP)
 	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q -s tests/test_ic_sim.py -k end_to_end
+
+# Every fuzz harness (libFuzzer over native/, atheris over the Python parsers) for
+# FUZZ_SECONDS each, under nice; per-harness executions and coverage (docs/reliability.md).
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(VPY) fuzz/run.py --seconds $(FUZZ_SECONDS)

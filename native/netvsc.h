@@ -118,6 +118,10 @@ struct uvb_nvsc_queue {
 
 int uvb_nvsc_queue_init(struct uvb_nvsc_queue *q);
 void uvb_nvsc_queue_fini(struct uvb_nvsc_queue *q);
+/* Back to the state right after uvb_nvsc_queue_init (same configuration and rings, which
+ * the caller re-attaches): nothing queued or in flight, statistics zero.  For reuse of a
+ * queue's memory over a new channel session (and by the fuzz harnesses). 0 or UVB_EINVAL. */
+int uvb_nvsc_queue_reset(struct uvb_nvsc_queue *q);
 
 /* Receive up to `max` frames.  copy_buf == NULL: zero-copy, frame offsets index the receive
  * buffer and stay valid until the next rx_burst or uvb_nvsc_rx_release; otherwise frames are

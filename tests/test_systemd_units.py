@@ -139,6 +139,20 @@ def test_bind_unit_shape():
     assert directives(n, "WantedBy") == ["sysinit.target"]
 
 
+def test_nvme_unit_shape():
+    n = "uvmbus-nvme@.service"
+    lines = unit_lines(n)
+    assert directives(n, "Type") == ["notify"] and directives(n, "WatchdogSec")
+    assert directives(n, "BindsTo") == ["uvmbus-bind@%i.service"]
+    assert any("blk export %i" in e for e in directives(n, "ExecStart"))
+    assert directives(n, "DevicePolicy") == ["closed"]
+    assert set(directives(n, "DeviceAllow")) == {"/dev/vfio/vfio rw", "char-vfio rw"}
+    caps = set(" ".join(directives(n, "CapabilityBoundingSet")).split())
+    assert caps == {"CAP_SYS_RAWIO", "CAP_SYS_ADMIN", "CAP_IPC_LOCK"}   # no-IOMMU + pagemap + pin
+    assert "PrivateDevices" not in {ln.split("=", 1)[0] for ln in lines}
+    assert "modprobe@vfio_pci.service" in " ".join(directives("uvmbus-bind@.service", "Wants"))
+
+
 @pytest.mark.parametrize("name", DAEMONS)
 def test_daemon_hardening(name):
     lines = unit_lines(name)

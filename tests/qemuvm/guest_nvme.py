@@ -111,6 +111,30 @@ def main(out: Path) -> int:
             same = all(bytes(b.buffers[i].view) == P.batch_data(P.BATCH_ROUNDS - 1, i)
                        for i in range(P.BATCH_SLOTS))
         check("batch read", same)
+        # one queue pair per thread: two threads at once, each on its own queue
+        import threading
+
+        errs: list[BaseException] = []
+
+        def worker(k: int) -> None:
+            try:
+                base = P.THREAD_BASE + k * P.THREAD_SPAN
+                for j in range(8):
+                    blob = P.stream(f"thread:{k}:{j}", 65536)
+                    ns.write(base + j * 65536, blob)
+                    if ns.read(base + j * 65536, 65536) != blob:
+                        raise AssertionError(f"thread {k} block {j} differs")
+            except BaseException as exc:
+                errs.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        used = [int(q.q.submitted) for q in ctl.io_queues]
+        check("two threads at once (a queue pair each while they run)", not errs,
+              f"{errs or ''} commands per queue {used}")
         ns.flush()
         st = ctl.stats()
         check("flush", True, f"doorbells={st['signals']}")

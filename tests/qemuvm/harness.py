@@ -180,7 +180,7 @@ def run_guest(command: str, *, image: Path, workdir: Path, timeout: float = 600,
     machine = "q35,accel=" + accel + (",kernel-irqchip=split" if accel == "kvm" else "")
     console = workdir / "console.log"
     append = ("console=ttyS0 intel_iommu=on panic=-1 rdinit=/init loglevel=4 "
-              "mitigations=off nokaslr " + extra_append)
+              "mitigations=off nokaslr no_timer_check " + extra_append)
     cmd = [
         "qemu-system-x86_64", "-machine", machine, "-cpu", "max" if accel == "tcg" else "host",
         "-smp", str(smp), "-m", memory, "-nodefaults", "-no-reboot", "-display", "none",

@@ -18,6 +18,8 @@ DISCARD = (20 * MiB, MiB)                    # Namespace.discard over the 0xBB a
 BATCH_BASE = 32 * MiB                        # NvmeBatch: slot i writes 4 KiB at base + i * 8 KiB
 BATCH_SLOTS = 32
 BATCH_ROUNDS = 4                             # each round rewrites every slot with new data
+THREAD_BASE = 48 * MiB                       # thread k writes 8 x 64 KiB at base + k * span
+THREAD_SPAN = MiB
 
 
 def stream(tag: str, n: int) -> bytes:
@@ -47,6 +49,10 @@ def expected_image(*, discard_zeroes: bool = True) -> bytes:
     if discard_zeroes:
         off, n = DISCARD
         img[off:off + n] = bytes(n)
+    for k in range(2):
+        for j in range(8):
+            o = THREAD_BASE + k * THREAD_SPAN + j * 65536
+            img[o:o + 65536] = stream(f"thread:{k}:{j}", 65536)
     for slot in range(BATCH_SLOTS):
         o = BATCH_BASE + slot * 8192
         img[o:o + 4096] = batch_data(BATCH_ROUNDS - 1, slot)

@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 BIND_UNIT = "uvmbus-bind@.service"
-UNITS = ("uvmbus-bind@.service", "uvmbus-net@.service", "uvmbus-blk@.service", "uvmbus-ic.service")
+UNITS = ("uvmbus-bind@.service", "uvmbus-net@.service", "uvmbus-blk@.service", "uvmbus-ic.service",
+         "uvmbus-nvme@.service")
 SHIPPED_EXEC = "/usr/local/bin/uvmbus"
 CONF_DIR = Path("etc/uvmbus/bind.d")
 UNIT_DIR = Path("etc/systemd/system")

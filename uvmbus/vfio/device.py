@@ -316,6 +316,7 @@ class Device:
         self.num_irqs = int(info.num_irqs)
         self._maps: list[mmap.mmap] = []
         self._irq_fds: dict[int, list[int]] = {}
+        self._config_off: int | None = None
 
     @property
     def can_reset(self) -> bool:
@@ -354,13 +355,16 @@ class Device:
         return ()
 
     # -- config space --------------------------------------------------------------------------
+    def _config_offset(self) -> int:
+        if self._config_off is None:
+            self._config_off = self.region(CONFIG).offset
+        return self._config_off
+
     def config_read(self, offset: int, n: int) -> bytes:
-        reg = self.region(CONFIG)
-        return self.ops.pread(self.fd, n, reg.offset + offset)
+        return self.ops.pread(self.fd, n, self._config_offset() + offset)
 
     def config_write(self, offset: int, data: bytes) -> None:
-        reg = self.region(CONFIG)
-        self.ops.pwrite(self.fd, data, reg.offset + offset)
+        self.ops.pwrite(self.fd, data, self._config_offset() + offset)
 
     def enable_bus_master(self) -> None:
         """Memory space + bus mastering on, INTx off (MSI/MSI-X or polling)."""

@@ -329,7 +329,7 @@ def _sim_signals(args: argparse.Namespace) -> dict[str, int] | None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from uvmbus.storvsc.bench import pread_reference, run_disk
+    from uvmbus.block.bench import pread_reference, run_disk
 
     if args.qd < 1:
         raise ConfigError("--qd must be at least 1")

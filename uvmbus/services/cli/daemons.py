@@ -150,12 +150,14 @@ def _bridge(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from uvmbus.services.blkexport import ExportOptions, run_export
+    from uvmbus.services.cli.blk import _nvme_target
 
-    dev = resolve_device(args.root, args.device, "storvsc")
+    fn = _nvme_target(args)          # an NVMe controller (PCI address, vPCI GUID, "nvme")?
+    dev = fn if fn is not None else resolve_device(args.root, args.device, "storvsc")
     opts = ExportOptions(device=dev.device_id, root=args.root, lun=args.lun, socket=args.socket,
                          port=args.port, bind_address=args.bind_address, readonly=args.readonly,
                          subchannels=args.subchannels, nbdkit=args.nbdkit,
-                         nbdkit_args=list(args.nbdkit_arg))
+                         nbdkit_args=list(args.nbdkit_arg), nvme=fn is not None)
     with device_lock(dev, what="export it"), recording(args) as rec:
         opts.record = rec
         return run_export(opts, _daemon(args, "blk"))
