@@ -8,20 +8,43 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean
+.PHONY: demo test build lint deps clean test-dpdk units-test qemu-test qemu-bench
 
+# `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/uvmbus demo
+	@$(VENV)/bin/uvmbus demo $(DEMO_ARGS); rc=$$?; \
+	echo; \
+	echo "uvmbus is installed in the virtualenv $(abspath $(VENV)), not on your PATH:"; \
+	echo "  run it as $(abspath $(VENV))/bin/uvmbus ...   or first:   . $(abspath $(VENV))/bin/activate"; \
+	exit $$rc
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# DPDK as an independent guest: the full bring-up matrix (CI runs a subset in `make test`).
+test-dpdk: $(STAMP)
+	UVMBUS_DPDK_FULL=1 $(VPY) -m pytest tests/dpdk $(PYTEST_ARGS)
+
+# The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
+# under .cache/units/).  `make test` runs it too; this target shows its progress.
+units-test: $(STAMP)
+	$(VPY) -m pytest -v -s -p no:cacheprovider tests/test_units_systemd.py $(PYTEST_ARGS)
 
 # Developer rebuild of the extension in place (serialised: several shells may build).
 build: $(STAMP)
 	flock /tmp/uvmbus-build.lock $(VPY) native/build.py
 
+# Userspace NVMe driver on Debian's kernel under QEMU: the round trip alone, and the
+# kernel-nvme+fio vs uvmbus benchmark (docs/performance.md; several minutes under TCG).
+qemu-test: $(STAMP)
+	$(VPY) -m pytest -m qemu $(PYTEST_ARGS)
+
+qemu-bench: $(STAMP)
+	nice -n 10 $(VPY) tests/qemuvm/bench.py $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check uvmbus tests native
+	$(VENV)/bin/ruff check uvmbus tests native fuzz
 
 deps:
 	.ci/install-deps
@@ -29,10 +52,24 @@ deps:
 $(VPY): | deps
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
+$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py native/preload/*.c)
 	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 	flock /tmp/uvmbus-build.lock $(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info uvmbus/_native*.so uvmbus/_native.c
+
+# Integration components: the end-to-end test with the heartbeat answered for minutes
+# (a beat every 50 ms, none may be missed); CI runs it for 3 s.
+IC_SOAK_SECONDS ?= 300
+.PHONY: ic-soak
+ic-soak: $(STAMP)
+	UVMBUS_IC_HEARTBEAT_SECONDS=$(IC_SOAK_SECONDS) nice -n 10 $(VPY) -m pytest -q -s tests/test_ic_sim.py -k end_to_end
+
+# Every fuzz harness (libFuzzer over native/, atheris over the Python parsers) for
+# FUZZ_SECONDS each, under nice; per-harness executions and coverage (docs/reliability.md).
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(VPY) fuzz/run.py --seconds $(FUZZ_SECONDS)

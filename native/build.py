@@ -84,6 +84,20 @@ if Path.cwd() != ROOT:
     os.chdir(ROOT)
 ffibuilder = make_builder()
 
+def build_preload(out_dir: Path) -> Path:
+    """Compile the LD_PRELOAD library of `uvmbus sim exec` (setup.py builds it for pip)."""
+    import subprocess
+    import sysconfig
+
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    target = out_dir / f"_preload{suffix}"
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    subprocess.run([*cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-fPIC", "-shared", "-o",
+                    str(target), str(HERE / "preload" / "uvmbus_preload.c"), "-ldl", "-lpthread"],
+                   check=True)
+    return target
+
+
 if __name__ == "__main__":
     # Developer build: compile in place (python native/build.py).
     ffibuilder = make_builder(absolute=True)
@@ -93,3 +107,4 @@ if __name__ == "__main__":
         stale.unlink()  # one build only: avoid an old .so shadowing this one
     Path(out).replace(target)
     print(f"built {target}")
+    print(f"built {build_preload(ROOT / 'uvmbus')}")

@@ -15,8 +15,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The receive queue's bounds.  The fuzz build (fuzz/build.py) makes them small so that its
+ * floods reach the full-queue paths (drop_oldest_data) in a few hundred packets. */
+#ifndef IB_BYTES
 #define IB_BYTES (4u << 20)
+#endif
+#ifndef IB_PKTS
 #define IB_PKTS 8192u
+#endif
 #define ACK_CAP 16384u
 #define CTRL_MAX_RECORDS 4096u
 #define CTRL_MAX_LEN (64u << 10)   /* one control record (Python reads records into 64 KiB) */
@@ -39,6 +45,7 @@ struct nvsc_priv {
     uint32_t ib_used;
     struct uvb_pkt *pk;
     uint32_t npk, cur;
+    uint32_t scanned;           /* poll_ctrl examined [cur, scanned): only data packets left */
     uint64_t *acks;
     uint32_t *ack_status;
     uint32_t nacks;
@@ -82,6 +89,35 @@ static void host_error(struct uvb_nvsc_queue *q, const char *fmt, ...)
 /* ------------------------------------------------------------------------ */
 /* setup                                                                     */
 
+static void free_ctrl_records(struct nvsc_priv *p)
+{
+    struct ctrl_node *c = p->cq_head;
+    while (c) {
+        struct ctrl_node *n = c->next;
+        free(c);
+        c = n;
+    }
+    p->cq_head = p->cq_tail = NULL;
+    p->cq_count = 0;
+    p->cq_bytes = 0;
+}
+
+/* Every section and bounce slot free, nothing queued (the state right after init). */
+static void reset_lists(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    p->ib_used = p->npk = p->cur = p->nacks = p->nheld = p->scanned = 0;
+    p->nsec_free = p->nslot_free = 0;
+    for (uint32_t i = q->section_count; i-- > 0;) {
+        p->sec_free[p->nsec_free++] = q->section_first + i;
+        p->sec_frames[i] = 0xFFFF;
+    }
+    for (uint32_t i = q->gpa_slots; i-- > 0;) {
+        p->slot_free[p->nslot_free++] = i;
+        p->slot_busy[i] = 0;
+    }
+}
+
 int uvb_nvsc_queue_init(struct uvb_nvsc_queue *q)
 {
     if (!q->tx || !q->rx || !q->sig || !q->recv_buf || !q->send_buf || !q->section_size ||
@@ -123,12 +159,7 @@ int uvb_nvsc_queue_init(struct uvb_nvsc_queue *q)
         uvb_nvsc_queue_fini(q);
         return UVB_EINVAL;
     }
-    for (uint32_t i = q->section_count; i-- > 0;) {
-        p->sec_free[p->nsec_free++] = q->section_first + i;
-        p->sec_frames[i] = 0xFFFF;
-    }
-    for (uint32_t i = q->gpa_slots; i-- > 0;)
-        p->slot_free[p->nslot_free++] = i;
+    reset_lists(q);
     return 0;
 }
 
@@ -147,14 +178,21 @@ void uvb_nvsc_queue_fini(struct uvb_nvsc_queue *q)
     free(p->sec_frames);
     free(p->slot_free);
     free(p->slot_busy);
-    struct ctrl_node *c = p->cq_head;
-    while (c) {
-        struct ctrl_node *n = c->next;
-        free(c);
-        c = n;
-    }
+    free_ctrl_records(p);
     free(p);
     q->priv = NULL;
+}
+
+int uvb_nvsc_queue_reset(struct uvb_nvsc_queue *q)
+{
+    struct nvsc_priv *p = P(q);
+    if (!p)
+        return UVB_EINVAL;
+    free_ctrl_records(p);
+    reset_lists(q);
+    memset(q->errmsg, 0, sizeof q->errmsg);
+    memset(&q->rx_packets, 0, sizeof *q - offsetof(struct uvb_nvsc_queue, rx_packets));
+    return 0;
 }
 
 uint32_t uvb_nvsc_tx_inflight(struct uvb_nvsc_queue *q)
@@ -356,10 +394,11 @@ static void compact(struct nvsc_priv *p)
     if (p->cur == 0)
         return;
     if (p->cur >= p->npk) {
-        p->npk = p->cur = 0;
+        p->npk = p->cur = p->scanned = 0;
         p->ib_used = 0;
         return;
     }
+    p->scanned = p->scanned > p->cur ? p->scanned - p->cur : 0;
     uint32_t base = p->pk[p->cur].pkt_offset;
     memmove(p->ib, p->ib + base, p->ib_used - base);
     uint32_t k = p->npk - p->cur;
@@ -382,9 +421,9 @@ static int fill(struct uvb_nvsc_queue *q, int *full)
     while (p->cur < p->npk && p->pk[p->cur].type == CONSUMED)
         p->cur++;                       /* completions handled by an earlier fill */
     if (p->cur >= p->npk) {
-        p->npk = p->cur = 0;
+        p->npk = p->cur = p->scanned = 0;
         p->ib_used = 0;
-    } else if (p->cur > 0 && (IB_BYTES - p->ib_used < (1u << 20) || p->npk > IB_PKTS / 2)) {
+    } else if (p->cur > 0 && (IB_BYTES - p->ib_used < IB_BYTES / 4 || p->npk > IB_PKTS / 2)) {
         compact(p);
     }
     uint32_t room = IB_BYTES - p->ib_used, proom = IB_PKTS - p->npk;
@@ -808,7 +847,9 @@ int uvb_nvsc_poll_ctrl(struct uvb_nvsc_queue *q)
         int rc = fill(q, &full);
         if (rc < 0)
             return rc;
-        for (uint32_t i = p->cur; i < p->npk; i++) {
+        /* packets an earlier call examined are data packets waiting for rx_burst: looking
+         * at them again finds nothing, and would make a flood cost O(queue) per call */
+        for (uint32_t i = p->scanned > p->cur ? p->scanned : p->cur; i < p->npk; i++) {
             struct uvb_pkt *k = &p->pk[i];
             if (k->type == VMBUS_PKT_INBAND) {
                 ctrl_push(q, UVB_NVSC_CTRL_INBAND, k->trans_id, 0, p->ib + k->data_offset, k->data_len);
@@ -831,10 +872,16 @@ int uvb_nvsc_poll_ctrl(struct uvb_nvsc_queue *q)
                 k->type = CONSUMED;
             }
         }
+        p->scanned = p->npk;
         while (p->cur < p->npk && p->pk[p->cur].type == CONSUMED)
             p->cur++;
         if (full) {
-            if (!drop_oldest_data(q))
+            /* drop a quarter of the waiting data at once: one compaction then frees room
+             * for many packets (dropping one at a time moved the whole queue per packet) */
+            uint32_t want = (p->npk - p->cur) / 4 + 1, dropped = 0;
+            while (dropped < want && drop_oldest_data(q))
+                dropped++;
+            if (!dropped)
                 break;
             continue;
         }
@@ -1085,6 +1132,11 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         }
         if (len < 14 || len > q->max_frame) {
             q->tx_drops++;
+            if (q->tx_reject) {                 /* the caller raises: stop in front of it */
+                q->tx_bad_hit = 1;
+                q->tx_bad_len = len + (strip ? 4u : 0u);
+                break;
+            }
             if (!open)
                 taken++;
             else
@@ -1102,6 +1154,11 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             }
             if (!q->gpa_slots || msg > q->gpa_slot_size) {
                 q->tx_drops++;
+                if (q->tx_reject) {
+                    q->tx_bad_hit = 1;
+                    q->tx_bad_len = len + (strip ? 4u : 0u);
+                    break;
+                }
                 taken++;
                 continue;
             }

@@ -90,7 +90,8 @@ struct uvb_nvsc_queue {
     /* ---- private ---- */
     void     *priv;
     uint32_t  strict;           /* reserved for Python */
-    uint32_t  reserved0;
+    uint32_t  tx_reject;        /* 1: tx stops at a frame that can never be sent (too short, too
+                                 * large) and reports it in tx_bad_*; 0: drop it, count tx_drops */
     char      errmsg[192];      /* last host error */
     /* ---- statistics ---- */
     uint64_t  rx_packets;
@@ -110,10 +111,17 @@ struct uvb_nvsc_queue {
     uint64_t  tx_no_section;    /* bursts cut short: no free section / slot */
     uint64_t  host_errors;      /* malformed host packets (see errmsg) */
     uint64_t  ctrl_dropped;     /* control records lost (record queue full) */
+    /* ---- tx_reject: the frame the last tx call stopped at (tx_bad_hit = 1) ---- */
+    uint32_t  tx_bad_hit;       /* set by C, cleared by the caller */
+    uint32_t  tx_bad_len;       /* its length in bytes */
 };
 
 int uvb_nvsc_queue_init(struct uvb_nvsc_queue *q);
 void uvb_nvsc_queue_fini(struct uvb_nvsc_queue *q);
+/* Back to the state right after uvb_nvsc_queue_init (same configuration and rings, which
+ * the caller re-attaches): nothing queued or in flight, statistics zero.  For reuse of a
+ * queue's memory over a new channel session (and by the fuzz harnesses). 0 or UVB_EINVAL. */
+int uvb_nvsc_queue_reset(struct uvb_nvsc_queue *q);
 
 /* Receive up to `max` frames.  copy_buf == NULL: zero-copy, frame offsets index the receive
  * buffer and stay valid until the next rx_burst or uvb_nvsc_rx_release; otherwise frames are

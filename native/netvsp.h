@@ -189,6 +189,10 @@ int uvb_nvsp_queue_init(struct uvb_nvsp_queue *q, struct uvb_nvsp *n, uint32_t i
                         struct uvb_ring *in, struct uvb_ring *out, struct uvb_host_irq *irq,
                         const uint32_t *kick);
 void uvb_nvsp_queue_fini(struct uvb_nvsp_queue *q);
+/* Back to the state right after uvb_nvsp_queue_init (same NIC, rings re-attached by the
+ * caller): inbox and pending batch empty, statistics zero; the buffers are kept.  (The
+ * fuzz harness uses it: an init per input costs megabytes of fresh memory.) */
+int uvb_nvsp_queue_reset(struct uvb_nvsp_queue *q);
 /* Register / unregister a queue so other queues can reach its inbox. */
 void uvb_nvsp_attach_queue(struct uvb_nvsp *n, struct uvb_nvsp_queue *q);
 void uvb_nvsp_detach_queue(struct uvb_nvsp *n, struct uvb_nvsp_queue *q);

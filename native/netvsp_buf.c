@@ -216,6 +216,25 @@ void uvb_nvsp_queue_fini(struct uvb_nvsp_queue *q)
     q->priv = NULL;
 }
 
+int uvb_nvsp_queue_reset(struct uvb_nvsp_queue *q)
+{
+    struct queue_priv *qp = QP(q);
+    if (!qp)
+        return UVB_EINVAL;
+    if (q->nic && NP(q->nic))
+        nvsp_release_batch(q);
+    qp->batch_n = 0;
+    qp->ib_head = qp->ib_tail = 0;
+    qp->nflows = qp->flow_cursor = qp->have_flows = 0;
+    qp->epoch = ~0u;
+    qp->quota = qp->made = 0;
+    q->poke_mask = 0;
+    q->punt_fatal = 0;
+    memset(q->punt_msg, 0, sizeof q->punt_msg);
+    memset(&q->tx_msgs, 0, sizeof *q - offsetof(struct uvb_nvsp_queue, tx_msgs));
+    return 0;
+}
+
 void uvb_nvsp_attach_queue(struct uvb_nvsp *n, struct uvb_nvsp_queue *q)
 {
     struct nic_priv *np = NP(n);

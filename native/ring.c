@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include "uvmbus.h"
 #include "util.h"
+#include "trace_int.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -194,6 +195,46 @@ static inline void copy_out(const struct uvb_ring *r, uint32_t pos, void *dst, u
         memcpy(dst, r->data + pos, first);
         memcpy((uint8_t *)dst + first, r->data, len - first);
     }
+}
+
+/* ------------------------------------------------------------------------ */
+/* recording (trace.h): every packet a commit publishes or releases          */
+
+/* Writer: record the packets in [from, to) at commit (ours: no peer writes
+ * them).  The walk still re-checks every length and stops at the first that
+ * does not fit.  Readers record each packet from its validated private copy
+ * as uvb_in_read hands it out (record_in). */
+static void __attribute__((noinline)) record_span(struct uvb_ring *r, uint32_t from, uint32_t to)
+{
+    struct uvb_rec_port *p = r->rec;
+    uint32_t dir = (r->kind == UVB_RING_OUT) == (p->side == UVB_TRACE_SIDE_GUEST)
+                       ? UVB_TRACE_DIR_G2H : UVB_TRACE_DIR_H2G;
+    uint64_t ts = uvb_rec_clock();
+    uint32_t left = dist(from, to, r->dsize), pos = from;
+    while (left >= DESC + TRAILER) {
+        struct vmpacket_descriptor d;
+        copy_out(r, pos, &d, DESC);
+        uint32_t pktlen = (uint32_t)d.len8 * 8u;
+        if (pktlen < DESC || pktlen + TRAILER > left)
+            break;
+        uint32_t first = r->dsize - pos;
+        if (first >= pktlen)
+            uvb_rec_ring_packet(p, dir, ts, r->data + pos, pktlen, NULL, 0);
+        else
+            uvb_rec_ring_packet(p, dir, ts, r->data + pos, first, r->data, pktlen - first);
+        pos = wrap((uint64_t)pos + pktlen + TRAILER, r->dsize);
+        left -= pktlen + TRAILER;
+    }
+}
+
+static void __attribute__((noinline)) record_in(struct uvb_ring *r, const uint8_t *pkt, uint32_t len,
+                                                uint64_t *ts)
+{
+    struct uvb_rec_port *p = r->rec;
+    uint32_t dir = p->side == UVB_TRACE_SIDE_GUEST ? UVB_TRACE_DIR_H2G : UVB_TRACE_DIR_G2H;
+    if (*ts == 0)
+        *ts = uvb_rec_clock();                     /* one clock read per batch */
+    uvb_rec_ring_packet(p, dir, *ts, pkt, len, NULL, 0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -448,6 +489,8 @@ int uvb_out_commit(struct uvb_ring *r)
     uint32_t old = r->committed;
     if (r->cursor == old)
         return 0;
+    if (__builtin_expect(r->rec != NULL, 0))
+        record_span(r, old, r->cursor);
     st_rel(&r->ctl->write_index, r->cursor);     /* packet bytes before the index */
     r->committed = r->cursor;
     r->commits++;
@@ -653,6 +696,7 @@ int uvb_in_read(struct uvb_ring *r, uint8_t *buf, uint32_t buflen, struct uvb_pk
     if (a <= 0)
         return a;
     uint32_t avail = (uint32_t)a, used = 0, n = 0;
+    uint64_t ts = 0;
     while (n < max && avail > 0) {
         struct uvb_pkt *p = &pkts[n];
         int rc = fetch_one(r, avail, buf + used, buflen - used, p);
@@ -662,6 +706,15 @@ int uvb_in_read(struct uvb_ring *r, uint8_t *buf, uint32_t buflen, struct uvb_pk
             return rc;
         p->pkt_offset = used;
         p->data_offset += used;
+        if (__builtin_expect(r->rec != NULL, 0)) {
+            /* record the validated private copy, once: a reader may hand packets back
+             * (cursor moved back) and read them again before it commits */
+            uint32_t off = dist(r->committed, r->cursor, r->dsize);
+            if (off >= r->rec_ahead) {
+                record_in(r, buf + used, p->pkt_len, &ts);
+                r->rec_ahead = off + p->pkt_len + TRAILER;
+            }
+        }
         uint32_t adv = p->pkt_len + TRAILER;
         r->cursor = wrap((uint64_t)r->cursor + adv, r->dsize);
         avail -= adv;
@@ -681,6 +734,7 @@ int uvb_in_commit(struct uvb_ring *r)
     if (r->cursor == old)
         return 0;
     uint32_t bytes_read = dist(old, r->cursor, r->dsize);
+    r->rec_ahead = r->rec_ahead > bytes_read ? r->rec_ahead - bytes_read : 0;
     st_rel(&r->ctl->read_index, r->cursor);      /* after all reads of packet data */
     r->committed = r->cursor;
     r->commits++;

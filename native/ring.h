@@ -46,6 +46,9 @@ struct uvb_ring {
     uint64_t  signals;            /* commits that returned "signal the peer" */
     uint64_t  full;               /* out: writes refused because the ring was full */
     char      errmsg[192];        /* UVB_ERRMSG_LEN */
+    struct uvb_rec_port *rec;     /* recorder of this channel, or NULL (uvmbus.trace) */
+    uint32_t  rec_ahead;          /* in: bytes after `committed` already recorded */
+    uint32_t  rec_reserved;
 };
 
 /* Per-packet result of a batch read. Offsets are into the caller's buffer. */

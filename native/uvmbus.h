@@ -12,8 +12,13 @@
 #include "vmbus_wire.h"
 #include "netvsc_wire.h"
 #include "storvsc_wire.h"
+#include "vfio_wire.h"
+#include "nvme_wire.h"
+#include "ic_wire.h"
+#include "trace_wire.h"
 #pragma pack(pop)
 
+#include "trace.h"
 #include "ring.h"
 #include "dma.h"
 #include "host.h"
@@ -21,5 +26,6 @@
 #include "netvsp.h"
 #include "storvsc.h"
 #include "storvsp.h"
+#include "nvme.h"
 
 #endif

@@ -16,7 +16,7 @@ def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (it is in the [test] extra)")
-    proc = subprocess.run([ruff, "check", "uvmbus", "tests", "native/build.py"], cwd=ROOT,
+    proc = subprocess.run([ruff, "check", "uvmbus", "tests", "native/build.py", "fuzz"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 GUID = "ed963694-e847-4b2a-85af-bc9cfc11d6f3"
-DAEMONS = ("uvmbus-net@.service", "uvmbus-blk@.service")
+DAEMONS = ("uvmbus-net@.service", "uvmbus-blk@.service", "uvmbus-ic.service")
 EXPOSURE_TARGET = 4.0
 
 need_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -95,7 +95,7 @@ def recorded_exposure() -> dict[str, float]:
     """The exposure table in docs/services.md: | unit | exposure | ..."""
     text = (ROOT / "docs" / "services.md").read_text()
     out = {}
-    for m in re.finditer(r"^\|\s*`(uvmbus-[a-z]+@\.service)`\s*\|\s*(\d+\.\d+)\s*\|", text, re.M):
+    for m in re.finditer(r"^\|\s*`(uvmbus-[a-z]+@?\.service)`\s*\|\s*(\d+\.\d+)\s*\|", text, re.M):
         out[m.group(1)] = float(m.group(2))
     return out
 
@@ -120,7 +120,7 @@ def test_exposure_check_can_fail(tmp_path):
 
 
 def test_instances_use_raw_guid():
-    for name in UNITS:
+    for name in (n for n in UNITS if "@." in n):
         text = "\n".join(unit_lines(name))
         assert "%I" not in text, f"{name}: %I unescapes the GUID's dashes into slashes"
         assert "%i" in text
@@ -139,6 +139,20 @@ def test_bind_unit_shape():
     assert directives(n, "WantedBy") == ["sysinit.target"]
 
 
+def test_nvme_unit_shape():
+    n = "uvmbus-nvme@.service"
+    lines = unit_lines(n)
+    assert directives(n, "Type") == ["notify"] and directives(n, "WatchdogSec")
+    assert directives(n, "BindsTo") == ["uvmbus-bind@%i.service"]
+    assert any("blk export %i" in e for e in directives(n, "ExecStart"))
+    assert directives(n, "DevicePolicy") == ["closed"]
+    assert set(directives(n, "DeviceAllow")) == {"/dev/vfio/vfio rw", "char-vfio rw"}
+    caps = set(" ".join(directives(n, "CapabilityBoundingSet")).split())
+    assert caps == {"CAP_SYS_RAWIO", "CAP_SYS_ADMIN", "CAP_IPC_LOCK"}   # no-IOMMU + pagemap + pin
+    assert "PrivateDevices" not in {ln.split("=", 1)[0] for ln in lines}
+    assert "modprobe@vfio_pci.service" in " ".join(directives("uvmbus-bind@.service", "Wants"))
+
+
 @pytest.mark.parametrize("name", DAEMONS)
 def test_daemon_hardening(name):
     lines = unit_lines(name)
@@ -150,10 +164,17 @@ def test_daemon_hardening(name):
     assert "char-uio rw" in allow
     assert "PrivateDevices" not in keys, "PrivateDevices= hides /dev/uio*"
     assert "ProtectKernelTunables" not in keys, "ProtectKernelTunables= makes /sys read-only"
-    assert directives(name, "UMask") == ["0077"]
     assert directives(name, "NoNewPrivileges") == ["yes"]
-    assert directives(name, "BindsTo") == ["uvmbus-bind@%i.service"]
     caps = set(" ".join(directives(name, "CapabilityBoundingSet")).split())
+    if name == "uvmbus-ic.service":
+        # binds/unbinds in sysfs itself; KVP pool files world-readable like hv_kvp_daemon's
+        assert caps == set() and directives(name, "CapabilityBoundingSet") == [""]
+        assert directives(name, "UMask") == ["0022"]
+        assert directives(name, "StateDirectory") == ["hyperv"]
+        assert "@reboot" in directives(name, "SystemCallFilter")[1]   # systemctl asks PID 1
+        return
+    assert directives(name, "UMask") == ["0077"]
+    assert directives(name, "BindsTo") == ["uvmbus-bind@%i.service"]
     if name == "uvmbus-net@.service":
         assert caps == {"CAP_NET_ADMIN", "CAP_IPC_LOCK"}          # copy-only NIC: no pagemap
         assert "/dev/net/tun rw" in allow

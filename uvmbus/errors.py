@@ -7,6 +7,7 @@ roots, so callers can catch by concept::
 
     UvmbusError
     ├── ConfigError                   bad argument / option / unsupported mode
+    │   └── DeviceBusy                device held by another user (pid in the message)
     ├── NotFound                      device, channel, uio node, map missing
     ├── BusError                      sysfs binding failed
     │   └── UnsafeDeviceError         device in use by the OS (mounted fs, address, route)
@@ -22,6 +23,7 @@ roots, so callers can catch by concept::
     │   ├── NegotiationError          no common protocol version
     │   └── RequestFailed             VSP completed a request with a failure status
     ├── NetError                      netvsc driver errors
+    │   └── FrameRejected             a frame that can never be sent (runt, oversize)
     ├── StorageError                  storvsc driver errors
     │   ├── ScsiError                 command failed with SCSI status / sense
     │   │   ├── MediumError           sense key 3 (and 1/4 hardware-class)
@@ -29,8 +31,14 @@ roots, so callers can catch by concept::
     │   │   ├── UnitAttention         sense key 6 (retryable)
     │   │   ├── DataProtect           sense key 7 (write protected)
     │   │   └── NotReady              sense key 2
-    │   └── LunGone                   LUN removed / INVALID_LUN
-    └── SimulatorError                simulated host failed to start or misused
+    │   ├── LunGone                   LUN removed / INVALID_LUN
+    │   └── NvmeError                 NVMe command failed (status code type / code)
+    │       ├── ControllerFatal       CSTS.CFS, invalid completion, timeout: controller dead
+    │       └── DeviceRemoved         PCI function removed (VFIO request IRQ, surprise removal)
+    ├── VfioError                     VFIO container/group/device set-up failed
+    ├── SimulatorError                simulated host failed to start or misused
+    └── TraceError                    unreadable trace file / replay divergence
+        └── ReplayDivergence          the guest left the recorded session
 """
 
 from __future__ import annotations
@@ -44,6 +52,14 @@ class UvmbusError(Exception):
 
 class ConfigError(UvmbusError, ValueError):
     """An argument, option or mode that cannot work."""
+
+
+class DeviceBusy(ConfigError):
+    """The device is open in another process (or already in this one): one user at a time."""
+
+    def __init__(self, message: str, *, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
 
 
 class NotFound(UvmbusError, LookupError):
@@ -119,6 +135,19 @@ class NetError(UvmbusError):
     """netvsc driver error."""
 
 
+class FrameRejected(NetError, ValueError):
+    """``tx_burst`` met a frame that can never be sent (shorter than 14 bytes, longer than the
+    MTU allows, or larger than a send section without GPA-direct memory).  ``index`` is its
+    position in the burst, ``length`` its size, ``queued`` how many frames before it were
+    queued (they are sent)."""
+
+    def __init__(self, message: str, *, index: int, length: int, queued: int):
+        super().__init__(message)
+        self.index = index
+        self.length = length
+        self.queued = queued
+
+
 class StorageError(UvmbusError):
     """storvsc driver error."""
 
@@ -168,8 +197,37 @@ class LunGone(StorageError):
     """The LUN no longer exists on the controller."""
 
 
+class NvmeError(StorageError):
+    """An NVMe command completed with an error status (``sct``/``sc`` set when known)."""
+
+    def __init__(self, message: str, *, sct: int | None = None, sc: int | None = None) -> None:
+        super().__init__(message)
+        self.sct = sct
+        self.sc = sc
+
+
+class ControllerFatal(NvmeError):
+    """The NVMe controller is unusable (CSTS.CFS, invalid completion, command timeout)."""
+
+
+class DeviceRemoved(NvmeError):
+    """The PCI function was removed or is being removed (VFIO request IRQ)."""
+
+
+class VfioError(UvmbusError):
+    """VFIO set-up failed (container, group, device, region, IRQ or DMA mapping)."""
+
+
 class SimulatorError(UvmbusError):
     """The simulated host could not start or was used incorrectly."""
+
+
+class TraceError(UvmbusError):
+    """A trace file could not be written or read (uvmbus.trace)."""
+
+
+class ReplayDivergence(TraceError):
+    """A guest sent something other than the recorded session shows (``uvmbus sim --replay``)."""
 
 
 def from_oserror(exc: OSError, what: str) -> UvmbusError:

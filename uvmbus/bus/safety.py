@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from uvmbus.bus.devices import Bus, VmbusDevice
+from uvmbus.bus.devices import Bus
 from uvmbus.bus.sysfs import read_text
 from uvmbus.errors import UnsafeDeviceError
 
@@ -44,6 +44,22 @@ class BlockUser:
     """Mount point, or ``"swap"``."""
     devnum: int | None = None
     """Device number backing it (``st_dev`` of the mount point / ``st_rdev`` of a swap device)."""
+
+
+class TakeableDevice(Protocol):
+    """What the check reads from a device: a VMBus device or a PCI function."""
+
+    path: Path
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def class_name(self) -> str: ...
+
+    def block_device_paths(self) -> list[Path]: ...
+
+    def net_interfaces(self) -> list[str]: ...
 
 
 class SystemView(Protocol):
@@ -169,7 +185,7 @@ def _user_names(user: BlockUser) -> set[str]:
     return names
 
 
-def check_safe_to_take(bus: Bus, device: VmbusDevice | str, *,
+def check_safe_to_take(bus: Bus | Any, device: TakeableDevice | str, *,
                        system: SystemView | None = None) -> None:
     """Raise :class:`UnsafeDeviceError` if the OS uses ``device`` (a device or a reference
     for :meth:`Bus.device`); see the module docstring for what counts as "in use"."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from uvmbus.bus import Bus, VmbusDevice
 from uvmbus.channel.channel import Channel
@@ -84,8 +85,13 @@ class DeviceWaiter:
 class ChannelDevice:
     """A uio-bound VMBus device with its primary channel (and any sub-channels) open."""
 
-    def __init__(self, uio: UioDevice, *, spin_us: int = 0):
+    def __init__(self, uio: UioDevice, *, spin_us: int = 0, recorder: Any = None, owns_recorder: bool = False):
         self.uio = uio
+        #: uvmbus.trace.Recorder recording every channel of this device, or None
+        self.recorder = recorder
+        self._owns_recorder = owns_recorder
+        self._trace_ports: list[Any] = []
+        self._trace_bufs: dict[str, Any] = {}
         self.device: VmbusDevice = uio.device
         self.spin_us = spin_us
         self.waiter = DeviceWaiter(uio.endpoint)
@@ -99,6 +105,35 @@ class ChannelDevice:
             name=f"{dev.class_name}/{relid}", spin_us=spin_us,
         )
         self.subchannels: list[Channel] = []
+        self._record(self.primary)
+
+    # -- recording (uvmbus.trace) ----------------------------------------------------
+    def _record(self, ch: Channel) -> None:
+        if self.recorder is None:
+            return
+        port = self.recorder.port(ch.relid, subchan=ch.subchannel_id, devclass=self.device.class_name,
+                                  instance=self.device.device_id)
+        port.attach(ch.tx.raw, ch.rx.raw)
+        self._trace_ports.append(port)
+        self._apply_trace_buffers(port)
+
+    def _apply_trace_buffers(self, port: Any) -> None:
+        for pageset_id, ptr, size in self._trace_bufs.get("pagesets", ()):
+            port.add_pageset(pageset_id, ptr, size)
+        if "send" in self._trace_bufs:
+            port.set_send_buffer(*self._trace_bufs["send"])
+
+    def trace_buffers(self, *, pagesets: Sequence[tuple[int, Any, int]] = (),
+                      send: tuple[Any, int, int] | None = None) -> None:
+        """Tell the recorder (if any) which buffers packets refer to, so it attaches the bytes
+        of transfer-page ranges (``pagesets``: (id, ptr, size)) and send-buffer sections
+        (``send``: (ptr, size, section_size))."""
+        if pagesets:
+            self._trace_bufs["pagesets"] = list(pagesets)
+        if send is not None:
+            self._trace_bufs["send"] = send
+        for port in self._trace_ports:
+            self._apply_trace_buffers(port)
 
     @property
     def channels(self) -> list[Channel]:
@@ -122,6 +157,7 @@ class ChannelDevice:
             )
             ch.interrupts_ok = self.uio.quirks.subchannel_interrupts_safe
             new.append(ch)
+            self._record(ch)
         self.subchannels.extend(new)
         self.subchannels.sort(key=lambda c: c.subchannel_id)
         return new
@@ -140,6 +176,9 @@ class ChannelDevice:
         return self.waiter.fileno()
 
     def close(self) -> None:
+        for port in self._trace_ports:
+            port.detach()
+        self._trace_ports = []
         for ch in reversed(self.channels):
             ch.close()
         self.subchannels = []
@@ -147,6 +186,9 @@ class ChannelDevice:
             w.close()
         self._extra_waiters = []
         self.uio.close()
+        if self.recorder is not None and self._owns_recorder:
+            rec, self.recorder = self.recorder, None
+            rec.close()
 
     def __enter__(self) -> ChannelDevice:
         return self
@@ -155,8 +197,28 @@ class ChannelDevice:
         self.close()
 
 
-def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0) -> ChannelDevice:
+def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0,
+                lock: bool = True, record: Any = None) -> ChannelDevice:
     """Open device ``ref`` (GUID, unique prefix or class short name) bound to
-    uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise)."""
+    uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise).
+    ``lock`` (default True): hold the device's lock while it is open, so that another
+    process opening it fails at once (:class:`~uvmbus.errors.DeviceBusy`); ``lock=False``
+    is for experts sharing a device on purpose.
+    ``record``: a trace file path or a :class:`uvmbus.trace.Recorder` recording every
+    packet of every channel of the device (a path is closed with the device)."""
+    from uvmbus.trace import as_recorder
+
     bus = Bus(root)
-    return ChannelDevice(UioDevice(bus, bus.device(ref)), spin_us=spin_us)
+    uio = UioDevice(bus, bus.device(ref), lock=lock)
+    try:
+        rec, owned = as_recorder(record, side="guest")
+    except BaseException:
+        uio.close()
+        raise
+    try:
+        return ChannelDevice(uio, spin_us=spin_us, recorder=rec, owns_recorder=owned)
+    except BaseException:
+        uio.close()
+        if owned and rec is not None:
+            rec.close()
+        raise

@@ -111,19 +111,25 @@ def _loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threadin
 
 def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, queues: int = 1,
               burst: int = 256, warmup: float = 0.3, reference: bool = True,
-              flows: int = 64, spin_us: int = 50) -> BenchResult:
+              flows: int = 64, spin_us: int = 50, timeout: float = 10.0,
+              record: Any = None) -> BenchResult:
     """Run one benchmark (see the module docstring)."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}")
     if not 60 <= size <= 9014:
         raise ConfigError("frame size must be 60..9014 bytes")
     ctl = _sim_control(root)
+    before = "loopback"
     if ctl is not None:
-        ctl.call("model", device=device, op="backend", args={"backend": BACKEND_FOR[mode]})
+        before = sim_nic_backend(ctl, device) or before
+        # until_disconnect: the simulator restores the backend itself if this process dies
+        ctl.call("model", device=device, op="backend", args={"backend": BACKEND_FOR[mode]},
+                 until_disconnect=True)
         ctl.call("model", device=device, op="generator", args={"size": size, "flows": flows, "count": 0})
     mtu = max(1500, size - 14)
     try:
-        with Nic(device, root, queues=queues, mtu=mtu, spin_us=spin_us) as nic:
+        with Nic(device, root, queues=queues, mtu=mtu, spin_us=spin_us, timeout=timeout,
+                 record=record) as nic:
             nq = nic.num_queues
             batch = TxBatch([bench_frame(size, i) for i in range(burst)]) if mode == "tx" else None
             counts = [0] * nq
@@ -157,7 +163,7 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
     finally:
         if ctl is not None:
             try:
-                ctl.call("model", device=device, op="backend", args={"backend": "loopback"})
+                ctl.call("model", device=device, op="backend", args={"backend": before})
             finally:
                 ctl.close()
     res = BenchResult(mode, size, nq, elapsed, sum(per_queue), burst, per_queue, host=host,
@@ -167,6 +173,15 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
         from uvmbus.ring.bench import bench_c_loop
         res.ring_c_loop_mpps = bench_c_loop(size, min(seconds, 2.0), burst).mpps
     return res
+
+
+def sim_nic_backend(ctl: Any, device: str) -> str | None:
+    """The backend of a simulated NIC (``loopback``, ``generator``...), asked through a
+    simulator control client; None when the device is not a simulated NIC."""
+    res = ctl.call("model", device=device, op="stats").get("results") or {}
+    st: Any = next(iter(res.values()), None)
+    b = st.get("netvsp", {}).get("backend") if isinstance(st, dict) else None
+    return str(b) if b else None
 
 
 def _snapshot(nic: Nic, mode: str) -> list[int]:

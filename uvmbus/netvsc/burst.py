@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from uvmbus.errors import ConfigError
+from uvmbus.errors import ConfigError, NetError
 from uvmbus.native import ffi, lib
 
 __all__ = ["FrameMeta", "RxBurst", "TxBatch", "csum_request"]
@@ -58,16 +58,22 @@ class FrameMeta:
 class RxBurst(Sequence[memoryview]):
     """Frames received by one ``rx_burst`` call (see the module docstring).
 
-    Zero-copy bursts (``copy=False``) view the receive buffer: the frames stay valid until
-    :meth:`release` or the next ``rx_burst`` on the same queue, after which the host may
-    overwrite them.  Copied bursts view the queue's copy buffer and stay valid until the
-    next copied ``rx_burst`` on that queue; :meth:`frames` returns independent ``bytes``.
+    Copied bursts (``copy=True``, the default) own their frames: a copy that nothing else
+    writes (the next ``rx_burst`` copies elsewhere), valid for as long as you keep the burst or
+    a frame of it (each keeps its copy buffer alive; the frames are writable, e.g. to rewrite
+    an address before forwarding).
+
+    Zero-copy bursts (``copy=False``) lend you the host's receive buffer: the frames are
+    valid until :meth:`release` or the next ``rx_burst`` on the same queue (which releases
+    them), after which the host may overwrite them.  From then on the burst and every frame
+    view taken from it raise (``NetError`` / ``ValueError: released memoryview``) instead of
+    silently showing other data.  Copy a frame (``bytes(frame)``) to keep it.
     """
 
-    __slots__ = ("_view", "_base", "_arr", "_n", "zero_copy", "_queue", "_released")
+    __slots__ = ("_view", "_base", "_arr", "_n", "zero_copy", "_queue", "_released", "_owner", "_views")
 
     def __init__(self, view: memoryview, base: Any, arr: Any, count: int, *, zero_copy: bool,
-                 queue: Any = None):
+                 queue: Any = None, owner: Any = None):
         self._view = view
         self._base = base
         self._arr = arr
@@ -75,27 +81,53 @@ class RxBurst(Sequence[memoryview]):
         self.zero_copy = zero_copy
         self._queue = queue
         self._released = False
+        self._owner = owner
+        #: zero-copy: the frame views handed out, released with the burst
+        self._views: list[memoryview] | None = [] if zero_copy else None
 
     def __len__(self) -> int:
         return self._n
 
+    def _check(self) -> None:
+        if self._released:
+            raise NetError("this zero-copy burst was released (release() or a later rx_burst on "
+                           "its queue): its frames belong to the host again. Copy frames you "
+                           "keep (bytes(frame)), or receive with copy=True")
+
     def __getitem__(self, i: int) -> memoryview:  # type: ignore[override]
+        if self._released:
+            self._check()
         if i < 0:
             i += self._n
         if not 0 <= i < self._n:
             raise IndexError(i)
         f = self._arr[i]
-        return self._view[f.offset:f.offset + f.len]
+        m = self._view[f.offset:f.offset + f.len]
+        if self._views is not None:
+            self._views.append(m)
+        return m
 
     def __iter__(self) -> Iterator[memoryview]:
-        v, a = self._view, self._arr
+        self._check()
+        v, a, keep = self._view, self._arr, self._views
         for i in range(self._n):
+            if self._released:
+                self._check()
             f = a[i]
-            yield v[f.offset:f.offset + f.len]
+            m = v[f.offset:f.offset + f.len]
+            if keep is not None:
+                keep.append(m)
+            yield m
 
     def frames(self) -> list[bytes]:
         """Every frame as independent ``bytes``."""
-        return [bytes(m) for m in self]
+        self._check()
+        v, a = self._view, self._arr
+        out = []
+        for i in range(self._n):
+            f = a[i]
+            out.append(bytes(v[f.offset:f.offset + f.len]))
+        return out
 
     def lengths(self) -> list[int]:
         return [self._arr[i].len for i in range(self._n)]
@@ -105,6 +137,9 @@ class RxBurst(Sequence[memoryview]):
         return sum(self._arr[i].len for i in range(self._n))
 
     def meta(self, i: int) -> FrameMeta:
+        self._check()
+        if not 0 <= i < self._n:
+            raise IndexError(i)
         f = self._arr[i]
         fl = f.flags
         return FrameMeta(f.len, f.vlan if fl & F_VLAN else None, f.hash if fl & F_HASH else None,
@@ -116,21 +151,40 @@ class RxBurst(Sequence[memoryview]):
     @property
     def descriptors(self) -> Any:
         """The ``struct uvb_nvsc_frame[]`` (offsets relative to :attr:`base`)."""
+        self._check()
         return self._arr
 
     @property
     def base(self) -> Any:
         """``uint8_t *`` the descriptor offsets are relative to."""
+        self._check()
+        if self._base is None:                  # an empty burst
+            self._base = ffi.new("uint8_t[]", 1)
         return self._base
 
     def release(self) -> None:
-        """Zero-copy bursts: give the frames back to the host now (ack their packets)."""
-        if self.zero_copy and not self._released and self._queue is not None:
-            self._released = True
-            self._queue._release()
+        """Zero-copy bursts: give the frames back to the host now (ack their packets); the
+        burst and its frame views raise from now on.  Copied bursts: nothing to do."""
+        if self.zero_copy and not self._released:
+            q = self._queue
+            self._invalidate()
+            if q is not None:
+                q._release(self)
+
+    def _invalidate(self) -> None:
+        """The frames went back to the host: make every use of them loud."""
+        self._released = True
+        self._queue = None
+        views, self._views = self._views, None
+        for m in views or ():
+            try:
+                m.release()
+            except BufferError:     # a view of the view is alive (numpy...): it stays readable
+                pass
 
     def __repr__(self) -> str:
-        return f"<RxBurst {self._n} frames{' zero-copy' if self.zero_copy else ''}>"
+        state = " released" if self._released else ""
+        return f"<RxBurst {self._n} frames{' zero-copy' if self.zero_copy else ''}{state}>"
 
 
 def csum_request(frame: bytes | bytearray | memoryview) -> int | None:

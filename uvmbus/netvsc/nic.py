@@ -38,6 +38,7 @@ from uvmbus.errors import (
     ChannelError,
     ChannelTimeout,
     ConfigError,
+    FrameRejected,
     KernelUnsupported,
     NegotiationError,
     NetError,
@@ -69,6 +70,11 @@ CONTROL_MESSAGE_MAX = 64 * 1024
 FILTER_DEFAULT = P.FILTER_DIRECTED | P.FILTER_ALL_MULTICAST | P.FILTER_BROADCAST
 GPA_SLOTS = 64
 _CTRL_BUF = 65536
+
+
+_EMPTY = memoryview(b"")
+#: copy buffers need no zeroing: C writes every byte a frame view shows
+_ALLOC = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def _now() -> float:
@@ -161,17 +167,25 @@ class Queue:
             raw.gpa_pfns = region.pfn_table
             raw.gpa_slot_size = slot_size
             raw.gpa_slots = slots
+        raw.tx_reject = 1                     # tx_burst raises on frames that can never be sent
         rc = lib.uvb_nvsc_queue_init(raw)
         if rc:
             raise ConfigError(f"netvsc queue {index}: data path set-up refused ({rc}): "
                               f"sections {section_first}+{section_count} of {section_size} bytes")
         self.raw = raw
         self._frames = ffi.new("struct uvb_nvsc_frame[]", MAX_BURST)
+        # Copied bursts are the caller's: C copies frames into a chunk that is only ever
+        # appended to (never rewritten), and each burst keeps its chunk alive; a full chunk
+        # is replaced by a new one, freed once no burst or frame of it is left.
         self._copy_cap = copy_frames * (max_frame + 8)
-        self._copy = bytearray(self._copy_cap)
-        self._copy_ptr = ffi.from_buffer("uint8_t[]", self._copy)
-        self._copy_view = memoryview(self._copy)
+        self._frame_room = max_frame + 8
+        self._chunk: Any = None
+        self._chunk_view: memoryview | None = None
+        self._chunk_pos = self._copy_cap
         self._recv_view = memoryview(recv.mm)[recv.offset:recv.offset + recv.size]
+        self._frame_size = ffi.sizeof("struct uvb_nvsc_frame")
+        #: the zero-copy burst whose frames the host lent us (invalid after the next rx_burst)
+        self._lent: RxBurst | None = None
         self._seen_errors = 0
         self._seen_ctrl = 0
         self.last_host_error = ""
@@ -213,6 +227,10 @@ class Queue:
         if self.closed:
             raise NetError(f"queue {self.index} is closed")
         n = min(max_frames, MAX_BURST)
+        lent = self._lent
+        if lent is not None:                  # C gives its frames back to the host now
+            self._lent = None
+            lent._invalidate()
         lk = self.lock
         if lk is not None:
             lk.acquire()
@@ -237,12 +255,31 @@ class Queue:
             if lk is not None:
                 lk.release()
         if copy:
-            return RxBurst(self._copy_view, self._copy_ptr, self._frames, got, zero_copy=False)
-        return RxBurst(self._recv_view, self._recv.ptr, self._frames, got, zero_copy=True, queue=self)
+            # the caller's own copy: frames and descriptors survive the next rx_burst
+            if not got:
+                return RxBurst(_EMPTY, None, self._frames, 0, zero_copy=False)
+            last = self._frames[got - 1]
+            pos = self._chunk_pos
+            end = pos + last.offset + last.len
+            self._chunk_pos = (end + 7) & ~7
+            arr = ffi.new("struct uvb_nvsc_frame[]", got)
+            ffi.memmove(arr, self._frames, got * self._frame_size)
+            assert self._chunk_view is not None
+            return RxBurst(self._chunk_view[pos:end], self._chunk + pos, arr, got, zero_copy=False,
+                           owner=self._chunk)
+        b = RxBurst(self._recv_view, self._recv.ptr, self._frames, got, zero_copy=True, queue=self)
+        self._lent = b
+        return b
 
     def _rx_once(self, n: int, copy: bool) -> int:
         if copy:
-            got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, self._copy_ptr, self._copy_cap)
+            room = self._copy_cap - self._chunk_pos
+            if room < min(n * self._frame_room, self._copy_cap):     # may not hold this burst
+                self._chunk = _ALLOC("uint8_t[]", self._copy_cap)
+                self._chunk_view = memoryview(ffi.buffer(self._chunk))
+                self._chunk_pos = 0
+                room = self._copy_cap
+            got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, self._chunk + self._chunk_pos, room)
         else:
             got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, ffi.NULL, 0)
         if got < 0:
@@ -265,7 +302,11 @@ class Queue:
             return False
         return self.waiter.wait([self.channel], timeout)
 
-    def _release(self) -> None:
+    def _release(self, burst: RxBurst | None = None) -> None:
+        if burst is not None:
+            if self._lent is not burst:
+                return                         # an older burst: already given back
+            self._lent = None
         lk = self.lock
         if lk is not None:
             with lk:
@@ -283,14 +324,24 @@ class Queue:
 
     # -- TX -------------------------------------------------------------------------------------
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview], *,
-                 timeout: float = 0.0) -> int:
-        """Send frames; returns how many the queue took (fewer when send-buffer sections or
-        ring space ran out: back-pressure).  With ``timeout`` > 0, wait for space until every
-        frame is taken or the time is up."""
+                 timeout: float = 0.0, rejected: list[int] | None = None) -> int:
+        """Send frames; returns how many were really queued (fewer than given when send-buffer
+        sections or ring space ran out: back-pressure, send the rest later).  With ``timeout``
+        > 0, wait for space until every frame is queued or the time is up.
+
+        A frame that can never be sent (shorter than 14 bytes, longer than MTU + 14, or larger
+        than a send section when there is no GPA-direct memory) raises
+        :class:`~uvmbus.errors.FrameRejected` (the frames before it are queued: its
+        ``queued``).  With a list as ``rejected``, such frames are skipped instead and their
+        positions in the burst appended to it; frames consumed = return value + the number
+        of positions appended."""
         if self.closed:
             raise NetError(f"queue {self.index} is closed")
         batch: Any
-        if isinstance(frames, (RxBurst, TxBatch)):
+        if isinstance(frames, RxBurst):
+            frames._check()
+            batch = frames
+        elif isinstance(frames, TxBatch):
             batch = frames
         else:
             batch = TxBatch(frames)
@@ -298,30 +349,57 @@ class Queue:
         if n == 0:
             return 0
         base, arr = batch.base, batch.descriptors
+        raw = self.raw
+        pos = queued = 0
+        deadline = 0.0
         lk = self.lock
         if lk is not None:
             lk.acquire()
         try:
-            done = self._tx_once(base, arr, 0, n)
-            if done < n and timeout > 0:
-                deadline = _now() + timeout
-                while done < n:
-                    remaining = deadline - _now()
-                    if remaining <= 0:
-                        break
-                    if lib.uvb_nvsc_reap(self.raw) == 0:
+            while True:
+                got = self._tx_once(base, arr, pos, n)
+                pos += got
+                queued += got
+                if raw.tx_bad_hit:            # C stopped in front of a frame that cannot go
+                    raw.tx_bad_hit = 0
+                    if rejected is None:
+                        raise self._rejected(pos, int(raw.tx_bad_len), queued)
+                    rejected.append(pos)
+                    pos += 1
+                    if pos < n:
+                        continue
+                if pos >= n or timeout <= 0:
+                    break
+                if not deadline:
+                    deadline = _now() + timeout
+                remaining = deadline - _now()
+                if remaining <= 0:
+                    break
+                if lib.uvb_nvsc_reap(raw) == 0:
+                    if lk is not None:
+                        lk.release()
+                    try:
+                        self._sleep(min(remaining, 0.05))
+                    finally:
                         if lk is not None:
-                            lk.release()
-                        try:
-                            self._sleep(min(remaining, 0.05))
-                        finally:
-                            if lk is not None:
-                                lk.acquire()
-                    done += self._tx_once(base, arr, done, n)
+                            lk.acquire()
         finally:
             if lk is not None:
                 lk.release()
-        return done
+        return queued
+
+    def _rejected(self, index: int, length: int, queued: int) -> FrameRejected:
+        mf = int(self.raw.max_frame)
+        if length < 14:
+            why = "shorter than an Ethernet header (14 bytes)"
+        elif length > mf:
+            why = f"longer than this NIC sends ({mf} bytes = MTU {mf - 14} + 14; see set_mtu)"
+        else:
+            why = ("larger than a send section and the NIC has no GPA-direct memory for it "
+                   "(see docs/netvsc.md, jumbo frames)")
+        return FrameRejected(f"frame {index} of the burst is {length} bytes: {why}; {queued} frame(s) "
+                             "before it were queued. Fix or drop it, or pass rejected=[] to skip "
+                             "such frames", index=index, length=length, queued=queued)
 
     def _tx_once(self, base: Any, arr: Any, start: int, n: int) -> int:
         rc = lib.uvb_nvsc_tx_burst(self.raw, base, arr + start, n - start)
@@ -367,8 +445,11 @@ class Queue:
         if self.closed:
             return
         self.closed = True
+        if self._lent is not None:
+            self._lent._invalidate()
+            self._lent = None
         lib.uvb_nvsc_queue_fini(self.raw)
-        self._copy_view.release()
+        self._chunk = self._chunk_view = None       # bursts still out keep their chunks
         self._recv_view.release()
 
 
@@ -379,7 +460,7 @@ class Nic:
                  mtu: int = 1500, timeout: float = DEFAULT_TIMEOUT, strict: bool = False,
                  gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
                  hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
-                 rx_copy_frames: int = MAX_BURST):
+                 rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None):
         if not 1 <= queues <= MAX_QUEUES:
             raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
         if not 68 <= mtu <= 9202:
@@ -394,13 +475,27 @@ class Nic:
         self.hash_info = hash_info
         self.spin_us = spin_us
         self.rx_copy_frames = rx_copy_frames
+        self.lock_device = lock
         self._mtu_wanted = mtu
         self._link_cbs: list[Callable[[bool], None]] = []
         self._lock = threading.RLock()
         self._req_ids = itertools.count(1)
         self._tids = itertools.count(1 << 48)
         self.closed = True
-        self._bring_up()
+        from uvmbus.trace import as_recorder
+
+        #: the trace recorder of every channel (``record=`` a path or a Recorder), or None
+        self.recorder, self._owns_recorder = as_recorder(record, side="guest")
+        try:
+            self._bring_up()
+        except BaseException:
+            self._close_recorder()
+            raise
+
+    def _close_recorder(self) -> None:
+        if self.recorder is not None and self._owns_recorder:
+            rec, self.recorder = self.recorder, None
+            rec.close()
 
     # ==== bring-up (§3) ===============================================================
     def _bring_up(self) -> None:
@@ -423,7 +518,8 @@ class Nic:
         self.pkt_align = 8
         self.max_xfer = 0
         self.last_host_error = ""
-        self.cd: ChannelDevice = open_device(self.device_ref, self.root)
+        self.cd: ChannelDevice = open_device(self.device_ref, self.root, lock=self.lock_device,
+                                             record=self.recorder)
         self.closed = False
         try:
             self._negotiate()
@@ -492,6 +588,8 @@ class Nic:
             raise ProtocolError(f"send buffer section size {size} (must be ≥ {MIN_SECTION}, a multiple of 4)")
         self.section_size = size
         self.sections = self._send.size // size
+        self.cd.trace_buffers(pagesets=[(P.RECV_BUF_ID, self._recv.ptr, self._recv.size)],
+                              send=(self._send.ptr, self._send.size, size))
         self.max_xfer = size
         self._early_packets(ch.poll())
 
@@ -890,9 +988,10 @@ class Nic:
         return self.queue(queue).rx_burst(max_frames, timeout, copy=copy)
 
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview],
-                 queue: int = 0, *, timeout: float = 0.0) -> int:
-        """Send frames on ``queue``; returns how many were taken (back-pressure)."""
-        return self.queue(queue).tx_burst(frames, timeout=timeout)
+                 queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None) -> int:
+        """Send frames on ``queue``; returns how many were really queued (see
+        :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent)."""
+        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected)
 
     def poll_events(self) -> None:
         """Process pending control messages (link indications) without receiving frames."""
@@ -1020,7 +1119,10 @@ class Nic:
 
     def close(self) -> None:
         """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels."""
-        self._teardown()
+        try:
+            self._teardown()
+        finally:
+            self._close_recorder()
 
     def __enter__(self) -> Nic:
         return self
@@ -1039,7 +1141,11 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     uio_hv_generic under ``root``.  Options: ``timeout``, ``strict`` (malformed host packets
     raise :class:`ProtocolError` instead of being dropped and counted), ``gpa`` (GPA-direct
     for frames larger than a send section: None = when DMA memory is available),
-    ``versions``, ``hash_info``, ``spin_us``."""
+    ``versions``, ``hash_info``, ``spin_us``, ``lock`` (default True: hold the device's lock
+    while open, so another process opening it fails at once with
+    :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
+    ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
+    packet of every channel, docs/trace.md)."""
     return Nic(device, root, queues=queues, mtu=mtu, **options)
 
 
@@ -1053,7 +1159,7 @@ class _AttachedQueue(Queue):
 
         bus = Bus(spec.root)
         dev = bus.device(spec.device_id)
-        self._uio = UioDevice(bus, dev)
+        self._uio = UioDevice(bus, dev, lock=False)      # the owner process holds the lock
         try:
             info = next((c for c in dev.channels() if c.relid == spec.relid), None)
             if info is None or not info.ring_path:

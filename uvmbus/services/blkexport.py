@@ -1,4 +1,5 @@
-"""``uvmbus blk export``: one LUN of a storvsc controller served over NBD.
+"""``uvmbus blk export``: one LUN of a storvsc controller (or one namespace of an NVMe
+controller driven by uvmbus.nvme over VFIO) served over NBD.
 
 nbdkit speaks NBD; its python plugin (:mod:`uvmbus.services.nbdplugin`, shipped in this
 package) forwards every request over a private Unix socket to this daemon, which owns the
@@ -6,7 +7,8 @@ controller and runs the requests on the device one at a time from a single threa
 storvsc driver's queues have one owner each).  Why not open the device inside the plugin:
 see docs/services.md ("Block export: why the daemon owns the device").
 
-Mapping (NBD → SCSI through :class:`uvmbus.storvsc.Disk`):
+Mapping (NBD → SCSI through :class:`uvmbus.storvsc.Disk`; on NVMe the same block interface
+gives READ/WRITE(FUA)/FLUSH/Dataset Management):
 
 ==============  ==========================================================================
 NBD             device
@@ -84,6 +86,9 @@ class ExportOptions:
     subchannels: int = 0
     nbdkit: str = "nbdkit"
     nbdkit_args: list[str] = field(default_factory=list)
+    #: device is an NVMe controller (uvmbus.nvme over VFIO); lun = namespace index
+    nvme: bool = False
+    record: Any = None          # uvmbus.trace.Recorder (--record)
 
 
 @dataclass
@@ -140,7 +145,14 @@ class BlockExport:
         if probe.returncode != 0:
             raise NotFound("nbdkit has no python plugin: install nbdkit-plugin-python "
                            f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'no output'})")
-        self.hba = storvsc.open(self.opts.device, self.opts.root, subchannels=self.opts.subchannels)
+        if self.opts.nvme:
+            import uvmbus.nvme as nvme
+
+            self.hba = nvme.open(self.opts.device, self.opts.root,
+                                 io_queues=self.opts.subchannels + 1)
+        else:
+            self.hba = storvsc.open(self.opts.device, self.opts.root,
+                                    subchannels=self.opts.subchannels, record=self.opts.record)
         try:
             self.disk = self.hba.disk(self.opts.lun)
         except BaseException:
@@ -152,7 +164,8 @@ class BlockExport:
     @property
     def device_id(self) -> str:
         if self.hba is not None:
-            self._device_id = str(self.hba.device.device.device_id)
+            self._device_id = (str(self.hba.fn.name) if self.opts.nvme
+                               else str(self.hba.device.device.device_id))
         return self._device_id or self.opts.device
 
     def info(self) -> dict[str, Any]:

@@ -210,7 +210,7 @@ def _nic_phase(device: str, root: str, seconds: float, say: Callable[[str], None
 def _disk_phase(device: str, root: str, image: Path, seconds: float,
                 say: Callable[[str], None]) -> dict[str, Any]:
     import uvmbus.storvsc as storvsc
-    from uvmbus.storvsc.bench import run_disk
+    from uvmbus.block.bench import run_disk
 
     out: dict[str, Any] = {"device_id": device}
     with storvsc.open(device, root, subchannels=0) as hba:

@@ -61,6 +61,7 @@ class BridgeOptions:
     mtu: int = 1500
     addresses: list[str] = field(default_factory=list)
     burst: int = BURST
+    record: Any = None          # uvmbus.trace.Recorder (--record)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class NetBridge:
             self.hook, setup = load_hook(o.hook)
         else:
             setup = None
-        self.nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu)
+        self.nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu, record=o.record)
         try:
             self.tap = TapInterface(o.tap, netns=o.netns, mac=self.nic.mac, mtu=self.nic.mtu,
                                     addresses=o.addresses)
@@ -236,16 +237,24 @@ class NetBridge:
                     out = got
             if not out:
                 continue
-            done = self.nic.tx_burst(out, 0)
-            if done < len(out):
+            bad: list[int] = []             # frames that can never be sent (a hook's runt...)
+            done = self.nic.tx_burst(out, 0, rejected=bad)
+            pos = done + len(bad)
+            if pos < len(out):
                 deadline = time.monotonic() + TX_RETRY
-                while done < len(out) and time.monotonic() < deadline:
+                while pos < len(out) and time.monotonic() < deadline:
                     time.sleep(0.0002)
-                    done += self.nic.tx_burst(out[done:], 0)
-                if done < len(out):
-                    st.nic_drops += len(out) - done
+                    more: list[int] = []
+                    k = self.nic.tx_burst(out[pos:], 0, rejected=more)
+                    bad += [pos + i for i in more]
+                    done += k
+                    pos = done + len(bad)
+                if pos < len(out):
+                    st.nic_drops += len(out) - pos
+            if bad:
+                st.oversize += len(bad)
             st.frames += done
-            st.bytes += sum(len(f) for f in out[:done])
+            st.bytes += sum(len(f) for f in out[:pos]) - sum(len(out[i]) for i in bad)
             st.bursts += 1
             if hist is not None:
                 hist.labels(self.device_id, "tx").observe(time.perf_counter() - t0)

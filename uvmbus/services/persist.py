@@ -35,6 +35,8 @@ __all__ = [
     "BIND_UNIT",
     "UNITS",
     "PersistResult",
+    "check_exec_visible",
+    "hidden_from_units",
     "install_units",
     "persist_binding",
     "persisted",
@@ -45,7 +47,8 @@ __all__ = [
 ]
 
 BIND_UNIT = "uvmbus-bind@.service"
-UNITS = ("uvmbus-bind@.service", "uvmbus-net@.service", "uvmbus-blk@.service")
+UNITS = ("uvmbus-bind@.service", "uvmbus-net@.service", "uvmbus-blk@.service", "uvmbus-ic.service",
+         "uvmbus-nvme@.service")
 SHIPPED_EXEC = "/usr/local/bin/uvmbus"
 CONF_DIR = Path("etc/uvmbus/bind.d")
 UNIT_DIR = Path("etc/systemd/system")
@@ -98,6 +101,73 @@ def render_unit(name: str, exec_path: str) -> str:
     return text.replace(SHIPPED_EXEC, exec_path)
 
 
+# What the units' sandbox hides from the command it starts: ProtectHome=yes makes these
+# inaccessible, PrivateTmp=yes replaces these with an empty private directory (every unit
+# has both).
+PROTECT_HOME = ("/home", "/root", "/run/user")
+PRIVATE_TMP = ("/tmp", "/var/tmp")
+
+
+def _shebang(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if words else None
+
+
+def hidden_from_units(exec_path: str, package_dir: str | None = None) -> list[tuple[str, str]]:
+    """What ``ExecStart=exec_path`` needs that the units' ``ProtectHome=``/``PrivateTmp=``
+    hide: ``[(path, directive), ...]`` for the command, its resolved path, its interpreter
+    (a venv's console script names the venv's python) and ``package_dir`` (where the
+    ``uvmbus`` package it imports lives, e.g. an editable install's checkout)."""
+    seen: list[str] = []
+    for c in (exec_path, os.path.realpath(exec_path)):
+        seen.append(c)
+        interp = _shebang(c)
+        if interp:
+            seen += [interp, os.path.realpath(interp)]
+    if package_dir:
+        seen += [package_dir, os.path.realpath(package_dir)]
+    out: list[tuple[str, str]] = []
+    for p in dict.fromkeys(os.path.abspath(x) for x in seen):
+        for dirs, directive in ((PROTECT_HOME, "ProtectHome=yes"), (PRIVATE_TMP, "PrivateTmp=yes")):
+            if any(p == d or p.startswith(d + "/") for d in dirs):
+                out.append((p, directive))
+    return out
+
+
+def check_exec_visible(root: Path, exec_path: str, package_dir: str | None, *,
+                       force: bool = False,
+                       force_hint: str = "--force writes the units anyway") -> str | None:
+    """Refuse (``ConfigError``) an ``ExecStart=`` the units' sandbox would hide, when the
+    units go to the running system (root ``/``) and not ``force``; otherwise return the
+    warning text (None if nothing is hidden)."""
+    hidden = hidden_from_units(exec_path, package_dir)
+    if not hidden:
+        return None
+    what = "; ".join(f"{p} ({d} hides it)" for p, d in hidden)
+    msg = (f"ExecStart={exec_path} would fail when systemd starts a unit: the units run with "
+           f"ProtectHome=yes and PrivateTmp=yes, and {what}. Install uvmbus outside /home, "
+           "/root and /tmp (docs/deploy.md: `python3 -m venv /opt/uvmbus`, "
+           "`/opt/uvmbus/bin/pip install /path/to/uvmbus`, then "
+           "`/opt/uvmbus/bin/uvmbus units install`), or pass --exec PATH")
+    if root.resolve() == Path("/") and not force:
+        raise ConfigError(f"{msg}; {force_hint} (for a drop-in that relaxes "
+                          "ProtectHome=/PrivateTmp=)")
+    return msg
+
+
+def _package_dir() -> str:
+    import uvmbus
+
+    return str(Path(uvmbus.__file__).resolve().parent)
+
+
 def _find_installed(root: Path, name: str) -> Path | None:
     for d in UNIT_SEARCH:
         p = root / d / name
@@ -111,11 +181,19 @@ def _live_systemd(root: Path) -> bool:
 
 
 def install_units(root: str | os.PathLike[str] = "/", *, exec_path: str | None = None,
-                  names: tuple[str, ...] = UNITS, replace: bool = True) -> list[Path]:
+                  names: tuple[str, ...] = UNITS, replace: bool = True, force: bool = False,
+                  warn: bool = True) -> list[Path]:
     """Write the units into ``<root>/etc/systemd/system`` with ``ExecStart=`` = ``exec_path``
-    (default: this ``uvmbus``).  Returns the files written."""
+    (default: this ``uvmbus``).  Returns the files written.
+
+    An ``ExecStart=`` under /home, /root or /tmp (or a venv/package there), which the units'
+    ``ProtectHome=``/``PrivateTmp=`` hide, is refused for root ``/`` unless ``force``
+    (``ConfigError``), and warned about on stderr for another root."""
     r = Path(root)
     exe = exec_path or uvmbus_executable()
+    note = check_exec_visible(r, exe, None if exec_path else _package_dir(), force=force)
+    if note and warn:
+        print(f"uvmbus: warning: {note}", file=sys.stderr)
     out = []
     d = r / UNIT_DIR
     d.mkdir(parents=True, exist_ok=True)
@@ -212,6 +290,10 @@ def persist_binding(root: str | os.PathLike[str], device_id: str, *, class_name:
     """Make the uio binding of ``device_id`` come back at boot (see the module docstring)."""
     r = Path(root)
     guid = _guid(device_id)
+    if _find_installed(r, BIND_UNIT) is None:       # refuse before writing anything
+        check_exec_visible(r, exec_path or uvmbus_executable(),
+                           None if exec_path else _package_dir(),
+                           force_hint="`uvmbus units install --force` writes the units anyway")
     created: list[Path] = []
     rec = _record_path(r, guid)
     rec.parent.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,7 @@ def _resources(pids: list[int], sample: float) -> dict[int, dict[str, Any]]:
 def collect_status(root: str | os.PathLike[str] = "/", *, run_dir: str | None = None,
                    sample: float = 0.2) -> dict[str, Any]:
     """Everything ``uvmbus status`` shows, as one JSON-ready dict."""
-    from uvmbus.bus import Bus
+    from uvmbus.bus import Bus, device_holder
     from uvmbus.services.persist import persisted
 
     bus = Bus(root)
@@ -121,6 +121,7 @@ def collect_status(root: str | os.PathLike[str] = "/", *, run_dir: str | None = 
         rec = pers.get(d.device_id)
         row["persistent"] = None if rec is None else {"enabled": rec.get("ENABLED") == "1",
                                                       "force": rec.get("FORCE") == "1"}
+        row["holder"] = device_holder(d)          # who has it open (its lock), None: free
         devices.append(row)
     out["devices"] = devices
     out["persisted_missing"] = [g for g in pers if g not in {d["device_id"] for d in devices}]
@@ -227,6 +228,8 @@ def format_status(s: dict[str, Any]) -> str:
             extra.append("block " + ",".join(d["block"]))
         out.append(f"  {d['device_id']}  {d['class']:<10} {d['driver'] or '-':<16} {d['uio'] or '-':<6}"
                    f"{pers}{'  ' + ' '.join(extra) if extra else ''}")
+        if d.get("holder"):
+            out.append(f"    in use by {d['holder']['holder'][:160]}")
     for g in s.get("persisted_missing", []):
         out.append(f"  {g}  (persisted binding, device not present)")
     out.append("")

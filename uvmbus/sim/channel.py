@@ -116,6 +116,27 @@ class HostChannel:
             "model_errors": 0, "wakeups": 0, "pending_stores": 0,
         }
         self.error: str | None = None
+        #: trace port (``uvmbus sim --record``): both rings record into it; events too
+        self.trace: Any = None
+        rec = getattr(device.config, "record", None)
+        if rec is not None:
+            from uvmbus.bus.classes import lookup_class
+
+            cls = lookup_class(str(getattr(device, "class_id", "")))
+            self.trace = rec.port(relid, subchan=subchannel_id,
+                                  devclass=cls.name if cls else str(getattr(device, "kind", "vmbus")),
+                                  instance=device.device_id)
+            self.trace.attach(self.tx.raw, self.rx.raw)
+            recv, send = device.buffer("recv"), device.buffer("send")
+            if recv is not None:        # the section size is learnt from the trace itself
+                self.trace.add_pageset(lib.NVSP_RECV_BUF_ID, recv.ptr, recv.size)
+            if send is not None:
+                self.trace.set_send_buffer(send.ptr, send.size, 0)
+
+    def trace_event(self, code: int, arg0: int = 0, text: str = "", *, to_host: bool = True) -> None:
+        """Record a host-side event (signal, interrupt, mask, fault) when recording."""
+        if self.trace is not None:
+            self.trace.event(code, arg0, 0, text, to_host=to_host)
 
     # -- properties for models ----------------------------------------------------------
     @property
@@ -146,6 +167,7 @@ class HostChannel:
                 self._sig_collateral += 1
             else:
                 self._sig_new += 1
+        self.trace_event(lib.UVB_TRACE_EV_SIGNAL, 1 if collateral else 0, "collateral" if collateral else "")
         self._ring()
 
     def poke(self) -> None:
@@ -183,6 +205,8 @@ class HostChannel:
 
     def close(self) -> None:
         """Release the rings (after :meth:`stop`)."""
+        if self.trace is not None:
+            self.trace.detach()
         self.tx.close()
         self.rx.close()
         if self._doorbell >= 0:
@@ -232,6 +256,7 @@ class HostChannel:
                 self._disarm()
                 self._sleep(None if self._corrupted else self._stall_timeout())
                 continue
+            wait = self._tick()
             status = self._serve()
             if status == lib.UVB_HOST_RXFULL:
                 self._wait_rx_space()
@@ -240,7 +265,14 @@ class HostChannel:
                 continue
             if self._rearm():
                 continue
-            self._sleep(None)
+            self._sleep(wait)
+
+    def _tick(self) -> float | None:
+        """The model's host-initiated work (DeviceModel.tick); seconds until it is due again."""
+        wait = self.device.model.tick(self)
+        if wait is not None:          # a model with host-initiated work (others: no change)
+            self.flush()
+        return wait
 
     def _check_stop(self) -> None:
         if self._stop:
@@ -255,6 +287,8 @@ class HostChannel:
         if f.generation == self._fault_gen and not f.pending_actions:
             return
         self._fault_gen = f.generation
+        if self.trace is not None:
+            self.trace_event(lib.UVB_TRACE_EV_FAULT, f.generation, repr(f))
         self.irq.disabled = 1 if f.no_interrupts else 0
         if f.corrupt_index:
             which, f.corrupt_index = f.corrupt_index, ""
@@ -290,6 +324,7 @@ class HostChannel:
         raw = self.tx.raw
         self._arm_index = raw.committed
         self._armed = True
+        self.trace_event(lib.UVB_TRACE_EV_MASK, 0, "guest TX interrupt_mask cleared (host armed)")
         rc = lib.uvb_in_arm(raw)
         if rc < 0:
             self.tx._fail(rc)
@@ -302,6 +337,8 @@ class HostChannel:
         """Set the TX mask (we are busy). If the ring became non-empty while it was clear,
         the guest was entitled to one signal (``raced``: it may not have seen the clear mask)."""
         w = lib.uvb_host_disarm(self.tx.raw)
+        if self._armed:
+            self.trace_event(lib.UVB_TRACE_EV_MASK, 1, "guest TX interrupt_mask set (host busy)")
         if self._armed and w != self._arm_index:
             self._tx_credits.append(time.monotonic() + self._grace if raced else float("inf"))
         self._armed = False
@@ -351,6 +388,7 @@ class HostChannel:
                 st["needed_signals"] += 1
             else:
                 st["needless_signals"] += 1
+                self.trace_event(lib.UVB_TRACE_EV_NOTE, 0, "needless guest signal")
                 if st["needless_signals"] <= 3:
                     self.device.log(f"relid {self.relid}: needless guest signal #{st['needless_signals']} "
                                     f"(tx {self.tx.control()}, host armed={self._armed})", debug=True)
@@ -414,6 +452,7 @@ class HostChannel:
             self._interrupt()
 
     def _interrupt(self) -> None:
+        self.trace_event(lib.UVB_TRACE_EV_INTERRUPT, 0, to_host=False)
         if lib.uvb_host_interrupt(self.irq) < 0 and self.irq.oops == 1:
             self.device.log(f"relid {self.relid}: GUEST KERNEL OOPS: interrupt on sub-channel "
                             f"{self.subchannel_id} (hv_uio_channel_cb NULL device_obj, kernels "

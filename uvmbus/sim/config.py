@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from uvmbus.sim.kernel import KernelMode
 
@@ -44,6 +45,8 @@ class SimConfig:
     owns_root: bool = False
     """the simulator created the root directory (and removes it at exit)"""
     quiet: bool = False
+    record: Any = None
+    """--record: a uvmbus.trace.Recorder (host side) every channel records into"""
 
     @property
     def page_size(self) -> int:

@@ -396,6 +396,8 @@ class SimDevice:
         k = self.kernel
         self.vm.counters["irqcontrol_writes"] += 1
         primary = self.primary
+        if primary is not None:
+            primary.trace_event(lib.UVB_TRACE_EV_IRQCONTROL, value)
         chans = [primary] if primary is not None else []
         if k.irqcontrol_all_channels:
             chans += [c for r, c in self.channels.items() if r != self.relid]

@@ -57,7 +57,11 @@ def prepare_root(root: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     if p == Path("/") or p.resolve() == Path("/"):
         raise ConfigError("refusing to simulate a VM over the real root '/': pass --root DIR")
     if not p.exists():
+        made = [p]                       # the root and the parents we create for it
+        while not made[-1].parent.exists():
+            made.append(made[-1].parent)
         p.mkdir(parents=True)
+        _CREATED_PARENTS[p] = made[1:]
         return p, True
     if not p.is_dir():
         raise ConfigError(f"--root {p} is not a directory")
@@ -83,8 +87,37 @@ def prepare_root(root: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     return p, False
 
 
+#: parents of a root that prepare_root created (``--root /a/b/c`` with no /a): removed with it
+_CREATED_PARENTS: dict[Path, list[Path]] = {}
+
+
+def remove_root_leftovers(root: Path, owns_root: bool) -> None:
+    """After the tree is gone: the parents prepare_root created for it, and in a root that
+    was given, ``run/uvmbus`` and ``run`` when daemons left them empty."""
+    dirs = _CREATED_PARENTS.pop(root, []) if owns_root else [root / "run" / "uvmbus", root / "run"]
+    for d in dirs:
+        try:
+            d.rmdir()                    # only if empty: never anything someone else put there
+        except OSError:
+            break
+
+
 #: longest the event loop sleeps before re-checking whether it must stop (seconds)
 _MAX_LOOP_SLEEP = 0.5
+
+
+def _ic_spec(name: str, class_id: str) -> DeviceSpec:
+    """An integration component offered by default: its host model (sim/models/ic.py) when
+    loaded, else the null stand-in."""
+    from uvmbus.sim.models import MODELS
+    cls = MODELS.get(name)
+    if cls is None or cls.class_id != class_id:
+        return DeviceSpec("null", {"class_id": class_id, "kind": name, "ic": "1"})
+    opts = {"kind": name, "ic": "1"}
+    instance = getattr(sys.modules.get(cls.__module__), "IC_INSTANCE_IDS", {}).get(name)
+    if instance:
+        opts["device_id"] = instance
+    return DeviceSpec(name, opts)
 
 
 class Simulator:
@@ -113,6 +146,9 @@ class Simulator:
         self._stopping = False
         self._conn_owner: dict[Connection, SimDevice] = {}
         self._control: ControlServer | None = None
+        #: model changes a control client asked to be undone when it disconnects (a bench
+        #: killed with SIGKILL must not leave the NIC on the generator backend)
+        self._leases: dict[ControlConnection, list[tuple[SimDevice, str, dict[str, Any]]]] = {}
         self._started = False
         self.int_page: SharedMemfd
         self.monitor_page: SharedMemfd
@@ -285,7 +321,7 @@ class Simulator:
         self._sel.register(self._control, selectors.EVENT_READ, ("control", None))
         specs = list(cfg.devices)
         if cfg.ic_devices:
-            specs = [DeviceSpec("null", {"class_id": guid, "kind": name}) for name, guid in IC_CLASSES] + specs
+            specs = [_ic_spec(name, guid) for name, guid in IC_CLASSES] + specs
         for i, spec in enumerate(specs):
             self.add_device(spec, i)
         for spec, dev in zip(specs, self.devices, strict=True):
@@ -295,7 +331,7 @@ class Simulator:
                 elif spec.bind != "none":
                     dev.driver_override = spec.bind
                     self.tree.set_driver_override(dev.device_id, spec.bind)
-            elif cfg.bind_uio and spec.model != "null":      # not the integration components
+            elif cfg.bind_uio and spec.model != "null" and not spec.options.get("ic"):   # not the ICs
                 self.binder.uio_ids.add(dev.class_id)
         for spec, dev in zip(specs, self.devices, strict=True):
             if spec.bind != "none":
@@ -423,13 +459,40 @@ class Simulator:
             cc2: ControlConnection = obj
             reqs, closed = cc2.requests()
             for req in reqs:
-                cc2.reply(self._control_request(req))
+                cc2.reply(self._control_request(req, cc2))
             if closed:
                 self._sel.unregister(cc2)
                 cc2.close()
+                self._end_leases(cc2)
 
     # ==== control requests ================================================================================
-    def _control_request(self, req: dict[str, Any] | str) -> dict[str, Any]:
+    def _end_leases(self, conn: ControlConnection) -> None:
+        """Undo, newest first, what ``conn`` changed with ``until_disconnect``."""
+        for dev, op, args in reversed(self._leases.pop(conn, [])):
+            try:
+                dev.model.control(op, args)
+                self.log(f"control client gone: {dev.device_id[:8]} {op} {args} restored")
+            except Exception as exc:          # a device rescinded since: nothing to restore
+                self.log(f"control client gone: restoring {op} on {dev.device_id[:8]} failed: {exc}")
+
+    def _lease(self, conn: ControlConnection | None, devs: list[SimDevice], op: str,
+               until_disconnect: bool) -> None:
+        """With ``until_disconnect``, remember how to undo ``op`` (only ``backend`` is undoable)
+        on ``devs`` when ``conn`` closes; without, the client set it for good (e.g. restored
+        it itself): forget the undo."""
+        if conn is None or op != "backend":
+            return
+        if not until_disconnect:
+            if conn in self._leases:
+                self._leases[conn] = [x for x in self._leases[conn] if not (x[0] in devs and x[1] == op)]
+            return
+        for d in devs:
+            prev = getattr(d.model, "backend", None)
+            if prev is not None:
+                self._leases.setdefault(conn, []).append((d, "backend", {"backend": str(prev)}))
+
+    def _control_request(self, req: dict[str, Any] | str,
+                         conn: ControlConnection | None = None) -> dict[str, Any]:
         if isinstance(req, str):
             return {"ok": False, "error": req}
         cmd = req.get("cmd")
@@ -471,6 +534,7 @@ class Simulator:
                 return {"ok": True}
             if cmd == "model":      # model-specific operations (DeviceModel.control)
                 devs = self.find(str(req["device"]))
+                self._lease(conn, devs, str(req["op"]), bool(req.get("until_disconnect")))
                 return {"ok": True, "results": {d.device_id: d.model.control(
                     str(req["op"]), dict(req.get("args") or {})) for d in devs}}
             if cmd == "stop":
@@ -543,3 +607,4 @@ class Simulator:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.tree.remove_all(self.config.owns_root)
+        remove_root_leftovers(Path(self.config.root), self.config.owns_root)

@@ -39,6 +39,7 @@ from uvmbus.errors import (
     NotFound,
     ProtocolError,
     RequestFailed,
+    RingCorrupt,
     ScsiError,
     StorageError,
     UnitAttention,
@@ -330,6 +331,24 @@ class Controller:
         """Wait for completions on one queue (IoBatch)."""
         if not self._spin([q]):
             self.device.wait([q.channel], timeout)
+        self._check_rings([q])
+
+    def _check_rings(self, queues: Sequence[IoQueue]) -> None:
+        """After a wake-up: a host that broke our TX ring's read_index (and stopped serving)
+        is otherwise seen only by the next write, so requests in flight would wait for their
+        timeout.  Loading and validating read_index costs one read per queue; a corrupt ring
+        fails the controller with RingCorrupt now (every pending command gets the error)."""
+        try:
+            for q in queues:
+                _ = q.channel.tx.free       # validates read_index; raises RingCorrupt
+                q.channel.raise_if_dead()
+        except RingCorrupt as exc:
+            if self._failed is None:
+                self._failed = exc
+                for cmd in list(self._pending.values()):
+                    self._abandon(cmd)
+                    self._complete(cmd, exc)
+            raise
 
     def _foreign_cpl(self, q: IoQueue, c: Any) -> None:
         """A non-completion packet seen by an IoBatch's reap."""
@@ -543,6 +562,7 @@ class Controller:
         queues = [q for q in self.queues if q.index not in self._claimed]
         if not self._spin(queues):
             self.device.wait([q.channel for q in queues], timeout)
+        self._check_rings(queues)
 
     def _wait(self, done: Callable[[], bool], timeout: float | None, *, recover: bool = True) -> bool:
         """Reap until ``done()`` or the timeout; recover lost commands on the way."""
@@ -718,6 +738,7 @@ class Controller:
         disk = Disk(self, lun, inq)
         disk.refresh()
         disk.read_vpd()
+        disk.read_write_protect()
         return disk
 
     def scan(self) -> LunChange:
@@ -825,17 +846,27 @@ class Controller:
 
 
 def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
-         force: bool = False, system: SystemView | None = None, **options: Any) -> Controller:
+         force: bool = False, system: SystemView | None = None, lock: bool = True,
+         record: Any = None, **options: Any) -> Controller:
     """Open the synthetic SCSI controller ``device`` (GUID, unique prefix, or "storvsc" when
     there is one) under ``root`` and return a ready :class:`Controller`.
 
     The device must be bound to uio_hv_generic; with ``bind`` it is bound here, after the
     bus layer's safety check (which refuses the controller holding the OS disk unless
     ``force``; ``system`` replaces the live-system queries of that check, for tests).
+    ``lock`` (default True) holds the device's lock while it is open: another process
+    opening it fails at once with :class:`~uvmbus.errors.DeviceBusy` naming the holder
+    (False: for experts sharing the device on purpose).
+    ``record``: a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder` recording every VMBus
+    packet of every channel (docs/trace.md); a path is closed with the controller.
     ``options`` go to :class:`Controller`."""
     from uvmbus.bus import Bus, bind_uio
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0)
-    return Controller(cd, root=root, **options)
+    cd = open_device(device, root, spin_us=0, lock=lock, record=record)
+    try:
+        return Controller(cd, root=root, **options)
+    except BaseException:
+        cd.close()
+        raise

@@ -41,6 +41,8 @@ class Disk:
         self.block_limits = scsi.BlockLimits()
         self.rotation_rate = 0
         self.provisioning: scsi.LogicalBlockProvisioning | None = None
+        #: write protected (MODE SENSE device-specific parameter WP): writes fail with DATA PROTECT
+        self.read_only = False
         self.gone = False
 
     # ==== identity =========================================================================
@@ -96,6 +98,17 @@ class Disk:
         if 0xB2 in self.vpd_pages:
             self.provisioning = scsi.parse_vpd_lbp(self._vpd(0xB2))
 
+    def read_write_protect(self) -> None:
+        """MODE SENSE(6), all pages: the WP bit of the device-specific parameter (as Linux's
+        sd does; a LUN that refuses the command counts as writable, as there)."""
+        try:
+            res = self.controller.execute(self.lun, scsi.mode_sense6(0x3F, 192), data_in=192,
+                                          what="MODE SENSE(6)")
+        except ScsiError:
+            self.read_only = False
+            return
+        self.read_only = len(res.data) >= 3 and bool(res.data[2] & 0x80)
+
     def _vpd(self, page: int) -> bytes:
         res = self.controller.execute(self.lun, scsi.inquiry(_VPD_ALLOC, evpd=True, page=page),
                                       data_in=_VPD_ALLOC, what=f"INQUIRY VPD {page:#04x}")
@@ -107,7 +120,7 @@ class Disk:
             "vendor": self.vendor, "product": self.product, "revision": self.revision,
             "serial": self.serial, "vpd_pages": [f"{p:#04x}" for p in self.vpd_pages],
             "rotation_rate": self.rotation_rate, "unmap": self.unmap_supported,
-            "thin": bool(self.capacity.lbpme),
+            "thin": bool(self.capacity.lbpme), "read_only": self.read_only,
             "device_ids": [{"type": x.type, "value": x.text} for x in self.device_ids],
         }
         bl = self.block_limits

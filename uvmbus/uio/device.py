@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from uvmbus.bus import Bus, KernelQuirks, VmbusDevice
+from uvmbus.bus import Bus, DeviceLock, KernelQuirks, VmbusDevice, lock_device
 from uvmbus.errors import BusError, ConfigError, KernelUnsupported, NotFound, RingCorrupt
 from uvmbus.native import buffer_pointer, ffi, lib, release
 from uvmbus.uio.endpoint import Endpoint, open_endpoint
@@ -71,13 +71,17 @@ class SubchannelRing:
 
 
 class UioDevice:
-    """A VMBus device bound to uio_hv_generic, opened for use."""
+    """A VMBus device bound to uio_hv_generic, opened for use.
 
-    def __init__(self, bus: Bus, device: VmbusDevice):
+    ``lock`` (default True) takes the device's lock (:mod:`uvmbus.bus.lock`) for as long as
+    the device is open: a second opener fails at once with :class:`~uvmbus.errors.DeviceBusy`
+    naming the holder.  ``lock=False`` is for experts who share a device on purpose."""
+
+    def __init__(self, bus: Bus, device: VmbusDevice, *, lock: bool = True):
         if device.driver != UIO_DRIVER or not device.uio:
             raise BusError(
                 f"device {device.device_id} is bound to {device.driver or 'no driver'}, not {UIO_DRIVER}: "
-                f"bind it first (`uvmbus bind {device.device_id}`)"
+                f"bind it first (`uvmbus bind {device.device_id}{_root_opt(bus)}`)"
             )
         path, relid = device.uio_dev_path, device.relid
         if path is None or relid is None:
@@ -85,11 +89,16 @@ class UioDevice:
                            "(is the device being bound or removed right now?)")
         self.bus = bus
         self.device = device
+        self._lock: DeviceLock | None = lock_device(device) if lock else None
         #: the primary channel's relid (sysfs ``id``)
         self.relid: int = relid
         self.uio_path: str = path
         self.quirks: KernelQuirks = bus.kernel
-        self.endpoint: Endpoint = open_endpoint(path)
+        try:
+            self.endpoint: Endpoint = open_endpoint(path)
+        except BaseException:
+            self._unlock()
+            raise
         self.page_size = self.endpoint.page_size
         self._regions: dict[int, MappedRegion] = {}
         self._maps = {m.index: m for m in device.maps()}
@@ -258,6 +267,13 @@ class UioDevice:
         self._regions = {}
         if getattr(self, "endpoint", None) is not None:
             self.endpoint.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        lk = getattr(self, "_lock", None)
+        if lk is not None:
+            self._lock = None
+            lk.release()
 
     def __enter__(self) -> UioDevice:
         return self
@@ -266,7 +282,13 @@ class UioDevice:
         self.close()
 
 
-def open_uio(ref: str, root: str | os.PathLike[str] = "/") -> UioDevice:
-    """Open the device ``ref`` (GUID, prefix or class name) under ``root``."""
+def _root_opt(bus: Bus) -> str:
+    """`` --root R`` for hints when the bus is not the real one under /."""
+    return "" if os.path.abspath(bus.root) == "/" else f" --root {bus.root}"
+
+
+def open_uio(ref: str, root: str | os.PathLike[str] = "/", *, lock: bool = True) -> UioDevice:
+    """Open the device ``ref`` (GUID, prefix or class name) under ``root`` (``lock``: see
+    :class:`UioDevice`)."""
     bus = Bus(root)
-    return UioDevice(bus, bus.device(ref))
+    return UioDevice(bus, bus.device(ref), lock=lock)

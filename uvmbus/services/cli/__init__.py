@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import importlib
 import os
 import select
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ COMMAND_MODULES = [
     "uvmbus.services.cli.blk",
     "uvmbus.services.cli.demo",
     "uvmbus.services.cli.daemons",      # after net/blk: adds `net bridge`, `blk export`, `units`
+    "uvmbus.services.cli.ic",
+    "uvmbus.services.cli.trace",
 ]
 
 
@@ -49,6 +51,49 @@ def add_root(p: argparse.ArgumentParser, *, must_exist: bool = True) -> None:
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def add_record(p: argparse.ArgumentParser, *, side: str = "guest") -> None:
+    """``--record FILE.pcapng`` and its options (docs/trace.md)."""
+    from uvmbus.trace.recorder import DEFAULT_SNAPLEN
+
+    what = "every VMBus packet the host side sees, plus signals, interrupts, masks and faults" \
+        if side == "host" else "every VMBus packet of every channel of the device"
+    g = p.add_argument_group("recording (docs/trace.md)")
+    g.add_argument("--record", default=None, metavar="FILE.pcapng", help=f"record {what} to a pcapng trace")
+    g.add_argument("--snaplen", type=int_range(0, 65535), default=DEFAULT_SNAPLEN, metavar="BYTES",
+                   help=f"bytes kept of each buffer a packet points at (RNDIS messages, frames; "
+                        f"default {DEFAULT_SNAPLEN}, 0: none)")
+    g.add_argument("--no-payload", action="store_true",
+                   help="never record frame contents (RNDIS headers and control messages only)")
+    g.add_argument("--rotate", default=None, metavar="SIZE",
+                   help="start a new file (FILE.1.pcapng, ...) when one reaches SIZE (e.g. 100M)")
+
+
+def open_recorder(args: argparse.Namespace, *, side: str = "guest") -> Any:
+    """The recorder ``--record`` asks for, or None."""
+    if not getattr(args, "record", None):
+        return None
+    from uvmbus.trace import Recorder
+    from uvmbus.units import parse_size
+
+    rotate = parse_size(args.rotate, what="--rotate size") if args.rotate else 0
+    return Recorder(args.record, side=side, snaplen=args.snaplen, no_payload=args.no_payload,
+                    rotate_bytes=rotate, comment=" ".join(sys.argv))
+
+
+@contextlib.contextmanager
+def recording(args: argparse.Namespace, *, side: str = "guest") -> Iterator[Any]:
+    """``with recording(args) as rec:`` — the ``--record`` recorder (or None), closed at the end."""
+    rec = open_recorder(args, side=side)
+    try:
+        yield rec
+    finally:
+        if rec is not None:
+            rec.close()
+            if not getattr(args, "json", False):
+                print(f"trace: {rec.stats()['records']} records in {', '.join(map(str, rec.files))}",
+                      file=sys.stderr)
 
 
 # ---- argparse types: bad numbers are usage errors, not tracebacks -------------------------------
@@ -97,6 +142,13 @@ PORT = int_range(0, 65535)
 
 # ---- devices -------------------------------------------------------------------------------------
 
+def root_opt(root: str | os.PathLike[str] | None) -> str:
+    """`` --root ROOT`` for a command in a hint, empty for the real root ``/``."""
+    if root is None or os.path.abspath(root) == "/":
+        return ""
+    return f" --root {root}"
+
+
 def _no_vmbus_hint(root: str) -> str:
     return (f"no VMBus under {root} (no sys/bus/vmbus): on a Hyper-V/Azure guest use --root /; "
             "otherwise start `uvmbus sim` and pass the root its `ready` line names "
@@ -119,48 +171,82 @@ def resolve_device(root: str, ref: str, cls: str) -> Any:
     return dev
 
 
-def _lock_holder(st: os.stat_result) -> str:
-    """``pid N (command line)`` of the process holding a flock on the file, from /proc/locks."""
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return "another process"
-    for line in lines:
-        f = line.split()
-        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == want and f[4].isdigit():
-            pid = int(f[4])
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            except OSError:
-                cmd = ""
-            return f"pid {pid}" + (f" ({cmd})" if cmd else "")
-    return "another process"
-
-
 @contextlib.contextmanager
 def device_lock(dev: Any, *, what: str | None = None) -> Iterator[None]:
-    """Hold an exclusive advisory lock on the device's sysfs directory while a command drives
-    it, so that a second uvmbus command (or daemon) cannot open the same channel and break
-    the first one's session; the second one fails at once saying who has the device."""
+    """Hold the device's lock (:mod:`uvmbus.bus.lock`) for the whole command, so that a second
+    uvmbus command, daemon or script cannot open the same channel and break this one's
+    session; the second one fails at once saying who has the device.  The driver opens the
+    command makes nest inside this hold."""
+    from uvmbus.bus import hold_device
+
+    with hold_device(dev, what=what):
+        yield
+
+
+def _check_simulator_alive(root: str) -> None:
+    """A root a simulator made but that simulator is gone (SIGKILL, a crash): its devices are
+    files nobody serves; say so instead of listing them as live or timing out on them."""
+    state = Path(root) / "sim" / "state.json"
+    if os.path.abspath(root) == "/" or not state.is_file():
+        return
+    import json
+
     try:
-        fd = os.open(dev.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        yield               # no directory to lock (device just vanished): the open will say so
+        pid = int(json.loads(state.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return
     try:
+        os.kill(pid, 0)
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
+        pass
+    raise NotFound(f"{root} is the root of a simulator that is no longer running (pid {pid} is "
+                   f"gone: killed?): its devices are stale files. Start one again with `uvmbus sim "
+                   f"--root {root} ...` (it clears them), or remove the directory")
+
+
+# ---- output files ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def output_file(path: str | None, *, what: str = "output") -> Iterator[Any]:
+    """A binary file to write a command's output to, which a failed command cannot destroy:
+    the data goes to a temporary file in the same directory, renamed over ``path`` only when
+    the block ends without an exception (Ctrl-C included: the old file stays).  ``-`` (or
+    None) means stdout.  An existing file's permissions are kept."""
+    if path is None or path == "-":
+        out = sys.stdout.buffer
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = _lock_holder(os.fstat(fd))
-            when = f"before you {what}" if what else "first"
-            raise ConfigError(f"{dev.device_id} is in use by {holder}; stop that {when} "
-                              "(`uvmbus status` lists uvmbus services)") from None
-        yield
-    finally:
-        os.close(fd)
+            yield out
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                out.flush()
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{path} is a directory: name the {what} file to write")
+    parent = target.parent
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+        if mode is not None:
+            os.chmod(tmp, mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # ---- parser and entry point ------------------------------------------------------------------
@@ -242,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise NotFound(f"{'--root ' if given else 'UVMBUS_ROOT='}{root}: no such directory; "
                            "pass / on a guest or the root of a running `uvmbus sim` (its "
                            "`ready` line names it)")
+        if root and getattr(args, "root_must_exist", False):
+            _check_simulator_alive(root)
         rc = args.func(args)
     except UvmbusError as exc:
         if verbose:

@@ -8,7 +8,11 @@
   C pread loop over the same backing file as reference in the same run.
 
 DEVICE is a VMBus instance GUID, a unique prefix, or ``storvsc`` when there is one SCSI
-controller; it must be bound to uio_hv_generic (``uvmbus bind``).  Each command holds a lock
+controller; it must be bound to uio_hv_generic (``uvmbus bind``).  An NVMe controller (the
+userspace NVMe driver over VFIO) is named by its PCI address (``0000:00:04.0``), its vPCI
+GUID, or ``nvme`` when there is one, bound to vfio-pci (``uvmbus bind``); ``--lun N`` then
+picks the N-th active namespace (0: the first) and ``--subchannels N`` asks for N+1 I/O
+queue pairs.  Both drivers give the same block interface (uvmbus.block).  Each command holds a lock
 on the device while it runs (``device_lock``): a second one fails at once.
 """
 
@@ -25,7 +29,17 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from uvmbus.errors import ConfigError
-from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    device_lock,
+    int_range,
+    output_file,
+    recording,
+    resolve_device,
+    seconds,
+)
 from uvmbus.units import parse_size
 
 CHUNK = 4 * 1024 * 1024
@@ -53,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="per-command timeout in seconds (default 30)")
         sp.add_argument("--spin-us", type=int_range(0), default=0,
                         help="poll for completions this long before sleeping (default 0)")
+        add_record(sp)
 
     i = bsub.add_parser("info", help="controller and LUNs")
     common(i)
@@ -66,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--length", type=parse_bytes, default=None,
                    help="bytes (block aligned; K/M/G; default: to the end)")
     r.add_argument("-o", "--output", default=None,
-                   help="output file (default: stdout, which must not be a terminal)")
+                   help="output file, replaced only when the read succeeds (default or '-': "
+                        "stdout, which must not be a terminal)")
     r.set_defaults(func=_read)
 
     w = bsub.add_parser("write", help="copy into a LUN (dd-like)")
@@ -99,14 +115,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
+def _nvme_target(args: argparse.Namespace) -> Any:
+    """The PCI function when DEVICE names an NVMe controller (address, vPCI GUID, ``nvme``)."""
+    from uvmbus.services.cli.bus import _pci_target
+
+    fn = _pci_target(args.root, args.device)
+    if fn is not None and fn.class_name != "nvme":
+        raise ConfigError(f"{fn.name} is a {fn.class_name} PCI function, not an NVMe controller")
+    return fn
+
+
 @contextlib.contextmanager
 def _open(args: argparse.Namespace, scan: bool = True) -> Iterator[Any]:
     """The controller, opened under the device lock (a second command fails at once)."""
     import uvmbus.storvsc as storvsc
 
+    fn = _nvme_target(args)
+    if fn is not None:
+        from uvmbus.nvme import Controller
+
+        with device_lock(fn), Controller(fn, io_queues=args.subchannels + 1, timeout=args.timeout,
+                                         spin_us=args.spin_us) as ctl:
+            yield ctl
+        return
+
     dev = resolve_device(args.root, args.device, "storvsc")
-    with device_lock(dev), storvsc.open(dev.device_id, args.root, subchannels=args.subchannels,
-                                        timeout=args.timeout, spin_us=args.spin_us, scan=scan) as hba:
+    with device_lock(dev), recording(args) as rec, \
+            storvsc.open(dev.device_id, args.root, subchannels=args.subchannels, timeout=args.timeout,
+                         spin_us=args.spin_us, scan=scan, record=rec) as hba:
         yield hba
 
 
@@ -119,22 +155,35 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"controller {info['device_id']}: protocol {info['protocol']}, {info['channels']} "
-          f"channel(s) (host max {info['max_channels']}), max transfer "
-          f"{info['max_transfer_bytes']} bytes, queue depth {info['queue_depth']}/channel, "
-          f"DMA memory: {info['dma']}")
+    if "model" in info:         # NVMe
+        print(f"NVMe controller {info['address']}: {info['model']} (serial {info['serial']}, "
+              f"firmware {info['firmware']}), NVMe {info['version']}, {info['io_queues']} I/O "
+              f"queue(s) x {info['queue_depth']}, max transfer {info['max_transfer_bytes']} "
+              f"bytes, IOMMU: {info['iommu']}, interrupts: {info['interrupts']}"
+              + (f", vPCI {info['vmbus_parent']}" if info["vmbus_parent"] else ""))
+    else:
+        _print_storvsc_info(info)
     for d in info["luns"]:
         extra = []
+        if d.get("read_only"):
+            extra.append("READ-ONLY (write protected)")
         if d["serial"]:
             extra.append(f"serial {d['serial']}")
         if d["unmap"]:
             extra.append("unmap")
         if d["rotation_rate"] == 1:
             extra.append("non-rotating")
-        print(f"  LUN {d['lun']}: {d['size']} bytes ({d['blocks']} x {d['block_size']}), "
-              f"{d['vendor']} {d['product']} {d['revision']}"
+        print(f"  {'namespace' if 'nsid' in d else 'LUN'} {d['lun']}: {d['size']} bytes "
+              f"({d['blocks']} x {d['block_size']}), {d['vendor']} {d['product']} {d['revision']}"
               + (f", {', '.join(extra)}" if extra else ""))
     return 0
+
+
+def _print_storvsc_info(info: dict[str, Any]) -> None:
+    print(f"controller {info['device_id']}: protocol {info['protocol']}, {info['channels']} "
+          f"channel(s) (host max {info['max_channels']}), max transfer "
+          f"{info['max_transfer_bytes']} bytes, queue depth {info['queue_depth']}/channel, "
+          f"DMA memory: {info['dma']}")
 
 
 # ---- progress ----------------------------------------------------------------------------------
@@ -173,7 +222,7 @@ class Progress:
 # ---- read / write ---------------------------------------------------------------------------------
 
 def _read(args: argparse.Namespace) -> int:
-    if not args.output and sys.stdout.isatty():
+    if args.output in (None, "-") and sys.stdout.isatty():
         raise ConfigError("refusing to write disk data to a terminal: pass -o FILE or redirect "
                           "stdout (`> FILE`, `| ...`)")
     with _open(args) as hba:
@@ -182,9 +231,8 @@ def _read(args: argparse.Namespace) -> int:
         if length < 0:
             raise ConfigError(f"--offset {args.offset} is beyond the end of LUN {args.lun} "
                               f"({disk.size} bytes)")
-        out: BinaryIO = open(args.output, "wb") if args.output else sys.stdout.buffer
         prog = Progress(length, f"read LUN {args.lun}")
-        try:
+        with output_file(args.output, what="output") as out:     # a failed read keeps the old file
             done = 0
             while done < length:
                 n = min(CHUNK, length - done)
@@ -192,12 +240,7 @@ def _read(args: argparse.Namespace) -> int:
                 done += n
                 prog.update(done)
             prog.update(done, final=True)
-        finally:
-            if args.output:
-                out.close()
-            else:
-                out.flush()
-    if args.output:
+    if args.output and args.output != "-":
         print(f"read {length} bytes from LUN {args.lun} at offset {args.offset} into {args.output}",
               file=sys.stderr)
     return 0
@@ -286,7 +329,7 @@ def _sim_signals(args: argparse.Namespace) -> dict[str, int] | None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from uvmbus.storvsc.bench import pread_reference, run_disk
+    from uvmbus.block.bench import pread_reference, run_disk
 
     if args.qd < 1:
         raise ConfigError("--qd must be at least 1")

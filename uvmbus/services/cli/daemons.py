@@ -9,10 +9,21 @@ this module runs after them in the registry and adds its sub-commands to their p
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
-from uvmbus.services.cli import PORT, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.services.cli import (
+    PORT,
+    add_json,
+    add_record,
+    add_root,
+    device_lock,
+    int_range,
+    recording,
+    resolve_device,
+    seconds,
+)
 
 
 def _group(sub: argparse._SubParsersAction, name: str, help: str, dest: str) -> argparse._SubParsersAction:
@@ -67,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--burst", type=int_range(1, 1024), default=256,
                    help="frames per burst, 1..1024 (default 256)")
     _daemon_options(b)
+    add_record(b)
     b.set_defaults(func=_bridge)
 
     blk = _group(sub, "blk", "synthetic SCSI disks (storvsc)", "blk_command")
@@ -89,15 +101,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--nbdkit-arg", action="append", default=[], metavar="ARG",
                    help="extra nbdkit argument (repeatable), e.g. --nbdkit-arg=--filter=log")
     _daemon_options(e)
+    add_record(e)
     e.set_defaults(func=_export)
 
     u = sub.add_parser("units", help="systemd units")
     usub = u.add_subparsers(dest="units_command", metavar="COMMAND")
-    i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service into "
+    i = usub.add_parser("install", help="write uvmbus-bind@/net@/blk@.service and uvmbus-ic.service into "
                         "<root>/etc/systemd/system with ExecStart= pointing at this uvmbus")
     add_root(i, must_exist=False)
     i.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
                    help="uvmbus executable for ExecStart= (default: this one)")
+    i.add_argument("--force", action="store_true",
+                   help="write the units even if ExecStart= is under /home, /root or /tmp, "
+                        "which the units' ProtectHome=/PrivateTmp= hide")
+    add_json(i)
     i.set_defaults(func=_units_install)
     u.set_defaults(func=lambda a: u.print_help() or 2)
 
@@ -126,26 +143,34 @@ def _bridge(args: argparse.Namespace) -> int:
     opts = BridgeOptions(device=dev.device_id, tap=args.tap, root=args.root, netns=args.netns,
                          hook=args.hook, cpus=cpus, queues=args.queues, mtu=args.mtu,
                          addresses=list(args.address), burst=args.burst)
-    with device_lock(dev, what="start a bridge on it"):
+    with device_lock(dev, what="start a bridge on it"), recording(args) as rec:
+        opts.record = rec
         return run_bridge(opts, _daemon(args, "net"))
 
 
 def _export(args: argparse.Namespace) -> int:
     from uvmbus.services.blkexport import ExportOptions, run_export
+    from uvmbus.services.cli.blk import _nvme_target
 
-    dev = resolve_device(args.root, args.device, "storvsc")
+    fn = _nvme_target(args)          # an NVMe controller (PCI address, vPCI GUID, "nvme")?
+    dev = fn if fn is not None else resolve_device(args.root, args.device, "storvsc")
     opts = ExportOptions(device=dev.device_id, root=args.root, lun=args.lun, socket=args.socket,
                          port=args.port, bind_address=args.bind_address, readonly=args.readonly,
                          subchannels=args.subchannels, nbdkit=args.nbdkit,
-                         nbdkit_args=list(args.nbdkit_arg))
-    with device_lock(dev, what="export it"):
+                         nbdkit_args=list(args.nbdkit_arg), nvme=fn is not None)
+    with device_lock(dev, what="export it"), recording(args) as rec:
+        opts.record = rec
         return run_export(opts, _daemon(args, "blk"))
 
 
 def _units_install(args: argparse.Namespace) -> int:
     from uvmbus.services.persist import install_units
 
-    for p in install_units(args.root, exec_path=args.exec_path):
+    written = install_units(args.root, exec_path=args.exec_path, force=args.force)
+    if args.json:
+        print(json.dumps({"written": [str(p) for p in written]}, indent=2))
+        return 0
+    for p in written:
         print(p)
     print("enable a device's binding with `uvmbus bind GUID --persist`; start a daemon with "
           "`systemctl enable --now uvmbus-net@GUID.service` (options in /etc/uvmbus/net-GUID.env)",

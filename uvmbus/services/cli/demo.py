@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from uvmbus.services.cli import add_json
+from uvmbus.services.cli import add_json, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,9 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "host) and a disk, binds both to uio_hv_generic, checks and "
                                    "measures traffic and I/O, prints the figures, cleans up. "
                                    "Exit status 0 only if every step worked.")
-    p.add_argument("--seconds", type=float, default=1.5, help="time per measurement (default 1.5)")
+    p.add_argument("--seconds", type=seconds(), default=1.5,
+                   help="time per measurement, > 0 (default 1.5)")
     p.add_argument("--kernel", default="6.18", help="simulated guest kernel (default 6.18)")
-    p.add_argument("--time-limit", type=float, default=55.0,
+    p.add_argument("--time-limit", type=seconds(zero_ok=True), default=55.0,
                    help="abort if the demo takes longer (seconds; 0: no limit)")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")
     add_json(p)

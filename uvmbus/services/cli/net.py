@@ -14,7 +14,18 @@ import sys
 import time
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root, device_lock, int_range, resolve_device, seconds
+from uvmbus.errors import ConfigError, UvmbusError
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    device_lock,
+    int_range,
+    output_file,
+    recording,
+    resolve_device,
+    seconds,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,20 +36,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = nsub.add_parser("info", help="bring the NIC up and show what it negotiated")
     i.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
     i.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to ask for (default 1)")
+    _add_timeout(i)
     add_root(i)
     add_json(i)
+    add_record(i)
     i.set_defaults(func=_info)
 
     c = nsub.add_parser("capture", help="write received frames to a pcap file")
     c.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
-    c.add_argument("-w", "--write", required=True, metavar="FILE.pcap", help="output file")
+    c.add_argument("-w", "--write", required=True, metavar="FILE.pcap",
+                   help="output file, replaced only when the capture succeeds ('-': stdout)")
     c.add_argument("-c", "--count", type=int_range(0), default=0,
                    help="stop after COUNT frames (0: until ^C)")
     c.add_argument("--seconds", type=seconds(zero_ok=True), default=0.0,
                    help="stop after this long (0: no limit)")
     c.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to receive on (default 1)")
     c.add_argument("--promiscuous", action="store_true", help="packet filter PROMISCUOUS")
+    _add_timeout(c)
     add_root(c)
+    add_record(c)
     c.set_defaults(func=_capture)
 
     b = nsub.add_parser("bench", help="frames/s through the data path, with the ring's C loop "
@@ -54,17 +70,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="frames per call, 1..1024 (default 256)")
     b.add_argument("--flows", type=int_range(1), default=64,
                    help="UDP flows of the simulator's generator (default 64)")
+    _add_timeout(b)
     add_root(b)
     add_json(b)
+    add_record(b)
     b.set_defaults(func=_bench)
     p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _add_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=seconds(), default=10.0,
+                   help="seconds to wait for each answer of the host while bringing the NIC up "
+                        "and down (default 10)")
 
 
 def _info(args: argparse.Namespace) -> int:
     import uvmbus.netvsc as nv
 
     dev = resolve_device(args.root, args.device, "netvsc")
-    with device_lock(dev), nv.open(dev.device_id, args.root, queues=args.queues) as nic:
+    with device_lock(dev), recording(args) as rec, \
+            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
         info = nic.info().to_dict()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -106,8 +131,11 @@ def _capture(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGINT, on_signal)
     n = 0
     try:
-        with device_lock(dev), open(args.write, "wb") as f, \
-                nv.open(dev.device_id, args.root, queues=args.queues) as nic:
+        if args.write == "-" and sys.stdout.isatty():
+            raise ConfigError("refusing to write a pcap to a terminal: pass -w FILE or pipe it "
+                              "(`-w - | tshark -r -`)")
+        with device_lock(dev), output_file(args.write, what="pcap") as f, recording(args) as rec, \
+                nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
             if args.promiscuous:
                 nic.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", P.FILTER_PROMISCUOUS))
             w = PcapWriter(f)
@@ -125,17 +153,44 @@ def _capture(args: argparse.Namespace) -> int:
                 w.flush()
     finally:
         signal.signal(signal.SIGINT, old)
-    print(f"{n} frames written to {args.write}", file=sys.stderr)
+    print(f"{n} frames written to {'stdout' if args.write == '-' else args.write}", file=sys.stderr)
+    if n == 0:
+        hint = _loopback_hint(args.root, dev.device_id)
+        if hint:
+            print(hint, file=sys.stderr)
     return 0
+
+
+def _loopback_hint(root: str, device_id: str) -> str | None:
+    """Why a capture on a simulated NIC saw nothing: its loopback backend only returns what
+    the guest itself sends."""
+    from uvmbus.netvsc.bench import sim_nic_backend
+    from uvmbus.sim.control import ControlClient, control_path
+
+    if not control_path(root).exists():
+        return None
+    try:
+        with ControlClient(root, timeout=3.0) as c:
+            backend = sim_nic_backend(c, device_id)
+    except (UvmbusError, OSError):
+        return None
+    if backend != "loopback":
+        return None
+    return (f"note: no frames: this simulated NIC has the loopback backend, which only returns "
+            f"the frames the guest itself sends. For traffic to capture, switch it to the "
+            f"generator (`uvmbus sim ctl --root {root} model {device_id} backend "
+            f"backend=generator`) or to a TAP (`backend=tap:NAME`), or start the simulator "
+            f"with --nic-backend generator")
 
 
 def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
     dev = resolve_device(args.root, args.device, "netvsc")
-    with device_lock(dev):
+    with device_lock(dev), recording(args) as rec:
         r = run_bench(dev.device_id, args.root, mode=args.mode, size=args.size, seconds=args.seconds,
-                      queues=args.queues, burst=args.burst, flows=args.flows)
+                      queues=args.queues, burst=args.burst, flows=args.flows, timeout=args.timeout,
+                      record=rec)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0

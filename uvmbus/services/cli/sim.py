@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uvmbus.services.cli import add_json, add_root, int_range, number, seconds
+from uvmbus.services.cli import (
+    add_json,
+    add_record,
+    add_root,
+    int_range,
+    number,
+    open_recorder,
+    seconds,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ic", action="store_true",
                    help="do not offer the integration-component devices (heartbeat, kvp, ...)")
     p.add_argument("--quiet", action="store_true", help="less logging on stderr")
+    add_record(p, side="host")
+    p.add_argument("--replay", default=None, metavar="FILE.pcapng",
+                   help="offer the devices of a recorded session and play its host side against "
+                        "the guest; reports the first message where the guest diverges (exit "
+                        "status 3) (docs/trace.md)")
     p.epilog = ("Stop it with Ctrl-C, SIGTERM or `uvmbus sim ctl --root ROOT stop`; it removes "
                 "the files it created.")
     p.set_defaults(func=_run)
@@ -66,15 +79,78 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_root(c, must_exist=False)       # the control client says what is missing
     add_json(c)
     c.add_argument("request", choices=("ping", "stats", "devices", "kernel", "stop", "fault",
-                                       "clear", "rescind", "reoffer", "subchannels", "link", "model"),
+                                       "clear", "rescind", "reoffer", "subchannels", "link", "model", "ic"),
                    help="what to do")
     c.add_argument("args", nargs="*", help="fault: NAME [VALUE]; rescind/reoffer: DEVICE; "
                    "subchannels: DEVICE COUNT; link: DEVICE up|down; "
-                   "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations)")
+                   "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations); "
+                   "ic: DEVICE OP [KEY=VALUE ...] (integration components, waits for the guest's "
+                   "answer: see docs/ic.md)")
     c.add_argument("--device", default="*", help="device for fault/clear (GUID, prefix, model, *)")
+    c.add_argument("--wait", type=seconds(zero_ok=True), default=15.0, metavar="SECONDS",
+                   help="ic: how long to wait for the guest's answer (default 15)")
     c.add_argument("--reoffer-after", type=seconds(zero_ok=True), default=None, metavar="SECONDS",
                    help="rescind: offer the device again after this delay")
     c.set_defaults(func=_ctl)
+    e = csub.add_parser(
+        "exec", help="run an unmodified program (e.g. DPDK) against a running simulator",
+        description="Run CMD in a private mount namespace in which the simulator's sys/ tree "
+                    "stands at /sys and /dev/uioN behaves like the kernel's uio device (a "
+                    "preload library). Needs root. Exit status: CMD's (128+N if killed by "
+                    "signal N).")
+    add_root(e, must_exist=False)       # run_exec says what is missing
+    e.add_argument("--guest-ram", action="store_true",
+                   help="put the program's DMA memory on the simulator's guest RAM (IOVA = "
+                        "simulated GPA); for DPDK: EAL memory from -m, --no-huge and "
+                        "--iova-mode=va are enforced by the library")
+    e.add_argument("-v", "--verbose", action="store_true", help="print the mounts made")
+    e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    e.set_defaults(func=_exec)
+
+
+def _kv_args(items: list[str]) -> dict[str, Any]:
+    from uvmbus.errors import ConfigError
+    out: dict[str, Any] = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"arguments are KEY=VALUE, not {kv!r}")
+        out[key] = val
+    return out
+
+
+def _ctl_ic(args: argparse.Namespace) -> int:
+    """`sim ctl ic DEVICE OP [KEY=VALUE...]`: run an IC host operation and wait for the guest."""
+    import time
+
+    from uvmbus.errors import ChannelTimeout, ConfigError
+    from uvmbus.sim.control import ControlClient
+
+    if len(args.args) < 2:
+        raise ConfigError("ic needs DEVICE OP [KEY=VALUE ...], e.g. `ic shutdown shutdown action=reboot`")
+    device, op = args.args[0], args.args[1]
+    with ControlClient(args.root) as client:
+        reply = client.call("model", device=device, op=op, args=_kv_args(args.args[2:]))
+        results = reply.get("results") or {}
+        if len(results) != 1:
+            raise ConfigError(f"ic: {device!r} names {len(results)} devices; name exactly one")
+        dev_id, res = next(iter(results.items()))
+        if "ticket" in res:
+            ticket = res["ticket"]
+            deadline = time.monotonic() + args.wait
+            while True:
+                r = client.call("model", device=dev_id, op="result", args={"ticket": ticket})
+                res = r["results"][dev_id]
+                if res.get("done"):
+                    break
+                if time.monotonic() >= deadline:
+                    raise ChannelTimeout(f"ic {op}: the guest did not answer within {args.wait:g} s "
+                                         "(is `uvmbus ic run` serving this device?)")
+                time.sleep(0.05)
+    print(json.dumps(res, indent=None if args.json else 2))
+    sys.stdout.flush()
+    # a guest's failure status (or no answer) is exit status 1; the JSON above says which
+    return 1 if res.get("done") and res.get("status") != 0 else 0
 
 
 def _device_specs(args: argparse.Namespace) -> list[Any]:
@@ -94,6 +170,10 @@ def _device_specs(args: argparse.Namespace) -> list[Any]:
         opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in rest.split(",") if kv)
         bind = opts.pop("bind", None)
         specs.append(DeviceSpec(name, opts, bind))
+    if getattr(args, "replay", None):
+        from uvmbus.sim.models.replay import device_specs
+
+        specs += device_specs(args.replay)
     echo = args.echo if args.echo is not None else (0 if specs else 1)
     specs += [DeviceSpec("echo") for _ in range(echo)]
     return specs
@@ -139,6 +219,7 @@ def _run(args: argparse.Namespace) -> int:
         guest_ram=guest_ram, host_spin_us=args.host_spin_us, bind_uio=args.bind,
         ic_devices=not args.no_ic, owns_root=owns, quiet=args.quiet,
     )
+    config.record = open_recorder(args, side="host")
 
     import faulthandler
     import signal
@@ -151,7 +232,43 @@ def _run(args: argparse.Namespace) -> int:
                   f"{root}) to use it; stop with Ctrl-C or `uvmbus sim ctl --root {root} stop`",
                   file=sys.stderr, flush=True)
 
-    return Simulator(config).run(ready)
+    vm = Simulator(config)
+    try:
+        rc = vm.run(ready)
+    finally:
+        if config.record is not None:
+            config.record.close()
+    if args.replay:
+        rc = rc or _replay_report(vm)
+    return rc
+
+
+def _replay_report(vm: Any) -> int:
+    """Summarise every replay device at exit: 0 complete, 3 diverged, 4 incomplete."""
+    worst = 0
+    for d in vm.devices:
+        r = d.model.describe().get("replay")
+        if r is None:
+            continue
+        line = f"uvmbus-sim: replay of {r['instance']}: {r['status']}, {r['matched']} guest messages matched"
+        if r["divergence"]:
+            dv = r["divergence"]
+            line += (f"; first divergence at recorded message #{dv['message']} (sub-channel {dv['subchannel']})"
+                     f"\n  expected: {dv['expected']}\n  got:      {dv['got']}")
+            worst = 3
+        elif r["status"] != "complete":
+            worst = max(worst, 4)
+        print(line, file=sys.stderr)
+    return worst
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from uvmbus.sim.execns import run_exec
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return run_exec(args.root, cmd, guest_ram=args.guest_ram, verbose=args.verbose)
 
 
 def _ctl(args: argparse.Namespace) -> int:
@@ -184,6 +301,8 @@ def _ctl(args: argparse.Namespace) -> int:
         if len(a) != 2 or a[1] not in ("up", "down"):
             raise ConfigError("link needs DEVICE up|down")
         req = {"cmd": "model", "device": a[0], "op": "link", "args": {"up": a[1] == "up"}}
+    elif args.request == "ic":
+        return _ctl_ic(args)
     elif args.request == "model":
         if len(a) < 2:
             raise ConfigError("model needs DEVICE OP [KEY=VALUE ...]")
@@ -201,9 +320,34 @@ def _ctl(args: argparse.Namespace) -> int:
     with ControlClient(args.root) as client:
         reply = client.call(req.pop("cmd"), **req)
     reply.pop("ok", None)
-    if args.json or args.request in ("stats", "devices", "kernel", "model", "link"):
-        print(json.dumps(reply, indent=None if args.json else 2))
+    if args.json:                   # always one JSON document, also for ping/stop/fault...
+        print(json.dumps({"ok": True, **reply}, indent=2))
+    elif reply and args.request in ("ping", "stats", "devices", "kernel", "model", "link"):
+        print("\n".join(_human(reply)))
     else:
         print("ok")
     sys.stdout.flush()
     return 0
+
+
+def _human(obj: Any, indent: str = "") -> list[str]:
+    """A reply as indented ``key: value`` lines (``--json`` gives the JSON)."""
+    lines: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines += _human(v, indent + "  ")
+            else:
+                lines.append(f"{indent}{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, (dict, list)):
+                sub = _human(v, indent + "  ")
+                lines.append(f"{indent}- {sub[0].strip()}" if sub else f"{indent}-")
+                lines += sub[1:]
+            else:
+                lines.append(f"{indent}- {v}")
+    else:
+        lines.append(f"{indent}{obj}")
+    return lines

@@ -15,6 +15,7 @@ event loop after every worker stopped):
   ``pkt.payload`` / ``pkt.header`` are only valid during the call;
 * ``close(channel)`` — the channel closed (guest's last close, rescind, unbind, exit);
 * ``reset()`` — the device was closed: forget all protocol state;
+* ``tick(channel)`` — host-initiated work before each serve (returns when to run again);
 * ``pump(channel, spin_ns)`` — optional C fast path (see native/host.h for the contract);
   return ``None`` to use ``packet`` instead.
 
@@ -74,6 +75,12 @@ class DeviceModel:
 
     def reset(self) -> None:
         """The device was closed by the guest (last close): drop all VSP state."""
+
+    def tick(self, channel: HostChannel) -> float | None:
+        """Host-initiated work (requests the host starts, timers), on the worker before each
+        serve; return seconds until it wants to run again (None: only when woken, e.g. by
+        ``channel.poke()``).  Packets queued here are flushed when it returns a number."""
+        return None
 
     def pump(self, channel: HostChannel, spin_ns: int) -> int | None:
         """Optional C fast path: drain the TX ring and answer (native/host.h contract).

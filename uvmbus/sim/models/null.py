@@ -19,6 +19,7 @@ IC_CLASSES = (
     ("shutdown", "0e0b6031-5213-4934-818b-38d90ced39db"),
     ("timesync", "9527e630-d0ae-497b-adce-e80ab0175caf"),
     ("kvp", "a9a0f4e7-5a45-4d96-b827-8a841e8c03e6"),
+    ("fcopy", "34d14be3-dee4-41c8-9ae7-6b174977c192"),
 )
 
 

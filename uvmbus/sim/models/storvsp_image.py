@@ -149,8 +149,6 @@ class ImageDisk:
         if self.spec.size % self.block_size:
             raise ConfigError(f"disk image {self.path}: size {self.spec.size} is not a multiple of "
                               f"the {self.block_size}-byte block size")
-        if self.readonly:
-            raise ConfigError(f"disk image {self.path}: cannot create a read-only image")
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:

@@ -1,0 +1,410 @@
+/* dpdk_peer: a small DPDK program driven line by line on stdin, the independent guest of
+ * tests/dpdk/ and tests/bench/dpdk_side_by_side.py.  Built by the tests against the system's
+ * DPDK (pkg-config libdpdk) and run through `uvmbus sim exec --guest-ram`.
+ *
+ *   dpdk_peer EAL-ARGS... -- [--rxd N] [--txd N]
+ *
+ * Commands (one per line; every answer is one line "OK {json}" or "ERR {json}"):
+ *   start Q              configure the first port with Q rx/tx queues (RSS when Q > 1), start it
+ *   link                 link status now (rte_eth_link_get_nowait)
+ *   waitlink up|down S   poll the link until it is up/down (S seconds at most)
+ *   mtu N                rte_eth_dev_set_mtu
+ *   loop N SIZE [S]      send N numbered frames of SIZE bytes (spread over the queues and
+ *                        flows), receive until all came back (loopback backend) or S seconds
+ *                        passed; every frame's bytes are checked
+ *   tx N SIZE            send N frames (sink backend)
+ *   rx S                 receive for S seconds, count frames and bytes
+ *   fwd S                receive and send each burst straight back out for S seconds
+ *   stats                rte_eth_stats of the port
+ *   stop / close / quit
+ */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <rte_cycles.h>
+#include <rte_eal.h>
+#include <rte_ethdev.h>
+#include <rte_lcore.h>
+#include <rte_mbuf.h>
+
+#define BURST 32
+#define MAGIC 0x55564d42u          /* "UVMB" */
+#define MAX_Q 16
+
+static uint16_t port;
+static uint16_t nq;
+static struct rte_mempool *pool;
+static struct rte_ether_addr mac;
+static unsigned rxd = 512, txd = 512;
+static int started;
+
+static double now(void)
+{
+    return (double)rte_get_timer_cycles() / (double)rte_get_timer_hz();
+}
+
+static void reply(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void reply(int ok, const char *fmt, ...)
+{
+    va_list ap;
+    printf("%s {", ok ? "OK" : "ERR");
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    printf("}\n");
+    fflush(stdout);
+}
+
+static int cmd_start(unsigned q)
+{
+    struct rte_eth_dev_info info;
+    struct rte_eth_conf conf;
+    int r;
+
+    if (rte_eth_dev_count_avail() == 0) {
+        reply(0, "\"error\": \"no ethernet port probed\"");
+        return -1;
+    }
+    port = 0;
+    while (!rte_eth_dev_is_valid_port(port))
+        port++;
+    r = rte_eth_dev_info_get(port, &info);
+    if (r) {
+        reply(0, "\"error\": \"dev_info_get %d\"", r);
+        return -1;
+    }
+    if (q < 1 || q > MAX_Q || q > info.max_rx_queues || q > info.max_tx_queues) {
+        reply(0, "\"error\": \"%u queues asked, the port has at most %u rx / %u tx\"", q,
+              info.max_rx_queues, info.max_tx_queues);
+        return -1;
+    }
+    memset(&conf, 0, sizeof(conf));
+    if (q > 1) {
+        conf.rxmode.mq_mode = RTE_ETH_MQ_RX_RSS;
+        conf.rx_adv_conf.rss_conf.rss_hf =
+            (RTE_ETH_RSS_IP | RTE_ETH_RSS_UDP | RTE_ETH_RSS_TCP) & info.flow_type_rss_offloads;
+    }
+    r = rte_eth_dev_configure(port, (uint16_t)q, (uint16_t)q, &conf);
+    if (r) {
+        reply(0, "\"error\": \"configure %d\"", r);
+        return -1;
+    }
+    for (unsigned i = 0; i < q; i++) {
+        r = rte_eth_rx_queue_setup(port, (uint16_t)i, (uint16_t)rxd, rte_eth_dev_socket_id(port),
+                                   NULL, pool);
+        if (r) {
+            reply(0, "\"error\": \"rx_queue_setup %u: %d\"", i, r);
+            return -1;
+        }
+        r = rte_eth_tx_queue_setup(port, (uint16_t)i, (uint16_t)txd, rte_eth_dev_socket_id(port),
+                                   NULL);
+        if (r) {
+            reply(0, "\"error\": \"tx_queue_setup %u: %d\"", i, r);
+            return -1;
+        }
+    }
+    r = rte_eth_dev_start(port);
+    if (r) {
+        reply(0, "\"error\": \"dev_start %d\"", r);
+        return -1;
+    }
+    rte_eth_promiscuous_enable(port);
+    rte_eth_macaddr_get(port, &mac);
+    nq = (uint16_t)q;
+    started = 1;
+    struct rte_eth_link link;
+    rte_eth_link_get_nowait(port, &link);
+    reply(1, "\"port\": %u, \"queues\": %u, \"driver\": \"%s\", \"mac\": \"%02x:%02x:%02x:%02x:%02x:%02x\", "
+          "\"link\": \"%s\", \"speed\": %u, \"max_rx_queues\": %u",
+          port, q, info.driver_name, mac.addr_bytes[0], mac.addr_bytes[1], mac.addr_bytes[2],
+          mac.addr_bytes[3], mac.addr_bytes[4], mac.addr_bytes[5],
+          link.link_status ? "up" : "down", link.link_speed, info.max_rx_queues);
+    return 0;
+}
+
+/* An IPv4/UDP frame: flow = seq % 64 (source port), payload {magic, seq, size, pattern}. */
+static void fill_frame(uint8_t *p, unsigned size, uint32_t seq)
+{
+    static const uint8_t hdr[14] = {0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00};
+    memcpy(p, hdr, 14);
+    memcpy(p, mac.addr_bytes, 6);
+    unsigned iplen = size - 14;
+    uint8_t *ip = p + 14;
+    memset(ip, 0, 28);
+    ip[0] = 0x45;
+    ip[2] = (uint8_t)(iplen >> 8);
+    ip[3] = (uint8_t)iplen;
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12] = 10; ip[13] = 0; ip[14] = 1; ip[15] = (uint8_t)(seq % 64);
+    ip[16] = 10; ip[17] = 0; ip[18] = 0; ip[19] = 1;
+    uint32_t sum = 0;
+    for (int i = 0; i < 20; i += 2)
+        sum += (uint32_t)(ip[i] << 8 | ip[i + 1]);
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    ip[10] = (uint8_t)(~sum >> 8);
+    ip[11] = (uint8_t)~sum;
+    uint8_t *udp = ip + 20;
+    uint16_t sport = (uint16_t)(5000 + seq % 64), ulen = (uint16_t)(iplen - 20);
+    udp[0] = (uint8_t)(sport >> 8); udp[1] = (uint8_t)sport;
+    udp[2] = 0; udp[3] = 9;
+    udp[4] = (uint8_t)(ulen >> 8); udp[5] = (uint8_t)ulen;
+    uint8_t *pl = udp + 8;
+    unsigned plen = size - 42;
+    uint32_t w[3] = {MAGIC, seq, size};
+    memcpy(pl, w, plen < 12 ? plen : 12);
+    for (unsigned i = 12; i < plen; i++)
+        pl[i] = (uint8_t)(seq * 7 + i);
+}
+
+/* 0 = a frame of ours with every byte right; *seq set when the header is readable */
+static int check_frame(const struct rte_mbuf *m, unsigned size, uint32_t *seq)
+{
+    uint8_t want[9100], got[9100];
+    if (m->pkt_len != size || size > sizeof(got))
+        return -1;
+    const uint8_t *p = rte_pktmbuf_read(m, 0, size, got);
+    if (!p)
+        return -1;
+    uint32_t w[2];
+    memcpy(w, p + 42, sizeof(w));
+    if (w[0] != MAGIC)
+        return -1;
+    *seq = w[1];
+    fill_frame(want, size, w[1]);
+    return memcmp(want, p, size) ? -2 : 0;
+}
+
+static struct rte_mbuf *make_frame(unsigned size, uint32_t seq)
+{
+    struct rte_mbuf *m = rte_pktmbuf_alloc(pool);
+    if (!m)
+        return NULL;
+    uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)size);
+    if (!p) {
+        rte_pktmbuf_free(m);
+        return NULL;
+    }
+    fill_frame(p, size, seq);
+    return m;
+}
+
+static void cmd_loop(unsigned n, unsigned size, double secs)
+{
+    uint8_t *seen = calloc(n ? n : 1, 1);
+    uint64_t sent = 0, received = 0, bad = 0, dup = 0, foreign = 0, tx_full = 0;
+    double deadline = now() + secs;
+    uint32_t next = 0;
+    /* at most `window` frames in flight: the loopback host answers as fast as we send, and
+     * what the rx queues cannot hold is dropped by the PMD (imissed), not by the host */
+    uint64_t window = rxd / 2 > BURST ? rxd / 2 : BURST;
+    while ((received < n || next < n) && now() < deadline) {
+        for (uint16_t q = 0; q < nq && next < n; q++) {
+            struct rte_mbuf *burst[BURST];
+            unsigned k = 0;
+            while (k < BURST && next + k < n && next + k < received + foreign + bad + dup + window) {
+                burst[k] = make_frame(size, next + k);
+                if (!burst[k])
+                    break;
+                k++;
+            }
+            uint16_t s = rte_eth_tx_burst(port, q, burst, (uint16_t)k);
+            for (unsigned i = s; i < k; i++)
+                rte_pktmbuf_free(burst[i]);
+            if (s < k)
+                tx_full++;
+            next += s;
+            sent += s;
+        }
+        for (uint16_t q = 0; q < nq; q++) {
+            struct rte_mbuf *burst[BURST];
+            uint16_t r = rte_eth_rx_burst(port, q, burst, BURST);
+            for (uint16_t i = 0; i < r; i++) {
+                uint32_t seq = UINT32_MAX;
+                int c = check_frame(burst[i], size, &seq);
+                if (c == -1)
+                    foreign++;
+                else if (c < 0 || seq >= n)
+                    bad++;
+                else if (seen[seq]++)
+                    dup++;
+                else
+                    received++;
+                rte_pktmbuf_free(burst[i]);
+            }
+        }
+    }
+    free(seen);
+    reply(received == n && !bad && !dup, "\"sent\": %" PRIu64 ", \"received\": %" PRIu64
+          ", \"bad\": %" PRIu64 ", \"dup\": %" PRIu64 ", \"foreign\": %" PRIu64
+          ", \"tx_full\": %" PRIu64 ", \"size\": %u", sent, received, bad, dup, foreign, tx_full, size);
+}
+
+static void cmd_tx(unsigned n, unsigned size)
+{
+    uint64_t sent = 0;
+    double t0 = now(), deadline = t0 + 30;
+    struct rte_mbuf *burst[BURST];
+    while (sent < n && now() < deadline) {
+        for (uint16_t q = 0; q < nq && sent < n; q++) {
+            unsigned k = 0;
+            while (k < BURST && sent + k < n && (burst[k] = make_frame(size, (uint32_t)(sent + k))))
+                k++;
+            uint16_t s = rte_eth_tx_burst(port, q, burst, (uint16_t)k);
+            for (unsigned i = s; i < k; i++)
+                rte_pktmbuf_free(burst[i]);
+            sent += s;
+        }
+    }
+    reply(sent == n, "\"sent\": %" PRIu64 ", \"seconds\": %.6f", sent, now() - t0);
+}
+
+static void cmd_rx(double secs)
+{
+    uint64_t frames = 0, bytes = 0;
+    double t0 = now(), end = t0 + secs;
+    struct rte_mbuf *burst[BURST];
+    while (now() < end) {
+        for (uint16_t q = 0; q < nq; q++) {
+            uint16_t r = rte_eth_rx_burst(port, q, burst, BURST);
+            for (uint16_t i = 0; i < r; i++) {
+                bytes += burst[i]->pkt_len;
+                rte_pktmbuf_free(burst[i]);
+            }
+            frames += r;
+        }
+    }
+    reply(1, "\"frames\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"seconds\": %.6f", frames, bytes,
+          now() - t0);
+}
+
+static void cmd_fwd(double secs)
+{
+    uint64_t rx = 0, tx = 0;
+    double t0 = now(), end = t0 + secs;
+    struct rte_mbuf *burst[BURST];
+    while (now() < end) {
+        for (uint16_t q = 0; q < nq; q++) {
+            uint16_t r = rte_eth_rx_burst(port, q, burst, BURST);
+            if (!r)
+                continue;
+            uint16_t s = rte_eth_tx_burst(port, q, burst, r);
+            for (uint16_t i = s; i < r; i++)
+                rte_pktmbuf_free(burst[i]);
+            rx += r;
+            tx += s;
+        }
+    }
+    reply(1, "\"rx\": %" PRIu64 ", \"tx\": %" PRIu64 ", \"seconds\": %.6f", rx, tx, now() - t0);
+}
+
+static void cmd_link(void)
+{
+    struct rte_eth_link link;
+    int r = rte_eth_link_get_nowait(port, &link);
+    reply(r == 0, "\"link\": \"%s\", \"speed\": %u, \"rc\": %d", link.link_status ? "up" : "down",
+          link.link_speed, r);
+}
+
+static void cmd_waitlink(const char *want, double secs)
+{
+    struct rte_eth_link link;
+    double t0 = now(), end = t0 + secs;
+    int up = strcmp(want, "up") == 0;
+    do {
+        rte_eth_link_get_nowait(port, &link);
+        if ((int)link.link_status == up)
+            break;
+        rte_delay_ms(20);
+    } while (now() < end);
+    reply((int)link.link_status == up, "\"link\": \"%s\", \"waited\": %.3f",
+          link.link_status ? "up" : "down", now() - t0);
+}
+
+static void cmd_stats(void)
+{
+    struct rte_eth_stats st;
+    int r = rte_eth_stats_get(port, &st);
+    reply(r == 0, "\"ipackets\": %" PRIu64 ", \"opackets\": %" PRIu64 ", \"imissed\": %" PRIu64
+          ", \"ierrors\": %" PRIu64 ", \"oerrors\": %" PRIu64 ", \"rx_nombuf\": %" PRIu64,
+          st.ipackets, st.opackets, st.imissed, st.ierrors, st.oerrors, st.rx_nombuf);
+}
+
+int main(int argc, char **argv)
+{
+    int r = rte_eal_init(argc, argv);
+    if (r < 0) {
+        reply(0, "\"error\": \"rte_eal_init failed: %s\"", rte_strerror(rte_errno));
+        return 1;
+    }
+    argc -= r;
+    argv += r;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (!strcmp(argv[i], "--rxd"))
+            rxd = (unsigned)atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--txd"))
+            txd = (unsigned)atoi(argv[++i]);
+    }
+    pool = rte_pktmbuf_pool_create("peer_pool", 8191, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE,
+                                   (int)rte_socket_id());
+    if (!pool) {
+        reply(0, "\"error\": \"mbuf pool: %s\"", rte_strerror(rte_errno));
+        return 1;
+    }
+    reply(1, "\"ready\": 1, \"ports\": %u", rte_eth_dev_count_avail());
+    char line[256];
+    while (fgets(line, sizeof(line), stdin)) {
+        char cmd[32] = "", a1[32] = "", a2[32] = "", a3[32] = "";
+        if (sscanf(line, "%31s %31s %31s %31s", cmd, a1, a2, a3) < 1)
+            continue;
+        if (!strcmp(cmd, "quit"))
+            break;
+        if (!strcmp(cmd, "start")) {
+            cmd_start((unsigned)atoi(a1[0] ? a1 : "1"));
+            continue;
+        }
+        if (!started) {
+            reply(0, "\"error\": \"start the port first\"");
+            continue;
+        }
+        if (!strcmp(cmd, "link"))
+            cmd_link();
+        else if (!strcmp(cmd, "waitlink"))
+            cmd_waitlink(a1, atof(a2[0] ? a2 : "10"));
+        else if (!strcmp(cmd, "mtu")) {
+            r = rte_eth_dev_set_mtu(port, (uint16_t)atoi(a1));
+            uint16_t m = 0;
+            rte_eth_dev_get_mtu(port, &m);
+            reply(r == 0, "\"rc\": %d, \"mtu\": %u", r, m);
+        } else if (!strcmp(cmd, "loop"))
+            cmd_loop((unsigned)atoi(a1), (unsigned)atoi(a2), atof(a3[0] ? a3 : "20"));
+        else if (!strcmp(cmd, "tx"))
+            cmd_tx((unsigned)atoi(a1), (unsigned)atoi(a2));
+        else if (!strcmp(cmd, "rx"))
+            cmd_rx(atof(a1));
+        else if (!strcmp(cmd, "fwd"))
+            cmd_fwd(atof(a1));
+        else if (!strcmp(cmd, "stats"))
+            cmd_stats();
+        else if (!strcmp(cmd, "stop")) {
+            r = rte_eth_dev_stop(port);
+            reply(r == 0, "\"rc\": %d", r);
+        } else if (!strcmp(cmd, "close")) {
+            r = rte_eth_dev_close(port);
+            started = 0;
+            reply(r == 0, "\"rc\": %d", r);
+        } else
+            reply(0, "\"error\": \"unknown command %s\"", cmd);
+    }
+    if (started) {
+        rte_eth_dev_stop(port);
+        rte_eth_dev_close(port);
+    }
+    rte_eal_cleanup();
+    return 0;
+}

@@ -1,0 +1,238 @@
+"""Recording VMBus sessions (uvmbus.trace): the C recorder, pcapng files, rotation, the
+guest hooks (record= on netvsc/storvsc), `uvmbus sim --record`, `trace show` and `trace diff`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from simhelpers import run_sim
+
+import uvmbus.netvsc as nv
+import uvmbus.storvsc as sv
+from uvmbus.errors import ConfigError, TraceError
+from uvmbus.native import lib
+from uvmbus.netvsc import protocol as P
+from uvmbus.trace import Recorder, pcapng
+from uvmbus.trace.decode import decode_file
+from uvmbus.trace.diff import diff
+
+UVMBUS = [sys.executable, "-m", "uvmbus"]
+
+
+def inband(payload: bytes, tid: int = 7, type: int = 6) -> bytes:
+    """A ring packet (descriptor + payload, padded to 8)."""
+    pad = -len(payload) % 8
+    n8 = (16 + len(payload) + pad) // 8
+    return (type.to_bytes(2, "little") + (2).to_bytes(2, "little") + n8.to_bytes(2, "little")
+            + (0).to_bytes(2, "little") + tid.to_bytes(8, "little") + payload + b"\0" * pad)
+
+
+def test_recorder_writes_pcapng_that_reads_back(tmp_path):
+    path = tmp_path / "t.pcapng"
+    with Recorder(path, comment="unit") as rec:
+        p0 = rec.port(5, devclass="netvsc", instance="abc")
+        p1 = rec.port(6, subchan=1, devclass="storvsc")
+        p0.packet(inband((1).to_bytes(4, "little") + bytes(36)), to_host=True)
+        p1.event(lib.UVB_TRACE_EV_INTERRUPT, 3, text="hello", to_host=False)
+        assert not (tmp_path / "t.pcapng").exists()          # written as .part until complete
+    assert rec.files == [path]
+    with open(path, "rb") as f:
+        recs = list(pcapng.read(f))
+    assert [r.iface for r in recs] == [0, 1]
+    assert recs[0].interface.name == "netvsc/5" and "instance abc" in recs[0].interface.description
+    msgs = decode_file(path)
+    assert msgs[0].name == "NVSP INIT" and msgs[0].dir == "g2h" and msgs[0].relid == 5
+    assert msgs[1].name == "EVENT INTERRUPT" and msgs[1].fields["text"] == "hello" and msgs[1].subchan == 1
+    if shutil.which("capinfos"):
+        out = subprocess.run(["capinfos", "-c", "-E", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0 and "USER 0" in out.stdout and "2" in out.stdout, out.stdout + out.stderr
+
+
+def test_rotation_by_size_and_bad_options(tmp_path):
+    path = tmp_path / "r.pcapng"
+    rec = Recorder(path, rotate_bytes=64 * 1024, buffer_bytes=65536)
+    port = rec.port(1, devclass="netvsc")
+    pkt = inband(bytes(400))
+    for i in range(2000):                # ~900 KiB of records
+        port.packet(pkt, to_host=bool(i & 1))
+        if i % 100 == 0:
+            rec.flush()
+    rec.close()
+    assert len(rec.files) > 3 and rec.files[0] == path and rec.files[1].name == "r.1.pcapng"
+    total = 0
+    for f in rec.files:
+        with open(f, "rb") as fh:
+            recs = list(pcapng.read(fh))
+        assert recs and all(r.interface.name == "netvsc/1" for r in recs)   # each file self-contained
+        total += len(recs)
+    assert total == 2000
+    with pytest.raises(ConfigError, match="pcapng"):
+        Recorder(tmp_path / "x.pcap")
+    with pytest.raises(ConfigError, match="snap"):
+        Recorder(tmp_path / "x.pcapng", snaplen=-1)
+    (tmp_path / "bad.pcapng").write_bytes(b"not a trace at all")
+    with pytest.raises(TraceError, match="not a pcapng"):
+        decode_file(tmp_path / "bad.pcapng")
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """The acceptance session: `net info`, a short `net bench` and `blk info` + `blk write` +
+    `blk read`, each recorded by the guest (--record), all recorded by the host
+    (`uvmbus sim --record`); plus API recordings (record=) and a bring-up with NVSP 5 only.
+    Returns the directory holding the traces."""
+    d = tmp_path_factory.mktemp("trrec")
+    (d / "in.bin").write_bytes(bytes(range(256)) * 16)
+    with run_sim(d, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback",
+                 "--disk", f"{d / 'disk.img'}:size=8M", "--record", str(d / "host.pcapng")) as sim:
+        for dev in sim.devices:
+            sim.bind(dev["device_id"])
+        nic, disk = sim.device("netvsc")["device_id"], sim.device("storvsc")["device_id"]
+        root = ["--root", str(sim.root)]
+        runs = [["net", "info", nic, "--record", str(d / "a.pcapng")],
+                ["net", "info", nic, "--record", str(d / "b.pcapng")],
+                ["net", "bench", nic, "--mode", "tx", "--seconds", "0.2", "--burst", "8",
+                 "--record", str(d / "bench.pcapng"), "--snaplen", "128"],
+                ["blk", "info", disk, "--record", str(d / "blkinfo.pcapng")],
+                ["blk", "write", disk, "-i", str(d / "in.bin"), "--record", str(d / "blkw.pcapng")],
+                ["blk", "read", disk, "--length", "4096", "-o", str(d / "out.bin"), "--record", str(d / "blkr.pcapng")]]
+        for argv in runs:
+            out = subprocess.run([*UVMBUS, *argv, *root], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, (argv, out.stderr)
+        frame = b"\x00\x15\x5d\x00\x00\x01" * 2 + b"\x88\xb5" + bytes(50)
+        with nv.open(nic, sim.root, record=d / "api.pcapng") as n:
+            assert n.tx_burst([frame] * 3, timeout=5) == 3
+            assert n.recorder is not None
+        with nv.open(nic, sim.root, versions=(P.NVSP_V5,), record=d / "v5.pcapng"):
+            pass
+        with sv.open(disk, sim.root, record=str(d / "apiblk.pcapng")) as hba:
+            lun = hba.luns[0]
+            lun.write(0, b"\xab" * 4096)
+            assert lun.read(0, 4096) == b"\xab" * 4096
+    assert (d / "host.pcapng").exists()          # complete once the simulator stopped
+    assert (d / "out.bin").read_bytes() == (d / "in.bin").read_bytes()[:4096]
+    return d
+
+
+def test_guest_records_netvsc_and_storvsc(session):
+    msgs = decode_file(session / "api.pcapng")
+    names = [m.summary() for m in msgs]
+    assert names[0] == "NVSP INIT" and names[1] == "NVSP INIT_COMPLETE"
+    assert "NVSP SEND_RNDIS_PKT / RNDIS INIT" in names
+    assert any(s.startswith("NVSP SEND_RNDIS_PKT / RNDIS QUERY OID_802_3_PERMANENT_ADDRESS") for s in names)
+    assert any("RNDIS SET OID_GEN_CURRENT_PACKET_FILTER" in s for s in names)
+    assert any("RNDIS PACKET" in s for s in names)            # the frames, from send sections
+    assert all(not m.problems for m in msgs), [m.problems for m in msgs if m.problems]
+    assert {m.side for m in msgs} == {"guest"}
+    names = [m.name for m in decode_file(session / "apiblk.pcapng")]
+    assert names[0] == "VSTOR BEGIN_INITIALIZATION"
+    assert "VSTOR QUERY_PROTOCOL_VERSION" in names and "VSTOR END_INITIALIZATION" in names
+    assert "VSTOR EXECUTE_SRB INQUIRY" in names and "VSTOR EXECUTE_SRB REPORT_LUNS" in names
+    assert any(n.startswith("VSTOR EXECUTE_SRB WRITE") for n in names)
+    assert any(n.startswith("VSTOR EXECUTE_SRB READ") and "CAPACITY" not in n for n in names)
+
+
+def test_diff_same_bringup_and_another_nvsp_version(session):
+    r = subprocess.run([*UVMBUS, "trace", "diff", str(session / "a.pcapng"), str(session / "b.pcapng")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("no differences"), r.stdout
+    r = subprocess.run([*UVMBUS, "trace", "diff", "--json", str(session / "a.pcapng"), str(session / "v5.pcapng")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    diffs = json.loads(r.stdout)["differences"]
+    # exactly the version proposal differs: the rest of the bring-up is the same (NDIS 6.30)
+    assert len(diffs) == 1 and diffs[0]["op"] == "replace", diffs
+    assert len(diffs[0]["left"]) == len(diffs[0]["right"]) == 1
+    assert "NVSP INIT min_protocol_ver=393217" in diffs[0]["left"][0]
+    assert "NVSP INIT min_protocol_ver=327680" in diffs[0]["right"][0]
+    show = subprocess.run([*UVMBUS, "trace", "show", "--json", str(session / "a.pcapng")],
+                          capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0, show.stderr
+    assert json.loads(show.stdout)[0]["name"] == "NVSP INIT"
+
+
+def test_host_side_records_packets_and_events(session):
+    msgs = decode_file(session / "host.pcapng")
+    assert {m.side for m in msgs} == {"host"}
+    names = {m.name for m in msgs}
+    assert "NVSP INIT" in names and "VSTOR BEGIN_INITIALIZATION" in names
+    assert "EVENT IRQCONTROL" in names or "EVENT SIGNAL" in names
+    assert "EVENT INTERRUPT" in names and "EVENT MASK" in names
+    # the host sees the RNDIS messages too (send sections and receive buffer are shared)
+    assert any(r["name"] == "RNDIS INIT" for m in msgs for r in m.inner)
+    assert all(not m.problems for m in msgs), [m.problems for m in msgs if m.problems][:3]
+
+
+TSHARK = shutil.which("tshark")
+LIMIT = 3000          # records of the (large) bench trace given to tshark
+
+
+def tshark(path: Path, *args: str) -> list[str]:
+    from uvmbus.trace.wireshark import dissector_path
+
+    out = subprocess.run([TSHARK or "tshark", "-n", "-X", f"lua_script:{dissector_path()}", "-r", str(path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Lua" not in out.stderr or "error" not in out.stderr.lower(), out.stderr
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (.ci/install-deps installs it)")
+def test_tshark_dissects_every_packet_of_both_sides(session):
+    files = ["a.pcapng", "bench.pcapng", "blkinfo.pcapng", "blkw.pcapng", "blkr.pcapng", "host.pcapng"]
+    for name in files:
+        f = session / name
+        with open(f, "rb") as fh:
+            n = min(len(list(pcapng.read(fh))), LIMIT)
+        # the bench frames are UDP from port 5000, which Wireshark hands to its TAPA
+        # dissector: that one calls zero payloads malformed, so it is switched off
+        rows = tshark(f, "-c", str(LIMIT), "--disable-protocol", "tapa",
+                      "-T", "fields", "-e", "frame.number", "-e", "uvmbus.kind", "-e", "_ws.malformed")
+        assert len(rows) == n and n > 0, name
+        assert all(r.split("\t")[1] in ("1", "2") for r in rows), name          # every record dissected
+        assert not any(r.split("\t")[2] for r in rows), f"malformed frames in {name}"
+    net = tshark(session / "a.pcapng", "-T", "fields", "-e", "nvsp.type", "-e", "hv_rndis.type", "-e", "hv_rndis.oid")
+    text = "\n".join(net)
+    assert text.splitlines()[0].startswith("1\t")                                 # NVSP INIT
+    info = "\n".join(tshark(session / "a.pcapng"))
+    for want in ("NVSP INIT", "RNDIS INIT", "RNDIS QUERY OID_802_3_PERMANENT_ADDRESS",
+                 "RNDIS SET OID_GEN_CURRENT_PACKET_FILTER", "RNDIS QUERY_C", "NVSP SEND_RECV_BUF_COMPLETE"):
+        assert want in info, want
+    blk = "\n".join(tshark(session / "blkw.pcapng") + tshark(session / "blkr.pcapng"))
+    for want in ("VSTOR BEGIN_INITIALIZATION", "VSTOR QUERY_PROTOCOL_VERSION", "VSTOR QUERY_PROPERTIES",
+                 "VSTOR END_INITIALIZATION", "VSTOR EXECUTE_SRB INQUIRY", "VSTOR EXECUTE_SRB REPORT_LUNS",
+                 "VSTOR EXECUTE_SRB WRITE", "VSTOR EXECUTE_SRB READ"):
+        assert want in blk, want
+    # completions are paired with their requests by transaction id
+    pairs = tshark(session / "a.pcapng", "-T", "fields", "-e", "frame.number", "-e", "vmbus.response_to")
+    assert sum(1 for r in pairs if r.split("\t")[1]) >= 5
+    # the frames went to Wireshark's Ethernet dissector
+    eth = tshark(session / "api.pcapng", "-Y", "eth.type == 0x88b5", "-T", "fields", "-e", "frame.number")
+    assert eth
+
+
+def test_dissector_tables_match_the_wire_headers():
+    from uvmbus.trace.wireshark.gen import current, render
+
+    assert current() == render(), "run: python -m uvmbus.trace.wireshark.gen"
+    out = subprocess.run([*UVMBUS, "trace", "dissector"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("uvmbus.lua") and Path(out.stdout.strip()).is_file()
+
+
+def test_diff_names_the_difference():
+    from uvmbus.trace.decode import Message
+
+    def msg(name: str, **f: int) -> Message:
+        return Message(0, 0, "netvsc/1", "guest", "g2h", "netvsc", 1, 0, "packet",
+                       {"type_name": "INBAND", "flags": 1, "trans_id": 5}, "nvsp", name, dict(f))
+
+    a = [msg("NVSP INIT", min_protocol_ver=0x60001), msg("NVSP SEND_RECV_BUF", gpadl_handle=1)]
+    b = [msg("NVSP INIT", min_protocol_ver=0x50000), msg("NVSP SEND_RECV_BUF", gpadl_handle=2)]
+    r = diff(a, b)
+    assert len(r.hunks) == 1 and r.hunks[0][:3] == ("replace", 0, 1)
+    assert diff(a, a).same

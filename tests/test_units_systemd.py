@@ -1,0 +1,310 @@
+"""The systemd units under a real systemd: Debian bookworm's systemd 252 as PID 1 in a
+systemd-nspawn container (tests/systemd_container.py), uvmbus installed inside the way
+docs/deploy.md says, a simulator (`uvmbus sim`, on the host) whose root is bound in.
+
+What runs, in order (one container for the module; ~1 min after the root file system,
+which mmdebstrap builds in ~1-1.5 min and is cached under .cache/units/):
+
+* install: venv in /opt/uvmbus, pip install (wheels built from this checkout: the container
+  has no network), the /usr/local/bin symlink, `uvmbus units install`;
+* `uvmbus bind GUID --persist` + `uvmbus-bind@GUID` binds both devices;
+* `uvmbus-net@` reaches READY (Type=notify), has exactly its capabilities, and is killed by
+  the watchdog and restarted when a hook wedges its TX worker;
+* `uvmbus-blk@` serves NBD: nbdcopy writes and reads a pattern through nbdkit inside the
+  container, and the simulator's disk image holds it;
+* DevicePolicy=closed: a process put into each daemon's cgroup may open what the unit
+  allows (/dev/net/tun for net) and gets EPERM for the rest (/dev/net/tun for blk);
+* `systemctl stop` drains: exit 0, "stopped" logged, the simulator sees every channel
+  closed and zero needless signals.
+
+The only changes made for the simulator: `systemctl set-environment UVMBUS_ROOT=<sim root>`
+(the units then act on the simulated sysfs/dev) and the container's /etc bind-mounted on
+<sim root>/etc (so `bind --persist` writes /etc/uvmbus/bind.d, which the bind unit's
+ConditionPathExists= looks at).  The unit files are the installed ones, unchanged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import systemd_container as sc
+from simhelpers import run_sim
+
+pytestmark = [pytest.mark.root, pytest.mark.systemd, pytest.mark.timeout(900)]
+
+DISK_MB = 4
+HANG_HOOK = '''\
+"""Test hook: wedges the TX worker once (while /etc/uvmbus/hooks/hang-armed exists)."""
+import os
+import time
+
+ARMED = "/etc/uvmbus/hooks/hang-armed"
+DONE = "/run/uvmbus/hang-done"      # RuntimeDirectory=, kept across restarts
+
+
+def process(direction, frames):
+    if os.path.exists(ARMED) and not os.path.exists(DONE):
+        open(DONE, "w").close()
+        time.sleep(3600)
+    return None
+'''
+CAP_NET_ADMIN, CAP_IPC_LOCK, CAP_SYS_ADMIN = 12, 14, 21
+
+
+class Env:
+    """Everything the tests share: the container, the simulator, the device GUIDs."""
+
+    def __init__(self, ct: sc.Container, sim, nic: str, disk: str, image: Path):
+        self.ct = ct
+        self.sim = sim
+        self.nic = nic
+        self.disk = disk
+        self.image = image
+        self.root = str(sim.root)
+
+    def uvmbus(self, args: str, **kw) -> subprocess.CompletedProcess[str]:
+        return self.ct.run(f"uvmbus {args}", env={"UVMBUS_ROOT": self.root}, **kw)
+
+    def wait_for(self, what: str, fn, timeout: float = 90.0, interval: float = 0.5):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = fn()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def env():
+    why = sc.cannot_run_reason()
+    if why is not None:
+        if os.geteuid() != 0:
+            pytest.skip(f"cannot boot a real systemd here: {why}")
+        pytest.fail(f"cannot boot a real systemd here: {why}")
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:     # mostly waits for the network
+        wheels_f = pool.submit(sc.ensure_wheelhouse)
+        rootfs = sc.ensure_rootfs()
+        wheels = wheels_f.result()
+    base = Path(tempfile.mkdtemp(prefix="uvb-units-", dir="/dev/shm"))
+    image = base / "disk.img"
+    try:
+        with run_sim(base, "--nic", "1", "--disk", f"{image}:size={DISK_MB}M", "--no-ic",
+                     root=base / "r") as sim:
+            root = sim.root
+            (root / "etc").mkdir()
+            name = f"uvb-units-{os.getpid()}-{secrets.token_hex(2)}"
+            with sc.booted(rootfs, [str(base), f"{wheels}:/mnt/uvmbus-wheels"], name) as ct:
+                ct.run(f"mount --bind /etc {root}/etc")
+                e = Env(ct, sim, sim.device("netvsc")["device_id"],
+                        sim.device("storvsc")["device_id"], image)
+                sc.log(f"ready for the unit tests after {time.monotonic() - t0:.0f} s")
+                yield e
+                sc.log(f"whole module: {time.monotonic() - t0:.0f} s")
+            (root / "etc").rmdir()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_install_as_deploy_md_says(env):
+    ct = env.ct
+    t0 = time.monotonic()
+    # docs/deploy.md "Install" (the apt-get line is the root file system's package list;
+    # the path to the source is the wheels built from it: the container has no network)
+    ct.run("python3 -m venv /opt/uvmbus")
+    ct.run("/opt/uvmbus/bin/pip install --quiet --no-index --find-links /mnt/uvmbus-wheels uvmbus",
+           timeout=300)
+    ct.run("ln -s /opt/uvmbus/bin/uvmbus /usr/local/bin/uvmbus")
+    p = ct.run("uvmbus units install")
+    installed = sorted(Path(x).name for x in p.stdout.split())
+    assert installed == sorted(["uvmbus-bind@.service", "uvmbus-net@.service",
+                                "uvmbus-blk@.service"]), p.stdout + p.stderr
+    for name in installed:
+        text = ct.run(f"cat /etc/systemd/system/{name}").stdout
+        assert re.search(r"^ExecStart=/usr/local/bin/uvmbus ", text, re.M), text
+    # the loaded units are ours, found by systemd (units install ran daemon-reload)
+    assert ct.show("uvmbus-net@x.service", "FragmentPath")["FragmentPath"] == \
+        "/etc/systemd/system/uvmbus-net@.service"
+    ct.run(f"systemctl set-environment UVMBUS_ROOT={env.root}")
+    sc.log(f"installed in {time.monotonic() - t0:.0f} s")
+
+
+def test_bind_unit_binds(env):
+    ct = env.ct
+    for dev in (env.nic, env.disk):
+        assert _driver(env, dev) != "uio_hv_generic"
+        env.uvmbus(f"bind {dev} --persist")
+        assert ct.run(f"test -f /etc/uvmbus/bind.d/{dev}.conf", check=False).returncode == 0
+        env.uvmbus(f"unbind {dev}")          # as after a reboot: the kernel driver has it
+        assert _driver(env, dev) != "uio_hv_generic"
+        ct.run("systemctl daemon-reload")
+        assert ct.run(f"systemctl is-enabled uvmbus-bind@{dev}.service").stdout.strip() == "enabled"
+        ct.run(f"systemctl start uvmbus-bind@{dev}.service", timeout=90)
+        st = ct.show(f"uvmbus-bind@{dev}.service", "ActiveState", "Result", "ExecMainStatus")
+        assert st == {"ActiveState": "active", "Result": "success", "ExecMainStatus": "0"}, (
+            st, ct.journal(f"uvmbus-bind@{dev}.service"))
+        assert _driver(env, dev) == "uio_hv_generic"
+
+
+def test_net_reaches_ready_with_its_capabilities(env):
+    ct = env.ct
+    unit = f"uvmbus-net@{env.nic}.service"
+    ct.run("mkdir -p /etc/uvmbus/hooks")
+    ct.run(f"cat > /etc/uvmbus/hooks/hang.py <<'EOF'\n{HANG_HOOK}EOF")
+    ct.run(f"echo 'UVMBUS_NET_ARGS=--tap uvmt0 --hook /etc/uvmbus/hooks/hang.py:process' "
+           f"> /etc/uvmbus/net-{env.nic}.env")
+    t0 = time.monotonic()
+    ct.run(f"systemctl enable --now {unit}", timeout=90)     # returns once READY=1 arrived
+    sc.log(f"{unit} READY after {time.monotonic() - t0:.1f} s")
+    st = ct.show(unit, "ActiveState", "SubState", "Type", "StatusText", "MainPID", "WatchdogUSec")
+    assert (st["ActiveState"], st["SubState"], st["Type"]) == ("active", "running", "notify"), (
+        st, ct.journal(unit))
+    assert st["WatchdogUSec"] == "10s"
+    assert ct.run("test -e /sys/class/net/uvmt0", check=False).returncode == 0   # the TAP
+    caps = _caps(ct, int(st["MainPID"]))
+    assert caps["CapBnd"] == caps["CapEff"] == (1 << CAP_NET_ADMIN) | (1 << CAP_IPC_LOCK), caps
+
+
+def test_net_watchdog_restarts_a_wedged_daemon(env):
+    ct = env.ct
+    unit = f"uvmbus-net@{env.nic}.service"
+    before = ct.show(unit, "NRestarts", "MainPID")
+    ct.run("touch /etc/uvmbus/hooks/hang-armed")
+    # a frame from the kernel on the TAP: the TX worker calls the hook, which never returns
+    _send_on_tap(ct, "uvmt0")
+    env.wait_for("the hook to wedge the TX worker",
+                 lambda: ct.run("test -e /run/uvmbus/hang-done", check=False).returncode == 0,
+                 timeout=30)
+    t0 = time.monotonic()
+
+    def restarted():
+        s = ct.show(unit, "NRestarts", "ActiveState", "SubState", "MainPID")
+        return s if (int(s["NRestarts"]) > int(before["NRestarts"]) and s["ActiveState"] == "active"
+                     and s["SubState"] == "running") else None
+
+    st = env.wait_for("the watchdog to kill and systemd to restart the bridge", restarted, timeout=90)
+    sc.log(f"watchdog kill + restart + READY in {time.monotonic() - t0:.1f} s")
+    assert st["MainPID"] != before["MainPID"]
+    journal = ct.journal(unit)
+    assert "Watchdog timeout" in journal, journal[-3000:]
+    ct.run("rm /etc/uvmbus/hooks/hang-armed")
+    _send_on_tap(ct, "uvmt0")                  # the new daemon moves frames again
+    env.wait_for("the restarted bridge to pass a TX frame (STATUS=)",
+                 lambda: re.search(r"tx [1-9]\d* frames", _status_text(ct, unit)), timeout=30)
+
+
+def test_blk_serves_nbd(env):
+    ct = env.ct
+    unit = f"uvmbus-blk@{env.disk}.service"
+    ct.run(f"echo 'UVMBUS_BLK_ARGS=--lun 0' > /etc/uvmbus/blk-{env.disk}.env")
+    t0 = time.monotonic()
+    ct.run(f"systemctl enable --now {unit}", timeout=120)
+    sc.log(f"{unit} READY after {time.monotonic() - t0:.1f} s")
+    st = ct.show(unit, "ActiveState", "SubState", "MainPID")
+    assert (st["ActiveState"], st["SubState"]) == ("active", "running"), (st, ct.journal(unit))
+    caps = _caps(ct, int(st["MainPID"]))
+    assert caps["CapBnd"] == caps["CapEff"] == (1 << CAP_SYS_ADMIN) | (1 << CAP_IPC_LOCK), caps
+
+    sock = f"/run/uvmbus/blk-{env.disk}.nbd"
+    uri = f"nbd+unix:///?socket={sock}"
+    info = ct.run(f"nbdinfo --size '{uri}'").stdout.strip()
+    assert int(info) == DISK_MB << 20
+    pattern = hashlib.sha256(b"uvmbus units").digest() * ((DISK_MB << 20) // 32)
+    ct.run("python3 - <<'EOF'\nimport hashlib\n"
+           f"open('/root/pattern.bin', 'wb').write(hashlib.sha256(b'uvmbus units').digest() * "
+           f"{(DISK_MB << 20) // 32})\nEOF")
+    ct.run(f"nbdcopy /root/pattern.bin '{uri}'", timeout=120)
+    back = ct.run(f"nbdcopy '{uri}' - | sha256sum", timeout=120).stdout.split()[0]
+    assert back == hashlib.sha256(pattern).hexdigest()
+    assert hashlib.sha256(env.image.read_bytes()).hexdigest() == back   # through to the host
+
+
+def test_device_policy_in_the_daemons_cgroups(env):
+    ct = env.ct
+    probe = ("echo $$ > {procs} && "
+             "(exec 3<>/dev/net/tun) 2>/dev/null && echo tun=open || echo tun=denied; "
+             "(exec 3</dev/null) 2>/dev/null && echo null=open || echo null=denied")
+    outside = ct.run("(exec 3<>/dev/net/tun) && echo tun=open").stdout.strip()
+    assert outside == "tun=open"          # the node works: a denial below is the unit's policy
+    results = {}
+    for kind, dev in (("net", env.nic), ("blk", env.disk)):
+        unit = f"uvmbus-{kind}@{dev}.service"
+        cg = ct.show(unit, "ControlGroup")["ControlGroup"]
+        assert cg, ct.show(unit, "ActiveState")
+        results[kind] = ct.run(probe.format(procs=_procs(cg))).stdout.split()
+    assert results["net"] == ["tun=open", "null=open"], results     # DeviceAllow=/dev/net/tun rw
+    assert results["blk"] == ["tun=denied", "null=open"], results   # not allowed: EPERM
+    # how the open fails in the blk unit's cgroup: the device cgroup program's EPERM
+    cg = ct.show(f"uvmbus-blk@{env.disk}.service", "ControlGroup")["ControlGroup"]
+    err = ct.run(f"echo $$ > {_procs(cg)}; exec 3<>/dev/net/tun",
+                 check=False).stderr
+    assert "Operation not permitted" in err, err
+
+
+def test_stop_drains_cleanly(env):
+    ct = env.ct
+    for kind, dev in (("net", env.nic), ("blk", env.disk)):
+        unit = f"uvmbus-{kind}@{dev}.service"
+        t0 = time.monotonic()
+        ct.run(f"systemctl stop {unit}", timeout=90)
+        st = ct.show(unit, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
+        sc.log(f"{unit} stopped in {time.monotonic() - t0:.1f} s: {st}")
+        assert st["ActiveState"] == "inactive" and st["Result"] == "success", (st, ct.journal(unit))
+        # (the units are enabled, so systemd keeps their state after the stop; CLD_EXITED = 1)
+        assert (st["ExecMainCode"], st["ExecMainStatus"]) == ("1", "0"), st
+        journal = ct.journal(unit)
+        assert "stopping (" in journal and "stopped: " in journal, journal[-3000:]
+    # the host saw the guest close every channel, without one needless signal
+    env.wait_for("the simulator to see the devices closed",
+                 lambda: all(not _is_open(env, d) for d in (env.nic, env.disk)), timeout=30)
+    totals = env.sim.totals()
+    assert totals["needless_signals"] == 0 and totals.get("kernel_oops", 0) == 0, totals
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _driver(env: Env, dev: str) -> str:
+    link = Path(env.root) / "sys/bus/vmbus/devices" / dev / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+
+
+def _is_open(env: Env, dev: str) -> bool:
+    # the simulator shows a channel's ring file only while the device is open
+    chans = Path(env.root) / "sys/bus/vmbus/devices" / dev / "channels"
+    return any((c / "ring").exists() for c in chans.iterdir()) if chans.is_dir() else False
+
+
+def _procs(cgroup: str) -> str:
+    return shlex.quote(f"/sys/fs/cgroup{cgroup}/cgroup.procs")
+
+
+def _caps(ct: sc.Container, pid: int) -> dict[str, int]:
+    out = ct.run(f"grep ^Cap /proc/{pid}/status").stdout
+    return {k: int(v, 16) for k, v in (line.split(":\t") for line in out.splitlines())}
+
+
+def _status_text(ct: sc.Container, unit: str) -> str:
+    return ct.show(unit, "StatusText").get("StatusText", "")
+
+
+def _send_on_tap(ct: sc.Container, tap: str) -> None:
+    frame = "b'\\xff' * 6 + b'\\x02\\x00\\x00\\x00\\x00\\x01' + b'\\x88\\xb5' + b'uvmbus' * 10"
+    ct.run(f"python3 -c \"import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
+           f"s.bind(('{tap}', 0)); s.send({frame})\"")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "-s"]))

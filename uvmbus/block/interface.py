@@ -1,0 +1,89 @@
+"""The one block-device interface: what a storvsc LUN and an NVMe namespace both are.
+
+Drivers implement these protocols (structurally: no base class to inherit); everything above
+them — ``uvmbus blk``, the NBD export, the benchmark — is written against them only:
+
+- :class:`BlockDevice`: ``size``/``block_size``/``blocks``, synchronous ``read``/``readinto``/
+  ``write(fua=)``/``flush``/``discard``, ``describe()`` and ``batch()``;
+- :class:`BlockBatch`: the array-based interface (prebuilt requests in slots, resubmitted at
+  new LBAs in one C call, completions reaped into ``tags``/``ok`` arrays);
+- :class:`BlockController`: what holds the devices (``disk(i)``, ``luns``, ``info()``,
+  ``stats()``, ``channels`` = queues, ``max_transfer``).
+
+Implementations: :class:`uvmbus.storvsc.Disk` / :class:`~uvmbus.storvsc.IoBatch` /
+:class:`~uvmbus.storvsc.Controller` and :class:`uvmbus.nvme.Namespace` /
+:class:`~uvmbus.nvme.NvmeBatch` / :class:`~uvmbus.nvme.Controller`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from uvmbus.dma import DmaBuffer
+
+__all__ = ["BlockBatch", "BlockController", "BlockDevice"]
+
+
+class BlockBatch(Protocol):
+    buffers: list[DmaBuffer]
+    tags: Any
+    ok: Any
+    inflight: int
+    errors: int
+
+    def submit(self, slots: Sequence[int] | Any, lbas: Sequence[int] | Any, *,
+               n: int | None = None, write: bool | None = None) -> int: ...
+
+    def reap(self, timeout: float | None = 0.0) -> int: ...
+
+    def error(self, i: int) -> Exception: ...
+
+    def drain(self, timeout: float = 10.0) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class BlockController(Protocol):
+    @property
+    def max_transfer(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class BlockDevice(Protocol):
+    @property
+    def controller(self) -> Any: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def blocks(self) -> int: ...
+
+    @property
+    def unmap_supported(self) -> bool: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+    def write(self, offset: int, data: Any, *, fua: bool = False) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False) -> Any: ...

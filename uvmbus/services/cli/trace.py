@@ -1,0 +1,99 @@
+"""`uvmbus trace`: show, diff, dissector, wireshark (docs/trace.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from uvmbus.services.cli import add_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="VMBus traces (pcapng): show, diff, Wireshark dissector",
+                       description="Work with traces recorded by --record (guest) or "
+                                   "`uvmbus sim --record` (host). See docs/trace.md.")
+    tsub = p.add_subparsers(dest="trace_command", metavar="COMMAND")
+
+    s = tsub.add_parser("show", help="decode a trace (no Wireshark needed)")
+    s.add_argument("file", help="trace file (.pcapng)")
+    s.add_argument("--events", action="store_true", help="include host events (signals, interrupts, ...)")
+    add_json(s)
+    s.set_defaults(func=_show)
+
+    d = tsub.add_parser("diff", help="compare two sessions message by message",
+                        description="Compare the message sequences of two traces, ignoring "
+                                    "timestamps, relids, transaction/request ids and GPADL handles. "
+                                    "Exit status 0: same, 1: different.")
+    d.add_argument("a", help="first trace")
+    d.add_argument("b", help="second trace")
+    d.add_argument("--side", choices=("guest", "host"), default=None,
+                   help="compare only what this side recorded (default: everything)")
+    d.add_argument("--events", action="store_true", help="compare events too")
+    add_json(d)
+    d.set_defaults(func=_diff)
+
+    x = tsub.add_parser("dissector", help="print the path of the Wireshark Lua dissector")
+    x.set_defaults(func=_dissector)
+
+    w = tsub.add_parser("wireshark", help="open a trace in Wireshark with the dissector loaded")
+    w.add_argument("file", help="trace file (.pcapng)")
+    w.add_argument("--tshark", action="store_true", help="print it with tshark instead (no GUI)")
+    w.set_defaults(func=_wireshark)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from uvmbus.trace.decode import decode_file, messages_text
+
+    msgs = [m for m in decode_file(args.file) if args.events or m.kind == "packet"]
+    if args.json:
+        print(json.dumps([m.to_dict() for m in msgs], indent=1))
+        return 0
+    try:
+        for line in messages_text(msgs):
+            print(line)
+    except BrokenPipeError:
+        sys.stderr.close()
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from uvmbus.trace.decode import decode_file
+    from uvmbus.trace.diff import diff
+
+    r = diff(decode_file(args.a), decode_file(args.b), events=args.events, side=args.side)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=1))
+    else:
+        width = shutil.get_terminal_size((160, 20)).columns
+        for line in r.lines(width):
+            print(line)
+    return 0 if r.same else 1
+
+
+def _dissector(args: argparse.Namespace) -> int:
+    from uvmbus.trace.wireshark import dissector_path
+
+    print(dissector_path())
+    return 0
+
+
+def _wireshark(args: argparse.Namespace) -> int:
+    from uvmbus.errors import NotFound
+    from uvmbus.trace.wireshark import dissector_path
+
+    prog = "tshark" if args.tshark else "wireshark"
+    exe = shutil.which(prog)
+    if exe is None:
+        raise NotFound(f"{prog} is not installed (Debian: apt-get install {prog}); "
+                       f"or load {dissector_path()} with -X lua_script:PATH yourself")
+    if not os.path.exists(args.file):
+        raise NotFound(f"{args.file} does not exist")
+    argv = [exe, "-X", f"lua_script:{dissector_path()}", "-r", args.file]
+    if args.tshark:
+        argv += ["-V"]
+    os.execv(exe, argv)
+    return 0   # not reached

@@ -1,0 +1,208 @@
+"""``uvmbus ic run``: serve the integration components a VM offers, from userspace.
+
+For every requested service the daemon finds the device of that class, hands it to
+``uio_hv_generic`` (unbinding ``hv_utils``; :func:`uvmbus.bus.bind_uio`), opens its channel
+and answers the host on one worker thread per service.  On exit (SIGTERM, or a dead channel)
+it gives every device it took back to its kernel driver (:func:`uvmbus.bus.unbind_uio`), so
+the guest keeps its heartbeat/shutdown/time sync/KVP through hv_utils again.  fcopy has no
+kernel driver since Linux 6.10: it is left unbound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from uvmbus.errors import ConfigError, UvmbusError
+from uvmbus.ic.fcopy import FcopyService
+from uvmbus.ic.framework import IcDriver, IcService
+from uvmbus.ic.heartbeat import HeartbeatService
+from uvmbus.ic.kvp import DEFAULT_DIR, KvpPools, KvpService
+from uvmbus.ic.shutdown import ShutdownRequest, ShutdownService, systemctl_action
+from uvmbus.ic.timesync import TimeSyncService
+
+__all__ = ["SERVICE_NAMES", "IcOptions", "build_service", "run_ic"]
+
+log = logging.getLogger("uvmbus.ic")
+
+#: the services, in start order; fcopy only when asked for (it writes files)
+SERVICE_NAMES = ("heartbeat", "shutdown", "timesync", "kvp", "fcopy")
+DEFAULT_SERVICES = ("heartbeat", "shutdown", "timesync", "kvp")
+
+
+@dataclass
+class IcOptions:
+    root: str = "/"
+    services: list[str] = field(default_factory=lambda: list(DEFAULT_SERVICES))
+    fcopy_root: str | None = None
+    kvp_dir: str | None = None              # None: <root>/var/lib/hyperv
+    shutdown_action: str = "systemctl"      # systemctl | log | command:CMD
+    timesync_apply: str = "none"
+    bind: bool = True
+    give_back: bool = True
+    bind_timeout: float = 10.0
+    force: bool = False
+
+
+def _shutdown_callback(spec: str) -> Callable[[ShutdownRequest], None]:
+    if spec == "systemctl":
+        return systemctl_action
+    if spec == "log":
+        return lambda req: log.warning("host requested %s (not acted on: --shutdown-action log)", req.action)
+    if spec.startswith("command:"):
+        argv = shlex.split(spec.split(":", 1)[1])
+        if not argv:
+            raise ConfigError("--shutdown-action command: needs a command")
+
+        def run(req: ShutdownRequest) -> None:
+            env = dict(os.environ, UVMBUS_SHUTDOWN_ACTION=req.action,
+                       UVMBUS_SHUTDOWN_FORCE="1" if req.force else "0",
+                       UVMBUS_SHUTDOWN_REASON=f"{req.reason_code:#x}")
+            subprocess.run([*argv, req.action], env=env, check=False, timeout=60)
+        return run
+    raise ConfigError(f"--shutdown-action {spec!r}: use systemctl, log or command:CMD")
+
+
+def build_service(name: str, opts: IcOptions) -> IcService:
+    if name == "heartbeat":
+        return HeartbeatService()
+    if name == "shutdown":
+        return ShutdownService(_shutdown_callback(opts.shutdown_action))
+    if name == "timesync":
+        return TimeSyncService(opts.timesync_apply)
+    if name == "kvp":
+        kvp_dir = opts.kvp_dir or os.path.join(opts.root, DEFAULT_DIR.lstrip("/"))
+        return KvpService(KvpPools(kvp_dir), root=opts.root)
+    if name == "fcopy":
+        if not opts.fcopy_root:
+            raise ConfigError("fcopy needs --fcopy-root DIR: the directory host copies land in "
+                              "(paths from the host are taken relative to it)")
+        if not os.path.isdir(opts.fcopy_root):
+            raise ConfigError(f"--fcopy-root {opts.fcopy_root}: not a directory")
+        return FcopyService(opts.fcopy_root)
+    raise ConfigError(f"unknown IC service {name!r}; known: {', '.join(SERVICE_NAMES)}")
+
+
+class _Served:
+    def __init__(self, name: str, service: IcService, dev: Any, cdev: Any, bound_by_us: bool):
+        self.name = name
+        self.service = service
+        self.dev = dev
+        self.cdev = cdev
+        self.bound_by_us = bound_by_us
+        self.driver = IcDriver(service, cdev.primary)
+
+
+def run_ic(opts: IcOptions, daemon: Any) -> int:
+    """Run the IC daemon until a stop is requested; returns the exit status."""
+    from uvmbus.bus import Bus, bind_uio
+    from uvmbus.bus.devices import UIO_DRIVER
+    from uvmbus.channel import ChannelDevice
+    from uvmbus.uio import UioDevice
+
+    bad = [s for s in opts.services if s not in SERVICE_NAMES]
+    if bad:
+        raise ConfigError(f"unknown IC service(s) {', '.join(bad)}; known: {', '.join(SERVICE_NAMES)}")
+    services = {name: build_service(name, opts) for name in opts.services}
+    bus = Bus(opts.root)
+    served: list[_Served] = []
+    locks = contextlib.ExitStack()
+    daemon.install_signal_handlers()
+    try:
+        daemon.start("+".join(opts.services))
+        by_class = {d.class_name: d for d in bus.devices()}
+        for name, svc in services.items():
+            dev = by_class.get(name)
+            if dev is None:
+                log.warning("%s: this VM offers no %s device; not served", name, name)
+                continue
+            locks.enter_context(_lock(dev))
+            bound_by_us = False
+            if dev.driver != UIO_DRIVER:
+                if not opts.bind:
+                    raise ConfigError(f"{dev.device_id} ({name}) is bound to {dev.driver or 'no driver'}, "
+                                      "not uio_hv_generic: drop --no-bind or bind it first "
+                                      f"(`uvmbus bind {dev.device_id}`)")
+                log.info("%s: taking %s from %s", name, dev.device_id, dev.driver or "no driver")
+                try:
+                    bind_uio(bus, dev, force=opts.force, timeout=opts.bind_timeout)
+                except BaseException:
+                    _give_back(bus, dev, opts, name)      # hv_utils may already be unbound
+                    raise
+                bound_by_us = True
+            try:
+                cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)))
+            except BaseException:
+                if bound_by_us and opts.give_back:
+                    _give_back(bus, dev, opts, name)
+                raise
+            served.append(_Served(name, svc, dev, cdev, bound_by_us))
+        if not served:
+            raise ConfigError(f"none of the requested IC devices ({', '.join(opts.services)}) exists "
+                              f"under {opts.root}: `uvmbus list` shows what this VM offers")
+        _metrics(daemon, served)
+        daemon.status_fn = lambda: {"services": {s.name: {**s.service.status(), "device": s.dev.device_id,
+                                                           "replies": s.driver.replies}
+                                                  for s in served}}
+        stop = daemon.stop_event
+        for s in served:
+            daemon.spawn(s.name, _worker(s, stop, daemon))
+        daemon.ready(f"serving {', '.join(s.name for s in served)}")
+        daemon.run()
+        daemon.stopping()
+        left = daemon.join_workers(5.0)
+        if left:
+            log.warning("workers still running at exit: %s", ", ".join(left))
+        return 1 if daemon.failed else 0
+    finally:
+        for s in served:
+            if isinstance(s.service, FcopyService):
+                s.service.close()
+            with contextlib.suppress(UvmbusError, OSError):
+                s.cdev.close()
+            if s.bound_by_us and opts.give_back:
+                _give_back(bus, s.dev, opts, s.name)
+        locks.close()
+        daemon.close()
+
+
+def _give_back(bus: Any, dev: Any, opts: IcOptions, name: str) -> None:
+    """Return ``dev`` to its kernel driver (hv_utils; none for fcopy); log, never raise."""
+    from uvmbus.bus import unbind_uio
+    try:
+        unbind_uio(bus, dev, timeout=opts.bind_timeout)
+        log.info("%s: %s given back to %s", name, dev.device_id, dev.driver or "no driver")
+    except UvmbusError as exc:
+        log.error("%s: could not give %s back: %s (run `uvmbus unbind %s`)", name, dev.device_id,
+                  exc, dev.device_id)
+
+
+def _worker(s: _Served, stop: threading.Event, daemon: Any) -> Callable[[], None]:
+    def run() -> None:
+        s.driver.run(stop, beat=lambda: daemon.beat(s.name))
+    return run
+
+
+@contextlib.contextmanager
+def _lock(dev: Any) -> Any:
+    from uvmbus.services.cli import device_lock
+    with device_lock(dev, what="serve it"):
+        yield
+
+
+def _metrics(daemon: Any, served: list[_Served]) -> None:
+    reg = daemon.registry
+    msgs = reg.counter("ic_messages_total", "IC requests answered, by service and kind", ("service", "kind"))
+
+    def collect() -> None:
+        for s in served:
+            for k, v in s.service.counters.items():
+                msgs.labels(s.name, k).set(v)
+    reg.add_collector(collect)
