@@ -58,9 +58,10 @@ class FrameMeta:
 class RxBurst(Sequence[memoryview]):
     """Frames received by one ``rx_burst`` call (see the module docstring).
 
-    Copied bursts (``copy=True``, the default) own their frames: an immutable copy that
-    nothing overwrites (the next ``rx_burst`` returns a new one), valid for as long as you
-    keep the burst or a frame of it.
+    Copied bursts (``copy=True``, the default) own their frames: a copy that nothing else
+    writes (the next ``rx_burst`` copies elsewhere), valid for as long as you keep the burst or
+    a frame of it (each keeps its copy buffer alive; the frames are writable, e.g. to rewrite
+    an address before forwarding).
 
     Zero-copy bursts (``copy=False``) lend you the host's receive buffer: the frames are
     valid until :meth:`release` or the next ``rx_burst`` on the same queue (which releases
@@ -72,7 +73,7 @@ class RxBurst(Sequence[memoryview]):
     __slots__ = ("_view", "_base", "_arr", "_n", "zero_copy", "_queue", "_released", "_owner", "_views")
 
     def __init__(self, view: memoryview, base: Any, arr: Any, count: int, *, zero_copy: bool,
-                 queue: Any = None, owner: bytes | None = None):
+                 queue: Any = None, owner: Any = None):
         self._view = view
         self._base = base
         self._arr = arr
@@ -157,8 +158,8 @@ class RxBurst(Sequence[memoryview]):
     def base(self) -> Any:
         """``uint8_t *`` the descriptor offsets are relative to."""
         self._check()
-        if self._base is None:
-            self._base = ffi.from_buffer("uint8_t[]", self._owner or b"\0")
+        if self._base is None:                  # an empty burst
+            self._base = ffi.new("uint8_t[]", 1)
         return self._base
 
     def release(self) -> None:

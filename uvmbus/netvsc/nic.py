@@ -73,6 +73,8 @@ _CTRL_BUF = 65536
 
 
 _EMPTY = memoryview(b"")
+#: copy buffers need no zeroing: C writes every byte a frame view shows
+_ALLOC = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def _now() -> float:
@@ -172,10 +174,14 @@ class Queue:
                               f"sections {section_first}+{section_count} of {section_size} bytes")
         self.raw = raw
         self._frames = ffi.new("struct uvb_nvsc_frame[]", MAX_BURST)
+        # Copied bursts are the caller's: C copies frames into a chunk that is only ever
+        # appended to (never rewritten), and each burst keeps its chunk alive; a full chunk
+        # is replaced by a new one, freed once no burst or frame of it is left.
         self._copy_cap = copy_frames * (max_frame + 8)
-        self._copy = bytearray(self._copy_cap)
-        self._copy_ptr = ffi.from_buffer("uint8_t[]", self._copy)
-        self._copy_view = memoryview(self._copy)
+        self._frame_room = max_frame + 8
+        self._chunk: Any = None
+        self._chunk_view: memoryview | None = None
+        self._chunk_pos = self._copy_cap
         self._recv_view = memoryview(recv.mm)[recv.offset:recv.offset + recv.size]
         self._frame_size = ffi.sizeof("struct uvb_nvsc_frame")
         #: the zero-copy burst whose frames the host lent us (invalid after the next rx_burst)
@@ -253,17 +259,27 @@ class Queue:
             if not got:
                 return RxBurst(_EMPTY, None, self._frames, 0, zero_copy=False)
             last = self._frames[got - 1]
-            data = bytes(self._copy_view[:last.offset + last.len])
+            pos = self._chunk_pos
+            end = pos + last.offset + last.len
+            self._chunk_pos = (end + 7) & ~7
             arr = ffi.new("struct uvb_nvsc_frame[]", got)
             ffi.memmove(arr, self._frames, got * self._frame_size)
-            return RxBurst(memoryview(data), None, arr, got, zero_copy=False, owner=data)
+            assert self._chunk_view is not None
+            return RxBurst(self._chunk_view[pos:end], self._chunk + pos, arr, got, zero_copy=False,
+                           owner=self._chunk)
         b = RxBurst(self._recv_view, self._recv.ptr, self._frames, got, zero_copy=True, queue=self)
         self._lent = b
         return b
 
     def _rx_once(self, n: int, copy: bool) -> int:
         if copy:
-            got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, self._copy_ptr, self._copy_cap)
+            room = self._copy_cap - self._chunk_pos
+            if room < min(n * self._frame_room, self._copy_cap):     # may not hold this burst
+                self._chunk = _ALLOC("uint8_t[]", self._copy_cap)
+                self._chunk_view = memoryview(ffi.buffer(self._chunk))
+                self._chunk_pos = 0
+                room = self._copy_cap
+            got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, self._chunk + self._chunk_pos, room)
         else:
             got = lib.uvb_nvsc_rx_burst(self.raw, self._frames, n, ffi.NULL, 0)
         if got < 0:
@@ -433,7 +449,7 @@ class Queue:
             self._lent._invalidate()
             self._lent = None
         lib.uvb_nvsc_queue_fini(self.raw)
-        self._copy_view.release()
+        self._chunk = self._chunk_view = None       # bursts still out keep their chunks
         self._recv_view.release()
 
 

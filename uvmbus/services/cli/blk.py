@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from uvmbus.errors import ConfigError
+from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.services.cli import (
     add_json,
     add_record,
@@ -335,11 +335,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.qd < 1:
         raise ConfigError("--qd must be at least 1")
     sig_before = _sim_signals(args)
-    with _open(args) as hba:
-        disk = hba.disk(args.lun)
-        res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds)
-        channels = hba.channels
-        drv_stats = hba.stats()
+    try:
+        with _open(args) as hba:
+            disk = hba.disk(args.lun)
+            res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds)
+            channels = hba.channels
+            drv_stats = hba.stats()
+    except UvmbusError as exc:
+        if args.json:       # scripts get the reason in the JSON too, and a failing exit status
+            print(json.dumps({"benchmark": "blk", "device": args.device, "lun": args.lun,
+                              "error": f"{type(exc).__name__}: {exc}"}, indent=2))
+        raise
     sig_after = _sim_signals(args)
     ref_path = None if args.no_reference else (args.reference or _sim_image(args, args.lun))
     ref = pread_reference(ref_path, args.pattern, args.bs, args.seconds) if ref_path else None
