@@ -176,6 +176,9 @@ def run_ic(opts: IcOptions, daemon: Any) -> int:
 def _give_back(bus: Any, dev: Any, opts: IcOptions, name: str) -> None:
     """Return ``dev`` to its kernel driver (hv_utils; none for fcopy); log, never raise."""
     from uvmbus.bus import unbind_uio
+    if not dev.path.exists():
+        log.warning("%s: %s is gone (rescinded by the host): nothing to give back", name, dev.device_id)
+        return
     try:
         unbind_uio(bus, dev, timeout=opts.bind_timeout)
         log.info("%s: %s given back to %s", name, dev.device_id, dev.driver or "no driver")
