@@ -227,6 +227,7 @@ def test_rescind(tmp_path: Path) -> None:
         finally:
             peer.proc.kill()
             peer.proc.wait(30)
+            peer.cleanup()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             d = next((d for d in sim.control("devices")["devices"]
@@ -239,6 +240,28 @@ def test_rescind(tmp_path: Path) -> None:
         with DpdkPeer(sim.root) as peer2:
             peer2.call("start 1")
             assert peer2.call("loop 300 64 30")["received"] == 300
+        assert_host_clean(sim)
+
+
+def test_testpmd_brings_nic_up(tmp_path: Path) -> None:
+    """Debian's own dpdk-testpmd, exactly as docs/simulator.md shows it, brings the NIC up."""
+    import shutil
+    import subprocess
+    testpmd = shutil.which("dpdk-testpmd")
+    if testpmd is None:
+        pytest.skip("dpdk-testpmd is not installed (Debian package dpdk; .ci/install-deps)")
+    prefix = f"uvbtestpmd{os.getpid()}"
+    with run_sim(tmp_path, "--nic", "1", "--bind", "--kernel", "6.18") as sim:
+        r = subprocess.run(
+            [sys.executable, "-m", "uvmbus", "sim", "exec", "--root", str(sim.root), "--guest-ram",
+             "--", testpmd, "--no-huge", "-m", "128", "--iova-mode=va", "--no-pci", "-l", "0-1",
+             "--file-prefix", prefix, "--", "-i", "--total-num-mbufs=2048"],
+            input="show port info 0\nquit\n", capture_output=True, text=True, timeout=180)
+        shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out
+        assert "Driver name: net_netvsc" in out and "Link status: up" in out, out
+        assert "Current number of RX queues: 1" in out, out
         assert_host_clean(sim)
 
 
