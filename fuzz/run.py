@@ -44,7 +44,7 @@ def _command(name: str, exe: list[str], seconds: int, nice: int) -> tuple[list[s
     crashes.mkdir(parents=True, exist_ok=True)
     dirs = [work] + [d for d in (HERE / "regressions" / name, HERE / "corpus" / name) if d.is_dir()]
     cmd = ([] if nice <= 0 else ["nice", "-n", str(nice)]) + exe + [
-        f"-max_total_time={seconds}", "-print_final_stats=1", "-timeout=20",
+        f"-max_total_time={seconds}", "-max_len=512", "-print_final_stats=1", "-timeout=20",
         "-rss_limit_mb=4096", "-print_coverage=1" if name not in PY_HARNESSES else "-print_pcs=0",
         f"-artifact_prefix={crashes}/", *map(str, dirs)]
     return cmd, crashes

@@ -28,6 +28,30 @@ int uvb_dma_punch(int fd, uint64_t off, uint64_t len)
     return errno;
 }
 
+void *uvb_dma_reserve(uint64_t len)
+{
+    void *p = mmap(NULL, (size_t)len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+int uvb_dma_map_fixed(void *addr, uint64_t len, int fd, uint64_t off)
+{
+    void *p = mmap(addr, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)off);
+    return p == MAP_FAILED ? errno : 0;
+}
+
+int uvb_dma_zero_fixed(void *addr, uint64_t len)
+{
+    void *p = mmap(addr, (size_t)len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? errno : 0;
+}
+
+int uvb_dma_unmap(void *addr, uint64_t len)
+{
+    return munmap(addr, (size_t)len) == 0 ? 0 : errno;
+}
+
 int uvb_gpa_check(uint64_t ram_size, uint64_t base_pfn,
                   const uint64_t *pfns, uint32_t npfns,
                   uint32_t byte_offset, uint32_t byte_count, uint32_t *bad)

@@ -26,6 +26,17 @@ int uvb_dma_munlock(void *addr, size_t len);
  * afterwards): fallocate(PUNCH_HOLE|KEEP_SIZE).  0, or the errno value. */
 int uvb_dma_punch(int fd, uint64_t off, uint64_t len);
 
+/* Host view of guest RAM made of several objects (the RAM file, then the NIC buffers
+ * that the simulated kernel GPADL'd, which on Hyper-V are ordinary guest pages): reserve
+ * one address range (no access, no memory), then map objects into it at fixed places.
+ * uvb_dma_reserve returns NULL on failure (errno kept); the others 0 or the errno value.
+ * uvb_dma_map_fixed maps fd [0, len) shared read/write at addr (inside a reservation);
+ * uvb_dma_zero_fixed puts private zero pages there instead (memory given back). */
+void *uvb_dma_reserve(uint64_t len);
+int uvb_dma_map_fixed(void *addr, uint64_t len, int fd, uint64_t off);
+int uvb_dma_zero_fixed(void *addr, uint64_t len);
+int uvb_dma_unmap(void *addr, uint64_t len);
+
 /* Check a GPA range against guest RAM [base_pfn, base_pfn + ram_size/4096):
  * byte_count != 0, byte_offset <= 0xfff, npfns >= ceil((offset+count)/4096),
  * and every PFN the range touches inside RAM.  Returns UVB_GPA_OK or an

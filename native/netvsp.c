@@ -126,7 +126,7 @@ int uvb_nvsp_pump(struct uvb_nvsp_queue *q, uint64_t spin_ns)
                 if (crc < 0)
                     return crc;
                 if (rc == NEED_SPACE) {
-                    crc = uvb_out_want_space(out, comp_need + 4096);
+                    crc = uvb_host_want_space(out, comp_need + 4096, q->irq);
                     if (crc < 0)
                         return crc;
                     if (crc == 0)
@@ -148,7 +148,7 @@ int uvb_nvsp_pump(struct uvb_nvsp_queue *q, uint64_t spin_ns)
             if (rc < 0)
                 return rc;
             if (blocked && !work) {
-                rc = uvb_out_want_space(out, 8192);
+                rc = uvb_host_want_space(out, 8192, q->irq);
                 if (rc < 0)
                     return rc;
                 if (rc == 0)

@@ -31,12 +31,30 @@ UVMBUS = [sys.executable, "-m", "uvmbus"]
 HEARTBEAT_SECONDS = float(os.environ.get("UVMBUS_IC_HEARTBEAT_SECONDS", "3"))
 
 
-def ctl(sim, *args: str, check: bool = True) -> dict:
+def ctl_cli(sim, *args: str, check: bool = True) -> dict:
+    """`uvmbus sim ctl --json ic DEVICE OP ...` as a user runs it."""
     p = subprocess.run([*UVMBUS, "sim", "ctl", "--root", str(sim.root), "--json", "ic", *args],
                        capture_output=True, text=True, timeout=60)
     if check:
         assert p.returncode == 0, f"ctl ic {args}: rc {p.returncode}\n{p.stdout}{p.stderr}"
     return json.loads(p.stdout) if p.stdout.strip() else {"rc": p.returncode, "stderr": p.stderr}
+
+
+def ctl(sim, device: str, op: str, *kv: str, check: bool = True, wait: float = 30.0) -> dict:
+    """The same operation through the control socket in-process (what the CLI does, without
+    a Python start-up per call): the ticket is polled until the guest answered."""
+    args = dict(a.split("=", 1) for a in kv)
+    res = sim.control("model", device=device, op=op, args=args)["results"][device]
+    if "ticket" in res:
+        ticket = res["ticket"]
+        deadline = time.monotonic() + wait
+        while not (res := sim.control("model", device=device, op="result",
+                                      args={"ticket": ticket})["results"][device])["done"]:
+            assert time.monotonic() < deadline, f"{op}: no answer within {wait} s"
+            time.sleep(0.02)
+        if check:
+            assert res["status"] == 0, f"{op} {kv}: {res}"
+    return res
 
 
 def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
@@ -100,7 +118,7 @@ def test_ic_end_to_end(tmp_path):
     with run_sim(tmp_path / "sim", "--echo", "0", "--no-ic",
                  "--device", "heartbeat:interval=0.05,reply_timeout=5",
                  "--device", "shutdown", "--device", "timesync:interval=0.2,skew=2.5",
-                 "--device", "kvp:reply_timeout=2", "--device", "fcopy") as sim:
+                 "--device", "kvp:reply_timeout=10", "--device", "fcopy") as sim:
         ids = devices_by_model(sim)
         d = IcDaemon(sim, tmp_path, "heartbeat,shutdown,timesync,kvp,fcopy",
                      "--fcopy-root", str(fc), "--kvp-dir", str(tmp_path / "kvp"),
@@ -128,8 +146,8 @@ def test_ic_end_to_end(tmp_path):
             # -- file copy in: content and mode; traversal refused -------------------------------
             src = tmp_path / "src.bin"
             src.write_bytes(os.urandom(50_000))
-            r = ctl(sim, ids["fcopy"], "copy", f"src={src}", "path=/in/sub", "name=data.bin",
-                    "create_path=1")
+            r = ctl_cli(sim, ids["fcopy"], "copy", f"src={src}", "path=/in/sub", "name=data.bin",
+                        "create_path=1")
             assert r["status"] == 0, r
             out = fc / "in/sub/data.bin"
             assert out.read_bytes() == src.read_bytes() and (out.stat().st_mode & 0o777) == 0o744
@@ -164,7 +182,7 @@ def test_ic_end_to_end(tmp_path):
             assert "127.0.0.1" in ip["ip_addr"].split(";"), ip
 
             # -- faults: a truncated message is dropped (no reply), the next one works ------------
-            ctl(sim, ids["kvp"], "fault", "kind=truncate", "size=20")
+            ctl(sim, ids["kvp"], "fault", "kind=truncate", "size=20", "timeout=1")
             r = ctl(sim, ids["kvp"], "kvp_get", "pool=0", "key=x", check=False)
             assert r.get("error") == "no reply", r
             assert ctl(sim, ids["kvp"], "kvp_set", "pool=1", "key=a", "value=b")["status"] == 0
@@ -235,3 +253,20 @@ def test_ic_bind_refused_leaves_devices_with_hv_utils(tmp_path):
         for n in ("heartbeat", "shutdown", "timesync", "kvp"):
             assert devs[n].driver == "hv_utils", (n, devs[n].driver)
         assert not (tmp_path / "run" / "ic-heartbeat+shutdown+timesync+kvp.pid").exists()
+
+
+def test_ic_rescind_ends_the_daemon_with_an_error(tmp_path):
+    """A rescinded IC channel is a dead channel: the daemon exits 1 (systemd restarts it) after
+    giving the other devices back."""
+    with run_sim(tmp_path / "sim", "--echo", "0") as sim:
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"))
+        try:
+            sim.rescind(sim.device("heartbeat")["device_id"])
+            rc = d.proc.wait(60)
+        finally:
+            if d.proc.poll() is None:
+                d.stop()
+        log = d.log.read_text()
+        assert rc == 1 and "rescinded" in log, log
+        devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+        assert devs["kvp"].driver == "hv_utils" and "heartbeat" not in devs

@@ -343,6 +343,77 @@ def test_vlan_ppi_round_trip_and_rndis_level_failure(guest):
     assert pk[0].frame == frame(6)
 
 
+def test_gpa_direct_send_pointing_into_the_receive_buffer(guest):
+    """Issue 9.2: the NIC buffers are ordinary guest memory on Hyper-V (uio_hv_generic
+    vzalloc()s them), so a guest may point a GPA-direct range into its receive buffer — DPDK
+    forwards frames over 512 B that way with rx_extmbuf_enable=1.  The host must accept it:
+    RNDIS header from a send section, frame data straight from the receive sub-allocation."""
+    g = guest()
+    g.bring_up()
+    gpa = g.cd.uio.endpoint.map_gpas.get(g.recv.index)
+    assert gpa is not None and gpa % 4096 == 0, "the receive buffer has no guest physical address"
+    f = frame(7, 1400)
+    assert g.send_frames([f]) == 1
+    (x,) = g.xfers()
+    _, _, rg = g.ranges(x)
+    count, off = rg[0]
+    rx = P.parse_rndis_packet(g.read(count, off))
+    assert rx.frame == f
+    data_at = off + bytes(g.read(count, off)).index(f)       # the frame inside the sub-allocation
+    # RNDIS PACKET header for the frame, alone, in send section 3
+    hdr = P.rndis_packet(f)[:44]
+    g.send_buf.mm[3 * 6144:3 * 6144 + 44] = hdr
+    nvsp = P.nvsp_rndis_pkt(P.CHANNEL_TYPE_DATA, 3, 44)
+    first = (gpa + data_at) >> 12
+    byte_off = (gpa + data_at) & 4095
+    pfns = list(range(first, (gpa + data_at + len(f) + 4095) >> 12))
+    g.ch.send_gpa_direct([(len(f), byte_off, pfns)], nvsp, trans_id=0x77)
+    done = g.ch.wait_for(lambda p: p.type == PKT_COMP and p.trans_id == 0x77, timeout=5,
+                         what="the SEND_RNDIS_PKT completion")
+    assert struct.unpack_from("<II", bytes(done.payload)) == (P.MSG_SEND_RNDIS_PKT_COMPLETE, 1)
+    g.ack(x.trans_id)
+    (_, pk), = g.receive(1)
+    assert [p.frame for p in pk] == [f]                      # looped back intact
+
+
+def test_rx_ring_full_of_completions_is_an_entitlement_to_signal(guest, nicsim):
+    """Issue 9.5 (a needless signal counted with DPDK, 4 queues, --unmonitored): when the
+    guest's RX ring is full the NetVSP pump stores RX pending_send_sz; the guest then owes
+    (and may send, even if it raced the host taking the store back) one signal when its reads
+    free more than that.  The pump must record every store for the accounting (it used the
+    plain ring call, which loses the raced ones), and the guest's answering signal is needed."""
+    g = guest()
+    g.bring_up()
+    nicsim.control("model", device=g.dev, op="backend", args={"backend": "sink"})
+    try:
+        blob = P.rndis_packet(frame(1))
+        g.send_buf.mm[10 * 6144:10 * 6144 + len(blob)] = blob
+        msg = P.nvsp_rndis_pkt(P.CHANNEL_TYPE_DATA, 10, len(blob))
+        relid = str(g.ch.relid)
+
+        def chan() -> dict[str, Any]:
+            return nicsim.device_stats(g.dev)["channels"][relid]
+
+        tid = 1000
+        deadline = time.monotonic() + 30
+        while chan()["pending_stores"] == 0:          # completions fill the RX ring we never read
+            assert time.monotonic() < deadline, chan()
+            while g.ch.tx.put(msg, trans_id=tid, flags=FLAG_COMPLETION_REQUESTED):
+                tid += 1
+            g.ch.flush()
+            time.sleep(0.01)
+        before = nicsim.totals()
+        got = 0
+        while got < tid - 1000:                       # drain: the crossing read signals the host
+            got += sum(1 for p in g.ch.poll() if p.type == PKT_COMP)
+            assert time.monotonic() < deadline, (got, tid - 1000)
+        t = nicsim.totals()
+        assert t["needless_signals"] == before["needless_signals"], nicsim.needless_report()
+        assert chan()["needed_signals"] >= 1
+    finally:
+        nicsim.control("model", device=g.dev, op="backend", args={"backend": "loopback"})
+
+
 def test_375_ranges_per_transfer_packet(guest):
     g = guest()
     g.bring_up()

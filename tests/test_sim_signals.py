@@ -106,8 +106,15 @@ def test_kernel_mask_behaviour(kernel: str, sets_mask: bool) -> None:
 
 
 def test_irqcontrol_unmasks_and_signals_per_kernel() -> None:
-    """6.16: write(1) unmasks every channel and signals the non-monitored ones."""
-    with run_sim("", "--kernel", "6.16", "--unmonitored", "--subchannel-delay", "0.05") as sim:
+    """6.16: write(1) unmasks every channel and signals the non-monitored ones.
+
+    Issue 10.6: this failed once under load with 1 needless signal instead of 2.  The guest
+    was right (nothing was written: both signals are needless); the accounting had given one
+    of them the benefit of the doubt: under load the host's re-arm after the echo request
+    more often races the guest's commit, which leaves a "may signal" credit for the default
+    grace of 5 s.  The test now uses a short grace and waits, after the host re-armed every
+    channel, until no such credit can be left (as the other exact-count tests here do)."""
+    with run_sim("", "--kernel", "6.16", "--unmonitored", "--subchannel-delay", "0.05", *GRACE) as sim:
         echo = sim.device("echo")["device_id"]
         sim.bind(echo)
         from uvmbus.sim.models.echo import OP_OFFER_SUBCHANNELS, control_message
@@ -116,6 +123,11 @@ def test_irqcontrol_unmasks_and_signals_per_kernel() -> None:
             (sub,) = cd.open_subchannels(1, timeout=10)
             for ch in cd.channels:
                 ch.rx.mask()
+                deadline = time.monotonic() + 10
+                while ch.tx.control()["interrupt_mask"]:     # the host re-armed: no new credit
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+            time.sleep(CREDIT_TTL)
             before = sim.totals()
             cd.uio.endpoint.irqcontrol(1)              # no int-page bit: both are signalled
             t = wait_stat(sim, lambda t: t["guest_signals"] >= before["guest_signals"] + 2,

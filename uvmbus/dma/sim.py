@@ -316,7 +316,16 @@ class GuestRam:
 
     ``ptr`` (``uint8_t *``), ``size`` and ``base_pfn`` are exposed so C host
     code can do its own copies with ``lib.uvb_gpa_copy(ptr, size, base_pfn, ...)``.
+
+    Guest RAM is the RAM file followed by *segments*: shared memory objects the simulated
+    kernel made guest memory (the NIC receive/send buffers, which uio_hv_generic vzalloc()s
+    from ordinary guest pages).  One address range is reserved at start; the file is mapped
+    at its beginning and each segment right after the previous one, so ``[ptr, ptr + size)``
+    is always fully mapped and PFN ``p`` is byte ``(p - base_pfn) * 4096``.
     """
+
+    #: address space reserved after the RAM file for segments (NIC buffers): 64 GiB
+    SEGMENT_SPACE = 64 << 30
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.layout = load_guest_ram_layout(root)
@@ -324,23 +333,71 @@ class GuestRam:
             fd = os.open(self.layout.ram_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise from_oserror(exc, "simulated guest RAM") from exc
+        self._reserved = self.layout.size + self.SEGMENT_SPACE
         try:
-            self._mm: mmap.mmap | None = mmap.mmap(fd, self.layout.size, flags=mmap.MAP_SHARED,
-                                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{self.layout.ram_path}: cannot map {self.layout.size} bytes "
-                              f"({exc}); recreate it with create_guest_ram()") from exc
+            base = lib.uvb_dma_reserve(self._reserved)
+            if base == ffi.NULL:
+                raise ConfigError(f"cannot reserve {self._reserved} bytes of address space for "
+                                  "the simulated guest RAM")
+            err = lib.uvb_dma_map_fixed(base, self.layout.size, fd, 0)
+            if err:
+                lib.uvb_dma_unmap(base, self._reserved)
+                raise ConfigError(f"{self.layout.ram_path}: cannot map {self.layout.size} bytes "
+                                  f"({os.strerror(err)}); recreate it with create_guest_ram()")
         finally:
             os.close(fd)
+        self._base: Any = base
+        self._open = True
+        #: bytes mapped from byte 0 (the RAM file, then every segment); C bounds use it
         self.size = self.layout.size
         self.base_pfn = self.layout.base_pfn
         self.end_pfn = self.layout.end_pfn
-        self.view: memoryview = memoryview(self._mm)
-        self.ptr: Any = ffi.from_buffer("uint8_t[]", self._mm)
+        self.ptr: Any = ffi.cast("uint8_t *", base)
+        self.view: memoryview = memoryview(ffi.buffer(self.ptr, self.layout.size))
+        #: segments: first pfn -> (size, in use)
+        self._segments: dict[int, list[Any]] = {}
+        self._seg_lock = threading.Lock()
         self._bad = ffi.new("uint32_t *")
 
+    # -- segments: guest memory that is not in the RAM file -------------------------------
+    def add_segment(self, fd: int, size: int) -> int:
+        """Make the shared memory object ``fd`` (``size`` bytes, from offset 0) guest RAM, as
+        the pages the guest kernel allocated for a NIC buffer are on Hyper-V.  Returns its
+        first PFN; its GPAs are contiguous.  A freed segment of the same size is reused."""
+        size = round_up(size, HV_PAGE_SIZE)
+        with self._seg_lock:
+            if not self._open:
+                raise ConfigError("GuestRam is closed")
+            pfn = next((p for p, (s, used) in sorted(self._segments.items()) if not used and s == size),
+                       None)
+            if pfn is None:
+                pfn = self.end_pfn
+                if self.size + size > self._reserved:
+                    raise ResourceError(f"simulated guest RAM: no address space left for a "
+                                        f"{size}-byte segment (NIC buffers)")
+            off = (pfn - self.base_pfn) << HV_PAGE_SHIFT
+            err = lib.uvb_dma_map_fixed(self.ptr + off, size, fd, 0)
+            if err:
+                raise ResourceError(f"cannot map a {size}-byte guest RAM segment: {os.strerror(err)}")
+            self._segments[pfn] = [size, True]
+            if pfn == self.end_pfn:
+                self.size += size
+                self.end_pfn += size >> HV_PAGE_SHIFT
+            return pfn
+
+    def remove_segment(self, pfn: int) -> None:
+        """The segment at ``pfn`` is no longer guest memory the host may reach through that
+        object: its GPAs read as zeros until a new segment reuses them."""
+        with self._seg_lock:
+            seg = self._segments.get(pfn)
+            if seg is None or not seg[1] or not self._open:
+                return
+            off = (pfn - self.base_pfn) << HV_PAGE_SHIFT
+            lib.uvb_dma_zero_fixed(self.ptr + off, seg[0])
+            seg[1] = False
+
     def pfn_to_offset(self, pfn: int) -> int:
-        """Byte offset of page ``pfn`` in the RAM file; :class:`ConfigError` if outside."""
+        """Byte offset of page ``pfn`` in the host view; :class:`ConfigError` if outside."""
         if not self.base_pfn <= pfn < self.end_pfn:
             raise ConfigError(f"PFN {pfn:#x} is outside simulated guest RAM "
                               f"[{self.base_pfn:#x}, {self.end_pfn:#x})")
@@ -348,7 +405,7 @@ class GuestRam:
 
     def _copy(self, pfns: Sequence[int] | Any, byte_offset: int, buf: Any, length: int,
               direction: int) -> None:
-        if self._mm is None:
+        if not self._open:
             raise ConfigError("GuestRam is closed")
         arr = pfns if isinstance(pfns, ffi.CData) else ffi.new("uint64_t[]", list(pfns))
         n = len(arr)
@@ -390,12 +447,12 @@ class GuestRam:
 
     def close(self) -> None:
         """Unmap (idempotent)."""
-        if self._mm is None:
-            return
-        self.view.release()
-        ffi.release(self.ptr)
-        self._mm.close()
-        self._mm = None
+        with self._seg_lock:
+            if not self._open:
+                return
+            self._open = False
+            self.view.release()
+            lib.uvb_dma_unmap(self._base, self._reserved)
 
     def __enter__(self) -> GuestRam:
         return self

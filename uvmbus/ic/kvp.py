@@ -23,6 +23,7 @@ import os
 import platform
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ DEFAULT_DIR = "/var/lib/hyperv"
 #: the version hv_kvp_daemon reports as IntegrationServicesVersion
 IS_VERSION = "3.1"
 
+#: seconds the AUTO pool's facts are reused (one host enumeration)
+FACTS_TTL = 2.0
 _VALUE_OFF = 4                                   # body offset of the value (after hv_kvp_hdr)
 _ENUM_VALUE_OFF = 8                              # after hdr + u32 index
 
@@ -263,7 +266,9 @@ def guest_facts(root: str | os.PathLike[str] = "/",
             v4 = ";".join(a for a in info.addresses if ":" not in a)
             v6 = ";".join(a for a in info.addresses if ":" in a)
     return [
-        ("FullyQualifiedDomainName", socket.getfqdn()),
+        # the host name as configured: no DNS lookup (it could stall the worker for seconds,
+        # and uvmbus-ic.service allows only localhost IP traffic)
+        ("FullyQualifiedDomainName", socket.gethostname()),
         ("IntegrationServicesVersion", IS_VERSION),
         ("NetworkAddressIPv4", v4),
         ("NetworkAddressIPv6", v6),
@@ -312,7 +317,19 @@ class KvpService(IcService):
         super().__init__()
         self.pools = pools or KvpPools()
         self.root = root
-        self.ip_info = ip_info if ip_info is not None else (lambda mac: pyroute2_ip_info(mac, root))
+        if ip_info is None:
+            import pyroute2  # noqa: F401  (import once at start, not inside the first request)
+            ip_info = lambda mac: pyroute2_ip_info(mac, root)  # noqa: E731
+        self.ip_info = ip_info
+        self._facts: tuple[float, list[tuple[str, str]]] | None = None
+
+    def facts(self) -> list[tuple[str, str]]:
+        """The AUTO pool, computed once per enumeration (the host walks indexes 0..10 in a
+        row; netlink is asked once, not eleven times)."""
+        now = time.monotonic()
+        if self._facts is None or now - self._facts[0] > FACTS_TTL:
+            self._facts = (now, guest_facts(self.root, self.ip_info))
+        return self._facts[1]
 
     def on_message(self, body: memoryview) -> tuple[int, Callable[[], None] | None]:
         op, pool = body[0], body[1]
@@ -364,7 +381,7 @@ class KvpService(IcService):
         if op == KvpOp.ENUMERATE:
             self._need(body, wire.sizeof("ic_kvp_msg_enumerate"), "ENUMERATE")
             index = struct.unpack_from("<I", body, 4)[0]
-            items = guest_facts(self.root, self.ip_info) if pool == wire.KvpPool.AUTO else self.pools.records(pool)
+            items = self.facts() if pool == wire.KvpPool.AUTO else self.pools.records(pool)
             self.counters["enumerate"] += 1
             if index >= len(items):
                 return int(Status.S_CONT)

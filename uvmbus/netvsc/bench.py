@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uvmbus.errors import ConfigError
+from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.netvsc.burst import TxBatch
 from uvmbus.netvsc.nic import Nic, Queue
 
@@ -44,6 +44,7 @@ class BenchResult:
     ring_c_loop_mpps: float = 0.0
     host: dict[str, Any] = field(default_factory=dict)
     guest: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None     # the channel died during the run: the figures are not valid
 
     @property
     def mpps(self) -> float:
@@ -89,7 +90,29 @@ def _sim_control(root: str) -> Any:
 
 
 def _loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threading.Event,
-          out: list[int], slot: int) -> None:
+          out: list[int], slot: int, errors: list[BaseException]) -> None:
+    try:
+        _run_loop(q, mode, burst, batch, stop, out, slot)
+    except Exception as exc:        # the channel died (rescind, corrupt ring...): end the run
+        errors.append(exc)
+        stop.set()
+
+
+def _channel_error(nic: Nic) -> str | None:
+    """Why a queue's channel is dead (a corrupt index, also one only a writer would see),
+    or None."""
+    for i in range(nic.num_queues):
+        ch = nic.queue(i).channel
+        try:
+            _ = ch.tx.free              # validates read_index
+            ch.raise_if_dead()
+        except UvmbusError as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _run_loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threading.Event,
+              out: list[int], slot: int) -> None:
     # When a queue has nothing to do it waits (interrupt-driven, ≤ 1 ms) instead of spinning:
     # on a small machine a spinning guest steals the CPU the host needs.
     n = 0
@@ -134,15 +157,17 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
             batch = TxBatch([bench_frame(size, i) for i in range(burst)]) if mode == "tx" else None
             counts = [0] * nq
             stop = threading.Event()
-            threads = [threading.Thread(target=_loop, args=(nic.queue(i), mode, burst, batch, stop, counts, i),
+            errors: list[BaseException] = []
+            threads = [threading.Thread(target=_loop, args=(nic.queue(i), mode, burst, batch, stop, counts,
+                                                            i, errors),
                                         name=f"bench-q{i}", daemon=True) for i in range(nq)]
             try:
                 for t in threads:
                     t.start()
-                time.sleep(warmup)
+                stop.wait(warmup)
                 start_counts = _snapshot(nic, mode)
                 t0 = time.perf_counter()
-                time.sleep(seconds)
+                stop.wait(seconds)          # set early when a worker's channel died
                 end_counts = _snapshot(nic, mode)
                 elapsed = time.perf_counter() - t0
             finally:        # also on Ctrl-C: closing the NIC under running workers would crash
@@ -151,9 +176,12 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
                     if t.ident is not None:     # started
                         t.join(10)
             per_queue = [e - s for s, e in zip(start_counts, end_counts, strict=True)]
+            error = (f"{type(errors[0]).__name__}: {errors[0]}" if errors else None) or _channel_error(nic)
+            if error:
+                error = f"the channel died {elapsed:.2f} s into the run: {error}"
             guest = nic.stats()["total"]
             host: dict[str, Any] = {}
-            if ctl is not None:
+            if ctl is not None and not error:
                 host = ctl.call("model", device=device, op="stats")["results"]
                 host = next(iter(host.values())).get("netvsp", {}) if host else {}
                 host = {k: host.get(k) for k in ("backend", "queues_active", "generated")} | {
@@ -168,8 +196,9 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
                 ctl.close()
     res = BenchResult(mode, size, nq, elapsed, sum(per_queue), burst, per_queue, host=host,
                       guest={k: guest[k] for k in ("rx_packets", "tx_packets", "drops", "tx_ring_full",
-                                                   "tx_no_section", "host_errors", "signals")})
-    if reference:
+                                                   "tx_no_section", "host_errors", "signals")},
+                      error=error)
+    if reference and not error:
         from uvmbus.ring.bench import bench_c_loop
         res.ring_c_loop_mpps = bench_c_loop(size, min(seconds, 2.0), burst).mpps
     return res

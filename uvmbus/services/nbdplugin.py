@@ -68,6 +68,10 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+class DaemonError(OSError):
+    """The daemon answered the request with this errno (EIO, ENOSPC, ...): passed on as is."""
+
+
 class Client:
     """One IPC connection to the export daemon."""
 
@@ -88,8 +92,8 @@ class Client:
         err, n = REP.unpack(recv_exact(self.sock, REP.size))
         body = recv_exact(self.sock, n) if n else b""
         if err:
-            raise OSError(err, f"{OP_NAMES.get(op, op)} at {offset}+{length}: "
-                               f"{body.decode(errors='replace') or errno.errorcode.get(err, err)}")
+            raise DaemonError(err, f"{OP_NAMES.get(op, op)} at {offset}+{length}: "
+                                   f"{body.decode(errors='replace') or errno.errorcode.get(err, err)}")
         return body
 
     def close(self) -> None:
@@ -98,9 +102,19 @@ class Client:
 
 # ---- nbdkit callbacks ------------------------------------------------------------------------------
 
+def error_code(exc: BaseException) -> int:
+    """The errno an NBD client gets.  A reply of the daemon keeps its errno; anything else
+    is a failure of the transport to the daemon (it died, restarts, closed the connection:
+    ECONNRESET, EPIPE, EOF, a timeout...), which is ESHUTDOWN for the client — nbdkit
+    turns errnos it does not know, such as ECONNRESET, into EINVAL, which would tell the
+    client its request was wrong."""
+    if isinstance(exc, DaemonError) and exc.errno:
+        return int(exc.errno)
+    return errno.ESHUTDOWN
+
+
 def _fail(exc: BaseException) -> NoReturn:
-    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-    nbdkit.set_error(code)
+    nbdkit.set_error(error_code(exc))
     raise exc
 
 

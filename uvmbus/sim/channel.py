@@ -113,7 +113,7 @@ class HostChannel:
             "collateral_signals": 0, "interrupts": 0, "kernel_oops": 0,
             "packets_from_guest": 0, "packets_to_guest": 0, "rx_full_waits": 0,
             "dropped_packets": 0, "duplicated_packets": 0, "corrupted_packets": 0,
-            "model_errors": 0, "wakeups": 0,
+            "model_errors": 0, "wakeups": 0, "pending_stores": 0,
         }
         self.error: str | None = None
         #: trace port (``uvmbus sim --record``): both rings record into it; events too
@@ -347,10 +347,16 @@ class HostChannel:
         """Count the host's stores of RX pending_send_sz since we last looked: the guest may
         answer each with one signal when its reads free more than that (credit b)."""
         sets = int(self.irq.pending_sets)
-        for _ in range(min(sets - self._pending_sets, 64)):
-            self._rx_credits.append(float("inf"))
+        new = min(sets - self._pending_sets, 64)
         self._pending_sets = sets
-        if self.rx.raw.pending_wanted and not self._rx_credits:
+        self.stats["pending_stores"] += sets - self.stats["pending_stores"]
+        waiting = bool(self.rx.raw.pending_wanted)
+        # a store the host already took back (the guest raced it and freed the space at once)
+        # may still have been seen by the guest: a "may" credit, like a raced TX re-check
+        expiry = float("inf") if waiting else time.monotonic() + self._grace
+        for _ in range(new):
+            self._rx_credits.append(expiry)
+        if waiting and not self._rx_credits:
             self._rx_credits.append(float("inf"))   # a pump used plain uvb_out_want_space
 
     def _stop_waiting_for_space(self) -> None:

@@ -27,7 +27,7 @@ from uvmbus.native import ffi, lib
 from uvmbus.sim.channel import HostChannel
 from uvmbus.sim.endpoint import Connection, EndpointServer
 from uvmbus.sim.faults import Faults
-from uvmbus.sim.kernel import RECV_BUFFER_SIZE, SEND_BUFFER_SIZE
+from uvmbus.sim.kernel import FIRST_GPADL, RECV_BUFFER_SIZE, SEND_BUFFER_SIZE
 from uvmbus.sim.memory import GpadlBuffer, RingMemory, SharedMemfd
 from uvmbus.sim.models.base import DeviceModel
 
@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["GpadlBuffer", "SimDevice"]
 
 UIO_DRIVER = "uio_hv_generic"
+
+
+def vmalloc_address(gpadl: int) -> int:
+    """A kernel virtual address in x86-64's vmalloc area (0xffffc90000000000, 32 TiB) for a
+    NIC buffer: uio_hv_generic publishes the vzalloc() address as the map's ``addr``."""
+    return 0xFFFFC90000000000 + ((gpadl - FIRST_GPADL) % (1 << 19)) * (64 << 20)
 
 
 @dataclass
@@ -197,25 +203,32 @@ class SimDevice:
         if k.has_buffer_maps(self.class_id):
             for kind, size in (("recv", RECV_BUFFER_SIZE), ("send", SEND_BUFFER_SIZE)):
                 buf = GpadlBuffer(kind, self.vm.next_gpadl(), SharedMemfd(f"{self.relid}-{kind}", size))
+                ram = self.vm.guest_ram
+                if ram is not None:
+                    # uio_hv_generic vzalloc()s the buffers: ordinary guest pages with GPAs
+                    # (a guest may point GPA-direct ranges into them, as DPDK's
+                    # rx_extmbuf_enable does); their memory is a guest-RAM segment
+                    buf.pfn = ram.add_segment(buf.mem.fd, size)
                 self.buffers[kind] = buf
-                maps.append((buf.map_name, size, 0xFFFF880000000000 + buf.gpadl * 0x10000000))
+                maps.append((buf.map_name, size, vmalloc_address(buf.gpadl)))
         self.uio_index = self.vm.alloc_uio(self)
         self.server = EndpointServer(self.vm.tree.uio_dev(self.uio_index))
         self.vm.add_endpoint(self)
         self.vm.tree.add_uio(self.device_id, self.uio_index, maps)
         return True
 
-    def map_fds(self) -> list[tuple[int, int, int]]:
-        """(index, size, fd) of every uio map, for the endpoint hello."""
+    def map_fds(self) -> list[tuple[int, int, int, int | None]]:
+        """(index, size, fd, GPA or None) of every uio map, for the endpoint hello."""
         assert self.ring_mem is not None
         k = self.kernel
-        out = [(0, 2 * self.ring_mem.ring_bytes, self.ring_mem.fd),
-               (1, k.int_map_size, self.vm.int_page.fd),
-               (2, k.int_map_size, self.vm.monitor_page.fd)]
+        out: list[tuple[int, int, int, int | None]] = [
+            (0, 2 * self.ring_mem.ring_bytes, self.ring_mem.fd, None),
+            (1, k.int_map_size, self.vm.int_page.fd, None),
+            (2, k.int_map_size, self.vm.monitor_page.fd, None)]
         for i, kind in enumerate(("recv", "send"), start=3):
             if kind in self.buffers:
                 b = self.buffers[kind]
-                out.append((i, b.size, b.mem.fd))
+                out.append((i, b.size, b.mem.fd, None if b.pfn is None else b.pfn << 12))
         return out
 
     def _remove_uio(self) -> None:
@@ -234,6 +247,8 @@ class SimDevice:
             self.ring_mem.close()
             self.ring_mem = None
         for b in self.buffers.values():
+            if b.pfn is not None and self.vm.guest_ram is not None:
+                self.vm.guest_ram.remove_segment(b.pfn)
             b.mem.close()
         self.buffers = {}
 

@@ -5,7 +5,12 @@ Protocol version 1 (the client is :class:`uvmbus.uio.endpoint.SimEndpoint`):
 * the endpoint is an ``AF_UNIX`` ``SOCK_SEQPACKET`` socket at ``<root>/dev/uioN`` (mode 0600);
 * on connect the server sends a hello, UTF-8 JSON
   ``{"proto": 1, "page_size": P, "maps": [{"index": K, "size": S}, ...]}``, carrying the fds
-  ``[eventfd, fd(map0), fd(map1), ...]`` (SCM_RIGHTS) in the order of ``maps``;
+  ``[eventfd, fd(map0), fd(map1), ...]`` (SCM_RIGHTS) in the order of ``maps``; each map is
+  mapped from offset 0 of its fd.  With simulated guest RAM, the NIC buffers (maps 3/4) also
+  carry ``"gpa": G``: the guest physical address of their first byte (their pages are
+  contiguous guest RAM from G), which a guest uses for GPA-direct ranges pointing into them
+  (where a real guest would read ``/proc/self/pagemap``); ``uvmbus sim exec --guest-ram``
+  maps them at virtual address G so that IOVA = VA = GPA;
 * every 4-byte message from the guest is an irqcontrol write (little-endian u32);
 * an interrupt is ``write(eventfd, 1)`` on every open connection of the device (each open
   file has its own event count, as with ``/dev/uioN``);
@@ -48,11 +53,13 @@ class Connection:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send_hello(self, page_size: int, maps: list[tuple[int, int, int]]) -> None:
-        """``maps`` = (index, size, fd)."""
-        hello = {"proto": PROTO, "page_size": page_size,
-                 "maps": [{"index": i, "size": s} for i, s, _ in maps]}
-        fds = [self.eventfd] + [fd for _, _, fd in maps]
+    def send_hello(self, page_size: int, maps: list[tuple[int, int, int, int | None]]) -> None:
+        """``maps`` = (index, size, fd, GPA or None)."""
+        entries: list[dict[str, int]] = []
+        for i, s, _, gpa in maps:
+            entries.append({"index": i, "size": s} if gpa is None else {"index": i, "size": s, "gpa": gpa})
+        hello = {"proto": PROTO, "page_size": page_size, "maps": entries}
+        fds = [self.eventfd] + [fd for _, _, fd, _ in maps]
         self.sock.setblocking(True)
         try:
             socket.send_fds(self.sock, [json.dumps(hello).encode()], fds)

@@ -106,6 +106,8 @@ class GpadlBuffer:
     kind: str          # "recv" or "send"
     gpadl: int
     mem: SharedMemfd
+    #: first PFN of the buffer in simulated guest RAM (a segment), None without guest RAM
+    pfn: int | None = None
 
     @property
     def size(self) -> int:

@@ -39,6 +39,7 @@ from uvmbus.errors import (
     NotFound,
     ProtocolError,
     RequestFailed,
+    RingCorrupt,
     ScsiError,
     StorageError,
     UnitAttention,
@@ -330,6 +331,24 @@ class Controller:
         """Wait for completions on one queue (IoBatch)."""
         if not self._spin([q]):
             self.device.wait([q.channel], timeout)
+        self._check_rings([q])
+
+    def _check_rings(self, queues: Sequence[IoQueue]) -> None:
+        """After a wake-up: a host that broke our TX ring's read_index (and stopped serving)
+        is otherwise seen only by the next write, so requests in flight would wait for their
+        timeout.  Loading and validating read_index costs one read per queue; a corrupt ring
+        fails the controller with RingCorrupt now (every pending command gets the error)."""
+        try:
+            for q in queues:
+                _ = q.channel.tx.free       # validates read_index; raises RingCorrupt
+                q.channel.raise_if_dead()
+        except RingCorrupt as exc:
+            if self._failed is None:
+                self._failed = exc
+                for cmd in list(self._pending.values()):
+                    self._abandon(cmd)
+                    self._complete(cmd, exc)
+            raise
 
     def _foreign_cpl(self, q: IoQueue, c: Any) -> None:
         """A non-completion packet seen by an IoBatch's reap."""
@@ -543,6 +562,7 @@ class Controller:
         queues = [q for q in self.queues if q.index not in self._claimed]
         if not self._spin(queues):
             self.device.wait([q.channel for q in queues], timeout)
+        self._check_rings(queues)
 
     def _wait(self, done: Callable[[], bool], timeout: float | None, *, recover: bool = True) -> bool:
         """Reap until ``done()`` or the timeout; recover lost commands on the way."""

@@ -25,7 +25,8 @@ Simulator wire protocol (version 1), for the server side in ``uvmbus.sim``:
 * hello (server → guest, first message): UTF-8 JSON
   ``{"proto": 1, "page_size": P, "maps": [{"index": K, "size": S}, ...]}``
   with ancillary fds ``[eventfd, memfd(map0), memfd(map1), ...]`` in the
-  order of ``maps``.
+  order of ``maps``.  NIC buffers in simulated guest RAM also carry ``"gpa"``
+  (their first byte's guest physical address; :attr:`SimEndpoint.map_gpas`).
 * irqcontrol (guest → server): 4 bytes, little-endian u32 value.
 * interrupt (server → guest): ``write(eventfd, 1)``; reads coalesce.
 * rescind (server → guest): JSON ``{"event": "rescind"}``; the server then
@@ -236,6 +237,8 @@ class SimEndpoint(Endpoint):
         self._event_fd = fds[0]
         self._map_fds = {int(m["index"]): fd for m, fd in zip(maps, fds[1:], strict=True)}
         self._map_sizes = {int(m["index"]): int(m["size"]) for m in maps}
+        #: guest physical address of a map's first byte (NIC buffers in guest RAM), if given
+        self.map_gpas: dict[int, int] = {int(m["index"]): int(m["gpa"]) for m in maps if "gpa" in m}
         self._poll = select.poll()
         self._poll.register(self._event_fd, select.POLLIN)
         self._poll.register(self._sock.fileno(), select.POLLIN)

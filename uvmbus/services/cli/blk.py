@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from uvmbus.errors import ConfigError
+from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.services.cli import (
     add_json,
     add_record,
@@ -54,12 +54,13 @@ def parse_bytes(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("blk", help="synthetic SCSI disks (storvsc driver): info, read, write, bench, "
+    p = sub.add_parser("blk", help="block devices (storvsc SCSI disks, NVMe over VFIO): info, read, write, bench, "
                        "NBD export daemon")
     bsub = p.add_subparsers(dest="blk_command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("device", help="VMBus device (GUID, unique prefix, or 'storvsc')")
+        sp.add_argument("device", help="VMBus device (GUID, unique prefix, or 'storvsc'), or an NVMe "
+                        "controller on vfio-pci (PCI address, vPCI GUID, or 'nvme')")
         add_root(sp)
         sp.add_argument("--subchannels", type=int_range(0, 64), default=0,
                         help="sub-channels to request (default 0: one channel)")
@@ -334,11 +335,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.qd < 1:
         raise ConfigError("--qd must be at least 1")
     sig_before = _sim_signals(args)
-    with _open(args) as hba:
-        disk = hba.disk(args.lun)
-        res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds)
-        channels = hba.channels
-        drv_stats = hba.stats()
+    try:
+        with _open(args) as hba:
+            disk = hba.disk(args.lun)
+            res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds)
+            channels = hba.channels
+            drv_stats = hba.stats()
+    except UvmbusError as exc:
+        if args.json:       # scripts get the reason in the JSON too, and a failing exit status
+            print(json.dumps({"benchmark": "blk", "device": args.device, "lun": args.lun,
+                              "error": f"{type(exc).__name__}: {exc}"}, indent=2))
+        raise
     sig_after = _sim_signals(args)
     ref_path = None if args.no_reference else (args.reference or _sim_image(args, args.lun))
     ref = pread_reference(ref_path, args.pattern, args.bs, args.seconds) if ref_path else None

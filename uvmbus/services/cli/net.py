@@ -193,6 +193,11 @@ def _bench(args: argparse.Namespace) -> int:
                       record=rec)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
+    if r.error:         # never a success over a dead channel (the figures include dead time)
+        print(f"uvmbus net bench: {r.error}; the figures are not valid (reopen the device)",
+              file=sys.stderr)
+        return 1
+    if args.json:
         return 0
     print(f"netvsc {r.mode}: {r.size}-byte frames, {r.queues} queue(s), burst {r.burst}, {r.seconds:.1f} s")
     print(f"  {r.mpps:8.3f} Mpps  {r.gbits:8.2f} Gbit/s   ({r.frames} frames; per queue {r.per_queue})")

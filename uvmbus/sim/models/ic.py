@@ -130,6 +130,7 @@ class _Txn:
     what: str = ""
     sent_at: float = 0.0
     sent_len: int = 0
+    timeout: float | None = None       # None: the model's reply_timeout
 
 
 @dataclass
@@ -212,9 +213,9 @@ class IcHostModel(DeviceModel):
         now = time.monotonic()
         with self._lock:
             cur = self._current
-            if cur is not None and now - cur.sent_at > self.reply_timeout:
+            if cur is not None and now - cur.sent_at > self._timeout(cur):
                 self.counters["missed"] += 1
-                self._error(f"no reply to {cur.what} within {self.reply_timeout:g} s")
+                self._error(f"no reply to {cur.what} within {self._timeout(cur):g} s")
                 self._current = None
                 if cur.on_missed is not None:
                     cur.on_missed()
@@ -231,10 +232,13 @@ class IcHostModel(DeviceModel):
                 self._send(channel, t, now)
             deadlines = []
             if self._current is not None:
-                deadlines.append(self._current.sent_at + self.reply_timeout)
+                deadlines.append(self._current.sent_at + self._timeout(self._current))
             if self._next_periodic is not None and self.state == "ready":
                 deadlines.append(self._next_periodic)
         return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    def _timeout(self, t: _Txn) -> float:
+        return self.reply_timeout if t.timeout is None else t.timeout
 
     def _error(self, msg: str) -> None:
         self.last_error = msg
@@ -256,6 +260,8 @@ class IcHostModel(DeviceModel):
         if fault and fault["kind"] == "truncate":
             data = data[:int(fault.get("size", 20))]
             self.counters["faults_truncated"] += 1
+        if fault and "timeout" in fault:         # the fault's request: give up sooner
+            t.timeout = float(fault["timeout"])
         t.sent_at = now
         t.sent_len = len(data)
         self._current = t

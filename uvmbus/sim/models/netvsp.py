@@ -296,8 +296,10 @@ class NetvspModel(DeviceModel):
     def open(self, channel: HostChannel) -> None:
         with self._lock:
             ram = self.device.guest_ram
-            if ram is not None and self.nic.guest_ram == ffi.NULL:
-                self.nic.guest_ram = ram.ptr          # GPA-direct TX (bounds-checked in C)
+            if ram is not None:
+                # GPA-direct TX (bounds-checked in C); the size grows with every NIC buffer
+                # segment (this NIC's were added at bind, before any open)
+                self.nic.guest_ram = ram.ptr
                 self.nic.ram_size = ram.size
                 self.nic.ram_base_pfn = ram.base_pfn
             if channel.is_primary and self._tap is None and self.backend.kind == "tap":
