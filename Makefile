@@ -77,3 +77,9 @@ ic-soak: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(VPY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+# The fault matrix (every simulator fault x netvsc driver, storvsc driver, blk export):
+# runs it and writes the table into docs/reliability.md (CI runs it as tests/test_fault_matrix.py).
+.PHONY: fault-matrix
+fault-matrix: $(STAMP)
+	$(VPY) tests/faultmatrix.py --markdown docs/reliability.md
