@@ -176,9 +176,10 @@ def test_link_down_up_data_path(tmp_path: Path) -> None:
         assert_host_clean(sim)
 
 
-@pytest.mark.xfail(strict=True, reason="the NetVSP model answers OID_GEN_MEDIA_CONNECT_STATUS "
-                   "'connected' even after a link-down indication (issue 9.5, simfid); DPDK "
-                   "22.11 re-queries it in link_update and so reports 'up'")
+@pytest.mark.xfail(strict=True, reason="DPDK re-queries OID_GEN_MEDIA_CONNECT_STATUS in "
+                   "link_update and believes the answer over the link-down indication; the host "
+                   "answers 'connected' whatever the link, as OpenVMM's netvsp does (handle_oid_query"
+                   " in vm/devices/net/netvsp/src/lib.rs): a DPDK limitation, see docs/simulator.md")
 def test_link_status_follows_host(tmp_path: Path) -> None:
     with run_sim(tmp_path, "--nic", "1", "--bind", "--kernel", "6.18") as sim:
         nic = sim.device("netvsc")["device_id"]
