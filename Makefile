@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean test-dpdk units-test qemu-test qemu-bench
+.PHONY: demo test build lint deps clean test-dpdk bench-dpdk units-test qemu-test qemu-bench
 
 # `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
 DEMO_ARGS ?=
@@ -25,6 +25,10 @@ test: $(STAMP)
 # DPDK as an independent guest: the full bring-up matrix (CI runs a subset in `make test`).
 test-dpdk: $(STAMP)
 	UVMBUS_DPDK_FULL=1 $(VPY) -m pytest tests/dpdk $(PYTEST_ARGS)
+
+# Side-by-side: DPDK's netvsc PMD and uvmbus's driver against one simulator (docs/performance.md).
+bench-dpdk: $(STAMP)
+	nice -n 10 $(VPY) tests/bench/dpdk_side_by_side.py --rounds 3 $(BENCH_ARGS)
 
 # The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
 # under .cache/units/).  `make test` runs it too; this target shows its progress.
@@ -73,3 +77,9 @@ ic-soak: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(VPY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+# The fault matrix (every simulator fault x netvsc driver, storvsc driver, blk export):
+# runs it and writes the table into docs/reliability.md (CI runs it as tests/test_fault_matrix.py).
+.PHONY: fault-matrix
+fault-matrix: $(STAMP)
+	$(VPY) tests/faultmatrix.py --markdown docs/reliability.md

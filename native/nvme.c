@@ -19,6 +19,9 @@ _Static_assert(offsetof(struct uvb_nvme_id_ns, lbaf) == 128, "lbaf at 128");
 _Static_assert(sizeof(struct vfio_region_info) == 32, "vfio_region_info");
 _Static_assert(sizeof(struct vfio_iommu_type1_dma_map) == 32, "dma_map");
 _Static_assert(sizeof(struct vfio_irq_set) == 20, "vfio_irq_set header");
+_Static_assert(sizeof(struct iommu_ioas_map) == 40, "iommu_ioas_map");
+_Static_assert(sizeof(struct iommu_ioas_unmap) == 24, "iommu_ioas_unmap");
+_Static_assert(sizeof(struct vfio_device_bind_iommufd) == 16, "bind_iommufd");
 
 #define BARRIER() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 

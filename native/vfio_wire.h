@@ -82,6 +82,56 @@
 #define UVB_VFIO_IOMMU_INFO_PGSIZES       1
 #define UVB_VFIO_IOMMU_INFO_CAPS          2
 
+/* cdev + iommufd (include/uapi/linux/vfio.h, iommufd.h): type ';' too */
+#define UVB_IOMMU_DESTROY                 0x3B80
+#define UVB_IOMMU_IOAS_ALLOC              0x3B81
+#define UVB_IOMMU_IOAS_MAP                0x3B85
+#define UVB_IOMMU_IOAS_UNMAP              0x3B86
+#define UVB_IOMMU_IOAS_MAP_FIXED_IOVA     1
+#define UVB_IOMMU_IOAS_MAP_WRITEABLE      2
+#define UVB_IOMMU_IOAS_MAP_READABLE       4
+
+struct vfio_device_bind_iommufd {
+    uint32_t argsz;
+    uint32_t flags;
+    int32_t  iommufd;
+    uint32_t out_devid;
+};
+
+struct vfio_device_attach_iommufd_pt {
+    uint32_t argsz;
+    uint32_t flags;
+    uint32_t pt_id;
+};
+
+struct iommu_destroy {
+    uint32_t size;
+    uint32_t id;
+};
+
+struct iommu_ioas_alloc {
+    uint32_t size;
+    uint32_t flags;
+    uint32_t out_ioas_id;
+};
+
+struct iommu_ioas_map {
+    uint32_t size;
+    uint32_t flags;
+    uint32_t ioas_id;
+    uint32_t reserved;
+    uint64_t user_va;
+    uint64_t length;
+    uint64_t iova;
+};
+
+struct iommu_ioas_unmap {
+    uint32_t size;
+    uint32_t ioas_id;
+    uint64_t iova;
+    uint64_t length;
+};
+
 struct vfio_group_status {
     uint32_t argsz;
     uint32_t flags;

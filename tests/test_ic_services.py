@@ -303,3 +303,14 @@ def test_timesync_apply_spec_errors():
     from uvmbus.errors import ConfigError
     with pytest.raises(ConfigError, match="adjtimex or chrony"):
         TimeSyncService("ntp")
+
+
+def test_hibernate_support_read_under_root(tmp_path):
+    from uvmbus.ic.shutdown import hibernate_supported
+    assert not hibernate_supported(tmp_path)
+    (tmp_path / "sys/power").mkdir(parents=True)
+    (tmp_path / "sys/power/state").write_text("freeze mem disk\n")
+    (tmp_path / "sys/power/disk").write_text("[platform] shutdown reboot\n")
+    assert hibernate_supported(tmp_path)
+    (tmp_path / "sys/power/disk").write_text("[disabled]\n")
+    assert not hibernate_supported(tmp_path)

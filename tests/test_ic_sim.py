@@ -253,3 +253,20 @@ def test_ic_bind_refused_leaves_devices_with_hv_utils(tmp_path):
         for n in ("heartbeat", "shutdown", "timesync", "kvp"):
             assert devs[n].driver == "hv_utils", (n, devs[n].driver)
         assert not (tmp_path / "run" / "ic-heartbeat+shutdown+timesync+kvp.pid").exists()
+
+
+def test_ic_rescind_ends_the_daemon_with_an_error(tmp_path):
+    """A rescinded IC channel is a dead channel: the daemon exits 1 (systemd restarts it) after
+    giving the other devices back."""
+    with run_sim(tmp_path / "sim", "--echo", "0") as sim:
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"))
+        try:
+            sim.rescind(sim.device("heartbeat")["device_id"])
+            rc = d.proc.wait(60)
+        finally:
+            if d.proc.poll() is None:
+                d.stop()
+        log = d.log.read_text()
+        assert rc == 1 and "rescinded" in log, log
+        devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+        assert devs["kvp"].driver == "hv_utils" and "heartbeat" not in devs

@@ -56,3 +56,36 @@ def test_nvme_round_trip_on_real_kernel(guest_ready: None, tmp_path: Path) -> No
     got = hashlib.sha256(image.read_bytes()).hexdigest()
     want = hashlib.sha256(P.expected_image()).hexdigest()
     assert got == want, f"the image does not hold what the guest wrote (sha256 {got} != {want})"
+
+
+@pytest.mark.timeout(400)
+def test_surprise_removal_on_real_kernel(guest_ready: None, tmp_path: Path) -> None:
+    """QMP device_del while the userspace driver does I/O: PCIe hot-unplug makes vfio-pci
+    raise the VFIO request interrupt; the driver must stop with DeviceRemoved (not hang until
+    its command timeout), close, and let the kernel finish removing the function."""
+    import time
+
+    image = tmp_path / "nvme.img"
+    image.write_bytes(bytes(8 << 20))
+
+    def unplug(outdir: Path, qmp: harness.Qmp) -> None:
+        deadline = time.monotonic() + 300
+        while not (outdir / "ready").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        time.sleep(1.0)
+        qmp.command("device_del", id="nvme0")
+
+    script = harness.ROOT / "tests" / "qemuvm" / "guest_removal.py"
+    run = harness.run_guest(f"cd {harness.ROOT} && {sys.executable} {script} /tmp/out",
+                            image=image, workdir=tmp_path, timeout=360, hotplug_port=True,
+                            host_action=unplug)
+    tail = run.console[-4000:]
+    result = run.outdir / "result.json"
+    assert result.exists(), f"guest wrote no result:\n{tail}"
+    res = json.loads(result.read_text())
+    assert res.get("error") == "DeviceRemoved", f"{res}\n{tail}"
+    assert "asked for the device back" in str(res.get("message")), res
+    assert res["reads"] > 0, res
+    assert res["function_removed"], f"the kernel could not finish the removal: {res}\n{tail}"

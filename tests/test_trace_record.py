@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,46 @@ def test_diff_names_the_difference():
     r = diff(a, b)
     assert len(r.hunks) == 1 and r.hunks[0][:3] == ("replace", 0, 1)
     assert diff(a, a).same
+
+
+@pytest.mark.parametrize("no_payload", [False, True])
+def test_send_section_attachment_snap_and_no_payload(tmp_path, no_payload):
+    from uvmbus.native import ffi
+    from uvmbus.trace.decode import HDR, fields
+
+    sec = 6144
+    buf = bytearray(4 * sec)
+    frame = b"\x00\x15\x5d\x00\x00\x01" * 2 + b"\x88\xb5" + b"F" * 100
+    rndis = P.rndis_packet(frame)
+    buf[sec:sec + len(rndis)] = rndis                       # section 1 holds a data message
+    query = P.rndis_query(7, P.OID_802_3_PERMANENT_ADDRESS)
+    buf[2 * sec:2 * sec + len(query)] = query               # section 2 a control message
+    cbuf = ffi.from_buffer(buf)
+    path = tmp_path / "s.pcapng"
+    with Recorder(path, snaplen=64, no_payload=no_payload) as rec:
+        port = rec.port(3, devclass="netvsc")
+        port.set_send_buffer(cbuf, len(buf), sec)
+        for idx, msg in ((1, rndis), (2, query), (9, rndis)):          # 9: outside the buffer
+            nvsp = struct.pack("<IIII", lib.NVSP_MSG1_TYPE_SEND_RNDIS_PKT, 0, idx, len(msg)) + bytes(24)
+            port.packet(inband(nvsp), to_host=True)
+    with open(path, "rb") as f:
+        recs = list(pcapng.read(f))
+    caps = []
+    for r in recs:
+        h = fields("struct uvb_trace_hdr", r.data)
+        att = r.data[HDR + h["pkt_cap"]:]
+        caps.append((h["flags"], fields("struct uvb_trace_chunk", att)["cap"] if att else None))
+    hdr_len = 8 + struct.unpack_from("<I", rndis, 8)[0]     # RNDIS header + per-packet info
+    assert caps[0][1] == (hdr_len if no_payload else 64)   # the frame: cut at the snap length / header
+    assert caps[0][0] & lib.UVB_TRACE_F_ATT_TRUNC
+    assert caps[1][1] == len(query)                         # a control message fits whole
+    assert caps[2] == (lib.UVB_TRACE_F_ATT_LOST | (lib.UVB_TRACE_F_NO_PAYLOAD if no_payload else 0), None)
+    msgs = decode_file(path)
+    assert msgs[1].inner[0]["name"] == "RNDIS QUERY OID_802_3_PERMANENT_ADDRESS"
+
+
+def test_trace_bench_reports_both_runs():
+    from uvmbus.trace.bench import recorder_cost
+
+    r = recorder_cost(size=64, seconds=0.05, rounds=1)
+    assert r["mpps_without"] > 0 and r["mpps_with"] > 0 and r["bytes_per_record"] >= 32 + 32 + 16 + 64

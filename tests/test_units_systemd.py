@@ -42,6 +42,8 @@ import pytest
 import systemd_container as sc
 from simhelpers import run_sim
 
+from uvmbus.services.persist import UNITS
+
 pytestmark = [pytest.mark.root, pytest.mark.systemd, pytest.mark.timeout(900)]
 
 DISK_MB = 4
@@ -130,16 +132,15 @@ def test_install_as_deploy_md_says(env):
            timeout=300)
     ct.run("ln -s /opt/uvmbus/bin/uvmbus /usr/local/bin/uvmbus")
     p = ct.run("uvmbus units install")
+    ct.run(f"systemctl set-environment UVMBUS_ROOT={env.root}")     # the simulator's root
     installed = sorted(Path(x).name for x in p.stdout.split())
-    assert installed == sorted(["uvmbus-bind@.service", "uvmbus-net@.service",
-                                "uvmbus-blk@.service"]), p.stdout + p.stderr
+    assert installed == sorted(UNITS), p.stdout + p.stderr
     for name in installed:
         text = ct.run(f"cat /etc/systemd/system/{name}").stdout
         assert re.search(r"^ExecStart=/usr/local/bin/uvmbus ", text, re.M), text
     # the loaded units are ours, found by systemd (units install ran daemon-reload)
     assert ct.show("uvmbus-net@x.service", "FragmentPath")["FragmentPath"] == \
         "/etc/systemd/system/uvmbus-net@.service"
-    ct.run(f"systemctl set-environment UVMBUS_ROOT={env.root}")
     sc.log(f"installed in {time.monotonic() - t0:.0f} s")
 
 
@@ -257,8 +258,16 @@ def test_device_policy_in_the_daemons_cgroups(env):
 
 def test_stop_drains_cleanly(env):
     ct = env.ct
+    uri = f"nbd+unix:///?socket=/run/uvmbus/blk-{env.disk}.nbd"
+    before = hashlib.sha256(env.image.read_bytes()).hexdigest()
     for kind, dev in (("net", env.nic), ("blk", env.disk)):
         unit = f"uvmbus-{kind}@{dev}.service"
+        if kind == "blk":       # stop it while a client reads the whole disk again and again
+            ct.run(f"nohup sh -c 'for i in $(seq 200); do nbdcopy \"{uri}\" - >/dev/null || exit; "
+                   "done' >/dev/null 2>&1 </dev/null &")
+            env.wait_for("the NBD reads to start", lambda: "nbdcopy" in ct.run(
+                "cat /proc/[0-9]*/comm 2>/dev/null",
+                check=False).stdout, timeout=20, interval=0.1)
         t0 = time.monotonic()
         ct.run(f"systemctl stop {unit}", timeout=90)
         st = ct.show(unit, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
@@ -268,6 +277,7 @@ def test_stop_drains_cleanly(env):
         assert (st["ExecMainCode"], st["ExecMainStatus"]) == ("1", "0"), st
         journal = ct.journal(unit)
         assert "stopping (" in journal and "stopped: " in journal, journal[-3000:]
+    assert hashlib.sha256(env.image.read_bytes()).hexdigest() == before   # reads changed nothing
     # the host saw the guest close every channel, without one needless signal
     env.wait_for("the simulator to see the devices closed",
                  lambda: all(not _is_open(env, d) for d in (env.nic, env.disk)), timeout=30)

@@ -319,3 +319,74 @@ def test_sparse_mmap_capability(tree: PciTree) -> None:
         assert reg.mmap_areas == ((0, 0x2000), (0x3000, 0x1000))
         with pytest.raises(VfioError, match="cannot be mmap'd whole"):
             h.device.map_bar(0)
+
+
+class FakeCdev(FakeVfio):
+    """The cdev + iommufd side: /dev/iommu, /dev/vfio/devices/vfio0."""
+
+    def open(self, path: str, flags: int) -> int:
+        rel = path[len(self.root):].lstrip("/")
+        self.calls.append(("open", rel))
+        return self._fd({"dev/iommu": "iommufd"}.get(rel, "device"))
+
+    def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
+        what = self.fds[fd]
+        if request == lib.UVB_IOMMU_IOAS_ALLOC:
+            a = ffi.cast("struct iommu_ioas_alloc *", arg)
+            assert a.size == 12
+            a.out_ioas_id = 7
+            self.calls.append((what, "IOAS_ALLOC"))
+            return 0
+        if request == lib.UVB_IOMMU_IOAS_MAP:
+            m = ffi.cast("struct iommu_ioas_map *", arg)
+            self.calls.append((what, "IOAS_MAP", bytes(ffi.buffer(m)).hex()))
+            return 0
+        if request == lib.UVB_IOMMU_IOAS_UNMAP:
+            u = ffi.cast("struct iommu_ioas_unmap *", arg)
+            self.calls.append((what, "IOAS_UNMAP", int(u.ioas_id), int(u.iova), int(u.length)))
+            return 0
+        if request == lib.UVB_VFIO_DEVICE_BIND_IOMMUFD:
+            b = ffi.cast("struct vfio_device_bind_iommufd *", arg)
+            self.calls.append((what, "BIND_IOMMUFD", self.fds[int(b.iommufd)], int(b.argsz)))
+            b.out_devid = 1
+            return 0
+        if request == lib.UVB_VFIO_DEVICE_ATTACH_IOMMUFD_PT:
+            at = ffi.cast("struct vfio_device_attach_iommufd_pt *", arg)
+            self.calls.append((what, "ATTACH_IOMMUFD_PT", int(at.pt_id), int(at.argsz)))
+            return 0
+        return super().ioctl(fd, request, arg)
+
+
+def test_cdev_iommufd_sequence(tmp_path: Path) -> None:
+    t = PciTree(tmp_path)
+    t.add_function(BDF, group=3, driver="vfio-pci")
+    (t.paths[BDF] / "vfio-dev" / "vfio0").mkdir(parents=True)
+    (tmp_path / "dev/vfio/devices").mkdir(parents=True)
+    (tmp_path / "dev/vfio/devices/vfio0").write_text("")
+    (tmp_path / "dev/iommu").write_text("")
+    (tmp_path / "dev/vfio/3").unlink()              # no group node: auto picks the cdev
+    ops = FakeCdev(tmp_path)
+    fn = PciBus(tmp_path).function(BDF)
+    assert fn.vfio_cdev == tmp_path / "dev/vfio/devices/vfio0"
+    with open_device(fn, ops=ops) as h:
+        assert h.api == "cdev+iommufd" and not h.noiommu
+        mem = dma_memory_for(h)
+        assert isinstance(mem, IommuDmaMemory)
+        region = mem.alloc_region(4096)
+        assert int(region.pfn_table[0]) == IOVA_BASE >> 12
+        vaddr = region.address
+        mem.close()
+    assert ops.calls == [
+        ("open", "dev/iommu"),
+        ("iommufd", "IOAS_ALLOC"),
+        ("open", "dev/vfio/devices/vfio0"),
+        ("device", "BIND_IOMMUFD", "iommufd", 16),
+        ("device", "ATTACH_IOMMUFD_PT", 7, 12),
+        ("device", "DEVICE_GET_INFO"),
+        # FIXED_IOVA | WRITEABLE | READABLE, IOAS 7
+        ("iommufd", "IOAS_MAP", struct.pack("<IIIIQQQ", 40, 7, 7, 0, vaddr, 2 << 20,
+                                            IOVA_BASE).hex()),
+        ("iommufd", "IOAS_UNMAP", 7, IOVA_BASE, 2 << 20),
+        ("close", "device"),
+        ("close", "iommufd"),
+    ]

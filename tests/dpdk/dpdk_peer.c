@@ -13,6 +13,9 @@
  *                        flows), receive until all came back (loopback backend) or S seconds
  *                        passed; every frame's bytes are checked
  *   tx N SIZE            send N frames (sink backend)
+ *   bounce N SIZE R      send N frames, send each received frame back (zero-copy) until every
+ *                        one came back R times (loopback backend); every reception checked
+ *   txfor S SIZE         send copies of one frame for S seconds (benchmark)
  *   rx S                 receive for S seconds, count frames and bytes
  *   fwd S                receive and send each burst straight back out for S seconds
  *   stats                rte_eth_stats of the port
@@ -245,6 +248,59 @@ static void cmd_loop(unsigned n, unsigned size, double secs)
           ", \"tx_full\": %" PRIu64 ", \"size\": %u", sent, received, bad, dup, foreign, tx_full, size);
 }
 
+/* send N numbered frames, then send every frame received straight back (the received mbuf
+ * itself: with rx_extmbuf_enable=1 its data is in the NIC's receive buffer, so the PMD sends
+ * it GPA-direct from there) until each came back ROUNDS times; every reception is checked */
+static void cmd_bounce(unsigned n, unsigned size, unsigned rounds, double secs)
+{
+    uint8_t *seen = calloc(n ? n : 1, 1);
+    uint64_t received = 0, bad = 0, extbuf = 0, sent = 0, want = (uint64_t)n * rounds;
+    double deadline = now() + secs;
+    for (uint32_t i = 0; i < n;) {
+        struct rte_mbuf *m = make_frame(size, i);
+        if (!m)
+            break;
+        if (rte_eth_tx_burst(port, (uint16_t)(i % nq), &m, 1) == 1) {
+            i++;
+            sent++;
+        } else {
+            rte_pktmbuf_free(m);
+            if (now() > deadline)
+                break;
+        }
+    }
+    while (received < want && now() < deadline) {
+        for (uint16_t q = 0; q < nq; q++) {
+            struct rte_mbuf *burst[BURST];
+            uint16_t r = rte_eth_rx_burst(port, q, burst, BURST);
+            for (uint16_t i = 0; i < r; i++) {
+                struct rte_mbuf *m = burst[i];
+                uint32_t seq = UINT32_MAX;
+                if (RTE_MBUF_HAS_EXTBUF(m))
+                    extbuf++;
+                if (check_frame(m, size, &seq) != 0 || seq >= n) {
+                    bad++;
+                    rte_pktmbuf_free(m);
+                    continue;
+                }
+                received++;
+                if (++seen[seq] < rounds) {
+                    if (rte_eth_tx_burst(port, q, &m, 1) == 1)
+                        sent++;
+                    else
+                        rte_pktmbuf_free(m);
+                } else {
+                    rte_pktmbuf_free(m);
+                }
+            }
+        }
+    }
+    free(seen);
+    reply(received == want && !bad, "\"sent\": %" PRIu64 ", \"received\": %" PRIu64
+          ", \"bad\": %" PRIu64 ", \"extbuf\": %" PRIu64 ", \"size\": %u", sent, received,
+          bad, extbuf, size);
+}
+
 static void cmd_tx(unsigned n, unsigned size)
 {
     uint64_t sent = 0;
@@ -262,6 +318,33 @@ static void cmd_tx(unsigned n, unsigned size)
         }
     }
     reply(sent == n, "\"sent\": %" PRIu64 ", \"seconds\": %.6f", sent, now() - t0);
+}
+
+/* send copies of one frame for S seconds (the benchmark's tx: a prebuilt frame per mbuf) */
+static void cmd_txfor(double secs, unsigned size)
+{
+    uint8_t tmpl[9100];
+    uint64_t sent = 0;
+    double t0 = now(), end = t0 + secs;
+    struct rte_mbuf *burst[BURST];
+    if (size < 60 || size > sizeof(tmpl)) {
+        reply(0, "\"error\": \"size %u\"", size);
+        return;
+    }
+    fill_frame(tmpl, size, 0);
+    while (now() < end) {
+        for (uint16_t q = 0; q < nq; q++) {
+            if (rte_pktmbuf_alloc_bulk(pool, burst, BURST) != 0)
+                continue;
+            for (unsigned i = 0; i < BURST; i++)
+                memcpy(rte_pktmbuf_append(burst[i], (uint16_t)size), tmpl, size);
+            uint16_t s = rte_eth_tx_burst(port, q, burst, BURST);
+            if (s < BURST)
+                rte_pktmbuf_free_bulk(burst + s, BURST - s);
+            sent += s;
+        }
+    }
+    reply(1, "\"sent\": %" PRIu64 ", \"seconds\": %.6f", sent, now() - t0);
 }
 
 static void cmd_rx(double secs)
@@ -385,6 +468,10 @@ int main(int argc, char **argv)
             cmd_loop((unsigned)atoi(a1), (unsigned)atoi(a2), atof(a3[0] ? a3 : "20"));
         else if (!strcmp(cmd, "tx"))
             cmd_tx((unsigned)atoi(a1), (unsigned)atoi(a2));
+        else if (!strcmp(cmd, "bounce"))
+            cmd_bounce((unsigned)atoi(a1), (unsigned)atoi(a2), (unsigned)atoi(a3[0] ? a3 : "3"), 30);
+        else if (!strcmp(cmd, "txfor"))
+            cmd_txfor(atof(a1), (unsigned)atoi(a2));
         else if (!strcmp(cmd, "rx"))
             cmd_rx(atof(a1));
         else if (!strcmp(cmd, "fwd"))

@@ -147,13 +147,21 @@ class DpdkPeer:
                 self.proc.kill()
                 self.proc.wait()
                 raise PeerError(f"DPDK peer did not exit within {timeout} s:\n{self.log}") from None
+        self.cleanup()
         return self.proc.returncode
+
+    def cleanup(self) -> None:
+        """Remove EAL's runtime directory of this (exited) process (its prefix is ours)."""
+        for base in ("/var/run/dpdk", "/run/dpdk"):
+            shutil.rmtree(Path(base) / self.prefix, ignore_errors=True)
 
     def __enter__(self) -> DpdkPeer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is not None:
+            self.cleanup()
+        else:
             try:
                 self.close()
             except PeerError:

@@ -17,11 +17,15 @@ Used by tests/test_qemu_nvme.py and by `make qemu-bench` (tests/qemuvm/bench.py)
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,11 +168,54 @@ class GuestRun:
         return int(m.group(1)) if m else None
 
 
+class Qmp:
+    """A minimal QMP client (QEMU's JSON monitor) on a Unix socket."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.file = self.sock.makefile("rwb")
+        self._read()                                   # greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict[str, object]:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("QMP socket closed")
+        return dict(json.loads(line))
+
+    def command(self, name: str, **arguments: object) -> dict[str, object]:
+        msg: dict[str, object] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "return" in reply or "error" in reply:
+                return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def run_guest(command: str, *, image: Path, workdir: Path, timeout: float = 600,
               memory: str = "1024M", smp: int = 1, nvme_opts: str = "",
-              extra_append: str = "") -> GuestRun:
+              extra_append: str = "", hotplug_port: bool = False,
+              host_action: Callable[[Path, Qmp], None] | None = None) -> GuestRun:
     """Boot the guest, run ``command`` (a /bin/sh -c string, in the host's root, as root) and
-    power off.  ``workdir/out`` is the guest's /tmp/out (writable)."""
+    power off.  ``workdir/out`` is the guest's /tmp/out (writable).  ``hotplug_port`` puts the
+    NVMe controller (QEMU id ``nvme0``) behind a PCIe root port so it can be unplugged;
+    ``host_action(outdir, qmp)`` runs in a thread while the guest runs."""
     kernel = find_kernel()
     if kernel is None:
         raise RuntimeError("no Debian kernel with modules in /boot and /lib/modules "
@@ -187,21 +234,42 @@ def run_guest(command: str, *, image: Path, workdir: Path, timeout: float = 600,
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", append,
         "-device", "intel-iommu",
         "-drive", f"file={image},if=none,id=nvm,format=raw,cache=writeback,discard=unmap",
-        "-device", "nvme,serial=uvmbus-qemu,drive=nvm" + (("," + nvme_opts) if nvme_opts else ""),
+        *(["-device", "pcie-root-port,id=rp1,chassis=1,slot=1"] if hotplug_port else []),
+        "-device", "nvme,id=nvme0,serial=uvmbus-qemu,drive=nvm"
+        + (",bus=rp1" if hotplug_port else "") + (("," + nvme_opts) if nvme_opts else ""),
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=out,path={outdir},security_model=none",
         "-device", "virtio-9p-pci,fsdev=out,mount_tag=out",
         "-serial", f"file:{console}",
     ]
+    qmp_path = workdir / "qmp.sock"
+    if host_action is not None:
+        cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
     start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    errors: list[str] = []
+    if host_action is not None:
+        def act() -> None:
+            try:
+                qmp = Qmp(qmp_path)
+                try:
+                    host_action(outdir, qmp)
+                finally:
+                    qmp.close()
+            except Exception as exc:          # reported in the console text
+                errors.append(f"[harness: host action failed: {exc!r}]")
+        threading.Thread(target=act, daemon=True).start()
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=timeout)
+        out, _ = proc.communicate(timeout=timeout)
         rc: int | None = proc.returncode
-        extra = proc.stdout.decode(errors="replace")
-    except subprocess.TimeoutExpired as exc:
+        extra = out.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
         rc = None
-        extra = (exc.stdout or b"").decode(errors="replace") + f"\n[harness: killed after {timeout} s]"
+        extra = out.decode(errors="replace") + f"\n[harness: killed after {timeout} s]"
+    extra += "\n".join(errors)
     text = console.read_text(errors="replace") if console.exists() else ""
     return GuestRun(rc, text + extra, time.monotonic() - start, outdir)

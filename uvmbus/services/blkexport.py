@@ -47,6 +47,7 @@ from typing import Any
 
 from uvmbus.errors import (
     ChannelError,
+    ChannelTimeout,
     ConfigError,
     DataProtect,
     IllegalRequest,
@@ -89,6 +90,8 @@ class ExportOptions:
     #: device is an NVMe controller (uvmbus.nvme over VFIO); lun = namespace index
     nvme: bool = False
     record: Any = None          # uvmbus.trace.Recorder (--record)
+    #: seconds to wait for a re-offer after the device went away before giving up (exit 1)
+    reattach_timeout: float = 10.0
 
 
 @dataclass
@@ -96,6 +99,10 @@ class _OpStats:
     count: int = 0
     bytes: int = 0
     errors: int = 0
+
+
+class DeviceLost(StorageError):
+    """A request while the exported device is gone (answered EIO at once)."""
 
 
 def _errno_for(exc: BaseException) -> int:
@@ -131,6 +138,12 @@ class BlockExport:
         self._iops_base = (time.monotonic(), 0)
         self.connections = 0
         self._device_id = ""
+        #: why the device is gone ("" while attached), since when, and reattachments done
+        self.lost = ""
+        self.lost_at = 0.0
+        self.reattaches = 0
+        self._next_try = 0.0
+        self._size = 0
 
     # -- set-up ---------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -159,7 +172,81 @@ class BlockExport:
             self.hba.close()
             self.hba = None
             raise
+        self._size = int(self.disk.size)
         self._refresh_ctl_stats(force=True)
+
+    # -- device loss and reattachment -------------------------------------------------------------------
+    def _sysfs_dir(self) -> Path:
+        return Path(self.opts.root) / "sys" / "bus" / "vmbus" / "devices" / self.device_id
+
+    def _device_gone(self) -> str:
+        """Why the device is gone, "" if it looks attached: its sysfs directory vanished
+        (rescind), or its endpoint reported the channel revoked (host loss)."""
+        if self.opts.nvme or self.hba is None:
+            return ""
+        if not self._sysfs_dir().exists():
+            return "the device was rescinded (its sysfs entry is gone)"
+        ep = getattr(getattr(self.hba.device, "uio", None), "endpoint", None)
+        if ep is not None and getattr(ep, "revoked", False):
+            return "the host revoked the channel"
+        return ""
+
+    def mark_lost(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = reason
+        self.lost_at = time.monotonic()
+        self._next_try = 0.0
+        log.error("device lost: %s; waiting up to %g s for a re-offer", reason, self.opts.reattach_timeout)
+        self.daemon.set_status(f"device lost: {reason}; waiting up to {self.opts.reattach_timeout:g} s "
+                               "for a re-offer")
+
+    def check_device(self) -> None:
+        """From the I/O thread: notice a loss; while lost, try to reattach (a re-offer brings
+        the device back under the same GUID: open it again, same disk size)."""
+        if not self.lost:
+            why = self._device_gone()
+            if why:
+                self.mark_lost(why)
+            return
+        now = time.monotonic()
+        if now < self._next_try or not self._sysfs_dir().exists():
+            return
+        self._next_try = now + 0.5
+        self._drop_controller()
+        import uvmbus.storvsc as storvsc
+
+        try:
+            hba = storvsc.open(self.opts.device, self.opts.root, subchannels=self.opts.subchannels,
+                               record=self.opts.record)
+        except UvmbusError as exc:
+            log.info("reattach not possible yet: %s", exc)
+            return
+        try:
+            disk = hba.disk(self.opts.lun)
+            if int(disk.size) != self._size:
+                raise StorageError(f"the re-offered LUN {self.opts.lun} has {int(disk.size)} bytes, "
+                                   f"not {self._size}: not the exported disk")
+        except UvmbusError as exc:
+            hba.close()
+            log.error("reattach failed: %s", exc)
+            self.daemon.failed = True
+            self.daemon.request_stop(f"reattach failed: {exc}")
+            return
+        self.hba, self.disk = hba, disk
+        self.reattaches += 1
+        log.info("reattached after %.1f s (%s)", now - self.lost_at, self.lost)
+        self.lost = ""
+        self.daemon.set_status(self.status_line())
+
+    def _drop_controller(self) -> None:
+        if self.hba is None:
+            return
+        hba, self.hba, self.disk = self.hba, None, None
+        try:
+            hba.close()
+        except Exception as exc:          # a dead device: closing it may fail in any way
+            log.info("closing the lost controller: %s", exc)
 
     @property
     def device_id(self) -> str:
@@ -245,6 +332,8 @@ class BlockExport:
         try:
             while not self._stop.is_set():
                 self.daemon.beat("io")
+                self.check_device()
+                self.daemon.beat("io")
                 for key, _ in sel.select(0.25):
                     if key.fileobj is self._listener:
                         try:
@@ -279,9 +368,13 @@ class BlockExport:
         t0 = time.perf_counter()
         name = P.OP_NAMES.get(op, "?")
         try:
+            if self.lost:
+                raise DeviceLost(f"the device is gone ({self.lost}); waiting for a re-offer")
             body = self._execute(op, flags, length, offset, data)
             err = 0
         except (UvmbusError, ValueError) as exc:
+            if not isinstance(exc, DeviceLost) and self._is_loss(exc):
+                self.mark_lost(f"{type(exc).__name__}: {exc}")
             err = _errno_for(exc)
             body = str(exc).encode()[:4096]
             if name in self.ops:
@@ -298,6 +391,12 @@ class BlockExport:
         else:
             conn.sendall(P.REP.pack(err, len(body)))
             conn.sendall(body)
+
+    def _is_loss(self, exc: BaseException) -> bool:
+        """A failure of the channel or controller itself (not of one request)."""
+        if isinstance(exc, ChannelError) and not isinstance(exc, ChannelTimeout):
+            return True          # RingCorrupt, ChannelRevoked, ...
+        return self.hba is not None and getattr(self.hba, "_failed", None) is not None
 
     def _execute(self, op: int, flags: int, length: int, offset: int, data: bytes) -> bytes:
         if op == P.OP_HELLO:
@@ -435,6 +534,7 @@ class BlockExport:
         io["errors"] = sum(v.errors for v in self.ops.values())
         io["iops"] = round(self._iops, 1)
         d: dict[str, Any] = {"device_id": self.device_id, "lun": self.opts.lun, "uri": self.uri,
+                             "device_lost": self.lost or None, "reattaches": self.reattaches,
                              "nbdkit_pid": self.proc.pid if self.proc else None,
                              "connections": self.connections, "io": io, "queues": queues,
                              "controller": st.get("counters", {})}
@@ -497,6 +597,7 @@ def run_export(opts: ExportOptions, daemon: Daemon) -> int:
         daemon.start(exp.device_id)
         exp.register_metrics()
         daemon.status_fn = exp.status
+        daemon.problem_fn = lambda: f"device lost: {exp.lost}" if exp.lost else ""
         exp.start_ipc(daemon.run_dir)
         daemon.spawn("io", exp.io_loop)
         exp.start_nbdkit(daemon.run_dir)
@@ -509,7 +610,14 @@ def run_export(opts: ExportOptions, daemon: Daemon) -> int:
                 log.error("nbdkit exited with status %s", exp.proc.returncode)
                 daemon.failed = True
                 daemon.request_stop(f"nbdkit exited ({exp.proc.returncode})")
-            if time.monotonic() - last >= 5.0:
+            if exp.lost:
+                gone = time.monotonic() - exp.lost_at
+                if gone > opts.reattach_timeout and not daemon.stop_event.is_set():
+                    log.error("no re-offer within %g s: exiting so the service is restarted",
+                              opts.reattach_timeout)
+                    daemon.failed = True
+                    daemon.request_stop(f"device lost for {gone:.1f} s: {exp.lost}")
+            elif time.monotonic() - last >= 5.0:
                 last = time.monotonic()
                 daemon.set_status(exp.status_line())
 

@@ -200,6 +200,9 @@ class Daemon:
         self.metrics_interval = metrics_interval
         self.stale_after = stale_after
         self.status_fn: Callable[[], dict[str, Any]] = dict
+        #: a service-level problem ("device lost: ..."), "" when none: makes the daemon unhealthy
+        #: (status, no watchdog) while its worker threads still run
+        self.problem_fn: Callable[[], str] = str
         self.status_text = "starting"
         self._beats: dict[str, float] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -286,6 +289,9 @@ class Daemon:
         self._beats[name] = time.monotonic()
 
     def healthy(self) -> tuple[bool, str]:
+        problem = self.problem_fn()
+        if problem:
+            return False, problem
         now = time.monotonic()
         for name, t in self._threads.items():
             if not t.is_alive() and not self.stop_event.is_set():

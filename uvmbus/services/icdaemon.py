@@ -25,7 +25,12 @@ from uvmbus.ic.fcopy import FcopyService
 from uvmbus.ic.framework import IcDriver, IcService
 from uvmbus.ic.heartbeat import HeartbeatService
 from uvmbus.ic.kvp import DEFAULT_DIR, KvpPools, KvpService
-from uvmbus.ic.shutdown import ShutdownRequest, ShutdownService, systemctl_action
+from uvmbus.ic.shutdown import (
+    ShutdownRequest,
+    ShutdownService,
+    hibernate_supported,
+    systemctl_action,
+)
 from uvmbus.ic.timesync import TimeSyncService
 
 __all__ = ["SERVICE_NAMES", "IcOptions", "build_service", "run_ic"]
@@ -74,7 +79,8 @@ def build_service(name: str, opts: IcOptions) -> IcService:
     if name == "heartbeat":
         return HeartbeatService()
     if name == "shutdown":
-        return ShutdownService(_shutdown_callback(opts.shutdown_action))
+        return ShutdownService(_shutdown_callback(opts.shutdown_action),
+                               can_hibernate=lambda: hibernate_supported(opts.root))
     if name == "timesync":
         return TimeSyncService(opts.timesync_apply)
     if name == "kvp":
@@ -176,6 +182,9 @@ def run_ic(opts: IcOptions, daemon: Any) -> int:
 def _give_back(bus: Any, dev: Any, opts: IcOptions, name: str) -> None:
     """Return ``dev`` to its kernel driver (hv_utils; none for fcopy); log, never raise."""
     from uvmbus.bus import unbind_uio
+    if not dev.path.exists():
+        log.warning("%s: %s is gone (rescinded by the host): nothing to give back", name, dev.device_id)
+        return
     try:
         unbind_uio(bus, dev, timeout=opts.bind_timeout)
         log.info("%s: %s given back to %s", name, dev.device_id, dev.driver or "no driver")

@@ -32,7 +32,8 @@ from uvmbus.errors import NotFound, PrivilegeError, VfioError
 from uvmbus.native import ffi, lib
 from uvmbus.vfio.pci import VFIO_DRIVER, PciFunction
 
-__all__ = ["SysOps", "Container", "Group", "Device", "Region", "IrqInfo", "open_device",
+__all__ = ["SysOps", "Container", "Group", "Device", "Region", "IrqInfo", "Iommufd", "VfioHandle",
+           "open_device", "open_cdev",
            "INTX", "MSI", "MSIX", "ERR", "REQ", "CONFIG", "IRQ_NAMES"]
 
 INTX, MSI, MSIX, ERR, REQ = 0, 1, 2, 3, 4
@@ -302,11 +303,11 @@ class IrqInfo:
 
 
 class Device:
-    """A VFIO device fd: regions, config space, interrupts, reset."""
+    """A VFIO device fd (from a group, or a cdev): regions, config space, interrupts, reset."""
 
-    def __init__(self, group: Group, name: str, fd: int) -> None:
+    def __init__(self, group: Group | None, name: str, fd: int, *, ops: SysOps | None = None) -> None:
         self.group = group
-        self.ops = group.ops
+        self.ops = group.ops if group is not None else (ops or SysOps())
         self.name = name
         self.fd = fd
         info = _new("struct vfio_device_info")
@@ -457,10 +458,101 @@ class Device:
             self.fd = -1
 
 
-class VfioHandle:
-    """Container + group + device of one PCI function, opened together (see open_device)."""
+class Iommufd:
+    """An iommufd context (``/dev/iommu``) with one IO address space: the cdev API's
+    counterpart of a type1 :class:`Container` (same ``map_dma``/``unmap_dma``)."""
 
-    def __init__(self, fn: PciFunction, container: Container, group: Group, device: Device) -> None:
+    noiommu = False
+    iommu_type = "iommufd"
+
+    def __init__(self, root: str | os.PathLike[str] = "/", *, ops: SysOps | None = None) -> None:
+        self.ops = ops or SysOps()
+        self.path = os.path.join(str(root), "dev/iommu")
+        self.ioas_id = 0
+        try:
+            self.fd = self.ops.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            raise VfioError(f"cannot open {self.path} ({exc.strerror}): the iommufd API needs "
+                            "CONFIG_IOMMUFD (`modprobe iommufd`); or use the group API") from exc
+        a = ffi.new("struct iommu_ioas_alloc *")
+        a.size = ffi.sizeof("struct iommu_ioas_alloc")
+        try:
+            self.ops.ioctl(self.fd, lib.UVB_IOMMU_IOAS_ALLOC, a)
+        except OSError as exc:
+            self.close()
+            raise VfioError(f"IOMMU_IOAS_ALLOC failed: {exc}") from exc
+        self.ioas_id = int(a.out_ioas_id)
+
+    def map_dma(self, vaddr: int, iova: int, size: int) -> None:
+        m = ffi.new("struct iommu_ioas_map *")
+        m.size = ffi.sizeof("struct iommu_ioas_map")
+        m.flags = (lib.UVB_IOMMU_IOAS_MAP_FIXED_IOVA | lib.UVB_IOMMU_IOAS_MAP_WRITEABLE
+                   | lib.UVB_IOMMU_IOAS_MAP_READABLE)
+        m.ioas_id, m.user_va, m.length, m.iova = self.ioas_id, vaddr, size, iova
+        try:
+            self.ops.ioctl(self.fd, lib.UVB_IOMMU_IOAS_MAP, m)
+        except OSError as exc:
+            raise VfioError(f"IOMMU_IOAS_MAP of {size} bytes at IOVA {iova:#x} failed: "
+                            f"{exc.strerror} (ENOMEM: raise the locked-memory limit)") from exc
+
+    def unmap_dma(self, iova: int, size: int) -> None:
+        u = ffi.new("struct iommu_ioas_unmap *")
+        u.size = ffi.sizeof("struct iommu_ioas_unmap")
+        u.ioas_id, u.iova, u.length = self.ioas_id, iova, size
+        try:
+            self.ops.ioctl(self.fd, lib.UVB_IOMMU_IOAS_UNMAP, u)
+        except OSError as exc:
+            raise VfioError(f"IOMMU_IOAS_UNMAP at IOVA {iova:#x} failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.ops.close(self.fd)
+            self.fd = -1
+
+
+def open_cdev(fn: PciFunction, *, ops: SysOps | None = None) -> VfioHandle:
+    """Open ``fn`` through the cdev API (``/dev/vfio/devices/vfioX`` + iommufd, Linux >= 6.6
+    with CONFIG_VFIO_DEVICE_CDEV): BIND_IOMMUFD, IOAS_ALLOC, ATTACH_IOMMUFD_PT."""
+    ops = ops or SysOps()
+    node = fn.vfio_cdev
+    if node is None:
+        raise VfioError(f"{fn.name} has no VFIO cdev (/dev/vfio/devices/vfioX): the kernel lacks "
+                        "CONFIG_VFIO_DEVICE_CDEV or the function is not on vfio-pci; use the "
+                        "group API")
+    ctx = Iommufd(fn.bus.root, ops=ops)
+    fd = -1
+    try:
+        try:
+            fd = ops.open(str(node), os.O_RDWR)
+        except OSError as exc:
+            raise VfioError(f"cannot open {node}: {exc}") from exc
+        b = _new("struct vfio_device_bind_iommufd")
+        b.iommufd = ctx.fd
+        try:
+            ops.ioctl(fd, lib.UVB_VFIO_DEVICE_BIND_IOMMUFD, b)
+        except OSError as exc:
+            raise VfioError(f"VFIO_DEVICE_BIND_IOMMUFD for {node} failed: {exc}") from exc
+        at = _new("struct vfio_device_attach_iommufd_pt")
+        at.pt_id = ctx.ioas_id
+        try:
+            ops.ioctl(fd, lib.UVB_VFIO_DEVICE_ATTACH_IOMMUFD_PT, at)
+        except OSError as exc:
+            raise VfioError(f"VFIO_DEVICE_ATTACH_IOMMUFD_PT for {node} failed: {exc}") from exc
+        dev = Device(None, fn.name, fd, ops=ops)
+    except BaseException:
+        if fd >= 0:
+            ops.close(fd)
+        ctx.close()
+        raise
+    return VfioHandle(fn, ctx, None, dev)
+
+
+class VfioHandle:
+    """Container (or iommufd) + group (None with the cdev API) + device of one PCI function,
+    opened together (see open_device)."""
+
+    def __init__(self, fn: PciFunction, container: Container | Iommufd, group: Group | None,
+                 device: Device) -> None:
         self.fn = fn
         self.container = container
         self.group = group
@@ -468,11 +560,16 @@ class VfioHandle:
 
     @property
     def noiommu(self) -> bool:
-        return self.group.noiommu
+        return self.group is not None and self.group.noiommu
+
+    @property
+    def api(self) -> str:
+        return "cdev+iommufd" if self.group is None else "group"
 
     def close(self) -> None:
         self.device.close()
-        self.group.close()
+        if self.group is not None:
+            self.group.close()
         self.container.close()
 
     def __enter__(self) -> VfioHandle:
@@ -482,8 +579,15 @@ class VfioHandle:
         self.close()
 
 
-def open_device(fn: PciFunction, *, ops: SysOps | None = None) -> VfioHandle:
-    """Open ``fn`` (bound to vfio-pci) through the legacy container/group API."""
+def open_device(fn: PciFunction, *, ops: SysOps | None = None, api: str | None = None) -> VfioHandle:
+    """Open ``fn`` (bound to vfio-pci).  ``api``: ``group`` (the legacy container/group API,
+    every kernel, the only one with no-IOMMU), ``cdev`` (cdev + iommufd), or ``auto``
+    (default, or $UVMBUS_VFIO_API): the group API when the group node exists, else the cdev."""
+    api = api or os.environ.get("UVMBUS_VFIO_API", "auto")
+    if api not in ("auto", "group", "cdev"):
+        raise VfioError(f"VFIO API {api!r}: use auto, group or cdev")
+    if api == "cdev" or (api == "auto" and fn.vfio_group_path is None and fn.vfio_cdev is not None):
+        return open_cdev(fn, ops=ops)
     container = Container(fn.bus.root, ops=ops)
     group: Group | None = None
     try:

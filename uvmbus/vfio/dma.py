@@ -1,7 +1,8 @@
 """DMA memory for VFIO devices, as :class:`uvmbus.dma.DmaMemory` providers.
 
-- :class:`IommuDmaMemory` (type1): anonymous memory mapped into the container with
-  ``VFIO_IOMMU_MAP_DMA`` at IOVAs this provider hands out (the kernel pins the pages);
+- :class:`IommuDmaMemory` (type1, or iommufd with the cdev API): anonymous memory mapped
+  with ``VFIO_IOMMU_MAP_DMA`` (``IOMMU_IOAS_MAP``) at IOVAs this provider hands out (the
+  kernel pins the pages);
   a region's ``pfn_table`` holds ``IOVA >> 12`` per 4 KiB page.
 - no-IOMMU: :class:`uvmbus.dma.HugepageMemory` (pinned hugepages, guest-physical page
   numbers from ``/proc/self/pagemap``): the device sees physical addresses.
@@ -19,7 +20,7 @@ from uvmbus.dma import DmaMemory, DmaRegion, HugepageMemory
 from uvmbus.dma.hugepage import MAP_HUGETLB, meminfo
 from uvmbus.errors import VfioError
 from uvmbus.native import ffi
-from uvmbus.vfio.device import Container, VfioHandle
+from uvmbus.vfio.device import Container, Iommufd, VfioHandle
 
 __all__ = ["IommuDmaMemory", "dma_memory_for", "IOVA_BASE"]
 
@@ -33,7 +34,7 @@ class IommuDmaMemory(DmaMemory):
 
     kind = "vfio-iommu"
 
-    def __init__(self, container: Container, *, iova_base: int = IOVA_BASE,
+    def __init__(self, container: Container | Iommufd, *, iova_base: int = IOVA_BASE,
                  hugepages: bool | None = None) -> None:
         super().__init__()
         if container.noiommu or container.iommu_type is None:

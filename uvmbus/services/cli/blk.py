@@ -54,12 +54,13 @@ def parse_bytes(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("blk", help="synthetic SCSI disks (storvsc driver): info, read, write, bench, "
+    p = sub.add_parser("blk", help="block devices (storvsc SCSI disks, NVMe over VFIO): info, read, write, bench, "
                        "NBD export daemon")
     bsub = p.add_subparsers(dest="blk_command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("device", help="VMBus device (GUID, unique prefix, or 'storvsc')")
+        sp.add_argument("device", help="VMBus device (GUID, unique prefix, or 'storvsc'), or an NVMe "
+                        "controller on vfio-pci (PCI address, vPCI GUID, or 'nvme')")
         add_root(sp)
         sp.add_argument("--subchannels", type=int_range(0, 64), default=0,
                         help="sub-channels to request (default 0: one channel)")

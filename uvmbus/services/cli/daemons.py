@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bind-address", default="127.0.0.1", metavar="ADDR",
                    help="address for --port (default 127.0.0.1; NBD has no authentication)")
     e.add_argument("--readonly", action="store_true", help="export read-only")
+    e.add_argument("--reattach-timeout", type=seconds(zero_ok=True), default=10.0, metavar="SECONDS",
+                   help="after the device goes away (rescind, host loss): report unhealthy, answer "
+                        "requests with errors and wait this long for a re-offer to reattach, "
+                        "else exit 1 so systemd restarts the service (default 10, under the "
+                        "unit's 15 s watchdog)")
     e.add_argument("--subchannels", type=int_range(0, 64), default=0,
                    help="storvsc sub-channels (default 0)")
     e.add_argument("--nbdkit", default="nbdkit", metavar="PATH", help="nbdkit binary")
@@ -157,7 +162,8 @@ def _export(args: argparse.Namespace) -> int:
     opts = ExportOptions(device=dev.device_id, root=args.root, lun=args.lun, socket=args.socket,
                          port=args.port, bind_address=args.bind_address, readonly=args.readonly,
                          subchannels=args.subchannels, nbdkit=args.nbdkit,
-                         nbdkit_args=list(args.nbdkit_arg), nvme=fn is not None)
+                         nbdkit_args=list(args.nbdkit_arg), nvme=fn is not None,
+                         reattach_timeout=args.reattach_timeout)
     with device_lock(dev, what="export it"), recording(args) as rec:
         opts.record = rec
         return run_export(opts, _daemon(args, "blk"))

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 
-from uvmbus.services.cli import add_json
+from uvmbus.services.cli import add_json, int_range, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--events", action="store_true", help="compare events too")
     add_json(d)
     d.set_defaults(func=_diff)
+
+    b = tsub.add_parser("bench", help="recording cost per packet (the ring C loop without/with a recorder)")
+    b.add_argument("--size", type=int_range(1, 65536), default=64, help="payload bytes per packet (default 64)")
+    b.add_argument("--seconds", type=seconds(), default=1.0, help="time per run (default 1)")
+    b.add_argument("--burst", type=int_range(1, 4096), default=32, help="packets per commit (default 32)")
+    b.add_argument("--rounds", type=int_range(1, 100), default=3, help="alternations, medians reported (default 3)")
+    b.add_argument("--dir", default="/dev/shm", help="where the trace goes (default /dev/shm)")
+    add_json(b)
+    b.set_defaults(func=_bench)
 
     x = tsub.add_parser("dissector", help="print the path of the Wireshark Lua dissector")
     x.set_defaults(func=_dissector)
@@ -72,6 +81,20 @@ def _diff(args: argparse.Namespace) -> int:
         for line in r.lines(width):
             print(line)
     return 0 if r.same else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from uvmbus.trace.bench import recorder_cost
+
+    r = recorder_cost(args.size, args.seconds, args.burst, args.rounds, args.dir)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"ring C loop, {r['size']}-byte in-band packets, burst {r['burst']}, median of {r['rounds']}:")
+    print(f"  without recorder {r['mpps_without']:8.2f} Mpps   {r['all_without']}")
+    print(f"  with recorder    {r['mpps_with']:8.2f} Mpps   {r['all_with']}")
+    print(f"  recording adds {r['ns_per_packet_added']} ns per packet ({r['bytes_per_record']} bytes of trace each)")
+    return 0
 
 
 def _dissector(args: argparse.Namespace) -> int:

@@ -480,7 +480,8 @@ function p_trace.dissector(tvb, pinfo, tree)
         root:add_proto_expert_info(E.short, "record shorter than the trace header")
         return
     end
-    local h = add_struct(root, tvb, 0, "uvb_trace_hdr")
+    local h = add_struct(root, tvb, 0, "uvb_trace_hdr", { kind = true, dir = true, side = true, devclass = true,
+        subchan = true, relid = true, version = true, reserved = true })
     root:add(F["uvmbus.kind"], tvb(1, 1))
     root:add(F["uvmbus.dir"], tvb(2, 1))
     root:add(F["uvmbus.side"], tvb(3, 1))
