@@ -79,6 +79,13 @@ GUEST = textwrap.dedent('''
         raise SystemExit("mmap of a missing map must fail")
     except OSError as e:
         assert e.errno == errno.EINVAL, e
+    standin = os.open(sys.argv[2], os.O_RDWR)      # a closed channel's ring: mmap -> ENODEV
+    try:
+        mmap.mmap(standin, 4096)
+        raise SystemExit("mmap of a closed channel's ring must fail")
+    except OSError as e:
+        assert e.errno == errno.ENODEV, e
+    os.close(standin)
     p = select.poll(); p.register(fd, select.POLLIN)
     assert p.poll(0) == []
     print("READY", flush=True)
@@ -102,8 +109,11 @@ def test_preload_uio_semantics(tmp_path: Path) -> None:
         uio = sorted((sim.root / "sys/bus/vmbus/devices" / dev / "uio").iterdir())[0].name
         script = tmp_path / "guest.py"
         script.write_text(GUEST)
+        standin = sim.root / "sim" / "rings" / "99999.closed"   # what a closed ring links to
+        standin.write_bytes(bytes(4096))
         proc = subprocess.Popen([sys.executable, "-m", "uvmbus", "sim", "exec", "--root",
-                                 str(sim.root), "--", sys.executable, str(script), f"/dev/{uio}"],
+                                 str(sim.root), "--", sys.executable, str(script), f"/dev/{uio}",
+                                 str(standin)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
@@ -112,6 +122,7 @@ def test_preload_uio_semantics(tmp_path: Path) -> None:
             sim.fault("spurious_interrupt", 2, device=dev)
             out, err = proc.communicate(timeout=60)
         finally:
+            standin.unlink(missing_ok=True)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -28,6 +28,7 @@
  * Environment: UVMBUS_SIM_ROOT (required), UVMBUS_PRELOAD_GUEST_RAM, UVMBUS_PRELOAD_DEBUG.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -565,12 +566,52 @@ ssize_t write(int fd, const void *buf, size_t len)
 static void *mmap_guest_ram(void *addr, size_t len, int prot, int flags, int fd, off_t off,
                             int *handled);
 
+/* The simulator keeps a closed channel's `ring` file as a hard link to a stand-in,
+ * <root>/sim/rings/<relid>.closed (the file exists from bind, as on a real kernel); mapping a
+ * ring whose channel is not open fails on a real kernel (uio_hv_generic: ENODEV). */
+static int is_closed_ring(int fd)
+{
+    static dev_t rings_dev;
+    static int have_dev = -1;
+    const char *root = getenv("UVMBUS_SIM_ROOT");
+    char dir[4096];
+    struct stat st, rs;
+    if (!root || fd < 0 || real_fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        return 0;
+    snprintf(dir, sizeof(dir), "%s/sim/rings", root);
+    if (have_dev < 0) {
+        have_dev = stat(dir, &rs) == 0;
+        rings_dev = have_dev ? rs.st_dev : 0;
+    }
+    if (!have_dev || st.st_dev != rings_dev)
+        return 0;
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    int found = 0;
+    for (struct dirent *e; !found && (e = readdir(d));) {
+        size_t n = strlen(e->d_name);
+        if (n > 7 && !strcmp(e->d_name + n - 7, ".closed") && e->d_ino == st.st_ino) {
+            struct stat cs;
+            found = fstatat(dirfd(d), e->d_name, &cs, 0) == 0 && cs.st_ino == st.st_ino &&
+                    cs.st_dev == st.st_dev;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     struct uio_file *f = lookup(fd);
     if (f)
         return uio_mmap(f, addr, len, prot, flags, off);
     resolve();
+    if (fd >= 0 && is_closed_ring(fd)) {
+        say("mmap of a ring file whose channel is not open: ENODEV (as uio_hv_generic)");
+        errno = ENODEV;
+        return MAP_FAILED;
+    }
     int handled = 0;
     void *r = mmap_guest_ram(addr, len, prot, flags, fd, off, &handled);
     if (handled)

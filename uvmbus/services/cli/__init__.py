@@ -202,6 +202,18 @@ def _check_simulator_alive(root: str) -> None:
         return
     except ProcessLookupError:
         pass
+    # The pid may belong to another PID namespace (the simulator on the host, this command in a
+    # container, as in tests/test_units_systemd.py): a simulator is alive if its control socket
+    # accepts a connection.
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(str(Path(root) / "sim" / "control.sock"))
+            return
+        except OSError:
+            pass
     raise NotFound(f"{root} is the root of a simulator that is no longer running (pid {pid} is "
                    f"gone: killed?): its devices are stale files. Start one again with `uvmbus sim "
                    f"--root {root} ...` (it clears them), or remove the directory")
