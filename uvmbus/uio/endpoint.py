@@ -356,8 +356,10 @@ def open_endpoint(path: str | os.PathLike[str]) -> Endpoint:
     try:
         st = p.stat()
     except FileNotFoundError as exc:
+        root = p.parent.parent if p.parent.name == "dev" else None      # ROOT/dev/uioN
+        opt = "" if root is None or root == Path("/") else f" --root {root}"
         raise NotFound(f"{p} does not exist: is the device bound to uio_hv_generic "
-                       "(`uvmbus bind DEVICE`)?") from exc
+                       f"(`uvmbus bind DEVICE{opt}`)?") from exc
     if stat.S_ISCHR(st.st_mode):
         return UioEndpoint(p)
     if stat.S_ISSOCK(st.st_mode):
