@@ -113,6 +113,9 @@ int uvb_host_notify_set(struct uvb_host_notify *n, const int32_t *fds, uint32_t 
 
 int uvb_host_interrupt(struct uvb_host_irq *irq)
 {
+    if (irq->rec)
+        uvb_rec_event(irq->rec, UVB_TRACE_DIR_H2G, UVB_TRACE_EV_INTERRUPT,
+                      irq->disabled ? 0u : irq->crashes ? 2u : 1u, 0, NULL, 0);
     if (__atomic_load_n(&irq->disabled, __ATOMIC_RELAXED)) {
         __atomic_fetch_add(&irq->dropped, 1, __ATOMIC_RELAXED);
         return 0;

@@ -79,6 +79,7 @@ struct uvb_host_irq {
     uint64_t pending_sets;
     uint32_t pending_threshold;
     uint32_t reserved2;
+    struct uvb_rec_port *rec;   /* `uvmbus sim --record`: interrupts become trace events */
 };
 /* Deliver one interrupt: returns 1 delivered, 0 dropped, -1 "guest kernel oops". */
 int uvb_host_interrupt(struct uvb_host_irq *irq);

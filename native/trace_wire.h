@@ -43,7 +43,7 @@
 
 /* events (host side mostly) */
 #define UVB_TRACE_EV_SIGNAL       1      /* the guest signalled the host (arg0: 1 = needless) */
-#define UVB_TRACE_EV_INTERRUPT    2      /* the host interrupted the guest */
+#define UVB_TRACE_EV_INTERRUPT    2      /* the host interrupted the guest (arg0: 1 delivered, 0 dropped by a fault, 2 crashed the guest kernel) */
 #define UVB_TRACE_EV_IRQCONTROL   3      /* a write to the uio irqcontrol file (arg0: value) */
 #define UVB_TRACE_EV_MASK         4      /* a ring interrupt_mask change (arg0: new value) */
 #define UVB_TRACE_EV_FAULT        5      /* a fault injected or detected (text says which) */

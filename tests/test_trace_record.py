@@ -280,3 +280,28 @@ def test_trace_bench_reports_both_runs():
 
     r = recorder_cost(size=64, seconds=0.05, rounds=1)
     assert r["mpps_without"] > 0 and r["mpps_with"] > 0 and r["bytes_per_record"] >= 32 + 32 + 16 + 64
+
+
+def test_host_records_integration_service_messages(tmp_path):
+    import signal
+    import time
+
+    host = tmp_path / "ic.pcapng"
+    with run_sim(tmp_path, "--echo", "0", "--record", str(host)) as sim:
+        p = subprocess.Popen([*UVMBUS, "ic", "run", "--root", str(sim.root)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        names: set[str] = set()
+        while time.monotonic() < deadline and "ICMSG HEARTBEAT" not in names:
+            time.sleep(0.5)
+            part = host.with_name(host.name + ".part")
+            names = {m.name for m in decode_file(part)} if part.exists() else set()
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)
+    msgs = decode_file(host)
+    assert {"ICMSG NEGOTIATE", "ICMSG HEARTBEAT"} <= {m.name for m in msgs}
+    assert {m.devclass for m in msgs if m.name.startswith("ICMSG")} == {"ic"}
+    assert not [m.problems for m in msgs if m.problems]
+    if TSHARK:
+        rows = tshark(host, "-T", "fields", "-e", "icmsg.ic_msg_hdr.icmsgtype", "-e", "_ws.malformed")
+        assert any(r.split("\t")[0] == "1" for r in rows) and not any(r.split("\t")[1] for r in rows)

@@ -127,6 +127,7 @@ class HostChannel:
                                   devclass=cls.name if cls else str(getattr(device, "kind", "vmbus")),
                                   instance=device.device_id)
             self.trace.attach(self.tx.raw, self.rx.raw)
+            self.irq.rec = self.trace.raw      # interrupts (also from the C pumps) as events
             recv, send = device.buffer("recv"), device.buffer("send")
             if recv is not None:        # the section size is learnt from the trace itself
                 self.trace.add_pageset(lib.NVSP_RECV_BUF_ID, recv.ptr, recv.size)
@@ -206,6 +207,7 @@ class HostChannel:
     def close(self) -> None:
         """Release the rings (after :meth:`stop`)."""
         if self.trace is not None:
+            self.irq.rec = ffi.NULL
             self.trace.detach()
         self.tx.close()
         self.rx.close()
@@ -452,7 +454,6 @@ class HostChannel:
             self._interrupt()
 
     def _interrupt(self) -> None:
-        self.trace_event(lib.UVB_TRACE_EV_INTERRUPT, 0, to_host=False)
         if lib.uvb_host_interrupt(self.irq) < 0 and self.irq.oops == 1:
             self.device.log(f"relid {self.relid}: GUEST KERNEL OOPS: interrupt on sub-channel "
                             f"{self.subchannel_id} (hv_uio_channel_cb NULL device_obj, kernels "

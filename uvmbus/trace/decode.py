@@ -44,6 +44,7 @@ OIDS = _names("OID_", strip="")
 VSTOR_OPS = _names("VSTOR_OP_")
 SRB_STATUS = _names("SRB_STATUS_", skip=("SRB_STATUS_MASK", "SRB_STATUS_AUTOSENSE", "SRB_STATUS_QUEUE"))
 EVENTS = _names("UVB_TRACE_EV_")
+IC_TYPES = _names("IC_MSGTYPE_")
 CLASSES = {lib.UVB_TRACE_CLASS_NET: "netvsc", lib.UVB_TRACE_CLASS_SCSI: "storvsc",
            lib.UVB_TRACE_CLASS_IC: "ic", lib.UVB_TRACE_CLASS_OTHER: "vmbus"}
 
@@ -337,17 +338,18 @@ def _decode_vstor(m: Message, payload: bytes) -> None:
 
 
 def _decode_icmsg(m: Message, payload: bytes) -> None:
-    """Integration-service header (pipe header + icmsg header), laid out as Linux's hv_utils."""
+    """Integration-service header: the pipe header and icmsg header of ic_wire.h."""
     m.proto = "icmsg"
-    if len(payload) < 28:
+    pipe = ffi.sizeof("struct ic_pipe_hdr")
+    if len(payload) < pipe + ffi.sizeof("struct ic_msg_hdr"):
         m.name = "ICMSG (short)"
+        m.problems.append("integration-service message shorter than its headers")
         return
-    # vmbuspipe_hdr (8) then icmsg_hdr: icverframe u32, icmsgtype u16, icvermsg u32, icmsgsize u16,
-    # status u32, ictransaction_id u8, icflags u8, reserved u16
-    frame_ver, msgtype, msg_ver, size, status, tid, flags = struct.unpack_from("<IHIHIBB", payload, 8)
-    m.name = f"ICMSG type {msgtype}"
-    m.fields = {"icmsgtype": msgtype, "icmsgsize": size, "status": status, "ictransaction_id": tid,
-                "icflags": flags, "icverframe": frame_ver, "icvermsg": msg_ver}
+    h = fields("struct ic_msg_hdr", payload, pipe)
+    t = h["icmsgtype"]
+    m.name = "ICMSG " + IC_TYPES.get(t, f"type {t}")
+    h.pop("reserved", None)
+    m.fields = {**{f"pipe.{k}": v for k, v in fields("struct ic_pipe_hdr", payload).items()}, **h}
 
 
 def messages_text(msgs: Iterable[Message]) -> Iterator[str]:

@@ -96,7 +96,7 @@ def read(f: BinaryIO, name: str = "trace") -> Iterator[Record]:
         if not head:
             return
         if len(head) < 8:
-            raise TraceError(f"{name}: truncated block header at the end (file cut short?)")
+            return           # cut short (a recorder killed mid-write): everything before is good
         btype, total = struct.unpack("<II", head)
         if first and btype != SHB:
             raise TraceError(f"{name}: not a pcapng file (first block {btype:#x}); "

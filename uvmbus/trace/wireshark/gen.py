@@ -23,7 +23,7 @@ STRUCTS = sorted({*D.NVSP_STRUCTS.values(), "struct nvsp_subchannel_complete", *
                   "struct vstor_srb", "struct vstor_protocol_version", "struct vstor_channel_properties",
                   "struct vmpacket_descriptor", "struct vmtransfer_page_header", "struct vmgpa_direct_header",
                   "struct uvb_trace_hdr", "struct uvb_trace_chunk", "struct uvb_trace_event",
-                  "struct rndis_ppi"})
+                  "struct rndis_ppi", "struct ic_pipe_hdr", "struct ic_msg_hdr"})
 
 
 def _layout(ctype: str) -> list[tuple[str, int, int, str]]:
@@ -66,7 +66,7 @@ def render() -> str:
               _table("NVSP_STATUS", D.NVSP_STATUS), _table("RNDIS_TYPES", D.RNDIS_TYPES),
               _table("RNDIS_STATUS", D.RNDIS_STATUS), _table("OIDS", D.OIDS), _table("VSTOR_OPS", D.VSTOR_OPS),
               _table("SRB_STATUS", D.SRB_STATUS), _table("EVENTS", D.EVENTS), _table("CLASSES", D.CLASSES),
-              _table("PPI_TYPES", ppis), _table("SCSI_OPS", {int(o): o.name for o in Opcode})]
+              _table("PPI_TYPES", ppis), _table("IC_TYPES", D.IC_TYPES), _table("SCSI_OPS", {int(o): o.name for o in Opcode})]
     sname = {**{k: v.replace("struct ", "") for k, v in D.NVSP_STRUCTS.items()}}
     parts.append(_table("NVSP_STRUCT", sname))
     parts.append(_table("RNDIS_STRUCT", {k: v.replace("struct ", "") for k, v in D.RNDIS_STRUCTS.items()}))

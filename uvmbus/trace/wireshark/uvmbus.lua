@@ -27,10 +27,13 @@ local SRB_STATUS = { [0] = "PENDING", [1] = "SUCCESS", [2] = "ABORTED", [3] = "A
 local EVENTS = { [1] = "SIGNAL", [2] = "INTERRUPT", [3] = "IRQCONTROL", [4] = "MASK", [5] = "FAULT", [6] = "OPEN", [7] = "CLOSE", [8] = "NOTE" }
 local CLASSES = { [0] = "vmbus", [1] = "netvsc", [2] = "storvsc", [3] = "ic" }
 local PPI_TYPES = { [0] = "TCPIP_CHKSUM", [1] = "IPSEC", [2] = "TCP_LARGESEND", [3] = "CLASSIFICATION_HANDLE", [6] = "IEEE_8021Q", [8] = "HASH_VALUE", [9] = "HASH_INFO", [11] = "SHORT_PKT_PADINFO", [2147483649] = "RNDIS_PKTINFO_ID" }
+local IC_TYPES = { [0] = "NEGOTIATE", [1] = "HEARTBEAT", [2] = "KVPEXCHANGE", [3] = "SHUTDOWN", [4] = "TIMESYNC", [5] = "VSS", [7] = "FCOPY" }
 local SCSI_OPS = { [0] = "TEST_UNIT_READY", [3] = "REQUEST_SENSE", [4] = "FORMAT_UNIT", [8] = "READ6", [10] = "WRITE6", [18] = "INQUIRY", [21] = "MODE_SELECT6", [22] = "RESERVE6", [23] = "RELEASE6", [26] = "MODE_SENSE6", [27] = "START_STOP_UNIT", [29] = "SEND_DIAGNOSTIC", [30] = "PREVENT_ALLOW", [37] = "READ_CAPACITY10", [40] = "READ10", [42] = "WRITE10", [46] = "WRITE_VERIFY10", [47] = "VERIFY10", [53] = "SYNCHRONIZE_CACHE10", [65] = "WRITE_SAME10", [66] = "UNMAP", [85] = "MODE_SELECT10", [90] = "MODE_SENSE10", [94] = "PERSISTENT_RESERVE_IN", [95] = "PERSISTENT_RESERVE_OUT", [136] = "READ16", [138] = "WRITE16", [142] = "WRITE_VERIFY16", [143] = "VERIFY16", [145] = "SYNCHRONIZE_CACHE16", [147] = "WRITE_SAME16", [158] = "SERVICE_ACTION_IN16", [160] = "REPORT_LUNS", [168] = "READ12", [170] = "WRITE12", [174] = "WRITE_VERIFY12", [175] = "VERIFY12" }
 local NVSP_STRUCT = { [1] = "nvsp_init", [2] = "nvsp_init_complete", [100] = "nvsp_send_ndis_ver", [101] = "nvsp_send_recv_buf", [102] = "nvsp_send_recv_buf_complete", [103] = "nvsp_revoke_buf", [104] = "nvsp_send_send_buf", [105] = "nvsp_send_send_buf_complete", [106] = "nvsp_revoke_buf", [107] = "nvsp_send_rndis_pkt", [108] = "nvsp_send_rndis_pkt_complete", [125] = "nvsp_send_ndis_config", [128] = "nvsp_vf_association", [129] = "nvsp_switch_data_path", [131] = "nvsp_oid_query_ex", [132] = "nvsp_oid_query_ex_complete", [133] = "nvsp_subchannel_request", [134] = "nvsp_send_indirection_table" }
 local RNDIS_STRUCT = { [1] = "rndis_packet", [2] = "rndis_initialize_request", [3] = "rndis_halt_request", [4] = "rndis_query_request", [5] = "rndis_set_request", [6] = "rndis_reset_request", [7] = "rndis_indicate_status", [8] = "rndis_keepalive_request", [2147483650] = "rndis_initialize_complete", [2147483652] = "rndis_query_complete", [2147483653] = "rndis_set_complete", [2147483654] = "rndis_reset_complete", [2147483656] = "rndis_keepalive_complete" }
 local LAYOUT = {
+  ["ic_msg_hdr"] = { size = 20, {"icverframe.major", 0, 2, "u"}, {"icverframe.minor", 2, 2, "u"}, {"icmsgtype", 4, 2, "u"}, {"icvermsg.major", 6, 2, "u"}, {"icvermsg.minor", 8, 2, "u"}, {"icmsgsize", 10, 2, "u"}, {"status", 12, 4, "u"}, {"ictransaction_id", 16, 1, "u"}, {"icflags", 17, 1, "u"}, {"reserved", 18, 2, "b"} },
+  ["ic_pipe_hdr"] = { size = 8, {"flags", 0, 4, "u"}, {"msgsize", 4, 4, "u"} },
   ["nvsp_init"] = { size = 12, {"msg_type", 0, 4, "u"}, {"min_protocol_ver", 4, 4, "u"}, {"max_protocol_ver", 8, 4, "u"} },
   ["nvsp_init_complete"] = { size = 16, {"msg_type", 0, 4, "u"}, {"negotiated_protocol_ver", 4, 4, "u"}, {"max_mdl_chain_len", 8, 4, "u"}, {"status", 12, 4, "u"} },
   ["nvsp_oid_query_ex"] = { size = 12, {"msg_type", 0, 4, "u"}, {"hdr_type", 4, 1, "u"}, {"hdr_revision", 5, 1, "u"}, {"hdr_size", 6, 2, "u"}, {"oid", 8, 4, "u"} },
@@ -164,15 +167,6 @@ table.insert(vstor_fields, F["vstor.sense"])
 uf(vstor_fields, "vstor.sense_key", "Sense key", 1)
 uf(vstor_fields, "vstor.asc", "Additional sense code", 1, nil, base.HEX)
 uf(vstor_fields, "vstor.ascq", "Additional sense code qualifier", 1, nil, base.HEX)
-uf(icmsg_fields, "icmsg.pipe_flags", "Pipe flags", 4, nil, base.HEX)
-uf(icmsg_fields, "icmsg.pipe_size", "Pipe message size", 4)
-uf(icmsg_fields, "icmsg.framever", "Framework version", 4, nil, base.HEX)
-uf(icmsg_fields, "icmsg.type", "Message type", 2, { [0] = "NEGOTIATE", [1] = "HEARTBEAT", [2] = "KVPEXCHANGE", [3] = "SHUTDOWN", [4] = "TIMESYNC", [5] = "VSS", [7] = "FCOPY" })
-uf(icmsg_fields, "icmsg.msgver", "Message version", 4, nil, base.HEX)
-uf(icmsg_fields, "icmsg.size", "Message size", 2)
-uf(icmsg_fields, "icmsg.status", "Status", 4, nil, base.HEX)
-uf(icmsg_fields, "icmsg.transaction_id", "IC transaction id", 1)
-uf(icmsg_fields, "icmsg.flags", "IC flags", 1, nil, base.HEX)
 
 -- generated per-struct fields: <proto>.<struct>.<field>
 local function struct_proto(sname)
@@ -180,6 +174,7 @@ local function struct_proto(sname)
     if sname:find("^rndis_") then return "hv_rndis", rndis_fields end
     if sname:find("^vstor_") then return "vstor", vstor_fields end
     if sname:find("^uvb_") then return "uvmbus", trace_fields end
+    if sname:find("^ic_") then return "icmsg", icmsg_fields end
     return "vmbus", vmbus_fields
 end
 for sname, lay in pairs(LAYOUT) do
@@ -384,18 +379,17 @@ end
 
 -- ---- ICMSG -----------------------------------------------------------------------------------------
 local function dissect_icmsg(tvb, off, pinfo, tree)
-    if tvb:len() - off < 28 then return "ICMSG (short)" end
-    local sub = tree:add(p_icmsg, tvb(off, 28), "Integration-service message")
-    sub:add_le(F["icmsg.pipe_flags"], tvb(off, 4))
-    sub:add_le(F["icmsg.pipe_size"], tvb(off + 4, 4))
-    sub:add_le(F["icmsg.framever"], tvb(off + 8, 4))
-    sub:add_le(F["icmsg.type"], tvb(off + 12, 2))
-    sub:add_le(F["icmsg.msgver"], tvb(off + 14, 4))
-    sub:add_le(F["icmsg.size"], tvb(off + 18, 2))
-    sub:add_le(F["icmsg.status"], tvb(off + 20, 4))
-    sub:add_le(F["icmsg.transaction_id"], tvb(off + 24, 1))
-    sub:add_le(F["icmsg.flags"], tvb(off + 25, 1))
-    return "ICMSG type " .. tvb(off + 12, 2):le_uint()
+    local ps, ms = LAYOUT["ic_pipe_hdr"].size, LAYOUT["ic_msg_hdr"].size
+    if tvb:len() - off < ps + ms then
+        tree:add_proto_expert_info(E.len, "integration-service message shorter than its headers")
+        return "ICMSG (short)"
+    end
+    local sub = tree:add(p_icmsg, tvb(off), "Integration-service message")
+    add_struct(sub, tvb, off, "ic_pipe_hdr")
+    local v = add_struct(sub, tvb, off + ps, "ic_msg_hdr", { reserved = true })
+    local name = name_of(IC_TYPES, v.icmsgtype or 0, "type %d")
+    if not IC_TYPES[v.icmsgtype or -1] then sub:add_proto_expert_info(E.unknown, "unknown ICMSG type " .. (v.icmsgtype or 0)) end
+    return "ICMSG " .. name
 end
 
 -- ---- VMBus descriptor --------------------------------------------------------------------------------
