@@ -83,3 +83,12 @@ fuzz: $(STAMP)
 .PHONY: fault-matrix
 fault-matrix: $(STAMP)
 	$(VPY) tests/faultmatrix.py --markdown docs/reliability.md
+
+# Long form of the durability and soak tests (CI runs 4 kill rounds and an 8 s soak):
+# 40 rounds of kill -9 of the export / the simulator, then a 5-minute soak with RSS/fd samples.
+.PHONY: soak
+SOAK_SECONDS ?= 300
+KILL_ROUNDS ?= 40
+soak: $(STAMP)
+	UVMBUS_KILL_ROUNDS=$(KILL_ROUNDS) UVMBUS_SOAK_SECONDS=$(SOAK_SECONDS) nice -n 10 \
+	  $(VPY) -m pytest -q -s tests/test_reliability_durability.py
