@@ -58,7 +58,7 @@ def test_tree_layout_is_the_kernels() -> None:
         assert not (d / "channels" / str(e["relid"]) / "ring").exists()   # not bound, not open
         ic = sim.device("heartbeat")
         ic_dir = vm / "devices" / ic["device_id"]
-        assert os.readlink(ic_dir / "driver") == "../../drivers/hv_utils"
+        assert os.readlink(ic_dir / "driver") == "../../../../../../bus/vmbus/drivers/hv_utils"
         assert not (ic_dir / "monitor_id").exists()                # ICs are not monitored
         # new_id binds every unbound device of the class at once
         write(vm / "drivers/uio_hv_generic/new_id", ECHO_CLASS_ID)

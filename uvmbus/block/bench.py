@@ -66,10 +66,12 @@ def run_disk(disk: BlockDevice, pattern: str, bs: int, qd: int, seconds: float, 
         raise ConfigError(f"--bs {bs} must be a positive multiple of the block size {disk.block_size}")
     if bs > disk.size:
         raise ConfigError(f"--bs {bs} exceeds the disk ({disk.size} bytes)")
-    chunk = min(bs, ctl.max_transfer)
+    # a device may cap the controller's limit (storvsc: VPD 0xB0 of the LUN)
+    limit = int(getattr(disk, "max_transfer", ctl.max_transfer))
+    chunk = min(bs, limit)
     if bs % chunk:
-        raise ConfigError(f"--bs {bs} must be a multiple of the host's maximum transfer "
-                          f"({ctl.max_transfer}) when larger than it")
+        raise ConfigError(f"--bs {bs} must be a multiple of the maximum transfer "
+                          f"({limit}) when larger than it")
     k = bs // chunk
     slots = qd * k
     depth = getattr(ctl, "queue_depth", 256)

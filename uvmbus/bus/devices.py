@@ -43,7 +43,8 @@ class ChannelInfo:
     monitor_id: int | None
     """None when the channel is not monitor-allocated (signal via ``write(fd, 1)``)."""
     ring_path: str | None
-    """``channels/<relid>/ring``; present only when bound to uio_hv_generic and open."""
+    """``channels/<relid>/ring``: a sub-channel's appears once it is open; the primary's exists
+    from the bind to uio_hv_generic on, but maps only while the device is open."""
     ring_size_per_direction: int | None
     """``stat(ring).st_size // 2``; exact only on kernels with ``ring_file_size_exact``."""
 

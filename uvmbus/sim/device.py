@@ -40,6 +40,20 @@ __all__ = ["GpadlBuffer", "SimDevice"]
 UIO_DRIVER = "uio_hv_generic"
 
 
+def ring_debug_info(ring: Any) -> dict[str, str]:
+    """hv_ringbuffer_get_debuginfo of one direction, as the device attributes print it; no
+    ring (channel not open): the kernel's read fails (-EINVAL), the simulator's file is empty."""
+    if ring is None:
+        return {k: "" for k in ("intr_mask", "read_index", "write_index", "read_bytes_avail",
+                                "write_bytes_avail")}
+    c = ring.control()
+    size = ring.data_size
+    to_read = (c["write_index"] - c["read_index"]) % size
+    return {"intr_mask": f"{c['interrupt_mask']}\n", "read_index": f"{c['read_index']}\n",
+            "write_index": f"{c['write_index']}\n", "read_bytes_avail": f"{to_read}\n",
+            "write_bytes_avail": f"{size - to_read}\n"}
+
+
 def vmalloc_address(gpadl: int) -> int:
     """A kernel virtual address in x86-64's vmalloc area (0xffffc90000000000, 32 TiB) for a
     NIC buffer: uio_hv_generic publishes the vzalloc() address as the map's ``addr``."""
@@ -215,6 +229,10 @@ class SimDevice:
         self.server = EndpointServer(self.vm.tree.uio_dev(self.uio_index))
         self.vm.add_endpoint(self)
         self.vm.tree.add_uio(self.device_id, self.uio_index, maps)
+        # uio_hv_generic makes the primary's ring visible at probe (hv_create_ring_sysfs);
+        # its mmap fails with ENODEV until the channel is open (hv_uio_ring_mmap)
+        self.vm.tree.show_ring(self.device_id, self.relid, is_open=False,
+                               size=k.ring_file_bytes(ring_bytes))
         return True
 
     def map_fds(self) -> list[tuple[int, int, int, int | None]]:
@@ -239,6 +257,8 @@ class SimDevice:
             self.vm.remove_endpoint(self)
             self.server.close()
             self.server = None
+        if self.relid is not None:
+            self.vm.tree.hide_ring(self.device_id, self.relid)
         if self.uio_index is not None:
             self.vm.tree.remove_uio(self.device_id, self.uio_index)
             self.vm.free_uio(self.uio_index)
@@ -306,6 +326,7 @@ class SimDevice:
         ch = HostChannel(self, self.relid, 0, self.monitor_id, mem)
         self._start_channel(ch)
         self.vm.tree.show_ring(self.device_id, self.relid)
+        self.refresh_attrs()
 
     def _start_channel(self, ch: HostChannel) -> None:
         with self._lock:
@@ -343,8 +364,10 @@ class SimDevice:
         primary = self.primary
         if primary is not None:
             self._stop_channel(primary)
-        if self.relid is not None:
-            self.vm.tree.hide_ring(self.device_id, self.relid)
+        if self.relid is not None and self.ring_mem is not None:
+            self.vm.tree.show_ring(self.device_id, self.relid, is_open=False,
+                                   size=self.kernel.ring_file_bytes(self.ring_mem.ring_bytes))
+        self.refresh_attrs()
         try:
             self.model.reset()
         except Exception as exc:  # pragma: no cover - model bug
@@ -419,6 +442,53 @@ class SimDevice:
         self._overlapped_writes += max(0, len(attributed) - 1)
         for ch in targets:
             ch.guest_signal(collateral=bool(attributed) and ch.relid not in attributed)
+
+    # ==== live sysfs attributes (event loop) ================================================
+    def refresh_attrs(self) -> None:
+        """Rewrite the attributes sysfs computes at each read (drivers/hv/vmbus_drv.c): state,
+        channel_vp_mapping, the primary's ring debug info, the monitor fields, and per channel
+        the masks, bytes available and the interrupt/event counts."""
+        if not self.present or self.relid is None:
+            return
+        tree = self.vm.tree
+        d = tree.device_dir(self.device_id)
+        with self._lock:
+            chans = dict(self.channels)
+        primary = chans.get(self.relid)
+        vals: dict[str, str] = {
+            # enum vmbus_channel_state: CHANNEL_OPEN_STATE (2) offered/closed, OPENED (3) open
+            "state": "3\n" if primary is not None else "2\n",
+            "channel_vp_mapping": "".join(f"{r}:0\n" for r in [self.relid, *sorted(self.subchannels)]),
+        }
+        for side, ring in (("out", primary.tx if primary else None), ("in", primary.rx if primary else None)):
+            info = ring_debug_info(ring)
+            for k, v in info.items():
+                vals[f"{side}_{k}"] = v
+        if self.monitor_id is not None:
+            page = ffi.cast("struct hv_monitor_page *", self.vm.monitor_page.ptr)
+            g, o = divmod(self.monitor_id, 32)
+            vals["client_monitor_pending"] = f"{int(page.trigger_group[g].pending)}\n"
+            vals["client_monitor_latency"] = f"{int(page.latency[g][o])}\n"
+            vals["client_monitor_conn_id"] = f"{int(page.parameter[g][o].connection_id)}\n"
+        tree.set_attrs(d, vals)
+        if primary is None:
+            tree.set_attrs(d / "channels" / str(self.relid),
+                           dict.fromkeys(("out_mask", "in_mask", "read_avail", "write_avail"), ""))
+        for relid, ch in chans.items():
+            c = d / "channels" / str(relid)
+            tx, rx = ch.tx.control(), ch.rx.control()
+            cvals = {
+                "out_mask": f"{tx['interrupt_mask']}\n", "in_mask": f"{rx['interrupt_mask']}\n",
+                "read_avail": f"{(rx['write_index'] - rx['read_index']) % ch.rx.data_size}\n",
+                "write_avail": f"{ch.tx.data_size - (tx['write_index'] - tx['read_index']) % ch.tx.data_size}\n",
+                "interrupts": f"{ch.stats['interrupts']}\n", "events": f"{ch.stats['guest_signals']}\n",
+            }
+            if ch.monitor_id is not None:
+                pg = ffi.cast("struct hv_monitor_page *", self.vm.monitor_page.ptr)
+                g, o = divmod(ch.monitor_id, 32)
+                cvals["pending"] = f"{int(pg.trigger_group[g].pending)}\n"
+                cvals["latency"] = f"{int(pg.latency[g][o])}\n"
+            tree.set_attrs(c, cvals)
 
     # ==== faults and stats ==================================================================
     def poke_channels(self) -> None:

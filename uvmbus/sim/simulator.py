@@ -120,6 +120,10 @@ def _ic_spec(name: str, class_id: str) -> DeviceSpec:
     return DeviceSpec(name, opts)
 
 
+#: seconds between two refreshes of the live sysfs attribute files
+ATTR_REFRESH = 1.0
+
+
 class Simulator:
     """One simulated VM (see the module docstring)."""
 
@@ -338,6 +342,17 @@ class Simulator:
                 self.binder.attach(dev)
         self._write_state()
         self._started = True
+        self.later(ATTR_REFRESH, self._refresh_attrs)
+
+    def _refresh_attrs(self) -> None:
+        """Live sysfs attributes (ring indices, masks, monitor fields, counters): sysfs computes
+        them at each read; the simulator rewrites the files every ATTR_REFRESH seconds."""
+        for dev in self.devices:
+            try:
+                dev.refresh_attrs()
+            except OSError:            # the device left meanwhile
+                pass
+        self.later(ATTR_REFRESH, self._refresh_attrs)
 
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "root": str(self.config.root), "kernel": self.kernel.name,

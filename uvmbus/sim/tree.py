@@ -1,14 +1,20 @@
 """The sysfs/dev/proc files of the simulated VM under ``--root``.
 
 Layout (paths relative to the root), identical to a real guest's (uio_vmbus.md §1.1, §1.3,
-§1.8, §1.9)::
+§1.8, §1.9; drivers/hv/vmbus_drv.c for the attributes)::
 
-    sys/bus/vmbus/devices/<guid>/{class_id,device_id,id,monitor_id?,driver_override,
-        modalias,vendor,numa_node,driver -> ../../drivers/<drv>,uio/uioN/,channels/<relid>/,
-        net/<ifname>/,host<H>/target<H>:0:0/<H>:0:0:<L>/block/<disk>/}
-    sys/bus/vmbus/drivers/<drv>/{new_id,bind,unbind,<guid> -> ../../devices/<guid>}
-    sys/bus/vmbus/drivers_probe
-    sys/class/uio/uioN -> ../../bus/vmbus/devices/<guid>/uio/uioN
+    sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00/VMBUS:00/<guid>/   the device (Gen2 path)
+        {class_id,device_id,id,state,monitor_id?,driver_override,modalias,vendor,numa_node,
+        uevent,channel_vp_mapping,{server,client}_monitor_{pending,latency,conn_id}?,
+        {out,in}_{intr_mask,read_index,write_index,read_bytes_avail,write_bytes_avail},
+        subsystem -> sys/bus/vmbus, driver -> sys/bus/vmbus/drivers/<drv>, uio/uioN/,
+        channels/<relid>/{subchannel_id,cpu,monitor_id?,pending?,latency?,out_mask,in_mask,
+        read_avail,write_avail,interrupts,events,intr_in_full,intr_out_empty,out_full_first,
+        out_full_total,ring?}, net/<ifname>/, host<H>/target<H>:0:0/<H>:0:0:<L>/block/<disk>/}
+    sys/bus/vmbus/devices/<guid> -> ../../../devices/.../VMBUS:00/<guid>
+    sys/bus/vmbus/drivers/<drv>/{new_id,bind,unbind,module -> sys/module/<drv>,<guid> -> the device}
+    sys/bus/vmbus/{drivers_probe,drivers_autoprobe}
+    sys/class/uio/uioN -> the device's uio/uioN
     sys/class/net/<ifname>, sys/class/block/<disk>   (links into the device)
     dev/uioN                       the endpoint socket (uvmbus.sim.endpoint)
     proc/sys/kernel/osrelease
@@ -27,11 +33,21 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["DRIVERS", "Tree"]
+__all__ = ["CHANNEL_COUNTERS", "DRIVERS", "RING_ATTRS", "Tree", "VMBUS_PARENT"]
 
 #: drivers whose directories exist (the guest writes their new_id/bind/unbind)
 DRIVERS = ("uio_hv_generic", "hv_netvsc", "hv_storvsc", "hv_utils")
 UIO_VERSION = "0.02.1"
+#: device-level ring attributes, per direction (``out_…`` guest→host, ``in_…`` host→guest)
+RING_ATTRS = ("intr_mask", "read_index", "write_index", "read_bytes_avail", "write_bytes_avail")
+#: per-channel counters the kernel's own ring code keeps (userspace bypasses it: they stay 0)
+#: plus ``interrupts``/``events`` (refreshed from the host's counts)
+CHANNEL_COUNTERS = ("interrupts", "events", "intr_in_full", "intr_out_empty", "out_full_first",
+                    "out_full_total")
+
+
+#: where Hyper-V Gen2 guests have their VMBus devices (the ACPI VMBus device's children)
+VMBUS_PARENT = "sys/devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00/VMBUS:00"
 
 
 class Tree:
@@ -41,6 +57,8 @@ class Tree:
         self.root = root
         self.vmbus = root / "sys/bus/vmbus"
         self.devices = self.vmbus / "devices"
+        self.parent = root / VMBUS_PARENT
+        self.modules = root / "sys/module"
         self.drivers = self.vmbus / "drivers"
         self.uio_class = root / "sys/class/uio"
         self.net_class = root / "sys/class/net"
@@ -58,6 +76,10 @@ class Tree:
             f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+
+    @staticmethod
+    def rel(target: Path, link_dir: Path) -> str:
+        return os.path.relpath(target, link_dir)
 
     @staticmethod
     def link(target: str, path: Path) -> None:
@@ -80,13 +102,14 @@ class Tree:
 
     # -- the VM ------------------------------------------------------------------------
     def create_base(self, release: str) -> None:
-        for d in (self.devices, self.uio_class, self.net_class, self.block_class, self.dev,
-                  self.rings, self.root / "proc/sys/kernel"):
+        for d in (self.devices, self.parent, self.modules, self.uio_class, self.net_class,
+                  self.block_class, self.dev, self.rings, self.root / "proc/sys/kernel"):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sim, 0o700)
         for drv in DRIVERS:
             self.add_driver(drv)
         self.write(self.vmbus / "drivers_probe", "", 0o200)
+        self.write(self.vmbus / "drivers_autoprobe", "1\n", 0o644)
         self.write(self.root / "proc/sys/kernel/osrelease", release + "\n")
 
     def add_driver(self, name: str) -> None:
@@ -95,6 +118,8 @@ class Tree:
         for f in ("new_id", "remove_id", "bind", "unbind"):
             if not (d / f).exists():
                 self.write(d / f, "", 0o200)
+        (self.modules / name).mkdir(parents=True, exist_ok=True)
+        self.link(self.rel(self.modules / name, d), d / "module")
 
     def remove_all(self, owns_root: bool) -> None:
         """Remove everything the simulator created (the root too if it made it)."""
@@ -106,7 +131,11 @@ class Tree:
 
     # -- devices -----------------------------------------------------------------------
     def device_dir(self, guid: str) -> Path:
+        """``sys/bus/vmbus/devices/<guid>`` (a symlink to :meth:`real_dir`, as on a kernel)."""
         return self.devices / guid
+
+    def real_dir(self, guid: str) -> Path:
+        return self.parent / guid
 
     def add_device(self, guid: str, class_id: str, relid: int, monitor_id: int | None) -> Path:
         """The device directory appears with its attributes at once (built in ``sim/``)."""
@@ -122,11 +151,31 @@ class Tree:
         self.write(d / "modalias", f"vmbus:{uuid.UUID(class_id).bytes_le.hex()}\n", 0o444)
         self.write(d / "vendor", "0x1414\n", 0o444)
         self.write(d / "numa_node", "0\n", 0o444)
-        os.rename(d, self.device_dir(guid))
+        self.write(d / "state", "2\n", 0o444)            # CHANNEL_OPEN_STATE: offered, not open
+        self.write(d / "channel_vp_mapping", f"{relid}:0\n", 0o444)
+        self.write(d / "uevent", f"MODALIAS=vmbus:{uuid.UUID(class_id).bytes_le.hex()}\n", 0o644)
+        for side in ("server", "client"):
+            if monitor_id is not None:
+                for what in ("pending", "latency", "conn_id"):
+                    self.write(d / f"{side}_monitor_{what}", "0\n", 0o444)
+        for ring in ("out", "in"):
+            for what in RING_ATTRS:
+                self.write(d / f"{ring}_{what}", "", 0o444)  # no ring yet: the kernel's read fails
+        real = self.real_dir(guid)
+        self.link(self.rel(self.vmbus, real), d / "subsystem")
+        os.rename(d, real)
+        self.link(self.rel(real, self.devices), self.device_dir(guid))
         return self.device_dir(guid)
 
     def remove_device(self, guid: str) -> None:
-        self.rmtree(self.device_dir(guid))
+        self.unlink(self.device_dir(guid))
+        self.rmtree(self.real_dir(guid))
+
+    def set_attrs(self, base: Path, values: dict[str, str]) -> None:
+        """Refresh live attribute files (each replaced atomically) that exist under ``base``."""
+        for name, text in values.items():
+            if (base / name).exists():
+                self.write(base / name, text, 0o444)
 
     def set_driver_override(self, guid: str, value: str | None) -> None:
         self.write(self.device_dir(guid) / "driver_override", f"{value or '(null)'}\n", 0o644)
@@ -141,6 +190,12 @@ class Tree:
         self.write(tmp / "cpu", "0\n", 0o644)
         if monitor_id is not None:
             self.write(tmp / "monitor_id", f"{monitor_id}\n", 0o444)
+            for what in ("pending", "latency"):
+                self.write(tmp / what, "0\n", 0o444)
+        for what in ("out_mask", "in_mask", "read_avail", "write_avail"):
+            self.write(tmp / what, "", 0o444)          # no ring yet: the kernel's read fails
+        for what in CHANNEL_COUNTERS:
+            self.write(tmp / what, "0\n", 0o444)
         os.rename(tmp, base / str(relid))
 
     def remove_channel(self, guid: str, relid: int) -> None:
@@ -149,27 +204,46 @@ class Tree:
     def ring_backing(self, relid: int) -> Path:
         return self.rings / f"{relid}.ring"
 
-    def show_ring(self, guid: str, relid: int) -> None:
-        """Make ``channels/<relid>/ring`` appear (a hard link to the backing file), atomically."""
+    def closed_ring(self, relid: int) -> Path:
+        """The stand-in ``ring`` of a bound but closed primary channel (see show_ring)."""
+        return self.rings / f"{relid}.closed"
+
+    def show_ring(self, guid: str, relid: int, *, is_open: bool = True, size: int = 0) -> None:
+        """Make ``channels/<relid>/ring`` appear, atomically: a hard link to the ring's backing
+        file, or (``is_open=False``, a bound primary channel that is not open) to a separate
+        sparse file of the same ``size`` — uio_hv_generic creates the primary's ``ring`` at
+        probe and its mmap fails with ENODEV until the channel is open; a mapping of the
+        stand-in reaches no ring (``uvmbus sim exec`` turns its mmap into ENODEV)."""
         c = self.device_dir(guid) / "channels" / str(relid)
         tmp = c / ".ring.tmp"
         self.unlink(tmp)
-        os.link(self.ring_backing(relid), tmp)
+        if is_open:
+            os.link(self.ring_backing(relid), tmp)
+        else:
+            stand_in = self.closed_ring(relid)
+            with open(stand_in, "ab") as f:
+                f.truncate(size)
+            os.chmod(stand_in, 0o600)
+            os.link(stand_in, tmp)
         os.chmod(tmp, 0o600)
         os.replace(tmp, c / "ring")
 
     def hide_ring(self, guid: str, relid: int) -> None:
         self.unlink(self.device_dir(guid) / "channels" / str(relid) / "ring")
+        self.unlink(self.closed_ring(relid))
 
     # -- binding -----------------------------------------------------------------------
     def set_driver(self, guid: str, old: str | None, new: str | None) -> None:
-        d = self.device_dir(guid)
+        d = self.real_dir(guid)
+        modalias = f"MODALIAS={(d / 'modalias').read_text().strip()}\n"
         if old:
             self.unlink(self.drivers / old / guid)
             self.unlink(d / "driver")
+            self.write(d / "uevent", modalias, 0o644)
         if new:
-            self.link(f"../../drivers/{new}", d / "driver")
-            self.link(f"../../devices/{guid}", self.drivers / new / guid)
+            self.link(self.rel(self.drivers / new, d), d / "driver")
+            self.link(self.rel(d, self.drivers / new), self.drivers / new / guid)
+            self.write(d / "uevent", f"DRIVER={new}\n" + modalias, 0o644)
 
     def add_uio(self, guid: str, index: int, maps: Iterable[tuple[str, int, int]]) -> None:
         """``maps`` = (name, size, fake address) per map index."""
@@ -185,7 +259,8 @@ class Tree:
             self.write(m / "addr", f"0x{addr:016x}\n", 0o444)
             self.write(m / "size", f"0x{size:016x}\n", 0o444)
             self.write(m / "offset", "0x0\n", 0o444)
-        self.link(f"../../bus/vmbus/devices/{guid}/uio/uio{index}", self.uio_class / f"uio{index}")
+        self.link(self.rel(self.real_dir(guid) / "uio" / f"uio{index}", self.uio_class),
+                  self.uio_class / f"uio{index}")
 
     def remove_uio(self, guid: str, index: int) -> None:
         self.unlink(self.uio_class / f"uio{index}")
@@ -203,7 +278,7 @@ class Tree:
         self.write(n / "mtu", "1500\n", 0o644)
         self.write(n / "operstate", "up\n", 0o444)
         self.link("../..", n / "device")
-        self.link(f"../../bus/vmbus/devices/{guid}/net/{ifname}", self.net_class / ifname)
+        self.link(self.rel(self.real_dir(guid) / "net" / ifname, self.net_class), self.net_class / ifname)
 
     def remove_net(self, guid: str) -> None:
         d = self.device_dir(guid) / "net"
@@ -214,7 +289,7 @@ class Tree:
 
     def add_disks(self, guid: str, host: int, disks: Iterable[tuple[int, str, int]]) -> None:
         """``disks`` = (lun, name, size in bytes)."""
-        h = self.device_dir(guid) / f"host{host}"
+        h = self.real_dir(guid) / f"host{host}"
         for lun, name, size in disks:
             b = h / f"target{host}:0:0" / f"{host}:0:0:{lun}" / "block" / name
             (b / "queue").mkdir(parents=True)

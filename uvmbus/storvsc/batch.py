@@ -47,9 +47,10 @@ class IoBatch:
         bs = disk.block_size
         if slots <= 0 or size <= 0 or size % bs:
             raise ConfigError(f"IoBatch needs slots > 0 and a size that is a multiple of {bs}")
-        if size > ctl.max_transfer:
-            raise ConfigError(f"IoBatch size {size} exceeds the host's maximum transfer "
-                              f"{ctl.max_transfer}")
+        limit = disk.max_transfer
+        if size > limit:
+            raise ConfigError(f"IoBatch size {size} exceeds the maximum transfer of {limit} bytes "
+                              f"of LUN {disk.lun} (host and VPD 0xB0 limits); use smaller slots")
         self.disk = disk
         self.controller = ctl
         self.size = size
