@@ -5,11 +5,10 @@ exactly at each limit and one block / one request over it."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 import pytest
-from simhelpers import SimProcess, run_sim
+from simhelpers import SimProcess, run_sim, wait_closed
 
 import uvmbus.storvsc as storvsc
 from uvmbus.errors import ConfigError, IllegalRequest
@@ -34,14 +33,6 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimProcess, 
         yield s, a.read_bytes(), b.read_bytes()
 
 
-def _settle(s: SimProcess) -> None:
-    dev = s.device("storvsc")["device_id"]
-    deadline = time.monotonic() + 10
-    while s.device_stats(dev)["connections"]:
-        assert time.monotonic() < deadline, "simulator did not process the close"
-        time.sleep(0.01)
-
-
 def _model(s: SimProcess) -> dict:
     return s.device_stats(s.device("storvsc")["device_id"])["storvsp"]
 
@@ -49,10 +40,10 @@ def _model(s: SimProcess) -> dict:
 @pytest.fixture
 def hba(sim: tuple[SimProcess, bytes, bytes]) -> Iterator[storvsc.Controller]:
     s = sim[0]
-    _settle(s)
+    wait_closed(s)
     with storvsc.open("storvsc", s.root, subchannels=0, queue_depth=4, timeout=10.0) as h:
         yield h
-    _settle(s)
+    wait_closed(s)
 
 
 def _sent(h: storvsc.Controller) -> int:

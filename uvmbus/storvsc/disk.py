@@ -192,14 +192,16 @@ class Disk:
         """A WRITE(16) (with FUA if asked) from ``buffer``, for :meth:`Controller.submit`."""
         return self._command(True, offset, buffer, length, buf_offset, fua, user)
 
-    def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False) -> IoBatch:
+    def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False,
+              channels: int = 1) -> IoBatch:
         """An :class:`~uvmbus.storvsc.batch.IoBatch` of ``slots`` buffers of ``size`` bytes
-        on this LUN (claims one of the controller's queues until closed)."""
+        on this LUN (claims ``channels`` of the controller's queues until closed; slot ``i``
+        runs on the ``i % channels``-th)."""
         from uvmbus.storvsc.batch import IoBatch
 
         self.controller._api_entry()
         self._check(0, size, "batch")
-        return IoBatch(self, slots, size, write=write, fua=fua)
+        return IoBatch(self, slots, size, write=write, fua=fua, channels=channels)
 
     # ==== synchronous I/O ==================================================================
     def _io(self, write: bool, offset: int, view: memoryview | None, dma: DmaBuffer | None,
