@@ -507,6 +507,32 @@ static inline uint64_t xorshift64(uint64_t *s)
     return *s = x;
 }
 
+void uvb_stor_route_slots(const uint64_t *slots, const uint64_t *lbas, const uint8_t *kinds,
+                          uint32_t n, uint32_t nq, uint64_t *out_slots, uint64_t *out_lbas,
+                          uint8_t *out_kinds, uint32_t *counts)
+{
+    if (nq == 0)
+        return;
+    for (uint32_t k = 0; k < nq; k++)
+        counts[k] = 0;
+    for (uint32_t i = 0; i < n; i++)
+        counts[slots[i] % nq]++;
+    /* counts -> start offsets, walked with a second pass per channel (nq is small) */
+    uint32_t pos = 0;
+    for (uint32_t k = 0; k < nq; k++) {
+        for (uint32_t i = 0; i < n; i++) {
+            if (slots[i] % nq != k)
+                continue;
+            out_slots[pos] = slots[i];
+            if (lbas && out_lbas)
+                out_lbas[pos] = lbas[i];
+            if (kinds && out_kinds)
+                out_kinds[pos] = kinds[i];
+            pos++;
+        }
+    }
+}
+
 void uvb_stor_random_lbas(uint64_t *out, uint32_t n, uint64_t units, uint32_t unit_blocks,
                           uint64_t base_lba, uint64_t *state)
 {

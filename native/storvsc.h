@@ -139,6 +139,14 @@ int uvb_stor_submit_slots(struct uvb_stor_queue *q, struct uvb_stor_req *table,
                           const uint64_t *slots, const uint64_t *lbas, const uint8_t *kinds,
                           uint32_t n);
 
+/* Group slots[i] / lbas[i] / kinds[i] (i < n; lbas and kinds may be NULL) by channel for an
+ * IoBatch spread over nq channels: entry i belongs to channel slots[i] % nq.  Writes the
+ * entries of channel 0 first, then channel 1, ..., keeping their order, into out_* (out_lbas /
+ * out_kinds only when the input has them) and the number per channel into counts[0..nq). */
+void uvb_stor_route_slots(const uint64_t *slots, const uint64_t *lbas, const uint8_t *kinds,
+                          uint32_t n, uint32_t nq, uint64_t *out_slots, uint64_t *out_lbas,
+                          uint8_t *out_kinds, uint32_t *counts);
+
 /* Read up to max host packets, commit the read index once (signalling the host
  * if it waits for space) and describe each in out[].  Returns the number of
  * entries filled (0 = nothing there) or a ring error (< 0). */

@@ -213,3 +213,14 @@ def sim(tmp_path: Path) -> Iterator[Any]:
     yield start
     while stack:
         stack.pop().__exit__(None, None, None)
+
+
+def wait_closed(sim: SimProcess, model: str = "storvsc", timeout: float = 10.0) -> None:
+    """Wait until the simulator processed the guest's last close of ``model``'s device (it
+    does so asynchronously; a real kernel closes the channel inside close(2)), so the next
+    open starts from the beginning of the protocol."""
+    dev = sim.device(model)["device_id"]
+    deadline = time.monotonic() + timeout
+    while sim.device_stats(dev)["connections"]:
+        assert time.monotonic() < deadline, "simulator did not process the close"
+        time.sleep(0.01)

@@ -285,6 +285,13 @@ class Container:
             rc = self.proc.returncode
         self.console.close()
         self.console_path.unlink(missing_ok=True)
+        # nspawn gone (or killed) with the container's init still alive, as after a SIGKILL:
+        # end whatever is left in our cgroup, so no orphaned systemd outlives the test
+        deadline = time.monotonic() + 10
+        while self._cgroup_busy() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                (self.cgroup / "cgroup.kill").write_text("1\n")
+            time.sleep(0.2)
         for d in sorted(self.cgroup.rglob("*"), key=lambda p: -len(p.parts)):
             if d.is_dir():
                 with contextlib.suppress(OSError):
@@ -292,6 +299,16 @@ class Container:
         with contextlib.suppress(OSError):
             self.cgroup.rmdir()
         return rc
+
+
+    def _cgroup_busy(self) -> bool:
+        for procs in self.cgroup.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                if procs.read_text().strip():
+                    return True
+        with contextlib.suppress(OSError):
+            return bool((self.cgroup / "cgroup.procs").read_text().strip())
+        return False
 
 
 @contextlib.contextmanager

@@ -90,6 +90,7 @@ def test_api_holder_blocks_cli_at_once_and_keeps_working(tmp_path: Path) -> None
                 assert r.returncode == 1, (r.stdout, r.stderr)
                 err = r.stderr.strip()
                 assert f"{dev} is in use by pid {holder.pid} (" in err and "-c" in err, err
+                assert len(err.splitlines()) == 1, err      # the holder's multi-line -c script, on one line
                 assert took < 25, f"{group} info waited {took:.1f} s: it reached the protocol"
             # the API refuses in this process too, naming the holder
             import uvmbus.netvsc as nv

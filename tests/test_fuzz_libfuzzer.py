@@ -20,7 +20,7 @@ import build as fuzz_build  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SECONDS = int(os.environ.get("UVMBUS_CI_FUZZ_SECONDS", "4"))
+SECONDS = int(os.environ.get("UVMBUS_CI_FUZZ_SECONDS", "3"))
 
 
 @pytest.fixture(scope="module")

@@ -255,7 +255,11 @@ def test_transfer_larger_than_host_maximum_is_split(hba: storvsc.Controller, env
     data = os.urandom(3 * MiB + 512)
     d.write(512, data)
     assert d.read(512, len(data)) == data
-    cmd = d.read_command(0, hba.alloc_buffer(512 * 1024))
+    buf = hba.alloc_buffer(512 * 1024)
+    with pytest.raises(ConfigError, match="maximum transfer"):
+        d.read_command(0, buf)
+    cmd = d.read_command(0, buf, length=256 * 1024)
+    cmd.length = 512 * 1024                       # a hand-made oversize command
     with pytest.raises(ConfigError, match="maximum transfer"):
         hba.submit([cmd])
 

@@ -181,3 +181,13 @@ def test_daemon_hardening(name):
     else:
         assert caps == {"CAP_SYS_ADMIN", "CAP_IPC_LOCK"}          # pagemap + pinned hugepages
         assert "/dev/net/tun rw" not in allow
+
+
+def test_every_unit_is_packaged():
+    """`uvmbus units install` from a wheel finds only the units pyproject ships."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = data["tool"]["setuptools"]["data-files"]["share/uvmbus/systemd"]
+    files = {p.name for pat in shipped for p in ROOT.glob(pat)}
+    assert files == set(UNITS)

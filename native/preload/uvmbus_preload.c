@@ -427,6 +427,10 @@ static void *uio_mmap(struct uio_file *f, void *addr, size_t len, int prot, int 
                     (unsigned long long)f->map_gpa[i], strerror(errno));
             return r;
         }
+        if (ge && !strcmp(ge, "1") && !(flags & MAP_FIXED))
+            addr = NULL;    /* a hint (DPDK: "after its memory") could fall on the GPA of
+                             * guest RAM or of a NIC buffer still to be mapped: let the
+                             * kernel place maps that are not guest RAM */
         return real_mmap(addr, len, prot, flags, f->map_fd[i], 0);
     }
     say("/dev/uio%u: mmap of map %d: the device has no such map", f->num, k);
@@ -895,8 +899,12 @@ int rte_eal_init(int argc, char **argv)
         return -1;
     }
     const char *ge = getenv("UVMBUS_PRELOAD_GUEST_RAM");
-    if (!ge || strcmp(ge, "1") != 0)
+    if (!ge || strcmp(ge, "1") != 0) {
+        say("note: without `uvmbus sim exec --guest-ram` DPDK's memory is not simulated guest "
+            "RAM, so the GPA-direct packets of its netvsc PMD (RNDIS control, large frames) "
+            "fail at the host");
         return real_init(argc, argv);
+    }
 
     const char *iova = NULL;
     if (has_arg(argc, argv, "--iova-mode", &iova) && strcmp(iova, "va") != 0) {
@@ -925,8 +933,10 @@ int rte_eal_init(int argc, char **argv)
      * 4 GiB, where the simulated guest RAM usually starts: move them past the guest RAM so
      * that the GPA range stays free for the memory itself. */
     static char base_arg[64];
+    /* 16 GiB of room after the guest RAM: the simulator places NIC buffers there */
     snprintf(base_arg, sizeof(base_arg), "--base-virtaddr=0x%llx",
-             (unsigned long long)((gr.ram_end + (1ull << 30) - 1) & ~((1ull << 30) - 1)));
+             (unsigned long long)(((gr.ram_end + (1ull << 30) - 1) & ~((1ull << 30) - 1)) +
+                                  (16ull << 30)));
     args[n++] = base_arg;
     extra++;
     if (!has_arg(argc, argv, "--no-huge", NULL)) {

@@ -255,7 +255,7 @@ def test_testpmd_brings_nic_up(tmp_path: Path) -> None:
     with run_sim(tmp_path, "--nic", "1", "--bind", "--kernel", "6.18") as sim:
         r = subprocess.run(
             [sys.executable, "-m", "uvmbus", "sim", "exec", "--root", str(sim.root), "--guest-ram",
-             "--", testpmd, "--no-huge", "-m", "128", "--iova-mode=va", "--no-pci", "-l", "0-1",
+             "--", testpmd, "--no-huge", "-m", "256", "--iova-mode=va", "--no-pci", "-l", "0-1",
              "--file-prefix", prefix, "--", "-i", "--total-num-mbufs=2048"],
             input="show port info 0\nquit\n", capture_output=True, text=True, timeout=180)
         shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)

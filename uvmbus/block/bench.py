@@ -12,6 +12,7 @@ chunk.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -57,8 +58,9 @@ class BenchResult:
 
 
 def run_disk(disk: BlockDevice, pattern: str, bs: int, qd: int, seconds: float, *,
-             warmup: float = 0.2, seed: int = 1) -> BenchResult:
-    """Keep ``qd`` I/Os of ``bs`` bytes in flight on ``disk`` for ``seconds``."""
+             warmup: float = 0.2, seed: int = 1, channels: int = 1) -> BenchResult:
+    """Keep ``qd`` I/Os of ``bs`` bytes in flight on ``disk`` for ``seconds``, spread over
+    ``channels`` queues (a driver whose batch takes ``channels=``: storvsc)."""
     if pattern not in PATTERNS:
         raise ConfigError(f"pattern must be one of {', '.join(PATTERNS)}")
     ctl = disk.controller
@@ -66,14 +68,21 @@ def run_disk(disk: BlockDevice, pattern: str, bs: int, qd: int, seconds: float, 
         raise ConfigError(f"--bs {bs} must be a positive multiple of the block size {disk.block_size}")
     if bs > disk.size:
         raise ConfigError(f"--bs {bs} exceeds the disk ({disk.size} bytes)")
-    chunk = min(bs, ctl.max_transfer)
+    # a device may cap the controller's limit (storvsc: VPD 0xB0 of the LUN)
+    limit = int(getattr(disk, "max_transfer", ctl.max_transfer))
+    chunk = min(bs, limit)
     if bs % chunk:
-        raise ConfigError(f"--bs {bs} must be a multiple of the host's maximum transfer "
-                          f"({ctl.max_transfer}) when larger than it")
+        raise ConfigError(f"--bs {bs} must be a multiple of the maximum transfer "
+                          f"({limit}) when larger than it")
     k = bs // chunk
     slots = qd * k
     depth = getattr(ctl, "queue_depth", 256)
-    if slots > depth:
+    batch_kw: dict[str, Any] = {}
+    if channels > 1:
+        if "channels" not in inspect.signature(disk.batch).parameters:
+            raise ConfigError(f"--channels {channels}: this device's batches use one queue")
+        batch_kw["channels"] = channels
+    if -(-slots // channels) > depth:
         raise ConfigError(f"qd {qd} x {k} chunks of {chunk} bytes = {slots} requests exceed the "
                           f"per-channel queue depth of {depth}; lower --qd")
     write = pattern.endswith("write")
@@ -81,7 +90,7 @@ def run_disk(disk: BlockDevice, pattern: str, bs: int, qd: int, seconds: float, 
     units = disk.size // bs                      # positions, in whole I/Os
     spb = bs // disk.block_size                  # blocks per I/O
     cpb = chunk // disk.block_size               # blocks per chunk
-    with disk.batch(slots, chunk, write=write) as b:
+    with disk.batch(slots, chunk, write=write, **batch_kw) as b:
         if write:
             pat = os.urandom(chunk)
             for buf in b.buffers:

@@ -55,7 +55,10 @@ def _holder_of(st: os.stat_result) -> tuple[int | None, str]:
         if len(f) >= 6 and f[1] == "FLOCK" and f[5] == want and f[4].isdigit():
             pid = int(f[4])
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                cmd = " ".join(raw.decode(errors="replace").split())     # one line (python -c ...)
+                if len(cmd) > 160:
+                    cmd = cmd[:157] + "..."
             except OSError:
                 cmd = ""
             return pid, f"pid {pid}" + (f" ({cmd})" if cmd else "")
@@ -98,10 +101,10 @@ class DeviceLock:
             self.release()
 
 
-def _busy_message(device_id: str, holder: str, what: str | None) -> str:
+def _busy_message(device_id: str, holder: str, what: str | None, api: bool) -> str:
     when = f"before you {what}" if what else "first"
     return (f"{device_id} is in use by {holder}; stop that {when} (`uvmbus status` shows who "
-            "holds each device), or pass lock=False if sharing it is intended")
+            "holds each device)" + (", or pass lock=False if sharing it is intended" if api else ""))
 
 
 def lock_device(dev: Any, *, what: str | None = None, scope: bool = False) -> DeviceLock:
@@ -130,7 +133,7 @@ def lock_device(dev: Any, *, what: str | None = None, scope: bool = False) -> De
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
                 pid, holder = _holder_of(st)
-                raise DeviceBusy(_busy_message(dev.device_id, holder, what), pid=pid) from None
+                raise DeviceBusy(_busy_message(dev.device_id, holder, what, not scope), pid=pid) from None
             h = _held[key] = _Held(fd)
         if scope:
             h.scopes += 1

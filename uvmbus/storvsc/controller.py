@@ -333,6 +333,12 @@ class Controller:
             self.device.wait([q.channel], timeout)
         self._check_rings([q])
 
+    def _wait_queues(self, queues: list[IoQueue], timeout: float | None) -> None:
+        """Wait for completions on any of ``queues`` (an IoBatch over several channels)."""
+        if not self._spin(queues):
+            self.device.wait([q.channel for q in queues], timeout)
+        self._check_rings(queues)
+
     def _check_rings(self, queues: Sequence[IoQueue]) -> None:
         """After a wake-up: a host that broke our TX ring's read_index (and stopped serving)
         is otherwise seen only by the next write, so requests in flight would wait for their

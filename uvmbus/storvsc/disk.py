@@ -60,6 +60,19 @@ class Disk:
         return self.capacity.blocks
 
     @property
+    def max_transfer(self) -> int:
+        """Largest data length of one READ/WRITE to this LUN, in bytes: the host's
+        max_transfer_bytes (QUERY_PROPERTIES, page aligned) capped by the LUN's MAXIMUM
+        TRANSFER LENGTH from VPD 0xB0 when it reports one (0 means no limit), as Linux's sd
+        does (sd_revalidate_disk); a whole number of blocks, at least one."""
+        bs = self.block_size
+        limit = self.controller.max_transfer
+        mx = self.block_limits.max_transfer_blocks
+        if mx:
+            limit = min(limit, mx * bs)
+        return max(bs, limit - limit % bs)
+
+    @property
     def vendor(self) -> str:
         return self.inquiry.vendor
 
@@ -121,6 +134,7 @@ class Disk:
             "serial": self.serial, "vpd_pages": [f"{p:#04x}" for p in self.vpd_pages],
             "rotation_rate": self.rotation_rate, "unmap": self.unmap_supported,
             "thin": bool(self.capacity.lbpme), "read_only": self.read_only,
+            "max_transfer": self.max_transfer,
             "device_ids": [{"type": x.type, "value": x.text} for x in self.device_ids],
         }
         bl = self.block_limits
@@ -158,6 +172,10 @@ class Disk:
         self._check(offset, n, what)
         if n == 0:
             raise ConfigError(f"{what}: zero-length transfer")
+        if n > self.max_transfer:
+            raise ConfigError(f"{what}: {n} bytes exceed the maximum transfer of {self.max_transfer} "
+                              f"bytes of LUN {self.lun} (host and VPD 0xB0 limits); split it, "
+                              "or use read()/write(), which split")
         return Command(kind=lib.UVB_STOR_WRITE16 if write else lib.UVB_STOR_READ16, lun=self.lun,
                        buffer=buffer, buf_offset=buf_offset, length=n,
                        lba=offset // self.block_size, blocks=n // self.block_size, fua=fua,
@@ -166,7 +184,7 @@ class Disk:
     def read_command(self, offset: int, buffer: DmaBuffer, *, length: int | None = None,
                      buf_offset: int = 0, user: Any = None) -> Command:
         """A READ(16) of ``length`` bytes (default: the buffer) at ``offset`` into ``buffer``,
-        for :meth:`Controller.submit` (at most ``controller.max_transfer`` bytes)."""
+        for :meth:`Controller.submit` (at most :attr:`max_transfer` bytes)."""
         return self._command(False, offset, buffer, length, buf_offset, False, user)
 
     def write_command(self, offset: int, buffer: DmaBuffer, *, length: int | None = None,
@@ -174,14 +192,16 @@ class Disk:
         """A WRITE(16) (with FUA if asked) from ``buffer``, for :meth:`Controller.submit`."""
         return self._command(True, offset, buffer, length, buf_offset, fua, user)
 
-    def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False) -> IoBatch:
+    def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False,
+              channels: int = 1) -> IoBatch:
         """An :class:`~uvmbus.storvsc.batch.IoBatch` of ``slots`` buffers of ``size`` bytes
-        on this LUN (claims one of the controller's queues until closed)."""
+        on this LUN (claims ``channels`` of the controller's queues until closed; slot ``i``
+        runs on the ``i % channels``-th)."""
         from uvmbus.storvsc.batch import IoBatch
 
         self.controller._api_entry()
         self._check(0, size, "batch")
-        return IoBatch(self, slots, size, write=write, fua=fua)
+        return IoBatch(self, slots, size, write=write, fua=fua, channels=channels)
 
     # ==== synchronous I/O ==================================================================
     def _io(self, write: bool, offset: int, view: memoryview | None, dma: DmaBuffer | None,
@@ -193,7 +213,7 @@ class Disk:
         self._check(offset, length, what)
         if length == 0:
             return 0
-        chunk = max(self.block_size, ctl.max_transfer - ctl.max_transfer % self.block_size)
+        chunk = self.max_transfer
         pieces = [(off, min(chunk, length - off)) for off in range(0, length, chunk)]
         window = 64
         done = 0

@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--bs", type=parse_bytes, default=4096, help="I/O size (default 4K)")
     b.add_argument("--qd", type=int_range(1), default=32, help="queue depth (default 32)")
     b.add_argument("--seconds", type=seconds(), default=5.0, help="measured time (default 5)")
+    b.add_argument("--channels", type=int_range(1, 65), default=1,
+                   help="spread the batch over N channels (storvsc: the primary and N-1 "
+                        "sub-channels, requested as needed; default 1)")
     b.add_argument("--reference", default=None, metavar="FILE",
                    help="file for the pread reference (default: the LUN's image when the root "
                         "is a simulator's; none otherwise)")
@@ -334,12 +337,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.qd < 1:
         raise ConfigError("--qd must be at least 1")
+    if args.channels > 1:
+        args.subchannels = max(args.subchannels, args.channels - 1)
     sig_before = _sim_signals(args)
     try:
         with _open(args) as hba:
             disk = hba.disk(args.lun)
-            res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds)
-            channels = hba.channels
+            if args.channels > hba.channels:
+                raise ConfigError(f"--channels {args.channels}: the host gave {hba.channels} "
+                                  "channel(s) (its maximum sub-channel count limits it)")
+            res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds,
+                           channels=args.channels)
+            channels = args.channels
             drv_stats = hba.stats()
     except UvmbusError as exc:
         if args.json:       # scripts get the reason in the JSON too, and a failing exit status

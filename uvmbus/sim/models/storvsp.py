@@ -128,6 +128,14 @@ ASC_UNRECOVERED_READ, ASC_WRITE_FAULT = 0x11, 0x03
 
 MAX_TRANSFER_DISK = 8 * 1024 * 1024        # SimpleScsiDisk max transfer length
 MAX_UNMAP_DESCRIPTORS = 4096
+
+
+def _disk_max_transfer(disk: ImageDisk) -> int:
+    """The LUN's MAXIMUM TRANSFER LENGTH in bytes (VPD 0xB0): SimpleScsiDisk's 8 MiB, or
+    lower with the disk spec's ``maxxfer=``."""
+    mx = disk.spec.max_transfer
+    return MAX_TRANSFER_DISK if mx is None else min(mx, MAX_TRANSFER_DISK)
+
 VENDOR, PRODUCT, REVISION = b"Msft    ", b"Virtual Disk    ", b"1.0 "
 MSFT_OUI = 0x002248
 SRB_LEN = 52
@@ -246,7 +254,7 @@ class StorvspModel(DeviceModel):
         self.counters: dict[str, int] = {
             "fatal_errors": 0, "srbs_python": 0, "init_ops": 0, "invalid_state": 0,
             "enumerate_bus_sent": 0, "hot_adds": 0, "hot_removes": 0, "media_errors_reported": 0,
-            "unit_attentions": 0, "resets": 0, "malformed_sent": 0,
+            "unit_attentions": 0, "resets": 0, "malformed_sent": 0, "over_max_transfer": 0,
         }
         self.fatal_messages: list[str] = []
         for spec in disks:
@@ -801,9 +809,10 @@ class StorvspModel(DeviceModel):
                 naa.to_bytes(16, "big")
         elif page == 0xB0:
             bs = disk.block_size
-            body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, MAX_TRANSFER_DISK // bs, 0, 0,
+            mx = _disk_max_transfer(disk) // bs
+            body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, mx, 0, 0,
                                0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, max(1, 4096 // bs), 0,
-                               MAX_TRANSFER_DISK // bs).ljust(0x3C, b"\0")
+                               mx).ljust(0x3C, b"\0")
         elif page == 0xB1:
             body = struct.pack(">H", 1).ljust(0x3C, b"\0")     # non-rotating
         else:   # 0xB2: thin, LBPU
@@ -857,6 +866,9 @@ class StorvspModel(DeviceModel):
         fua = op not in (0x08, 0x0A) and bool(cdb[1] & 0x08)
         if blocks == 0 or blocks > buflen >> disk.block_shift:
             raise _illegal(ASC_ILLEGAL_BLOCK)
+        if blocks << disk.block_shift > _disk_max_transfer(disk):
+            self.counters["over_max_transfer"] += 1
+            raise _illegal(ASC_INVALID_CDB)               # SBC-3 6.6.4: beyond MAXIMUM TRANSFER LENGTH
         self._range(disk, lba, blocks)
         if write and disk.readonly:
             raise _Check(SRB_ERROR, CHECK_CONDITION, KEY_DATA_PROTECT, ASC_WRITE_PROTECT)
@@ -877,7 +889,7 @@ class StorvspModel(DeviceModel):
         lba, blocks = _lba_len(cdb)
         self._range(disk, lba, blocks)
         nbytes = blocks << disk.block_shift
-        if nbytes > MAX_TRANSFER_DISK or nbytes > self.max_transfer or blocks == 0:
+        if nbytes > _disk_max_transfer(disk) or nbytes > self.max_transfer or blocks == 0:
             raise _illegal(ASC_INVALID_CDB)
         if buflen < disk.block_size:
             raise _illegal(ASC_INVALID_CDB)

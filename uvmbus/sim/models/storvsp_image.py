@@ -2,7 +2,7 @@
 
 Spec syntax (``uvmbus sim --disk SPEC``)::
 
-    IMAGE[:ro][:bs=512|4096][:size=SIZE][:lun=N][:serial=TEXT][:nounmap]
+    IMAGE[:ro][:bs=512|4096][:size=SIZE][:lun=N][:serial=TEXT][:nounmap][:maxxfer=SIZE]
 
 * ``IMAGE`` is a raw image.  With ``size=`` a missing file is created sparse with that size
   (``new.img:size=1G``); an existing file must already have that size.
@@ -11,6 +11,9 @@ Spec syntax (``uvmbus sim --disk SPEC``)::
 * ``lun`` places the disk at that LUN (default: the next free one).
 * ``serial`` is reported in VPD page 0x80 (no page 0x80 without it, as OpenVMM).
 * ``nounmap`` hides logical block provisioning (no UNMAP, no VPD 0xB0-0xB2).
+* ``maxxfer=SIZE`` lowers the LUN's MAXIMUM TRANSFER LENGTH in VPD 0xB0 (default 8 MiB,
+  OpenVMM's SimpleScsiDisk); a READ/WRITE longer than it fails with ILLEGAL REQUEST /
+  INVALID FIELD IN CDB, as SBC-3 §6.6.4 (Block Limits VPD page) prescribes.
 
 Data moves between the file and guest RAM in C (``uvb_vsp_rw``: preadv/pwritev straight
 into the guest-RAM mapping after every PFN was bounds-checked).
@@ -43,10 +46,12 @@ class DiskSpec:
     lun: int | None = None
     serial: str | None = None
     unmap: bool = True
+    #: MAXIMUM TRANSFER LENGTH in bytes (None: the model's default)
+    max_transfer: int | None = None
 
 
 def parse_disk_spec(text: str) -> DiskSpec:
-    """Parse ``IMAGE[:ro][:bs=N][:size=S][:lun=N][:serial=T][:nounmap]``."""
+    """Parse ``IMAGE[:ro][:bs=N][:size=S][:lun=N][:serial=T][:nounmap][:maxxfer=S]``."""
     parts = str(text).split(":")
     if not parts[0]:
         raise ConfigError(f"disk spec {text!r}: missing image path")
@@ -72,9 +77,14 @@ def parse_disk_spec(text: str) -> DiskSpec:
                 raise ConfigError(f"disk spec {text!r}: lun must be 0..{lib.UVB_VSP_MAX_LUNS - 1}")
         elif key == "serial" and val:
             spec.serial = val
+        elif key == "maxxfer":
+            spec.max_transfer = parse_size(val, what="maxxfer", allow_zero=False)
         else:
             raise ConfigError(f"disk spec {text!r}: unknown option {opt!r} (known: ro, bs=512|4096, "
-                              "size=SIZE, lun=N, serial=TEXT, nounmap)")
+                              "size=SIZE, lun=N, serial=TEXT, nounmap, maxxfer=SIZE)")
+    if spec.max_transfer is not None and spec.max_transfer % spec.block_size:
+        raise ConfigError(f"disk spec {text!r}: maxxfer must be a multiple of the "
+                          f"{spec.block_size}-byte block size")
     return spec
 
 
@@ -164,8 +174,9 @@ class ImageDisk:
 
     @property
     def slow(self) -> bool:
-        """Commands must take the Python path (media errors, a pending unit attention)."""
-        return bool(self.media_errors) or self.unit_attention
+        """Commands must take the Python path (media errors, a pending unit attention, a
+        transfer limit below the one the C path assumes)."""
+        return bool(self.media_errors) or self.unit_attention or self.spec.max_transfer is not None
 
     def media_error(self, lba: int, blocks: int, kind: str) -> bool:
         return any(m.hits(lba, blocks, kind) for m in self.media_errors)
