@@ -77,6 +77,8 @@ OFF(rndis_query_request, info_buf_offset, 20);
 SIZE(rndis_query_complete, 24);
 OFF(rndis_query_complete, info_buf_offset, 20);
 SIZE(rndis_set_request, 28);
+SIZE(rndis_config_parameter_info, 20);
+OFF(rndis_config_parameter_info, value_length, 16);
 SIZE(rndis_set_complete, 16);
 SIZE(rndis_reset_request, 12);
 SIZE(rndis_reset_complete, 16);

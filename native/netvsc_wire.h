@@ -331,6 +331,21 @@ struct nvsp_send_indirection_table {       /* 134: u32 table[count] at `offset` 
 #define OID_802_3_CURRENT_ADDRESS     0x01010102
 #define OID_802_3_MULTICAST_LIST      0x01010103
 #define OID_802_3_MAXIMUM_LIST_SIZE   0x01010104
+#define OID_GEN_PROTOCOL_OPTIONS      0x00010112
+/* statistics OIDs (values: O rndisprot.rs; answers: docs/netvsc.md "Filters, MAC, statistics") */
+#define OID_GEN_XMIT_OK               0x00020101
+#define OID_GEN_RCV_OK                0x00020102
+#define OID_GEN_XMIT_ERROR            0x00020103
+#define OID_GEN_RCV_ERROR             0x00020104
+#define OID_GEN_RCV_NO_BUFFER         0x00020105
+#define OID_GEN_BYTES_RCV             0x00020219
+#define OID_GEN_BYTES_XMIT            0x0002021A
+#define OID_GEN_RCV_DISCARDS          0x0002021B
+#define OID_GEN_XMIT_DISCARDS         0x0002021C
+#define OID_GEN_LINK_PARAMETERS       0x00010208
+#define OID_802_3_RCV_ERROR_ALIGNMENT 0x01020101
+#define OID_802_3_XMIT_ONE_COLLISION  0x01020102
+#define OID_802_3_XMIT_MORE_COLLISIONS 0x01020103
 #define OID_OFFLOAD_ENCAPSULATION     0x0101010A
 #define OID_TCP_OFFLOAD_CURRENT_CONFIG 0xFC01020B
 #define OID_TCP_OFFLOAD_PARAMETERS    0xFC01020C
@@ -491,6 +506,18 @@ struct rndis_set_request {                 /* 28 (+ info) */
     uint32_t info_buflen;
     uint32_t info_buf_offset;
     uint32_t dev_vc_handle;
+};
+
+/* info buffer of SET OID_GEN_RNDIS_CONFIG_PARAMETER; offsets from its start (L-r
+ * rndis_filter_set_device_mac, O oid_set_rndis_config_parameter) */
+#define RNDIS_CONFIG_PARAM_TYPE_INTEGER 0
+#define RNDIS_CONFIG_PARAM_TYPE_STRING  2
+struct rndis_config_parameter_info {       /* 20 (+ UTF-16LE name and value) */
+    uint32_t name_offset;
+    uint32_t name_length;                  /* bytes */
+    uint32_t parameter_type;
+    uint32_t value_offset;
+    uint32_t value_length;                 /* bytes */
 };
 
 struct rndis_set_complete {                /* 16 */

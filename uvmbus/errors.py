@@ -135,6 +135,16 @@ class NetError(UvmbusError):
     """netvsc driver error."""
 
 
+class MacChangeRefused(NetError):
+    """The host did not take a new MAC address: it refused the NetworkAddress parameter
+    (``status`` is its RNDIS status) or accepted it but still reports the old address
+    (``status`` is None)."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class FrameRejected(NetError, ValueError):
     """``tx_burst`` met a frame that can never be sent (shorter than 14 bytes, longer than the
     MTU allows, or larger than a send section without GPA-direct memory).  ``index`` is its

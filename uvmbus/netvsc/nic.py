@@ -40,6 +40,7 @@ from uvmbus.errors import (
     ConfigError,
     FrameRejected,
     KernelUnsupported,
+    MacChangeRefused,
     NegotiationError,
     NetError,
     ProtocolError,
@@ -106,6 +107,12 @@ class NicInfo:
     gpa_direct: bool
     offloads: dict[str, Any] = field(default_factory=dict)
     send_table: list[int] = field(default_factory=list)
+    permanent_mac: str = ""
+    packet_filter: int = 0
+    packet_filter_names: list[str] = field(default_factory=list)
+    promiscuous: bool = False
+    all_multicast: bool = False
+    multicast: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -478,6 +485,14 @@ class Nic:
         self.lock_device = lock
         self._mtu_wanted = mtu
         self._link_cbs: list[Callable[[bool], None]] = []
+        # receive filter wanted by the user (kept across re-initialisation) and last sent
+        self._promiscuous = False
+        self._all_multicast = False
+        self._multicast: list[bytes] = []
+        self._mac_wanted: bytes | None = None
+        self._filter_custom = False
+        self.packet_filter = 0
+        self.permanent_mac = b""
         self._lock = threading.RLock()
         self._req_ids = itertools.count(1)
         self._tids = itertools.count(1 << 48)
@@ -870,6 +885,7 @@ class Nic:
         q0.max_xfer = self.max_xfer
         # some hosts leave a non-zero filter after INITIALIZE (§3 step 7)
         self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", 0))
+        self.packet_filter = 0
         maxframe = struct.unpack_from("<I", self.query(P.OID_GEN_MAXIMUM_FRAME_SIZE).ljust(4, b"\0"))[0]
         if maxframe and maxframe < self.mtu:
             log.info("netvsc: host maximum frame %d < MTU %d: MTU lowered", maxframe, self.mtu)
@@ -879,7 +895,9 @@ class Nic:
         mac = self.query(P.OID_802_3_PERMANENT_ADDRESS)
         if len(mac) < 6:
             raise ProtocolError(f"permanent address of {len(mac)} bytes")
-        self.mac_bytes = bytes(mac[:6])
+        self.mac_bytes = self.permanent_mac = bytes(mac[:6])
+        if self._mac_wanted is not None and self._mac_wanted != self.permanent_mac:
+            self._send_mac(self._mac_wanted)     # a re-initialisation keeps the user's address
         self.offloads = P.OffloadCaps()
         try:
             caps = self.query(P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, P.ndis_offload_query_input(self.nvsp_version))
@@ -916,7 +934,9 @@ class Nic:
             log.info("netvsc: NVSP %s has no sub-channels: one queue", P.VERSION_NAMES[self.nvsp_version])
         if nq > 1:
             self._setup_queues(nq)
-        self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", FILTER_DEFAULT))
+        # on open Linux sends DIRECTED | ALL_MULTICAST | BROADCAST (rndis_filter_open_device);
+        # after the user changed the filter, a re-initialisation restores the user's one
+        self._send_filter(self._wanted_filter() if self._filter_custom else FILTER_DEFAULT)
 
     def _setup_queues(self, nq: int) -> None:
         m = self.nvsp_request(P.nvsp_subchannel_request(nq - 1))
@@ -1037,7 +1057,113 @@ class Nic:
             max_pkt_per_msg=self.max_pkt_per_msg, pkt_alignment=self.pkt_align, recv_buffer=self._recv.size,
             sub_alloc_size=self.sub_alloc_size, sub_allocs=self.sub_allocs, send_buffer=self._send.size,
             section_size=self.section_size, sections=self.sections, gpa_direct=bool(self._gpa_regions),
-            offloads=self.offloads.to_dict(), send_table=list(self.send_table))
+            offloads=self.offloads.to_dict(), send_table=list(self.send_table),
+            permanent_mac=_mac_text(self.permanent_mac), packet_filter=self.packet_filter,
+            packet_filter_names=P.filter_names(self.packet_filter), promiscuous=self._promiscuous,
+            all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast])
+
+    # ==== filters, MAC address, host statistics (docs/netvsc.md) ============================
+    def _wanted_filter(self) -> int:
+        return P.kernel_filter(promiscuous=self._promiscuous, all_multicast=self._all_multicast,
+                               multicast=bool(self._multicast))
+
+    def _send_filter(self, value: int) -> None:
+        # like Linux (rndis_filter_set_packet_filter), an unchanged filter is not sent again
+        if value != self.packet_filter:
+            self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", value))
+            self.packet_filter = value
+
+    def _apply_filter(self) -> None:
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        self._filter_custom = True
+        self._send_filter(self._wanted_filter())
+
+    def set_promiscuous(self, on: bool) -> None:
+        """Receive every frame the host passes: the packet filter becomes PROMISCUOUS alone,
+        as Linux sends it; off restores DIRECTED | BROADCAST (| ALL_MULTICAST).  Hyper-V
+        passes other stations' frames only where the VM may spoof MAC addresses."""
+        self._promiscuous = bool(on)
+        self._apply_filter()
+
+    def set_all_multicast(self, on: bool) -> None:
+        """Receive all multicast frames (filter DIRECTED | ALL_MULTICAST | BROADCAST)."""
+        self._all_multicast = bool(on)
+        self._apply_filter()
+
+    def set_multicast_list(self, addresses: Iterable[str | bytes]) -> None:
+        """Join these multicast groups.  Hyper-V hosts keep no multicast list (they report
+        OID_802_3_MAXIMUM_LIST_SIZE 0 and the reference host refuses OID_802_3_MULTICAST_LIST),
+        so, like the Linux driver, a non-empty list turns ALL_MULTICAST on and an empty one
+        turns it off again (unless ``set_all_multicast(True)``); frames are not filtered by
+        group.  Each address must be a multicast MAC (lowest bit of the first octet set)."""
+        macs = []
+        for a in addresses:
+            m = _parse_mac(a)
+            if not m[0] & 1:
+                raise ConfigError(f"{_mac_text(m)} is not a multicast address (the first octet's "
+                                  "lowest bit must be set, e.g. 01:00:5e:00:00:01)")
+            if m not in macs:
+                macs.append(m)
+        self._multicast = macs
+        self._apply_filter()
+
+    def set_mac(self, mac: str | bytes) -> None:
+        """Change the NIC's MAC address the way Linux does (SET OID_GEN_RNDIS_CONFIG_PARAMETER
+        "NetworkAddress" = 12 hex digits), then check OID_802_3_CURRENT_ADDRESS.  Raises
+        :class:`MacChangeRefused` when the host refuses it or keeps the old address (Hyper-V
+        needs MAC address spoofing allowed for the VM's adapter; the reference host, OpenVMM,
+        accepts the parameter and ignores it)."""
+        m = _parse_mac(mac)
+        if m[0] & 1 or m == bytes(6):
+            raise ConfigError(f"{_mac_text(m)} cannot be a NIC address: use a unicast, non-zero "
+                              "MAC (first octet's lowest bit clear, e.g. 02:00:00:00:00:01)")
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        self._send_mac(m)
+        self._mac_wanted = None if m == self.permanent_mac else m
+
+    def _send_mac(self, m: bytes) -> None:
+        try:
+            self.set(P.OID_GEN_RNDIS_CONFIG_PARAMETER, P.mac_config_parameter(m))
+        except RequestFailed as exc:
+            raise MacChangeRefused(
+                f"the host refused MAC address {_mac_text(m)} (RNDIS status {exc.status or 0:#x}): on "
+                "Hyper-V allow MAC address spoofing for this VM's network adapter "
+                "(Set-VMNetworkAdapter -MacAddressSpoofing On), or keep the address the host "
+                f"assigned ({_mac_text(self.permanent_mac)})", status=exc.status) from None
+        try:
+            current = bytes(self.query(P.OID_802_3_CURRENT_ADDRESS)[:6])
+        except RequestFailed:
+            current = m          # a host without CURRENT_ADDRESS: trust the SET's success
+        if current != m:
+            raise MacChangeRefused(
+                f"the host accepted MAC address {_mac_text(m)} but still reports "
+                f"{_mac_text(current)} as the current address (it does not apply NetworkAddress; "
+                "OpenVMM-based hosts never do): frames from the new address would not be "
+                "delivered — keep the assigned address")
+        self.mac_bytes = m
+
+    def host_stats(self) -> dict[str, int | None]:
+        """The host's own counters (OID_GEN_XMIT_OK, RCV_OK, ..., OID_802_3 error counters),
+        by name (``protocol.STATS_OIDS``); None where the host does not answer that OID (the
+        reference host answers only the three OID_802_3 counters, with 0)."""
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        out: dict[str, int | None] = {}
+        for name, oid in P.STATS_OIDS.items():
+            try:
+                data = self.query(oid)
+            except RequestFailed:
+                out[name] = None
+                continue
+            if len(data) >= 8:
+                out[name] = int(struct.unpack_from("<Q", data)[0])
+            elif len(data) >= 4:
+                out[name] = int(struct.unpack_from("<I", data)[0])
+            else:
+                raise ProtocolError(f"host answered statistics OID {oid:#010x} with {len(data)} bytes")
+        return out
 
     def set_mtu(self, mtu: int) -> None:
         """Change the MTU: a full NVSP/RNDIS re-initialisation, as Linux does (§3)."""
@@ -1065,6 +1191,7 @@ class Nic:
         try:
             with self._lock:
                 self.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", 0), timeout=2.0)
+                self.packet_filter = 0
                 self._drain(2.0)
                 rid = next(self._req_ids)
                 self._send_ctrl(P.rndis_halt(rid), _now() + 2.0)
@@ -1209,4 +1336,23 @@ def attach_queue(spec: QueueSpec) -> Queue:
     of send sections and its own endpoint file for interrupts.  Nothing is shared with the
     owning process but the memory the host also sees."""
     return _AttachedQueue(spec)
+
+
+def _parse_mac(value: str | bytes) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 6:
+            raise ConfigError(f"a MAC address has 6 bytes, not {len(value)}")
+        return bytes(value)
+    text = str(value).strip().lower().replace("-", ":")
+    parts = text.split(":") if ":" in text else [text[i:i + 2] for i in range(0, len(text), 2)]
+    try:
+        if len(parts) != 6 or any(len(p) != 2 for p in parts):
+            raise ValueError
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a MAC address (expected e.g. 02:00:00:00:00:01)") from None
+
+
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
 

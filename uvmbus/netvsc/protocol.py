@@ -279,6 +279,30 @@ OID_TCP_OFFLOAD_CURRENT_CONFIG = lib.OID_TCP_OFFLOAD_CURRENT_CONFIG
 OID_TCP_OFFLOAD_PARAMETERS = lib.OID_TCP_OFFLOAD_PARAMETERS
 OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES = lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES
 
+OID_GEN_XMIT_OK = lib.OID_GEN_XMIT_OK
+OID_GEN_RCV_OK = lib.OID_GEN_RCV_OK
+OID_GEN_XMIT_ERROR = lib.OID_GEN_XMIT_ERROR
+OID_GEN_RCV_ERROR = lib.OID_GEN_RCV_ERROR
+OID_GEN_RCV_NO_BUFFER = lib.OID_GEN_RCV_NO_BUFFER
+OID_GEN_BYTES_RCV = lib.OID_GEN_BYTES_RCV
+OID_GEN_BYTES_XMIT = lib.OID_GEN_BYTES_XMIT
+OID_GEN_RCV_DISCARDS = lib.OID_GEN_RCV_DISCARDS
+OID_GEN_XMIT_DISCARDS = lib.OID_GEN_XMIT_DISCARDS
+OID_802_3_RCV_ERROR_ALIGNMENT = lib.OID_802_3_RCV_ERROR_ALIGNMENT
+OID_802_3_XMIT_ONE_COLLISION = lib.OID_802_3_XMIT_ONE_COLLISION
+OID_802_3_XMIT_MORE_COLLISIONS = lib.OID_802_3_XMIT_MORE_COLLISIONS
+
+#: the counters ``Nic.host_stats()`` asks the host for, by the name it reports them under
+STATS_OIDS: dict[str, int] = {
+    "xmit_ok": OID_GEN_XMIT_OK, "rcv_ok": OID_GEN_RCV_OK, "xmit_error": OID_GEN_XMIT_ERROR,
+    "rcv_error": OID_GEN_RCV_ERROR, "rcv_no_buffer": OID_GEN_RCV_NO_BUFFER,
+    "bytes_xmit": OID_GEN_BYTES_XMIT, "bytes_rcv": OID_GEN_BYTES_RCV,
+    "xmit_discards": OID_GEN_XMIT_DISCARDS, "rcv_discards": OID_GEN_RCV_DISCARDS,
+    "rcv_error_alignment": OID_802_3_RCV_ERROR_ALIGNMENT,
+    "xmit_one_collision": OID_802_3_XMIT_ONE_COLLISION,
+    "xmit_more_collisions": OID_802_3_XMIT_MORE_COLLISIONS,
+}
+
 FILTER_DIRECTED = lib.NDIS_PACKET_TYPE_DIRECTED
 FILTER_MULTICAST = lib.NDIS_PACKET_TYPE_MULTICAST
 FILTER_ALL_MULTICAST = lib.NDIS_PACKET_TYPE_ALL_MULTICAST
@@ -723,3 +747,53 @@ def send_table_from(payload: Any, nvsp_version: int = NVSP_V61) -> list[int]:
     if off < 12 or off + 64 > len(raw):
         raise ProtocolError(f"send indirection table at offset {off} outside the {len(raw)}-byte message")
     return list(struct.unpack_from("<16I", raw, off))
+
+
+# ---- filters and addresses (docs/netvsc.md "Filters, MAC address, statistics") --------
+FILTER_NAMES = {FILTER_DIRECTED: "directed", FILTER_MULTICAST: "multicast",
+                FILTER_ALL_MULTICAST: "all-multicast", FILTER_BROADCAST: "broadcast",
+                FILTER_PROMISCUOUS: "promiscuous"}
+
+
+def filter_names(value: int) -> list[str]:
+    """The NDIS packet-filter bits of ``value`` by name (unknown bits in hex)."""
+    names = [n for bit, n in sorted(FILTER_NAMES.items()) if value & bit]
+    rest = value & ~sum(FILTER_NAMES)
+    return names + ([hex(rest)] if rest else [])
+
+
+def kernel_filter(*, promiscuous: bool, all_multicast: bool, multicast: bool, broadcast: bool = True) -> int:
+    """The packet filter Linux sends for these interface flags (L-r ``rndis_set_multicast``):
+    promiscuous alone when promiscuous; else DIRECTED, plus ALL_MULTICAST when all-multicast is
+    on or any multicast address is joined (the kernel never sends a multicast list), plus
+    BROADCAST."""
+    if promiscuous:
+        return FILTER_PROMISCUOUS
+    f = FILTER_DIRECTED
+    if all_multicast or multicast:
+        f |= FILTER_ALL_MULTICAST
+    if broadcast:
+        f |= FILTER_BROADCAST
+    return f
+
+
+def config_parameter_string(name: str, value: str) -> bytes:
+    """Info buffer of SET OID_GEN_RNDIS_CONFIG_PARAMETER with a string parameter: the 20-byte
+    ``rndis_config_parameter_info``, then the UTF-16LE name, then the UTF-16LE value, no
+    terminators (the layout of L-r ``rndis_filter_set_device_mac``)."""
+    n = name.encode("utf-16-le")
+    v = value.encode("utf-16-le")
+    info = ffi.new("struct rndis_config_parameter_info *")
+    head = ffi.sizeof("struct rndis_config_parameter_info")
+    info.name_offset = head
+    info.name_length = len(n)
+    info.parameter_type = lib.RNDIS_CONFIG_PARAM_TYPE_STRING
+    info.value_offset = head + len(n)
+    info.value_length = len(v)
+    return bytes(ffi.buffer(info)) + n + v
+
+
+def mac_config_parameter(mac: bytes) -> bytes:
+    """The MAC change Linux sends: name "NetworkAddress", value the 12 lowercase hex digits."""
+    return config_parameter_string("NetworkAddress", mac.hex())
+

@@ -550,8 +550,11 @@ class Controller:
 
     def _error_for(self, cmd: Command, srb: int, sense: scsi.Sense | None) -> Exception:
         if srb in _GONE_SRB:
+            self._rescan_needed = True
             return LunGone(f"{cmd.what}: LUN {cmd.lun} does not exist (SRB "
-                           f"{P.srb_status_name(cmd.srb_status)})")
+                           f"{P.srb_status_name(cmd.srb_status)}): the host removed it or never "
+                           "had it; other LUNs are unaffected, and the next API call rescans "
+                           "(hba.changes, hba.luns)")
         if sense is not None and sense.key != scsi.SenseKey.NO_SENSE:
             return scsi.sense_exception(sense, f"{cmd.what} on LUN {cmd.lun}",
                                         srb_status=cmd.srb_status, scsi_status=cmd.scsi_status)

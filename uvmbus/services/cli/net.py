@@ -91,6 +91,7 @@ def _info(args: argparse.Namespace) -> int:
     with device_lock(dev), recording(args) as rec, \
             nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
         info = nic.info().to_dict()
+        info["host_stats"] = nic.host_stats()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -109,16 +110,22 @@ def _info(args: argparse.Namespace) -> int:
     ]
     if info["send_table"]:
         rows.append(("send table", " ".join(map(str, info["send_table"]))))
+    if info["permanent_mac"] and info["permanent_mac"] != info["mac"]:
+        rows.append(("permanent mac", info["permanent_mac"]))
+    rows.append(("packet filter", f"{info['packet_filter']:#x} ({', '.join(info['packet_filter_names']) or 'none'})"))
+    hs = info["host_stats"]
+    answered = {k: v for k, v in hs.items() if v is not None}
+    rows.append(("host counters", ", ".join(f"{k} {v}" for k, v in answered.items()) or "none answered"))
+    missing = [k for k, v in hs.items() if v is None]
+    if missing:
+        rows.append(("not answered", ", ".join(missing)))
     for k, v in rows:
         print(f"{k:>15}: {v}")
     return 0
 
 
 def _capture(args: argparse.Namespace) -> int:
-    import struct
-
     import uvmbus.netvsc as nv
-    from uvmbus.netvsc import protocol as P
     from uvmbus.netvsc.pcap import PcapWriter
 
     stop = False
@@ -137,7 +144,7 @@ def _capture(args: argparse.Namespace) -> int:
         with device_lock(dev), output_file(args.write, what="pcap") as f, recording(args) as rec, \
                 nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
             if args.promiscuous:
-                nic.set(P.OID_GEN_CURRENT_PACKET_FILTER, struct.pack("<I", P.FILTER_PROMISCUOUS))
+                nic.set_promiscuous(True)
             w = PcapWriter(f)
             deadline = time.monotonic() + args.seconds if args.seconds else None
             while not stop and (not args.count or n < args.count):

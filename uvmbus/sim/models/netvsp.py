@@ -35,7 +35,21 @@ table of §4.5; SET of the packet filter (RX flows only while it is non-zero), o
 parameters (then a TASK_OFFLOAD_CURRENT_CONFIG indication), RSS parameters (validated like
 the reference host: key 40 bytes, table size non-zero and a multiple of 4, entries below the
 queue maximum; shorter tables replicate), network addresses, config parameters;
-KEEPALIVE; HALT is ignored.  Responses go through the 16 reserved control sub-allocations
+KEEPALIVE; HALT is ignored.
+
+Filters, MAC, statistics (docs/netvsc.md, from O ``handle_oid_set``/``handle_oid_query``):
+the packet filter's bits are recorded but not applied — any non-zero filter delivers
+everything the backend has, as the reference host does; SET OID_802_3_MULTICAST_LIST is an
+unknown OID to the reference host (NOT_SUPPORTED; MAXIMUM_LIST_SIZE answers 0);
+OID_GEN_RNDIS_CONFIG_PARAMETER is parsed (name/value ≤ 255 bytes, UTF-16, inside the
+buffer) and "NetworkAddress" follows option ``mac_change``: ``ignore`` (default, the
+reference host: SUCCESS, the current address stays the permanent one), ``apply`` (a host that
+allows the change, e.g. Hyper-V with MAC address spoofing on: CURRENT_ADDRESS reports it
+until the session ends), ``refuse`` (FAILURE).  Statistics: OID_802_3_RCV_ERROR_ALIGNMENT /
+XMIT_ONE_COLLISION / XMIT_MORE_COLLISIONS answer 0 and the OID_GEN_* counters are
+NOT_SUPPORTED, as the reference host; option ``stats=counters`` answers OID_GEN_XMIT_OK,
+RCV_OK, XMIT_ERROR, RCV_ERROR, RCV_NO_BUFFER, BYTES_XMIT, BYTES_RCV, XMIT_DISCARDS and
+RCV_DISCARDS (u64) from the model's own queue counters.  Responses go through the 16 reserved control sub-allocations
 (transaction id = index); when they are all with the guest, responses queue (≤ 100 KiB),
 then new requests fail.
 
@@ -58,7 +72,8 @@ when the guest advertises SR-IOV.
 Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
 (loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
 ``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
-``media_status`` (connected / link), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
+(reference / counters), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
@@ -191,6 +206,12 @@ class NetvspModel(DeviceModel):
         self.media_status = str(opts.pop("media_status", "connected")).lower()
         if self.media_status not in ("connected", "link"):
             raise ConfigError("media_status must be connected (the reference host) or link")
+        self.mac_change = str(opts.pop("mac_change", "ignore")).lower()
+        if self.mac_change not in ("ignore", "apply", "refuse"):
+            raise ConfigError("mac_change must be ignore (the reference host), apply or refuse")
+        self.stats_mode = str(opts.pop("stats", "reference")).lower()
+        if self.stats_mode not in ("reference", "counters"):
+            raise ConfigError("stats must be reference (the reference host) or counters")
         self.min_request = int(opts.pop("min_request", 0))
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
@@ -247,6 +268,8 @@ class NetvspModel(DeviceModel):
         self.subchannel_requested = False
         self.table_sent = False
         self.filter = 0
+        self.current_mac = self.mac
+        self.config_params: dict[str, str | int | None] = {}
         self.offload_params: dict[str, int] = {}
         self.rss: M.RssRequest | None = None
         self.dead_channels: set[int] = set()
@@ -737,17 +760,26 @@ class NetvspModel(DeviceModel):
             lib.OID_GEN_MAX_LINK_SPEED: struct.pack("<QQ", self.link_speed, self.link_speed),
             lib.OID_GEN_FRIENDLY_NAME: "Network Device".encode("utf-16-le").ljust(512, b"\0"),
             lib.OID_802_3_PERMANENT_ADDRESS: self.mac,
-            lib.OID_802_3_CURRENT_ADDRESS: self.mac,
+            lib.OID_802_3_CURRENT_ADDRESS: self.current_mac,
             lib.OID_802_3_MAXIMUM_LIST_SIZE: u32(0),
+            lib.OID_802_3_RCV_ERROR_ALIGNMENT: u32(0),
+            lib.OID_802_3_XMIT_ONE_COLLISION: u32(0),
+            lib.OID_802_3_XMIT_MORE_COLLISIONS: u32(0),
         }
+        counters = self._stat_counters() if self.stats_mode == "counters" else {}
         if oid in simple:
             return lib.RNDIS_STATUS_SUCCESS, simple[oid]
+        if oid in counters:
+            return lib.RNDIS_STATUS_SUCCESS, struct.pack("<Q", counters[oid])
         if oid == lib.OID_GEN_SUPPORTED_LIST:
             major = self.ndis_version[0] if self.ndis_version else 0
             if major not in (5, 6):
                 return lib.RNDIS_STATUS_BAD_VERSION, b""
-            oids = sorted(simple)
+            # listed though not all answered, as the reference host lists them
+            oids = sorted({*simple, lib.OID_GEN_NETWORK_LAYER_ADDRESSES, lib.OID_802_3_MULTICAST_LIST,
+                           lib.OID_GEN_RNDIS_CONFIG_PARAMETER, *counters})
             if major == 6:
+                oids += [lib.OID_GEN_BYTES_RCV, lib.OID_GEN_BYTES_XMIT] if not counters else []
                 oids += [lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES, lib.OID_TCP_OFFLOAD_CURRENT_CONFIG,
                          lib.OID_TCP_OFFLOAD_PARAMETERS]
                 if ndis_minor >= 30:
@@ -786,10 +818,52 @@ class NetvspModel(DeviceModel):
             return lib.RNDIS_STATUS_SUCCESS
         if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
-        if oid in (lib.OID_GEN_NETWORK_LAYER_ADDRESSES, lib.OID_GEN_RNDIS_CONFIG_PARAMETER,
-                   lib.OID_802_3_MULTICAST_LIST):
+        if oid == lib.OID_GEN_RNDIS_CONFIG_PARAMETER:
+            return self._set_config_parameter(info)
+        if oid == lib.OID_GEN_NETWORK_LAYER_ADDRESSES:
             return lib.RNDIS_STATUS_SUCCESS
+        # OID_802_3_MULTICAST_LIST included: the reference host has no SET for it
         return lib.RNDIS_STATUS_NOT_SUPPORTED
+
+    def _set_config_parameter(self, info: bytes) -> int:
+        try:
+            p = M.read_config_parameter(info)
+        except M.AccessError:
+            return lib.RNDIS_STATUS_FAILURE
+        except M.BadRequest:
+            return lib.RNDIS_STATUS_INVALID_DATA
+        if p.name == "NetworkAddress" and p.ptype == lib.RNDIS_CONFIG_PARAM_TYPE_STRING:
+            if self.mac_change == "refuse":
+                return lib.RNDIS_STATUS_FAILURE
+            if self.mac_change == "apply":
+                text = str(p.value)
+                try:
+                    mac = bytes.fromhex(text) if len(text) == 12 else b""
+                except ValueError:
+                    mac = b""
+                if len(mac) != 6 or mac[0] & 1 or mac == bytes(6):
+                    return lib.RNDIS_STATUS_INVALID_DATA
+                self.current_mac = mac
+        self.config_params[p.name] = p.value
+        return lib.RNDIS_STATUS_SUCCESS
+
+    def _stat_counters(self) -> dict[int, int]:
+        """OID_GEN_* counters from the queues' own counts (option ``stats=counters``)."""
+        names = ("tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes", "rx_nobuf",
+                 "rx_filtered", "rx_oversize", "rx_ring_full")
+        t = dict.fromkeys(names, 0)
+        with self._lock:
+            entries = list(self._queues.values())
+        for e in entries:
+            for k in names:
+                t[k] += int(getattr(e.q, k))
+        return {
+            lib.OID_GEN_XMIT_OK: t["tx_frames"], lib.OID_GEN_RCV_OK: t["rx_frames"],
+            lib.OID_GEN_XMIT_ERROR: t["tx_failed"], lib.OID_GEN_RCV_ERROR: t["rx_oversize"],
+            lib.OID_GEN_RCV_NO_BUFFER: t["rx_nobuf"] + t["rx_ring_full"],
+            lib.OID_GEN_BYTES_XMIT: t["tx_bytes"], lib.OID_GEN_BYTES_RCV: t["rx_bytes"],
+            lib.OID_GEN_XMIT_DISCARDS: t["tx_dropped"], lib.OID_GEN_RCV_DISCARDS: t["rx_filtered"],
+        }
 
     def _set_rss(self, info: bytes) -> int:
         """§4.8 host validation; §10.1: an RSS change restarts the queues."""
@@ -971,6 +1045,8 @@ class NetvspModel(DeviceModel):
             "offered_versions": [VERSION_NAMES[v] for v in self.versions],
             "ndis_version": None if self.ndis_version is None else f"{self.ndis_version[0]}.{self.ndis_version[1]}",
             "mtu": self.mtu, "mac": ":".join(f"{b:02x}" for b in self.mac), "backend": str(self.backend),
+            "current_mac": ":".join(f"{b:02x}" for b in self.current_mac), "mac_change": self.mac_change,
+            "config_params": dict(self.config_params),
             "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
             "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
             "filter": self.filter, "rss": bool(n.rss_enabled), "link": "up" if self._link_up else "down",

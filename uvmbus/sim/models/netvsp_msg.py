@@ -20,7 +20,8 @@ from uvmbus.errors import ProtocolError
 from uvmbus.native import ffi, lib
 
 __all__ = ["BadRequest", "RssRequest", "RndisRequest", "nvsp_fields", "nvsp_msg_type", "read_rndis_request",
-           "read_rss_request", "read_offload_request", "query_complete", "set_complete", "init_complete",
+           "read_rss_request", "read_offload_request", "read_config_parameter", "ConfigParameter",
+           "AccessError", "query_complete", "set_complete", "init_complete",
            "keepalive_complete", "status_indication", "rss_capabilities", "offload_capabilities"]
 
 
@@ -144,6 +145,56 @@ def read_offload_request(info: bytes) -> dict[str, int] | None:
     ffi.memmove(p, info, n)
     return {name: int(getattr(p, name)) for name, f in ffi.typeof("struct ndis_offload_params").fields
             if f.type.kind == "primitive"}
+
+
+@dataclass
+class ConfigParameter:
+    """A guest's SET OID_GEN_RNDIS_CONFIG_PARAMETER, as the host read it."""
+
+    name: str
+    ptype: int
+    value: str | int | None     # None: a parameter type the host does not interpret
+
+
+class AccessError(BadRequest):
+    """The request points outside the buffer the guest sent (the reference host answers such
+    a SET with FAILURE, not INVALID_DATA)."""
+
+
+def read_config_parameter(info: bytes) -> ConfigParameter:
+    """The host's reading of ``rndis_config_parameter_info`` + name + value (O
+    ``oid_set_rndis_config_parameter``): name and value lengths above 255 bytes or text that is
+    not UTF-16 → :class:`BadRequest` (INVALID_DATA); offsets or lengths past the buffer →
+    :class:`AccessError` (FAILURE)."""
+    head = ffi.sizeof("struct rndis_config_parameter_info")
+    if len(info) < head:
+        raise AccessError(f"config parameter of {len(info)} bytes, header needs {head}")
+    h = ffi.new("struct rndis_config_parameter_info *")
+    ffi.memmove(h, info[:head], head)
+    name_off, name_len, ptype = int(h.name_offset), int(h.name_length), int(h.parameter_type)
+    value_off, value_len = int(h.value_offset), int(h.value_length)
+    if name_len > 255:
+        raise BadRequest(f"config parameter name of {name_len} bytes (limit 255)")
+    if value_len > 255:
+        raise BadRequest(f"config parameter value of {value_len} bytes (limit 255)")
+
+    def span(off: int, length: int) -> bytes:
+        if off > len(info) or length > len(info) - off:
+            raise AccessError(f"config parameter bytes {off}+{length} past the {len(info)}-byte buffer")
+        return bytes(info[off:off + length])
+
+    try:
+        name = span(name_off, name_len & ~1).decode("utf-16-le")
+    except UnicodeDecodeError:
+        raise BadRequest("config parameter name is not UTF-16") from None
+    if ptype == lib.RNDIS_CONFIG_PARAM_TYPE_STRING:
+        try:
+            return ConfigParameter(name, ptype, span(value_off, value_len & ~1).decode("utf-16-le"))
+        except UnicodeDecodeError:
+            raise BadRequest("config parameter value is not UTF-16") from None
+    if ptype == lib.RNDIS_CONFIG_PARAM_TYPE_INTEGER:
+        return ConfigParameter(name, ptype, int(struct.unpack("<I", span(value_off, 4))[0]))
+    return ConfigParameter(name, ptype, None)
 
 
 # ---- RNDIS responses (host → guest) -------------------------------------------------------
