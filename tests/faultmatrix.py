@@ -220,9 +220,12 @@ def run_cell(comp: Any, sim: SimProcess, fault: str) -> dict[str, Any]:
     recovered_by_itself = False
     deadline = time.monotonic() + 20
     while not hang and time.monotonic() < deadline:
-        if probe() is None:
+        r = probe()
+        if r is None:
             recovered_by_itself = True
             break
+        if r != "hang" and not errors:       # the fault took effect after the window
+            errors.append(f"{_name(r)}: {r}")           # type: ignore[arg-type]
         if isinstance(comp, _Driver):
             break
         time.sleep(0.5)
@@ -243,7 +246,9 @@ def run_cell(comp: Any, sim: SimProcess, fault: str) -> dict[str, Any]:
     elif recovered_by_itself:
         outcome = "recovered"
     elif reopened:
-        outcome = f"error: {errors[0].split(':')[0]}" if errors else "reopened"
+        # name the driver's own error (a probe's TimeoutError may come before it)
+        named = [e for e in errors if not e.startswith(("TimeoutError", "OSError"))] or errors
+        outcome = f"error: {named[0].split(':')[0]}" if named else "reopened"
     else:
         outcome = "FAIL: no recovery"
     return {"component": comp.name, "fault": fault, "outcome": outcome, "seconds": round(took, 1),
