@@ -245,13 +245,17 @@ def test_cli_net_info_shows_filter_and_counters(fsim):
         return subprocess.run([sys.executable, "-m", "uvmbus", *args], capture_output=True, text=True,
                               timeout=90)
 
-    r = uvmbus("net", "info", dev(fsim, COUNTERS), "--root", str(fsim.root), "--json")
+    r = uvmbus("net", "info", dev(fsim, COUNTERS), "--root", str(fsim.root), "--json", "--stats")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["packet_filter"] == 0x0D
     assert info["packet_filter_names"] == ["directed", "all-multicast", "broadcast"]
     assert info["host_stats"]["xmit_ok"] is not None
-    r = uvmbus("net", "info", dev(fsim, REF), "--root", str(fsim.root))
+    r = uvmbus("net", "info", dev(fsim, REF), "--root", str(fsim.root), "--stats")
     assert r.returncode == 0, r.stderr
     assert "packet filter: 0xd (directed, all-multicast, broadcast)" in r.stdout
     assert "host counters: rcv_error_alignment 0" in r.stdout and "not answered: xmit_ok" in r.stdout
+    r = uvmbus("net", "info", dev(fsim, REF), "--root", str(fsim.root), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "host_stats" not in json.loads(r.stdout)        # counters only when asked (--stats)
+
