@@ -68,9 +68,10 @@ def test_blk_bench_fails_when_the_channel_dies(tmp_path: Path, fault: str) -> No
         else:
             sim.fault("corrupt_index", "tx", device=dev)
         out, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
         assert p.returncode != 0, (out, err)
-        assert time.monotonic() - t0 < 7.5
         d = json.loads(out)
         assert d["error"], d
+        assert took < 7.5, (took, d, err[-2000:])
         cause = "rescind" if fault == "rescind" else "read_index"
         assert cause in d["error"].lower(), d["error"]

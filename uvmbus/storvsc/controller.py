@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Command", "Controller", "LunChange", "ScsiResult", "open"]
 
+RING_CHECK_S = 0.5        # longest wait without looking at the TX ring's read index
 log = logging.getLogger("uvmbus.storvsc")
 
 #: trans_id of every initialization request (Linux VMBUS_RQST_INIT = U64_MAX - 2)
@@ -329,14 +330,17 @@ class Controller:
 
     def _wait_queue(self, q: IoQueue, timeout: float | None) -> None:
         """Wait for completions on one queue (IoBatch)."""
-        if not self._spin([q]):
-            self.device.wait([q.channel], timeout)
-        self._check_rings([q])
+        self._wait_queues([q], timeout)
 
     def _wait_queues(self, queues: list[IoQueue], timeout: float | None) -> None:
-        """Wait for completions on any of ``queues`` (an IoBatch over several channels)."""
+        """Wait for completions on any of ``queues`` (an IoBatch over several channels).
+        The rings are checked before and after, and a wait lasts at most RING_CHECK_S: the
+        host's interrupt after breaking an index may have been taken by an earlier poll
+        (callers loop on early returns, as on spurious wake-ups)."""
+        self._check_rings(queues)
         if not self._spin(queues):
-            self.device.wait([q.channel for q in queues], timeout)
+            self.device.wait([q.channel for q in queues],
+                             RING_CHECK_S if timeout is None else min(timeout, RING_CHECK_S))
         self._check_rings(queues)
 
     def _check_rings(self, queues: Sequence[IoQueue]) -> None:
@@ -546,8 +550,11 @@ class Controller:
 
     def _error_for(self, cmd: Command, srb: int, sense: scsi.Sense | None) -> Exception:
         if srb in _GONE_SRB:
+            self._rescan_needed = True
             return LunGone(f"{cmd.what}: LUN {cmd.lun} does not exist (SRB "
-                           f"{P.srb_status_name(cmd.srb_status)})")
+                           f"{P.srb_status_name(cmd.srb_status)}): the host removed it or never "
+                           "had it; other LUNs are unaffected, and the next API call rescans "
+                           "(hba.changes, hba.luns)")
         if sense is not None and sense.key != scsi.SenseKey.NO_SENSE:
             return scsi.sense_exception(sense, f"{cmd.what} on LUN {cmd.lun}",
                                         srb_status=cmd.srb_status, scsi_status=cmd.scsi_status)
