@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = nsub.add_parser("info", help="bring the NIC up and show what it negotiated")
     i.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
     i.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to ask for (default 1)")
+    i.add_argument("--stats", action="store_true",
+                   help="also ask the host for its counters (OID_GEN_XMIT_OK, RCV_OK, ...)")
     _add_timeout(i)
     add_root(i)
     add_json(i)
@@ -91,7 +93,8 @@ def _info(args: argparse.Namespace) -> int:
     with device_lock(dev), recording(args) as rec, \
             nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
         info = nic.info().to_dict()
-        info["host_stats"] = nic.host_stats()
+        if args.stats:
+            info["host_stats"] = nic.host_stats()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -113,12 +116,13 @@ def _info(args: argparse.Namespace) -> int:
     if info["permanent_mac"] and info["permanent_mac"] != info["mac"]:
         rows.append(("permanent mac", info["permanent_mac"]))
     rows.append(("packet filter", f"{info['packet_filter']:#x} ({', '.join(info['packet_filter_names']) or 'none'})"))
-    hs = info["host_stats"]
-    answered = {k: v for k, v in hs.items() if v is not None}
-    rows.append(("host counters", ", ".join(f"{k} {v}" for k, v in answered.items()) or "none answered"))
-    missing = [k for k, v in hs.items() if v is None]
-    if missing:
-        rows.append(("not answered", ", ".join(missing)))
+    hs = info.get("host_stats")
+    if hs is not None:
+        answered = {k: v for k, v in hs.items() if v is not None}
+        rows.append(("host counters", ", ".join(f"{k} {v}" for k, v in answered.items()) or "none answered"))
+        missing = [k for k, v in hs.items() if v is None]
+        if missing:
+            rows.append(("not answered", ", ".join(missing)))
     for k, v in rows:
         print(f"{k:>15}: {v}")
     return 0
