@@ -305,3 +305,31 @@ def test_host_records_integration_service_messages(tmp_path):
     if TSHARK:
         rows = tshark(host, "-T", "fields", "-e", "icmsg.ic_msg_hdr.icmsgtype", "-e", "_ws.malformed")
         assert any(r.split("\t")[0] == "1" for r in rows) and not any(r.split("\t")[1] for r in rows)
+
+
+def test_a_failed_command_never_replaces_an_older_trace(tmp_path):
+    """`--record FILE` on a command that fails keeps the older FILE; the new trace is named
+    FILE-failed.pcapng (both for the simulator and a guest command)."""
+    keep = tmp_path / "keep.pcapng"
+    with Recorder(keep) as rec:
+        rec.port(1, devclass="netvsc").packet(inband(bytes(40)), to_host=True)
+    old = keep.read_bytes()
+    out = subprocess.run([*UVMBUS, "sim", "--root", str(tmp_path / "r"), "--record", str(keep),
+                          "--disk", str(tmp_path / "missing" / "x.img")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "does not exist" in out.stderr, out.stderr
+    assert keep.read_bytes() == old
+    assert (tmp_path / "keep-failed.pcapng").exists()
+    (tmp_path / "keep-failed.pcapng").unlink()
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--disk", f"{tmp_path / 'disk.img'}:size=1M") as sim:
+        disk = sim.device("storvsc")["device_id"]
+        sim.bind(disk)
+        out = subprocess.run([*UVMBUS, "blk", "read", disk, "--root", str(sim.root), "--offset", "2M",
+                              "--length", "4096", "-o", str(tmp_path / "o.bin"), "--record", str(keep)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0, out.stdout
+    assert keep.read_bytes() == old
+    assert decode_file(tmp_path / "keep-failed.pcapng")          # the failed session's trace is kept
+    with Recorder(keep):                                           # a success replaces it as before
+        pass
+    assert keep.read_bytes() != old

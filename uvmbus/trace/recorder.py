@@ -6,9 +6,10 @@ append every packet they publish or release to the recorder's buffer — no Pyth
 packet.  A background thread writes the buffer out every ``flush_interval`` seconds and
 starts the next file of a rotation; :meth:`Recorder.close` writes the rest.
 
-The file is written as ``FILE.part`` and renamed to ``FILE`` when it is complete, so a
-failed command never destroys an older trace of the same name and a crashed one leaves
-a readable ``.part`` file.
+The file is written as ``FILE.part`` and renamed to ``FILE`` when it is complete; a
+recorder closed with ``ok=False`` (the command failed) never replaces an older ``FILE``:
+its trace goes to ``FILE-failed.pcapng`` instead.  A crashed one leaves a readable
+``.part`` file.
 """
 
 from __future__ import annotations
@@ -171,9 +172,11 @@ class Recorder:
         self._fd, self._part = fd, part
         return fd
 
-    def _finish_file(self, fd: int, part: Path) -> None:
+    def _finish_file(self, fd: int, part: Path, *, ok: bool = True) -> None:
         os.close(fd)
         final = part.with_name(part.name[:-len(".part")])
+        if not ok and final.exists():
+            final = final.with_name(f"{final.stem}-failed{final.suffix}")
         os.replace(part, final)
         self.files.append(final)
 
@@ -240,7 +243,9 @@ class Recorder:
         return {"records": int(r.records), "bytes": int(r.bytes), "dropped": int(r.dropped),
                 "write_errors": int(r.write_errors), "files": len(self.files) + (0 if self.closed else 1)}
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Write the rest and name the file.  ``ok=False`` (the session failed): an older
+        trace of the same name is kept and this one is named ``FILE-failed.pcapng``."""
         if self.closed:
             return
         self._stop.set()
@@ -254,7 +259,7 @@ class Recorder:
                 err = os.strerror(-rc)
             self.raw.fd = -1
             self.closed = True
-            self._finish_file(self._fd, self._part)
+            self._finish_file(self._fd, self._part, ok=ok)
         if err or self.raw.dropped:
             raise TraceError(f"trace {self.path}: {self.raw.dropped} records lost"
                              + (f" ({err})" if err else "") + "; the file holds the rest")
@@ -262,8 +267,8 @@ class Recorder:
     def __enter__(self) -> Recorder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(ok=exc_type is None)
 
     def __repr__(self) -> str:
         return f"<Recorder {self.path} {self.side_name} side {self.stats()}>"

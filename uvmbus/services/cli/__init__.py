@@ -86,11 +86,13 @@ def open_recorder(args: argparse.Namespace, *, side: str = "guest") -> Any:
 def recording(args: argparse.Namespace, *, side: str = "guest") -> Iterator[Any]:
     """``with recording(args) as rec:`` — the ``--record`` recorder (or None), closed at the end."""
     rec = open_recorder(args, side=side)
+    ok = False
     try:
         yield rec
+        ok = True
     finally:
         if rec is not None:
-            rec.close()
+            rec.close(ok=ok)
             if not getattr(args, "json", False):
                 print(f"trace: {rec.stats()['records']} records in {', '.join(map(str, rec.files))}",
                       file=sys.stderr)

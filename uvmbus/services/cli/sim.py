@@ -232,12 +232,13 @@ def _run(args: argparse.Namespace) -> int:
                   f"{root}) to use it; stop with Ctrl-C or `uvmbus sim ctl --root {root} stop`",
                   file=sys.stderr, flush=True)
 
-    vm = Simulator(config)
+    rc = 1
     try:
+        vm = Simulator(config)
         rc = vm.run(ready)
     finally:
         if config.record is not None:
-            config.record.close()
+            config.record.close(ok=rc == 0)     # a failed run never replaces an older trace
     if args.replay:
         rc = rc or _replay_report(vm)
     return rc
