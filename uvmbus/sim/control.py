@@ -132,7 +132,13 @@ class ControlClient:
         """Send one request; return the reply, raising SimulatorError if it failed."""
         self.sock.sendall((json.dumps({"cmd": cmd, **args}) + "\n").encode())
         while b"\n" not in self._buf:
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError as exc:
+                raise SimulatorError(
+                    f"the simulator at {self.path} did not answer {cmd!r} within "
+                    f"{self.sock.gettimeout():g} s: is it stopped (SIGSTOP) or hung? "
+                    "`kill -CONT PID` resumes a stopped one; `kill -USR1 PID` dumps its stacks") from exc
             if not data:
                 raise SimulatorError("the simulator closed the control connection")
             self._buf += data

@@ -182,6 +182,9 @@ def check_simulator(root: Path, guest_ram: bool) -> None:
     """Clear errors before anything is mounted: no root, no simulator, no guest RAM."""
     from uvmbus.sim.control import ControlClient
 
+    if root.resolve() == Path("/"):
+        raise NotFound("`uvmbus sim exec` runs a program against a simulator's root: pass the root "
+                       "that `uvmbus sim` printed (--root or UVMBUS_ROOT)")
     if not (root / "sys").is_dir():
         raise NotFound(f"{root} holds no simulated sys/ tree: start `uvmbus sim` and pass its "
                        "root (--root or UVMBUS_ROOT)")

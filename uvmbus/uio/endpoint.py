@@ -51,7 +51,14 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from uvmbus.errors import ChannelRevoked, ConfigError, NotFound, PrivilegeError, UvmbusError
+from uvmbus.errors import (
+    ChannelRevoked,
+    ChannelTimeout,
+    ConfigError,
+    NotFound,
+    PrivilegeError,
+    UvmbusError,
+)
 
 _U32 = struct.Struct("<I")
 SIM_PROTO = 1
@@ -218,8 +225,12 @@ class SimEndpoint(Endpoint):
         self._sock.settimeout(connect_timeout)
         try:
             msg, fds = self._recv_fds()
-        finally:
-            self._sock.settimeout(None)
+        except TimeoutError as exc:
+            self._sock.close()
+            raise ChannelTimeout(f"{self.path}: the simulator accepted the connection but sent "
+                                 f"nothing within {connect_timeout:g} s: is it stopped (SIGSTOP) "
+                                 "or hung? `uvmbus sim ctl --root ROOT ping` checks it") from exc
+        self._sock.settimeout(None)
         hello = json.loads(msg.decode())
         if hello.get("proto") != SIM_PROTO:
             for fd in fds:

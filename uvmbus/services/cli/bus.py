@@ -77,6 +77,10 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows + pci_rows, indent=2))
         return 0
+    if args.cls and not rows and not pci_rows:
+        print(f"no {args.cls} devices under {bus.root}: neither a VMBus device nor a PCI function "
+              "of that class (`uvmbus list` shows every device)")
+        return 0
     if pci_rows or args.pci:
         _print_vmbus(bus, rows, args)
         _print_pci(pci_rows, args)
