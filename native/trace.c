@@ -7,6 +7,8 @@
 #include "trace_int.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <sched.h>
 #include <string.h>
 #include <time.h>
@@ -21,6 +23,8 @@ _Static_assert(sizeof(struct uvb_trace_hdr) == 32, "trace header layout");
 _Static_assert(sizeof(struct uvb_trace_chunk) == 16, "trace chunk layout");
 _Static_assert(sizeof(struct uvb_trace_event) == 24, "trace event layout");
 
+static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
 uint64_t uvb_rec_clock(void)
 {
     struct timespec ts;
@@ -34,6 +38,7 @@ int uvb_rec_init(struct uvb_rec *rec, uint8_t *buf, uint32_t cap, int fd)
     rec->buf = buf;
     rec->cap = cap & ~3u;
     rec->fd = fd;
+    rec->dirfd = -1;
     return buf && cap >= 4096 ? 0 : UVB_EINVAL;
 }
 
@@ -51,25 +56,125 @@ void uvb_rec_unlock(struct uvb_rec *rec)
     __atomic_store_n(&rec->lock, 0u, __ATOMIC_RELEASE);
 }
 
-/* Write buf[0, upto) to the file, keep buf[upto, used). Lock held. */
-static int write_out(struct uvb_rec *rec, uint32_t upto)
+/* Write len bytes at p to the current file. Lock held. */
+static int write_all(struct uvb_rec *rec, const uint8_t *p, uint32_t len)
 {
-    int rc = 0;
     uint32_t done = 0;
-    while (done < upto) {
-        ssize_t n = write(rec->fd, rec->buf + done, upto - done);
+    while (done < len) {
+        ssize_t n = write(rec->fd, p + done, len - done);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
             rec->write_errors++;
             rec->last_errno = n < 0 ? errno : EIO;
             rec->dropped++;
-            rc = -rec->last_errno;
-            break;
+            rec->file_bytes += done;
+            return -rec->last_errno;
         }
         done += (uint32_t)n;
     }
     rec->file_bytes += done;
+    return 0;
+}
+
+/* Bytes of the whole blocks at buf[from, upto) that fit in `room` (at least the first
+ * block when `first` is set: a block larger than a file still goes somewhere). */
+static uint32_t whole_blocks(const struct uvb_rec *rec, uint32_t from, uint32_t upto, uint64_t space, int first)
+{
+    uint32_t at = from;
+    while (upto - at >= 8) {
+        uint32_t len = get32(rec->buf + at + 4);
+        if (len < 12 || len > upto - at)
+            break;                          /* not a block boundary: never split here */
+        if (at + len - from > space && !(first && at == from))
+            break;
+        at += len;
+    }
+    return at - from;
+}
+
+/* Start the next file of the series: create it, write its head, close the old one.
+ * Returns 1 on success; 0 leaves the current file in place. Lock held. */
+static int next_file(struct uvb_rec *rec)
+{
+    char name[sizeof rec->stem + 48];
+    int n = snprintf(name, sizeof name, "%s.%llu.pcapng.part", rec->stem,
+                     (unsigned long long)rec->file_index + 1);
+    if (n <= 0 || (size_t)n >= sizeof name)
+        goto fail_errno_name;
+    int fd = openat(rec->dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (fd < 0)
+        goto fail;
+    uint32_t done = 0;
+    while (done < rec->head_len) {
+        ssize_t w = write(fd, rec->head + done, rec->head_len - done);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            int e = w < 0 ? errno : EIO;
+            close(fd);
+            unlinkat(rec->dirfd, name, 0);
+            errno = e;
+            goto fail;
+        }
+        done += (uint32_t)w;
+    }
+    close(rec->fd);
+    rec->fd = fd;
+    rec->file_bytes = rec->head_len;
+    __atomic_store_n(&rec->file_index, rec->file_index + 1, __ATOMIC_RELEASE);
+    return 1;
+fail_errno_name:
+    errno = ENAMETOOLONG;
+fail:
+    rec->rotate_errors++;
+    rec->last_errno = errno;
+    return 0;
+}
+
+/* Remove the Interface Description Blocks from buf[from, *upto): the new file's head
+ * already holds every IDB handed over so far. Lock held. */
+static void drop_idbs(struct uvb_rec *rec, uint32_t from, uint32_t *upto)
+{
+    uint32_t at = from;
+    while (*upto - at >= 8) {
+        uint32_t len = get32(rec->buf + at + 4);
+        if (len < 12 || len > *upto - at)
+            break;
+        if (get32(rec->buf + at) == 1u) {
+            memmove(rec->buf + at, rec->buf + at + len, rec->used - at - len);
+            rec->used -= len;
+            *upto -= len;
+        } else {
+            at += len;
+        }
+    }
+}
+
+/* Write buf[0, upto) out (whole blocks only: callers cut at block boundaries), starting
+ * the next file of a rotation where the current one would pass rotate_bytes; keep
+ * buf[upto, used). Lock held. */
+static int write_out(struct uvb_rec *rec, uint32_t upto)
+{
+    int rc = 0;
+    uint32_t done = 0;
+    while (done < upto && rc == 0) {
+        uint32_t n = upto - done;
+        if (rec->rotate_bytes && rec->dirfd >= 0 && rec->file_bytes + n > rec->rotate_bytes) {
+            uint64_t space = rec->file_bytes < rec->rotate_bytes ? rec->rotate_bytes - rec->file_bytes : 0;
+            int fresh = rec->file_bytes <= rec->head_len;      /* nothing but its head yet */
+            n = whole_blocks(rec, done, upto, space, fresh);
+            if (n == 0) {
+                if (!fresh && next_file(rec)) {
+                    drop_idbs(rec, done, &upto);
+                    continue;
+                }
+                n = upto - done;            /* no next file: never lose records, grow this one */
+            }
+        }
+        rc = write_all(rec, rec->buf + done, n);
+        done += n;
+    }
     memmove(rec->buf, rec->buf + upto, rec->used - upto);
     rec->used -= upto;
     return rc;
@@ -83,20 +188,40 @@ int uvb_rec_flush(struct uvb_rec *rec)
     return rc;
 }
 
+/* Append a whole block in stream order; `head`: make it (and its length) what the next
+ * file starts with once the block is in the buffer. */
+static int raw_locked(struct uvb_rec *rec, const void *data, uint32_t len, const uint8_t *head, uint32_t head_len)
+{
+    if (rec->cap - rec->used < len && rec->used)
+        write_out(rec, rec->used);       /* may start the next file with the old head */
+    if (rec->cap - rec->used < len) {
+        rec->dropped++;
+        return UVB_ENOBUFS;
+    }
+    memcpy(rec->buf + rec->used, data, len);
+    rec->used += len;
+    rec->bytes += len;
+    if (head) {
+        rec->head = head;
+        rec->head_len = head_len;
+    }
+    return 0;
+}
+
 int uvb_rec_raw(struct uvb_rec *rec, const void *data, uint32_t len)
 {
-    int rc = 0;
     uvb_rec_lock(rec);
-    if (rec->cap - rec->used < len && rec->used)
-        write_out(rec, rec->used);
-    if (rec->cap - rec->used >= len) {
-        memcpy(rec->buf + rec->used, data, len);
-        rec->used += len;
-        rec->bytes += len;
-    } else {
-        rec->dropped++;
-        rc = UVB_ENOBUFS;
-    }
+    int rc = raw_locked(rec, data, len, NULL, 0);
+    uvb_rec_unlock(rec);
+    return rc;
+}
+
+int uvb_rec_idb(struct uvb_rec *rec, const void *idb, uint32_t len, const uint8_t *head, uint32_t head_len)
+{
+    if (!head)
+        return UVB_EINVAL;
+    uvb_rec_lock(rec);
+    int rc = raw_locked(rec, idb, len, head, head_len);
     uvb_rec_unlock(rec);
     return rc;
 }
@@ -114,7 +239,6 @@ static int room(struct uvb_rec *rec, uint32_t *start, uint32_t need)
 }
 
 static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 /* Open a block for interface `iface`; returns its start offset, or -1 (dropped). */

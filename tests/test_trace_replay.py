@@ -60,3 +60,59 @@ def test_replay_of_a_file_without_devices_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "uvmbus", "sim", "--root", str(tmp_path / "r"), "--replay", str(empty)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "no netvsc or storvsc packets to replay" in out.stderr
+
+
+def _cut(src: Path, dst: Path, n: int) -> int:
+    """Copy the first n bytes of a trace; returns the offset of the block the cut falls in."""
+    data = src.read_bytes()
+    dst.write_bytes(data[:n])
+    at = 0
+    while at + int.from_bytes(data[at + 4:at + 8], "little") <= n:
+        at += int.from_bytes(data[at + 4:at + 8], "little")
+    return at
+
+
+def test_a_truncated_trace_is_reported_by_show_diff_and_replay(tmp_path):
+    import json
+
+    from uvmbus.trace import pcapng
+
+    whole = DATA / "netvsc-bringup.pcapng"
+    cut = tmp_path / "t.pcapng"
+    at = _cut(whole, cut, 3000)
+    assert 0 < at < 3000
+    st = pcapng.ReadStatus()
+    with open(cut, "rb") as f:
+        n = len(list(pcapng.read(f, "t", st)))
+    assert st.truncated and st.truncated_at == at and st.size == 3000 and n > 0
+    st = pcapng.ReadStatus()
+    with open(whole, "rb") as f:
+        list(pcapng.read(f, "w", st))
+    assert not st.truncated and st.size == whole.stat().st_size
+
+    uv = [sys.executable, "-m", "uvmbus", "trace"]
+    show = subprocess.run([*uv, "show", str(cut)], capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0 and show.stdout
+    assert f"is truncated: the block at byte {at} is cut off" in show.stderr, show.stderr
+    show = subprocess.run([*uv, "show", "--json", str(cut)], capture_output=True, text=True, timeout=60)
+    j = json.loads(show.stdout)
+    assert j["truncated"] is True and j["truncated_at"] == at and j["messages"]
+    show = subprocess.run([*uv, "show", "--json", str(whole)], capture_output=True, text=True, timeout=60)
+    j = json.loads(show.stdout)
+    assert j["truncated"] is False and j["truncated_at"] is None and not show.stderr
+
+    d = subprocess.run([*uv, "diff", str(whole), str(cut)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 2 and "--allow-truncated" in d.stderr and f"byte {at}" in d.stderr, d.stderr
+    d = subprocess.run([*uv, "diff", "--json", str(cut), str(whole)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 2 and json.loads(d.stdout)["left_trace"]["truncated_at"] == at
+    d = subprocess.run([*uv, "diff", "--allow-truncated", "--json", str(whole), str(cut)],
+                       capture_output=True, text=True, timeout=60)
+    j = json.loads(d.stdout)
+    assert d.returncode == 1 and j["truncated"] is True and j["right_trace"]["truncated"] is True
+    assert j["differences"] and j["differences"][-1]["op"] == "delete"       # the missing tail
+    d = subprocess.run([*uv, "diff", str(whole), str(whole)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 0 and not d.stderr
+
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--replay", str(cut), check_exit=False) as sim:
+        assert sim.device("netvsc")
+    assert f"is truncated: the block at byte {at} is cut off" in "".join(getattr(sim, "_stderr", []))

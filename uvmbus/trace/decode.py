@@ -150,23 +150,25 @@ class Message:
                                              "problems")}
 
 
-def read_records(path: str | Path) -> Iterator[pcapng.Record]:
+def read_records(path: str | Path, status: pcapng.ReadStatus | None = None) -> Iterator[pcapng.Record]:
+    """The records of a trace file; ``status`` learns whether it was cut off (and where)."""
     p = Path(path)
     try:
         f = open(p, "rb")
     except OSError as e:
         raise TraceError(f"cannot read trace {p}: {e.strerror}") from e
     with f:
-        for r in pcapng.read(f, str(p)):
+        for r in pcapng.read(f, str(p), status):
             if r.interface.linktype != lib.UVB_TRACE_LINKTYPE:
                 raise TraceError(f"{p}: interface {r.interface.name!r} has link type {r.interface.linktype}, "
                                  f"not a uvmbus trace ({lib.UVB_TRACE_LINKTYPE})")
             yield r
 
 
-def decode_file(path: str | Path) -> list[Message]:
-    """Every record of a trace, in time order (records of one commit keep their order)."""
-    msgs = [decode(i, r) for i, r in enumerate(read_records(path))]
+def decode_file(path: str | Path, status: pcapng.ReadStatus | None = None) -> list[Message]:
+    """Every record of a trace, in time order (records of one commit keep their order);
+    ``status`` learns whether the file was cut off."""
+    msgs = [decode(i, r) for i, r in enumerate(read_records(path, status))]
     msgs.sort(key=lambda m: (m.ts_ns, m.index))
     return msgs
 

@@ -71,6 +71,22 @@ class Record:
     interface: Interface = field(repr=False, default_factory=lambda: Interface(0))
 
 
+@dataclass
+class ReadStatus:
+    """What :func:`read` found besides records: where a cut-off file ends."""
+    size: int = 0                       # bytes read
+    truncated_at: int | None = None     # offset of the incomplete block (None: the file is whole)
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncated_at is not None
+
+    def warning(self, name: str) -> str:
+        return (f"{name} is truncated: the block at byte {self.truncated_at} is cut off "
+                f"(the file ends at byte {self.size}); only the records before it were read "
+                "(a recorder killed mid-write, or a file copied short)")
+
+
 def _options(body: bytes) -> Iterator[tuple[int, bytes]]:
     off = 0
     while off + 4 <= len(body):
@@ -87,16 +103,21 @@ def _tsresol(v: int) -> int:
     return 10 ** max(0, 9 - v) if v <= 9 else 1
 
 
-def read(f: BinaryIO, name: str = "trace") -> Iterator[Record]:
-    """Yield the packet records of every section of a pcapng stream."""
+def read(f: BinaryIO, name: str = "trace", status: ReadStatus | None = None) -> Iterator[Record]:
+    """Yield the packet records of every section of a pcapng stream.  A block cut off at the
+    end (a recorder killed mid-write) ends the stream quietly: pass ``status`` to learn where."""
+    st = status if status is not None else ReadStatus()
     ifaces: list[Interface] = []
     first = True
+    offset = 0
     while True:
         head = f.read(8)
+        st.size = offset + len(head)
         if not head:
             return
         if len(head) < 8:
-            return           # cut short (a recorder killed mid-write): everything before is good
+            st.truncated_at = offset     # everything before is good
+            return
         btype, total = struct.unpack("<II", head)
         if first and btype != SHB:
             raise TraceError(f"{name}: not a pcapng file (first block {btype:#x}); "
@@ -107,8 +128,11 @@ def read(f: BinaryIO, name: str = "trace") -> Iterator[Record]:
                 raise TraceError(f"{name}: big-endian pcapng sections are not supported")
             raise TraceError(f"{name}: corrupt block length {total} at a {btype:#x} block")
         body = f.read(total - 8)
+        st.size = offset + 8 + len(body)
         if len(body) < total - 8:
-            return           # a recorder killed mid-write: everything before is good
+            st.truncated_at = offset     # a recorder killed mid-write: everything before is good
+            return
+        offset += total
         body = body[:-4]
         if btype == SHB:
             magic, = struct.unpack_from("<I", body, 0)

@@ -134,17 +134,35 @@ class Recorder:
         self.rotate_bytes = rotate_bytes
         self.comment = comment
         self.files: list[Path] = []          # completed files, in order
-        self._index = 0
+        self._index = 0                      # files before this one are complete and renamed
         self._idbs: list[bytes] = []
         self._ports: list[Port] = []
         self._lock = threading.Lock()
         self._buf = ffi.new("uint8_t[]", max(buffer_bytes, 65536))
         self.raw = ffi.new("struct uvb_rec *")
-        self._fd = -1
-        self._part = self.path
         self.closed = False
-        fd = self._open_next()
+        self._shb = pcapng.section_header(f"uvmbus {_version()} ({self.side_name} side)", self.comment)
+        self._head = ffi.new("uint8_t[]", self._shb)
+        self._dirfd = -1
+        stem = os.fsencode(self.path.stem)
+        if rotate_bytes and len(stem) >= ffi.sizeof(self.raw.stem) - 1:
+            raise ConfigError(f"{self.path}: name too long for a rotated series (at most "
+                              f"{ffi.sizeof(self.raw.stem) - 2} bytes before .pcapng)")
+        fd = self._open_first()
         lib.uvb_rec_init(self.raw, self._buf, len(self._buf), fd)
+        self.raw.file_bytes = len(self._shb)
+        self.raw.head = self._head
+        self.raw.head_len = len(self._shb)
+        if rotate_bytes:
+            # C starts FILE.N.pcapng.part itself when the next write-out would pass the size
+            try:
+                self._dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                os.close(fd)
+                raise TraceError(f"cannot open directory {self.path.parent}: {e.strerror}") from e
+            self.raw.dirfd = self._dirfd
+            self.raw.rotate_bytes = rotate_bytes
+            self.raw.stem = stem
         self.raw.snaplen = snaplen
         self.raw.no_payload = 1 if no_payload else 0
         self._stop = threading.Event()
@@ -158,61 +176,51 @@ class Recorder:
             return self.path
         return self.path.with_name(f"{self.path.stem}.{index}{self.path.suffix}")
 
-    def _open_next(self) -> int:
-        """Open the next file (as .part) and write its headers; returns the fd."""
-        final = self._name(self._index)
-        part = final.with_name(final.name + ".part")
+    def _part(self, index: int) -> Path:
+        final = self._name(index)
+        return final.with_name(final.name + ".part")
+
+    def _open_first(self) -> int:
+        """Create the first file (as .part) and write its section header; returns the fd."""
+        part = self._part(0)
         try:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            os.write(fd, self._shb)
         except OSError as e:
             raise TraceError(f"cannot create trace file {part}: {e.strerror}") from e
-        head = pcapng.section_header(f"uvmbus {_version()} ({self.side_name} side)", self.comment)
-        head += b"".join(self._idbs)
-        os.write(fd, head)
-        self._fd, self._part = fd, part
         return fd
 
-    def _finish_file(self, fd: int, part: Path, *, ok: bool = True) -> None:
-        os.close(fd)
+    def _finish_file(self, part: Path, *, ok: bool = True) -> None:
         final = part.with_name(part.name[:-len(".part")])
         if not ok and final.exists():
             final = final.with_name(f"{final.stem}-failed{final.suffix}")
         os.replace(part, final)
         self.files.append(final)
 
-    def _rotate_locked(self) -> None:
-        """Called with both locks held: the buffer is empty (just flushed)."""
-        old_fd, old_part = self._fd, self._part
-        self._index += 1
-        fd = self._open_next()
-        self.raw.fd = fd
-        self.raw.file_bytes = os.fstat(fd).st_size
-        self._finish_file(old_fd, old_part)
+    def _collect(self) -> None:
+        """Name the files C has finished (it closed them when it started the next)."""
+        current = int(self.raw.file_index)
+        while self._index < current:
+            self._finish_file(self._part(self._index))
+            self._index += 1
 
     def flush(self) -> None:
-        """Write buffered records out now (and rotate when the file is full)."""
+        """Write buffered records out now (the C recorder starts the next file of a
+        rotation itself) and name the files that are complete."""
         if self.closed:
             return
         with self._lock:
             rc = lib.uvb_rec_flush(self.raw)
+            self._collect()
             if rc < 0:
-                raise TraceError(f"writing {self._part}: {os.strerror(-rc)} "
+                raise TraceError(f"writing {self._part(self._index)}: {os.strerror(-rc)} "
                                  f"({self.raw.dropped} records lost so far)")
-            if self.rotate_bytes and self.raw.file_bytes >= self.rotate_bytes:
-                lib.uvb_rec_lock(self.raw)
-                try:
-                    if self.raw.used:      # appended since the flush: keep it in this file
-                        os.write(self._fd, ffi.buffer(self.raw.buf, self.raw.used))
-                        self.raw.used = 0
-                    self._rotate_locked()
-                finally:
-                    lib.uvb_rec_unlock(self.raw)
 
     def _flusher(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
                 self.flush()
-            except TraceError:
+            except (TraceError, OSError):
                 pass       # counted in stats(); close() reports it
 
     # ---- channels ---------------------------------------------------------------------
@@ -232,8 +240,12 @@ class Recorder:
             if self.closed:
                 raise TraceError(f"recorder {self.path} is closed")
             p = Port(self, len(self._idbs), relid, subchan, devclass, name)
+            head_bytes = self._shb + b"".join(self._idbs) + idb
+            head = ffi.new("uint8_t[]", head_bytes)
+            if lib.uvb_rec_idb(self.raw, idb, len(idb), head, len(head_bytes)) < 0:
+                raise TraceError(f"recorder {self.path}: no room for the interface block of {name}")
+            self._head = head          # C reads it when it starts the next file
             self._idbs.append(idb)
-            lib.uvb_rec_raw(self.raw, idb, len(idb))
             self._ports.append(p)
         return p
 
@@ -241,10 +253,11 @@ class Recorder:
     def stats(self) -> dict[str, int]:
         r = self.raw
         return {"records": int(r.records), "bytes": int(r.bytes), "dropped": int(r.dropped),
-                "write_errors": int(r.write_errors), "files": len(self.files) + (0 if self.closed else 1)}
+                "write_errors": int(r.write_errors), "rotate_errors": int(r.rotate_errors),
+                "files": int(r.file_index) + (0 if self.closed else 1)}
 
     def close(self, ok: bool = True) -> None:
-        """Write the rest and name the file.  ``ok=False`` (the session failed): an older
+        """Write the rest and name the files.  ``ok=False`` (the session failed): an older
         trace of the same name is kept and this one is named ``FILE-failed.pcapng``."""
         if self.closed:
             return
@@ -257,9 +270,16 @@ class Recorder:
             rc = lib.uvb_rec_flush(self.raw)
             if rc < 0:
                 err = os.strerror(-rc)
-            self.raw.fd = -1
+            lib.uvb_rec_lock(self.raw)
+            fd, self.raw.fd = int(self.raw.fd), -1
+            lib.uvb_rec_unlock(self.raw)
             self.closed = True
-            self._finish_file(self._fd, self._part, ok=ok)
+            self._collect()
+            os.close(fd)
+            if self._dirfd >= 0:
+                os.close(self._dirfd)
+                self._dirfd = -1
+            self._finish_file(self._part(self._index), ok=ok)
         if err or self.raw.dropped:
             raise TraceError(f"trace {self.path}: {self.raw.dropped} records lost"
                              + (f" ({err})" if err else "") + "; the file holds the rest")

@@ -172,8 +172,13 @@ def _device_specs(args: argparse.Namespace) -> list[Any]:
         specs.append(DeviceSpec(name, opts, bind))
     if getattr(args, "replay", None):
         from uvmbus.sim.models.replay import device_specs
+        from uvmbus.trace.pcapng import ReadStatus
 
-        specs += device_specs(args.replay)
+        status = ReadStatus()
+        specs += device_specs(args.replay, status)
+        if status.truncated:      # replayed as far as it goes: the end of the session is missing
+            print(f"uvmbus-sim: warning: {status.warning(args.replay)}; the replay ends where the "
+                  "recording does", file=sys.stderr, flush=True)
     echo = args.echo if args.echo is not None else (0 if specs else 1)
     specs += [DeviceSpec("echo") for _ in range(echo)]
     return specs

@@ -7,8 +7,12 @@ import json
 import os
 import shutil
 import sys
+from typing import TYPE_CHECKING, Any
 
 from uvmbus.services.cli import add_json, int_range, seconds
+
+if TYPE_CHECKING:
+    from uvmbus.trace.pcapng import ReadStatus
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,12 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = tsub.add_parser("diff", help="compare two sessions message by message",
                         description="Compare the message sequences of two traces, ignoring "
                                     "timestamps, relids, transaction/request ids and GPADL handles. "
-                                    "Exit status 0: same, 1: different.")
+                                    "Exit status 0: same, 1: different, 2: a trace is truncated "
+                                    "(see --allow-truncated).")
     d.add_argument("a", help="first trace")
     d.add_argument("b", help="second trace")
     d.add_argument("--side", choices=("guest", "host"), default=None,
                    help="compare only what this side recorded (default: everything)")
     d.add_argument("--events", action="store_true", help="compare events too")
+    d.add_argument("--allow-truncated", action="store_true",
+                   help="compare a trace that is cut off (recorder killed mid-write) as far as it goes "
+                        "(default: refuse, exit status 2)")
     add_json(d)
     d.set_defaults(func=_diff)
 
@@ -54,12 +62,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
-def _show(args: argparse.Namespace) -> int:
-    from uvmbus.trace.decode import decode_file, messages_text
+def _read(path: str) -> tuple[list[Any], ReadStatus]:
+    """Decode a trace; a cut-off file is read as far as it goes, with a warning on stderr."""
+    from uvmbus.trace.decode import decode_file
+    from uvmbus.trace.pcapng import ReadStatus
 
-    msgs = [m for m in decode_file(args.file) if args.events or m.kind == "packet"]
+    status = ReadStatus()
+    msgs = decode_file(path, status)
+    if status.truncated:
+        print(f"uvmbus: warning: {status.warning(path)}", file=sys.stderr)
+    return msgs, status
+
+
+def _truncation(path: str, status: ReadStatus) -> dict[str, Any]:
+    return {"file": path, "truncated": status.truncated, "truncated_at": status.truncated_at, "size": status.size}
+
+
+def _show(args: argparse.Namespace) -> int:
+    from uvmbus.trace.decode import messages_text
+
+    msgs, status = _read(args.file)
+    msgs = [m for m in msgs if args.events or m.kind == "packet"]
     if args.json:
-        print(json.dumps([m.to_dict() for m in msgs], indent=1))
+        print(json.dumps({**_truncation(args.file, status), "messages": [m.to_dict() for m in msgs]},
+                         indent=1))
         return 0
     try:
         for line in messages_text(msgs):
@@ -70,16 +96,29 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from uvmbus.trace.decode import decode_file
     from uvmbus.trace.diff import diff
 
-    r = diff(decode_file(args.a), decode_file(args.b), events=args.events, side=args.side)
+    a, sa = _read(args.a)
+    b, sb = _read(args.b)
+    cut = [name for name, st in ((args.a, sa), (args.b, sb)) if st.truncated]
+    if cut and not args.allow_truncated:
+        msg = (f"{' and '.join(cut)} {'is' if len(cut) == 1 else 'are'} truncated: a comparison would "
+               "report the missing tail as differences; pass --allow-truncated to compare what is there")
+        if args.json:
+            print(json.dumps({"same": None, "truncated": True, "left_trace": _truncation(args.a, sa),
+                              "right_trace": _truncation(args.b, sb), "error": msg}, indent=1))
+        print(f"uvmbus: error: {msg}", file=sys.stderr)
+        return 2
+    r = diff(a, b, events=args.events, side=args.side)
     if args.json:
-        print(json.dumps(r.to_dict(), indent=1))
+        print(json.dumps({**r.to_dict(), "truncated": bool(cut),
+                          "left_trace": _truncation(args.a, sa), "right_trace": _truncation(args.b, sb)}, indent=1))
     else:
         width = shutil.get_terminal_size((160, 20)).columns
         for line in r.lines(width):
             print(line)
+        if cut:
+            print(f"(compared as far as {' and '.join(cut)} go{'es' if len(cut) == 1 else ''}: truncated)")
     return 0 if r.same else 1
 
 

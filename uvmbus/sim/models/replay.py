@@ -72,11 +72,12 @@ class RecordedDevice:
     channels: dict[int, list[Step]] = field(default_factory=lambda: defaultdict(list))
 
 
-def load(path: str | Path) -> dict[str, RecordedDevice]:
-    """The recorded devices of a trace, by instance GUID (packets only; one side's view)."""
+def load(path: str | Path, status: pcapng.ReadStatus | None = None) -> dict[str, RecordedDevice]:
+    """The recorded devices of a trace, by instance GUID (packets only; one side's view);
+    ``status`` learns whether the file was cut off."""
     devices: dict[str, RecordedDevice] = {}
     side = None
-    for i, rec in enumerate(read_records(path)):
+    for i, rec in enumerate(read_records(path, status)):
         m = decode(i, rec)
         if m.kind != "packet" or m.devclass not in CLASS_IDS:
             continue
@@ -92,12 +93,12 @@ def load(path: str | Path) -> dict[str, RecordedDevice]:
     return devices
 
 
-def device_specs(path: str | Path) -> list[Any]:
-    """``DeviceSpec``s offering one replay device per recorded device."""
+def device_specs(path: str | Path, status: pcapng.ReadStatus | None = None) -> list[Any]:
+    """``DeviceSpec``s offering one replay device per recorded device (``status``: as load)."""
     from uvmbus.sim.config import DeviceSpec
 
     out = []
-    for inst, dev in load(path).items():
+    for inst, dev in load(path, status).items():
         model = "replay-netvsc" if dev.devclass == "netvsc" else "replay-storvsc"
         out.append(DeviceSpec(model, {"trace": str(path), "instance": inst, "kind": dev.devclass}))
     return out
