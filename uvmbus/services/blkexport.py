@@ -47,7 +47,6 @@ from typing import Any
 
 from uvmbus.errors import (
     ChannelError,
-    ChannelTimeout,
     ConfigError,
     DataProtect,
     IllegalRequest,
@@ -59,6 +58,7 @@ from uvmbus.errors import (
 from uvmbus.services import nbdplugin as P
 from uvmbus.services.daemon import Daemon
 from uvmbus.services.metrics import sim_collector
+from uvmbus.services.reattach import DeviceWatch
 from uvmbus.sockets import listen_private
 
 __all__ = ["ExportOptions", "BlockExport", "run_export", "plugin_path"]
@@ -138,11 +138,8 @@ class BlockExport:
         self._iops_base = (time.monotonic(), 0)
         self.connections = 0
         self._device_id = ""
-        #: why the device is gone ("" while attached), since when, and reattachments done
-        self.lost = ""
-        self.lost_at = 0.0
-        self.reattaches = 0
-        self._next_try = 0.0
+        #: the device's loss and reattachment (shared with `net bridge`)
+        self.watch = DeviceWatch(daemon, opts.root, opts.device, opts.reattach_timeout, log)
         self._size = 0
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -173,33 +170,25 @@ class BlockExport:
             self.hba = None
             raise
         self._size = int(self.disk.size)
+        self.watch.device_id = self.device_id
         self._refresh_ctl_stats(force=True)
 
     # -- device loss and reattachment -------------------------------------------------------------------
-    def _sysfs_dir(self) -> Path:
-        return Path(self.opts.root) / "sys" / "bus" / "vmbus" / "devices" / self.device_id
+    @property
+    def lost(self) -> str:
+        return self.watch.lost
 
-    def _device_gone(self) -> str:
-        """Why the device is gone, "" if it looks attached: its sysfs directory vanished
-        (rescind), or its endpoint reported the channel revoked (host loss)."""
-        if self.opts.nvme or self.hba is None:
-            return ""
-        if not self._sysfs_dir().exists():
-            return "the device was rescinded (its sysfs entry is gone)"
-        ep = getattr(getattr(self.hba.device, "uio", None), "endpoint", None)
-        if ep is not None and getattr(ep, "revoked", False):
-            return "the host revoked the channel"
-        return ""
+    @property
+    def reattaches(self) -> int:
+        return self.watch.reattaches
 
     def mark_lost(self, reason: str) -> None:
-        if self.lost:
-            return
-        self.lost = reason
-        self.lost_at = time.monotonic()
-        self._next_try = 0.0
-        log.error("device lost: %s; waiting up to %g s for a re-offer", reason, self.opts.reattach_timeout)
-        self.daemon.set_status(f"device lost: {reason}; waiting up to {self.opts.reattach_timeout:g} s "
-                               "for a re-offer")
+        self.watch.mark_lost(reason)
+
+    def _device_gone(self) -> str:
+        if self.opts.nvme or self.hba is None:
+            return ""
+        return self.watch.gone_reason(getattr(getattr(self.hba.device, "uio", None), "endpoint", None))
 
     def check_device(self) -> None:
         """From the I/O thread: notice a loss; while lost, try to reattach (a re-offer brings
@@ -209,10 +198,8 @@ class BlockExport:
             if why:
                 self.mark_lost(why)
             return
-        now = time.monotonic()
-        if now < self._next_try or not self._sysfs_dir().exists():
+        if not self.watch.may_retry():
             return
-        self._next_try = now + 0.5
         self._drop_controller()
         import uvmbus.storvsc as storvsc
 
@@ -230,14 +217,10 @@ class BlockExport:
         except UvmbusError as exc:
             hba.close()
             log.error("reattach failed: %s", exc)
-            self.daemon.failed = True
-            self.daemon.request_stop(f"reattach failed: {exc}")
+            self.watch.give_up(f"reattach failed: {exc}")
             return
         self.hba, self.disk = hba, disk
-        self.reattaches += 1
-        log.info("reattached after %.1f s (%s)", now - self.lost_at, self.lost)
-        self.lost = ""
-        self.daemon.set_status(self.status_line())
+        self.watch.reattached(self.status_line())
 
     def _drop_controller(self) -> None:
         if self.hba is None:
@@ -394,7 +377,7 @@ class BlockExport:
 
     def _is_loss(self, exc: BaseException) -> bool:
         """A failure of the channel or controller itself (not of one request)."""
-        if isinstance(exc, ChannelError) and not isinstance(exc, ChannelTimeout):
+        if self.watch.is_loss(exc):
             return True          # RingCorrupt, ChannelRevoked, ...
         return self.hba is not None and getattr(self.hba, "_failed", None) is not None
 
@@ -597,7 +580,7 @@ def run_export(opts: ExportOptions, daemon: Daemon) -> int:
         daemon.start(exp.device_id)
         exp.register_metrics()
         daemon.status_fn = exp.status
-        daemon.problem_fn = lambda: f"device lost: {exp.lost}" if exp.lost else ""
+        daemon.problem_fn = exp.watch.problem
         exp.start_ipc(daemon.run_dir)
         daemon.spawn("io", exp.io_loop)
         exp.start_nbdkit(daemon.run_dir)
@@ -611,12 +594,7 @@ def run_export(opts: ExportOptions, daemon: Daemon) -> int:
                 daemon.failed = True
                 daemon.request_stop(f"nbdkit exited ({exp.proc.returncode})")
             if exp.lost:
-                gone = time.monotonic() - exp.lost_at
-                if gone > opts.reattach_timeout and not daemon.stop_event.is_set():
-                    log.error("no re-offer within %g s: exiting so the service is restarted",
-                              opts.reattach_timeout)
-                    daemon.failed = True
-                    daemon.request_stop(f"device lost for {gone:.1f} s: {exp.lost}")
+                exp.watch.check_expired()
             elif time.monotonic() - last >= 5.0:
                 last = time.monotonic()
                 daemon.set_status(exp.status_line())

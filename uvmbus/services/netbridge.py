@@ -37,6 +37,7 @@ from uvmbus.errors import ConfigError, UvmbusError
 from uvmbus.services.daemon import Daemon
 from uvmbus.services.hooks import Hook, load_hook
 from uvmbus.services.metrics import Registry, sim_collector
+from uvmbus.services.reattach import DeviceWatch
 from uvmbus.tap import TapInterface
 
 __all__ = ["BridgeOptions", "NetBridge", "run_bridge"]
@@ -45,6 +46,7 @@ log = logging.getLogger("uvmbus.net.bridge")
 
 BURST = 256
 RX_TIMEOUT = 0.2
+RX_JOIN = 2.0
 TX_RETRY = 0.05
 STATUS_PERIOD = 5.0
 
@@ -62,6 +64,8 @@ class BridgeOptions:
     addresses: list[str] = field(default_factory=list)
     burst: int = BURST
     record: Any = None          # uvmbus.trace.Recorder (--record)
+    #: seconds to wait for a re-offer after the device went away before giving up (exit 1)
+    reattach_timeout: float = 8.0              # under uvmbus-net@.service's WatchdogSec=10s
 
 
 @dataclass
@@ -74,6 +78,8 @@ class _DirStats:
     tap_drops: int = 0
     nic_drops: int = 0
     oversize: int = 0
+    #: frames from the TAP dropped while the device was gone
+    lost_drops: int = 0
     bursts: int = 0
 
 
@@ -93,6 +99,13 @@ class NetBridge:
         self._hook_errors_logged = 0
         self._burst_hist: Any = None
         self._device_id = ""
+        #: the device's loss and reattachment (shared with `blk export`)
+        self.watch = DeviceWatch(daemon, opts.root, opts.device, opts.reattach_timeout, log)
+        #: guards ``self.nic`` against a swap while the tx worker sends on it
+        self._nic_lock = threading.Lock()
+        self._rx_threads: list[threading.Thread] = []
+        self.nic_mac = ""
+        self.nic_mtu = opts.mtu
 
     # -- set-up ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -124,6 +137,8 @@ class NetBridge:
             raise
         for q in range(self.nic.num_queues):
             self.queue_stats[q] = _DirStats()
+        self.watch.device_id = self.device_id
+        self.nic_mac, self.nic_mtu = str(self.nic.mac), int(self.nic.mtu)
 
     def _link_changed(self, up: bool) -> None:
         log.info("link %s", "up" if up else "down", extra={"device": self.device_id})
@@ -165,9 +180,15 @@ class NetBridge:
         qst = self.queue_stats[q]
         fd = self.tap.fd if self.tap else -1
         hist = self._burst_hist
-        while not self._stop.is_set():
+        nic = self.nic
+        while not self._stop.is_set() and not self.watch.lost:
             self.daemon.beat(name)
-            burst = self.nic.rx_burst(q, self.opts.burst, timeout=RX_TIMEOUT)
+            try:
+                burst = nic.rx_burst(q, self.opts.burst, timeout=RX_TIMEOUT)
+            except UvmbusError as exc:
+                if self._note_loss(nic, exc):
+                    return                     # the main thread reattaches and starts a new rx-Q
+                raise
             n = len(burst)
             if not n:
                 continue
@@ -209,14 +230,28 @@ class NetBridge:
                 raise
         return out
 
+    def _note_loss(self, nic: Any, exc: BaseException) -> bool:
+        """A worker's call on the NIC failed: if the device is gone (rescind, revoked channel,
+        corrupt ring), mark it lost and return True; False for any other failure."""
+        why = self.watch.gone_reason(self._endpoint(nic))
+        if not why and not self.watch.is_loss(exc):
+            return False
+        self.watch.mark_lost(why or f"{type(exc).__name__}: {exc}")
+        return True
+
+    @staticmethod
+    def _endpoint(nic: Any) -> Any:
+        return getattr(getattr(getattr(nic, "cd", None), "uio", None), "endpoint", None)
+
     def _tx_loop(self) -> None:
         st = self.stats["tx"]
         fd = self.tap.fd if self.tap else -1
         p = select.poll()
         p.register(fd, select.POLLIN)
         p.register(self._wake_r, select.POLLIN)
-        max_frame = self.nic.mtu + 18              # Ethernet header + one VLAN tag
-        hist = self._burst_hist
+        max_frame = self.opts.mtu + 18             # Ethernet header + one VLAN tag
+        if self.nic is not None:
+            max_frame = self.nic.mtu + 18
         while not self._stop.is_set():
             self.daemon.beat("tx")
             p.poll(int(RX_TIMEOUT * 1000))
@@ -225,45 +260,123 @@ class NetBridge:
             frames = self._read_tap(self.opts.burst)
             if not frames:
                 continue
-            t0 = time.perf_counter()
-            big = [f for f in frames if len(f) > max_frame]
-            if big:
-                st.oversize += len(big)
-                frames = [f for f in frames if len(f) <= max_frame]
-            out: list[Any] = frames
-            if self.hook is not None:
-                got = self._apply_hook("tx", frames)
-                if got is not None:
-                    out = got
-            if not out:
+            if self.watch.lost:                    # the device is gone: keep the TAP drained
+                st.lost_drops += len(frames)
                 continue
-            bad: list[int] = []             # frames that can never be sent (a hook's runt...)
-            done = self.nic.tx_burst(out, 0, rejected=bad)
-            pos = done + len(bad)
+            with self._nic_lock:
+                nic = self.nic
+                if nic is None:
+                    st.lost_drops += len(frames)
+                    continue
+                try:
+                    self._send(nic, frames, max_frame)
+                except UvmbusError as exc:
+                    if not self._note_loss(nic, exc):
+                        raise
+                    st.lost_drops += len(frames)
+
+    def _send(self, nic: Any, frames: list[bytes], max_frame: int) -> None:
+        """One burst read from the TAP → hook → ``tx_burst(queue 0)`` (retried on back-pressure)."""
+        st = self.stats["tx"]
+        hist = self._burst_hist
+        t0 = time.perf_counter()
+        big = [f for f in frames if len(f) > max_frame]
+        if big:
+            st.oversize += len(big)
+            frames = [f for f in frames if len(f) <= max_frame]
+        out: list[Any] = frames
+        if self.hook is not None:
+            got = self._apply_hook("tx", frames)
+            if got is not None:
+                out = got
+        if not out:
+            return
+        bad: list[int] = []             # frames that can never be sent (a hook's runt...)
+        done = nic.tx_burst(out, 0, rejected=bad)
+        pos = done + len(bad)
+        if pos < len(out):
+            deadline = time.monotonic() + TX_RETRY
+            while pos < len(out) and time.monotonic() < deadline:
+                time.sleep(0.0002)
+                more: list[int] = []
+                k = nic.tx_burst(out[pos:], 0, rejected=more)
+                bad += [pos + i for i in more]
+                done += k
+                pos = done + len(bad)
             if pos < len(out):
-                deadline = time.monotonic() + TX_RETRY
-                while pos < len(out) and time.monotonic() < deadline:
-                    time.sleep(0.0002)
-                    more: list[int] = []
-                    k = self.nic.tx_burst(out[pos:], 0, rejected=more)
-                    bad += [pos + i for i in more]
-                    done += k
-                    pos = done + len(bad)
-                if pos < len(out):
-                    st.nic_drops += len(out) - pos
-            if bad:
-                st.oversize += len(bad)
-            st.frames += done
-            st.bytes += sum(len(f) for f in out[:pos]) - sum(len(out[i]) for i in bad)
-            st.bursts += 1
-            if hist is not None:
-                hist.labels(self.device_id, "tx").observe(time.perf_counter() - t0)
+                st.nic_drops += len(out) - pos
+        if bad:
+            st.oversize += len(bad)
+        st.frames += done
+        st.bytes += sum(len(f) for f in out[:pos]) - sum(len(out[i]) for i in bad)
+        st.bursts += 1
+        if hist is not None:
+            hist.labels(self.device_id, "tx").observe(time.perf_counter() - t0)
 
     # -- run ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        for q in range(self.nic.num_queues):
-            self.daemon.spawn(f"rx-{q}", functools.partial(self._rx_loop, q))
+        self._start_rx()
         self.daemon.spawn("tx", self._tx_loop)
+
+    def _start_rx(self) -> None:
+        self._rx_threads = [self.daemon.spawn(f"rx-{q}", functools.partial(self._rx_loop, q))
+                            for q in range(self.nic.num_queues)]
+
+    # -- device loss and reattachment --------------------------------------------------------------
+    def check_device(self) -> None:
+        """From the main thread: notice a loss the workers have not met yet (rescind while idle)."""
+        if not self.watch.lost and self.nic is not None:
+            why = self.watch.gone_reason(self._endpoint(self.nic))
+            if why:
+                self.watch.mark_lost(why)
+
+    def try_reattach(self) -> None:
+        """From the main thread while the device is gone: once it is offered again, reopen it
+        (same queue count, MTU and MAC, else exit 1) and start the rx workers again; the TAP
+        and the tx worker stay as they are."""
+        import uvmbus.netvsc as nv
+
+        if not self.watch.may_retry():
+            return
+        if any(t.is_alive() for t in self._rx_threads):
+            for t in self._rx_threads:               # they end within RX_TIMEOUT of the loss
+                t.join(RX_JOIN)
+            if any(t.is_alive() for t in self._rx_threads):
+                log.warning("rx workers still busy on the lost device; retrying")
+                return
+        with self._nic_lock:
+            old, self.nic = self.nic, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception as exc:         # a dead device: closing it may fail in any way
+                log.info("closing the lost NIC: %s", exc)
+        o = self.opts
+        try:
+            nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu, record=o.record)
+        except UvmbusError as exc:
+            log.info("reattach not possible yet: %s", exc)
+            return
+        tap = self.tap
+        assert tap is not None
+        want = (len(self.queue_stats), self.nic_mtu, self.nic_mac)
+        got = (int(nic.num_queues), int(nic.mtu), str(nic.mac))
+        if got != want:
+            try:
+                nic.close()
+            except UvmbusError as exc:
+                log.info("closing the re-offered NIC: %s", exc)
+            msg = (f"the re-offered NIC has {got[0]} queue(s), MTU {got[1]}, MAC {got[2]}, not "
+                   f"{want[0]}, {want[1]}, {want[2]}: not the bridged NIC")
+            log.error("reattach failed: %s", msg)
+            self.watch.give_up(f"reattach failed: {msg}")
+            return
+        nic.on_link_change(self._link_changed)
+        tap.set_carrier(bool(nic.link_up))
+        with self._nic_lock:
+            self.nic = nic
+        self.watch.reattached(self.status_line())
+        self._start_rx()
 
     def stop(self, timeout: float = 5.0) -> list[str]:
         """Stop reading, let the workers finish their bursts; names of workers left running."""
@@ -293,10 +406,11 @@ class NetBridge:
 
     # -- observability -------------------------------------------------------------------------------
     def queue_rows(self) -> list[dict[str, Any]]:
-        if self.nic is None:
+        nic = self.nic
+        if nic is None:
             return []
         rows = []
-        for q, s in enumerate(self.nic.stats()["queues"]):
+        for q, s in enumerate(nic.stats()["queues"]):
             row = {"queue": q}
             for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_drops", "tx_drops",
                       "drops", "ring_full", "no_section", "host_errors", "signals", "tx_inflight"):
@@ -311,15 +425,21 @@ class NetBridge:
             "cpus": self.opts.cpus,
             "bridge": {k: vars(v) for k, v in self.stats.items()},
             "queues": self.queue_rows(),
+            "device_lost": self.watch.lost or None, "reattaches": self.watch.reattaches,
+            "mac": self.nic_mac, "mtu": self.nic_mtu, "link_up": False,
         }
-        if self.nic is not None:
-            d.update(mac=self.nic.mac, mtu=self.nic.mtu, link_up=bool(self.nic.link_up))
+        nic = self.nic
+        if nic is not None:
+            d.update(link_up=bool(nic.link_up))
         return d
 
     def status_line(self) -> str:
         rx, tx = self.stats["rx"], self.stats["tx"]
-        drops = sum(s.hook_drops + s.tap_drops + s.nic_drops for s in (rx, tx))
-        link = "up" if self.nic is not None and self.nic.link_up else "down"
+        drops = sum(s.hook_drops + s.tap_drops + s.nic_drops + s.lost_drops for s in (rx, tx))
+        nic = self.nic
+        link = "up" if nic is not None and nic.link_up else "down"
+        if self.watch.lost:
+            link = "gone"
         return (f"{self.opts.tap}<->{self.device_id[:8]} link {link}: rx {rx.frames} frames, "
                 f"tx {tx.frames} frames, dropped {drops}")
 
@@ -344,10 +464,15 @@ class NetBridge:
         self._burst_hist = reg.histogram("bridge_burst_seconds",
                                          "time to move one burst (hook included)", ("device", "direction"))
 
+        lost = reg.gauge("bridge_device_lost", "1 while the NIC is gone (rescind, host loss) and the "
+                         "bridge waits for a re-offer", ("device",))
+        reattaches = reg.counter("bridge_reattaches_total", "times the NIC came back and the bridge "
+                                 "resumed", ("device",))
+
         def collect() -> None:
-            if self.nic is None:
-                return
             d = self.device_id
+            lost.labels(d).set(1 if self.watch.lost else 0)
+            reattaches.labels(d).set(self.watch.reattaches)
             for row in self.queue_rows():
                 q = str(row["queue"])
                 packets.labels(d, q, "rx").set(row["rx_packets"])
@@ -360,11 +485,12 @@ class NetBridge:
                 no_section.labels(d, q).set(row["no_section"])
                 host_err.labels(d, q).set(row["host_errors"])
                 signals.labels(d, q).set(row["signals"])
-            link.labels(d).set(1 if self.nic.link_up else 0)
+            nic = self.nic
+            link.labels(d).set(1 if nic is not None and nic.link_up else 0)
             for dirn, s in self.stats.items():
                 bframes.labels(d, dirn).set(s.frames)
                 bbytes.labels(d, dirn).set(s.bytes)
-                for reason in ("hook_drops", "tap_drops", "nic_drops", "oversize"):
+                for reason in ("hook_drops", "tap_drops", "nic_drops", "lost_drops", "oversize"):
                     bdrops.labels(d, dirn, reason.removesuffix("_drops")).set(getattr(s, reason))
                 hook_err.labels(d, dirn).set(s.hook_errors)
 
@@ -383,13 +509,18 @@ def run_bridge(opts: BridgeOptions, daemon: Daemon) -> int:
         daemon.start(bridge.device_id)
         bridge.register_metrics(daemon.registry)
         daemon.status_fn = bridge.status
+        daemon.problem_fn = bridge.watch.problem
         bridge.start()
         daemon.ready(bridge.status_line())
         last = time.monotonic()
 
         def on_tick() -> None:
             nonlocal last
-            if time.monotonic() - last >= STATUS_PERIOD:
+            bridge.check_device()
+            if bridge.watch.lost:
+                if not bridge.watch.check_expired():
+                    bridge.try_reattach()
+            elif time.monotonic() - last >= STATUS_PERIOD:
                 last = time.monotonic()
                 daemon.set_status(bridge.status_line())
 

@@ -57,6 +57,16 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
 
+def _reattach_option(p: argparse.ArgumentParser, meanwhile: str, default: float, watchdog: int) -> None:
+    """--reattach-timeout; its default stays under the unit's WatchdogSec= (no watchdog ping
+    while the device is gone)."""
+    p.add_argument("--reattach-timeout", type=seconds(zero_ok=True), default=default, metavar="SECONDS",
+                   help=f"after the device goes away (rescind, host loss, corrupt ring): report "
+                        f"unhealthy, {meanwhile} and wait this long for a re-offer to reattach, "
+                        f"else exit 1 so systemd restarts the service (default {default:g}, under "
+                        f"the unit's {watchdog} s watchdog)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     net = _group(sub, "net", "synthetic NIC (netvsc)", "net")
     b = net.add_parser("bridge", help="daemon: connect the NIC to a TAP interface",
@@ -77,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="add this address to the TAP (repeatable)")
     b.add_argument("--burst", type=int_range(1, 1024), default=256,
                    help="frames per burst, 1..1024 (default 256)")
+    _reattach_option(b, "keep the TAP up (frames sent on it are dropped and counted)", 8.0, 10)
     _daemon_options(b)
     add_record(b)
     b.set_defaults(func=_bridge)
@@ -95,11 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bind-address", default="127.0.0.1", metavar="ADDR",
                    help="address for --port (default 127.0.0.1; NBD has no authentication)")
     e.add_argument("--readonly", action="store_true", help="export read-only")
-    e.add_argument("--reattach-timeout", type=seconds(zero_ok=True), default=10.0, metavar="SECONDS",
-                   help="after the device goes away (rescind, host loss): report unhealthy, answer "
-                        "requests with errors and wait this long for a re-offer to reattach, "
-                        "else exit 1 so systemd restarts the service (default 10, under the "
-                        "unit's 15 s watchdog)")
+    _reattach_option(e, "answer requests with errors", 10.0, 15)
     e.add_argument("--subchannels", type=int_range(0, 64), default=0,
                    help="storvsc sub-channels (default 0)")
     e.add_argument("--nbdkit", default="nbdkit", metavar="PATH", help="nbdkit binary")
@@ -147,7 +154,8 @@ def _bridge(args: argparse.Namespace) -> int:
     dev = resolve_device(args.root, args.device, "netvsc")
     opts = BridgeOptions(device=dev.device_id, tap=args.tap, root=args.root, netns=args.netns,
                          hook=args.hook, cpus=cpus, queues=args.queues, mtu=args.mtu,
-                         addresses=list(args.address), burst=args.burst)
+                         addresses=list(args.address), burst=args.burst,
+                         reattach_timeout=args.reattach_timeout)
     with device_lock(dev, what="start a bridge on it"), recording(args) as rec:
         opts.record = rec
         return run_bridge(opts, _daemon(args, "net"))
