@@ -1,6 +1,8 @@
 """The one block-device interface: what a storvsc LUN and an NVMe namespace both are.
 
-Drivers implement these protocols (structurally: no base class to inherit); everything above
+Drivers implement these protocols (structurally: no base class to inherit; :class:`ByteIO`
+is an optional mixin that gives ``read``/``readinto``/``write`` from a driver's ``_io``);
+everything above
 them — ``uvmbus blk``, the NBD export, the benchmark — is written against them only:
 
 - :class:`BlockDevice`: ``size``/``block_size``/``blocks``, synchronous ``read``/``readinto``/
@@ -21,8 +23,43 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from uvmbus.dma import DmaBuffer
+from uvmbus.errors import ConfigError
 
-__all__ = ["BlockBatch", "BlockController", "BlockDevice"]
+__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO"]
+
+
+class ByteIO:
+    """``read``/``readinto``/``write`` over a driver's one I/O routine
+    ``_io(write, offset, view, dma, length, fua) -> bytes done`` (exactly one of ``view`` — a
+    byte memoryview the driver copies through its own DMA memory — and ``dma`` — the caller's
+    DmaBuffer, zero copy — is given)."""
+
+    def _io(self, write: bool, offset: int, view: memoryview | None, dma: DmaBuffer | None,
+            length: int, fua: bool) -> int:
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at byte ``offset``."""
+        out = bytearray(length)
+        self._io(False, offset, memoryview(out), None, length, False)
+        return bytes(out)
+
+    def readinto(self, offset: int, buffer: Any) -> int:
+        """Fill ``buffer`` (writable bytes-like, or a DmaBuffer: zero copy) from ``offset``."""
+        if isinstance(buffer, DmaBuffer):
+            return self._io(False, offset, None, buffer, buffer.size, False)
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise ConfigError("readinto needs a writable buffer")
+        return self._io(False, offset, view, None, len(view), False)
+
+    def write(self, offset: int, data: Any, *, fua: bool = False) -> int:
+        """Write ``data`` (bytes-like, or a DmaBuffer: zero copy) at ``offset``; ``fua`` forces
+        it to stable storage before completion."""
+        if isinstance(data, DmaBuffer):
+            return self._io(True, offset, None, data, data.size, fua)
+        view = memoryview(data).cast("B")
+        return self._io(True, offset, view, None, len(view), fua)
 
 
 class BlockBatch(Protocol):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from uvmbus.block.interface import ByteIO
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, IllegalRequest, StorageError
 from uvmbus.native import ffi, lib
@@ -24,7 +25,7 @@ Controller = Any
 __all__ = ["Namespace", "NvmeBatch"]
 
 
-class Namespace:
+class Namespace(ByteIO):
     """One active namespace (see the module docstring)."""
 
     def __init__(self, controller: Controller, nsid: int, blocks: int, block_size: int, *,
@@ -165,25 +166,6 @@ class Namespace:
         finally:
             ctl.release_queue(q)
         return length
-
-    def read(self, offset: int, length: int) -> bytes:
-        out = bytearray(length)
-        self._io(False, offset, memoryview(out), None, length, False)
-        return bytes(out)
-
-    def readinto(self, offset: int, buffer: Any) -> int:
-        if isinstance(buffer, DmaBuffer):
-            return self._io(False, offset, None, buffer, buffer.size, False)
-        view = memoryview(buffer).cast("B")
-        if view.readonly:
-            raise ConfigError("readinto needs a writable buffer")
-        return self._io(False, offset, view, None, len(view), False)
-
-    def write(self, offset: int, data: Any, *, fua: bool = False) -> int:
-        if isinstance(data, DmaBuffer):
-            return self._io(True, offset, None, data, data.size, fua)
-        view = memoryview(data).cast("B")
-        return self._io(True, offset, view, None, len(view), fua)
 
     def _simple(self, kind: int, what: str, *, slba: int = 0, nlb: int = 0,
                 data: DmaBuffer | None = None, count: int = 0) -> None:

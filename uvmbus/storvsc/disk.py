@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from uvmbus.block.interface import ByteIO
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, IllegalRequest, LunGone, ScsiError, StorageError
 from uvmbus.native import lib
@@ -27,7 +28,7 @@ __all__ = ["Disk"]
 _VPD_ALLOC = 1024
 
 
-class Disk:
+class Disk(ByteIO):
     """One LUN (see the module docstring)."""
 
     def __init__(self, controller: LunController, lun: int, inquiry: scsi.InquiryData) -> None:
@@ -249,29 +250,6 @@ class Disk:
                     if id(b) not in kept:      # the host may still write an abandoned one
                         b.free()
         return done
-
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at byte ``offset``."""
-        out = bytearray(length)
-        self._io(False, offset, memoryview(out), None, length, False)
-        return bytes(out)
-
-    def readinto(self, offset: int, buffer: Any) -> int:
-        """Fill ``buffer`` (writable bytes-like, or a DmaBuffer: zero copy) from ``offset``."""
-        if isinstance(buffer, DmaBuffer):
-            return self._io(False, offset, None, buffer, buffer.size, False)
-        view = memoryview(buffer).cast("B")
-        if view.readonly:
-            raise ConfigError("readinto needs a writable buffer")
-        return self._io(False, offset, view, None, len(view), False)
-
-    def write(self, offset: int, data: Any, *, fua: bool = False) -> int:
-        """Write ``data`` (bytes-like, or a DmaBuffer: zero copy) at ``offset``; ``fua`` forces
-        it to stable storage before completion."""
-        if isinstance(data, DmaBuffer):
-            return self._io(True, offset, None, data, data.size, fua)
-        view = memoryview(data).cast("B")
-        return self._io(True, offset, view, None, len(view), fua)
 
     def flush(self) -> None:
         """SYNCHRONIZE CACHE(16): everything written is on stable storage."""
