@@ -350,3 +350,25 @@ def test_a_failed_command_never_replaces_an_older_trace(tmp_path):
     with Recorder(keep):                                           # a success replaces it as before
         pass
     assert keep.read_bytes() != old
+
+
+def test_net_bench_fwd_rotates_within_the_size(tmp_path):
+    """The reviewer's case: `net bench --mode fwd --record --rotate` at full data-path rate.
+    Every file is within SIZE (or holds one record larger than it), complete and readable."""
+    size = 256 * 1024
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback") as sim:
+        for dev in sim.devices:
+            sim.bind(dev["device_id"])
+        nic = sim.device("netvsc")["device_id"]
+        out = subprocess.run([*UVMBUS, "net", "bench", nic, "--mode", "fwd", "--seconds", "0.5",
+                              "--record", str(tmp_path / "rot.pcapng"), "--rotate", "256K",
+                              "--root", str(sim.root)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    files = sorted(tmp_path.glob("rot*.pcapng*"))
+    assert len(files) >= 2 and not [f for f in files if f.name.endswith(".part")], files
+    for f in files:
+        with open(f, "rb") as fh:
+            st = pcapng.ReadStatus()
+            recs = list(pcapng.read(fh, str(f), st))
+        assert recs and not st.truncated
+        assert f.stat().st_size <= size or len(recs) == 1, (f, f.stat().st_size, len(recs))

@@ -292,9 +292,13 @@ def _driver(env: Env, dev: str) -> str:
 
 
 def _is_open(env: Env, dev: str) -> bool:
-    # the simulator shows a channel's ring file only while the device is open
-    chans = Path(env.root) / "sys/bus/vmbus/devices" / dev / "channels"
-    return any((c / "ring").exists() for c in chans.iterdir()) if chans.is_dir() else False
+    # the device's `state` (enum vmbus_channel_state) reads 3 (OPENED) while the primary
+    # channel is open; the primary's `ring` file exists from bind, open or not (as on Linux)
+    state = Path(env.root) / "sys/bus/vmbus/devices" / dev / "state"
+    try:
+        return state.read_text().strip() == "3"
+    except FileNotFoundError:
+        return False
 
 
 def _procs(cgroup: str) -> str:

@@ -4,7 +4,9 @@ A :class:`Recorder` is one output file (or a size-rotated series).  Each channel
 :class:`Port` (one pcapng interface); attaching a port to a ring makes the C ring commits
 append every packet they publish or release to the recorder's buffer — no Python runs per
 packet.  A background thread writes the buffer out every ``flush_interval`` seconds and
-starts the next file of a rotation; :meth:`Recorder.close` writes the rest.
+names the finished files of a rotation (C starts each next file itself, on the write-out
+that would pass ``rotate_bytes``: a file never passes the size unless one record does);
+:meth:`Recorder.close` writes the rest.
 
 The file is written as ``FILE.part`` and renamed to ``FILE`` when it is complete; a
 recorder closed with ``ok=False`` (the command failed) never replaces an older ``FILE``:
