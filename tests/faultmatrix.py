@@ -1,8 +1,10 @@
 """The fault matrix: every fault the simulator offers (uvmbus/sim/faults.py, plus rescind with
-a re-offer) against the netvsc driver, the storvsc driver and the blk export daemon.
+a re-offer) against the netvsc driver, the storvsc driver, the blk export daemon and (as
+root, with /dev/net/tun) the net bridge daemon.
 
 For each cell: the component works (a probe: loopback frames for netvsc, a 4 KiB read for
-storvsc, a read through NBD for the export); the fault is set; probes run for a window; the
+storvsc, a read through NBD for the export, a frame sent on the bridge's TAP that comes
+back through the simulator's loopback); the fault is set; probes run for a window; the
 fault is cleared; the component must work again (the drivers may reopen the device — a dead
 channel must be reopened; the daemon must recover by itself).  The outcome of a cell:
 
@@ -24,6 +26,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,13 +122,106 @@ class StorvscDriver(_Driver):
         assert len(self.disk.read(0, 4096)) == 4096
 
 
-class BlkExport:
-    """`uvmbus blk export` as a daemon; probes read through NBD with qemu-io."""
-    name = "blk export"
+class _DaemonComp:
+    """Common part of the daemon components: the daemon must recover by itself; a restart is
+    what systemd does after it gave up."""
+    name = ""
 
     def __init__(self, sim: SimProcess, dev: str, tmp: Path):
         self.sim, self.dev, self.tmp = sim, dev, tmp
         self.proc: subprocess.Popen[str] | None = None
+        self.log: Any = None
+
+    def open(self) -> None: ...
+
+    def alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise ChildProcessError(f"{self.name} exited ({None if self.proc is None else self.proc.returncode})")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+            self.log.close()
+
+    def reopen(self) -> None:
+        self.close()
+        self.open()
+
+
+class NetBridge(_DaemonComp):
+    """`uvmbus net bridge` as a daemon on a TAP in this namespace; a probe sends frames into
+    the TAP (AF_PACKET) and waits for them to come back through the simulator's loopback."""
+    name = "net bridge"
+
+    def __init__(self, sim: SimProcess, dev: str, tmp: Path):
+        super().__init__(sim, dev, tmp)
+        self.tap = f"uvbfm{os.getpid() % 100000}{os.urandom(1).hex()}"
+        self.sock: socket.socket | None = None
+        self.seq = 0
+
+    def open(self) -> None:
+        self.log = open(self.tmp / "bridge.log", "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvmbus", "net", "bridge", self.dev,
+                                      "--root", str(self.sim.root), "--tap", self.tap,
+                                      "--reattach-timeout", "20"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        addr = Path("/sys/class/net") / self.tap / "address"
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"net bridge did not start: {(self.tmp / 'bridge.log').read_text()[-2000:]}")
+            if addr.exists() and _bounded(self._try_open, PROBE_BOUND) is None:
+                return
+            time.sleep(0.2)
+
+    def _try_open(self) -> None:
+        if self.sock is None:
+            mac = bytes.fromhex((Path("/sys/class/net") / self.tap / "address").read_text().strip().replace(":", ""))
+            self.frame_head = mac + mac + b"\x08\x00"
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            s.bind((self.tap, 0))
+            self.sock = s
+        self.probe()
+
+    def probe(self) -> None:
+        from uvmbus.netvsc.bench import bench_frame
+
+        self.alive()
+        assert self.sock is not None
+        self.seq += 1
+        nonce = b"uvbfm" + self.seq.to_bytes(8, "big") + os.urandom(4)
+        frame = self.frame_head + bench_frame(128)[14:100] + nonce + bytes(14)
+        self.sock.send(frame)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                data, where = self.sock.recvfrom(65536)
+            except TimeoutError:
+                break
+            if where[2] != socket.PACKET_OUTGOING and nonce in data:
+                return
+        raise TimeoutError("a frame sent on the TAP did not come back through the bridge")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        super().close()
+
+
+class BlkExport(_DaemonComp):
+    """`uvmbus blk export` as a daemon; probes read through NBD with qemu-io."""
+    name = "blk export"
+
+    def __init__(self, sim: SimProcess, dev: str, tmp: Path):
+        super().__init__(sim, dev, tmp)
         self.nbd = tmp / "fm.nbd"
 
     def open(self) -> None:
@@ -142,27 +238,11 @@ class BlkExport:
             time.sleep(0.1)
 
     def probe(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            raise ChildProcessError(f"blk export exited ({None if self.proc is None else self.proc.returncode})")
+        self.alive()
         p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 4096", f"nbd+unix:///?socket={self.nbd}"],
                            capture_output=True, text=True, timeout=DAEMON_PROBE_BOUND)
         if p.returncode or "error" in (p.stdout + p.stderr).lower():
             raise OSError(f"NBD read failed: {(p.stdout + p.stderr).strip()[-200:]}")
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-            self.log.close()
-
-    def reopen(self) -> None:            # what systemd does after the daemon gave up
-        self.close()
-        self.open()
 
 
 def _bounded(fn: Callable[[], None], bound: float = PROBE_BOUND) -> BaseException | None | str:
@@ -256,7 +336,7 @@ def run_cell(comp: Any, sim: SimProcess, fault: str) -> dict[str, Any]:
             "first_error": errors[0][:200] if errors else ""}
 
 
-def run_matrix(tmp: Path, components: tuple[str, ...] = ("netvsc", "storvsc", "blk"),
+def run_matrix(tmp: Path, components: tuple[str, ...] = ("netvsc", "storvsc", "blk", "bridge"),
                faults: tuple[str, ...] = tuple(FAULTS)) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     image = tmp / "fm.img"
@@ -269,6 +349,8 @@ def run_matrix(tmp: Path, components: tuple[str, ...] = ("netvsc", "storvsc", "b
             made.append(StorvscDriver(sim, sim.device("storvsc")["device_id"]))
         if "blk" in components and shutil.which("qemu-io") and shutil.which("nbdkit"):
             made.append(BlkExport(sim, sim.device("storvsc")["device_id"], tmp))
+        if "bridge" in components and os.geteuid() == 0 and os.path.exists("/dev/net/tun"):
+            made.append(NetBridge(sim, sim.device("netvsc")["device_id"], tmp))
         for comp in made:
             comp.open()
             try:

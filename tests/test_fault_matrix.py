@@ -1,5 +1,5 @@
 """The fault matrix (tests/faultmatrix.py): every simulator fault against the netvsc driver,
-the storvsc driver and the blk export daemon ends in a bounded time with no effect, a
+the storvsc driver, the blk export and the net bridge daemons ends in a bounded time with no effect, a
 recovery, or a clear uvmbus error after which the component works again — never a hang."""
 
 from __future__ import annotations
