@@ -323,7 +323,9 @@ class Bus:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            listing = _describe(devs) if devs else f"no VMBus devices under {self.vmbus_path}"
+            listing = _describe(devs) if devs else (
+                f"no VMBus devices under {self.vmbus_path} (a simulator's devices: pass its root, "
+                "root= in Python or --root / UVMBUS_ROOT on the command line)")
             raise NotFound(f"no VMBus device matches {ref!r}; available: {listing}")
         raise ConfigError(f"{ref!r} is ambiguous; it matches {_describe(matches)}. "
                           "Use a longer GUID prefix.")
