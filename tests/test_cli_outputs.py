@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,6 +45,34 @@ def test_output_file_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
         out.write(b"new")
     assert f.read_bytes() == b"new" and (f.stat().st_mode & 0o777) == 0o640
     assert not _leftovers(tmp_path)
+
+
+def test_output_file_writes_devices_and_fifos_in_place_and_follows_symlinks(tmp_path: Path) -> None:
+    """`-o /dev/null` must never replace the device node with a regular file (a rename over
+    it did, which broke the machine's /dev/null); a FIFO is written, not replaced; a symlink
+    stays a symlink and the file it names gets the output."""
+    # a character device of our own (a copy of /dev/null's numbers) in tmp_path
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    with output_file(str(dev)) as out:
+        out.write(b"gone")
+    assert stat.S_ISCHR(dev.stat().st_mode) and not _leftovers(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with output_file(str(fifo)) as out:
+            out.write(b"through")
+        assert os.read(r, 100) == b"through" and stat.S_ISFIFO(fifo.stat().st_mode)
+    finally:
+        os.close(r)
+    real = tmp_path / "real.bin"
+    real.write_bytes(OLD)
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with output_file(str(link)) as out:
+        out.write(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new" and not _leftovers(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,9 @@ def output_file(path: str | None, *, what: str = "output") -> Iterator[Any]:
     """A binary file to write a command's output to, which a failed command cannot destroy:
     the data goes to a temporary file in the same directory, renamed over ``path`` only when
     the block ends without an exception (Ctrl-C included: the old file stays).  ``-`` (or
-    None) means stdout.  An existing file's permissions are kept."""
+    None) means stdout.  An existing file's permissions are kept.  A symlink is followed (the
+    file it names is replaced, the link stays); what is not a regular file — a device such as
+    /dev/null, a FIFO — is written in place, never replaced."""
     if path is None or path == "-":
         out = sys.stdout.buffer
         try:
@@ -237,14 +239,19 @@ def output_file(path: str | None, *, what: str = "output") -> Iterator[Any]:
             with contextlib.suppress(OSError, ValueError):
                 out.flush()
         return
-    target = Path(path)
+    target = Path(os.path.realpath(path))
     if target.is_dir():
         raise ConfigError(f"{path} is a directory: name the {what} file to write")
     parent = target.parent
     try:
-        mode = stat.S_IMODE(target.stat().st_mode)
+        st = target.stat()
     except FileNotFoundError:
-        mode = None
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(target, "wb") as f:           # a device or FIFO: written in place
+            yield f
+        return
+    mode = stat.S_IMODE(st.st_mode) if st is not None else None
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
