@@ -68,6 +68,8 @@ CAP_CORRELATION_ID = lib.NVSP_NDIS_CAP_CORRELATION_ID
 CAP_TEAMING = lib.NVSP_NDIS_CAP_TEAMING
 CAP_VSUBNETID = lib.NVSP_NDIS_CAP_VSUBNETID
 CAP_RSC = lib.NVSP_NDIS_CAP_RSC
+RSC_DISABLED = lib.NDIS_OFFLOAD_PARAM_RSC_DISABLED
+RSC_ENABLED = lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED
 
 #: message type → (struct, name): what ``parse_nvsp`` decodes
 NVSP_STRUCTS: dict[int, tuple[str, str]] = {
@@ -572,6 +574,13 @@ class OffloadCaps:
     ip6_rx: int = 0
     lso_v2_ip4_max: int = 0
     rsc_ip4: int = 0
+    rsc_ip6: int = 0
+
+    @property
+    def rsc(self) -> bool:
+        """The host can coalesce received TCP segments (RSC) for IPv4 and IPv6: what Linux
+        requires before it offers LRO (rndis_netdev_set_hwcaps)."""
+        return bool(self.rsc_ip4 and self.rsc_ip6)
 
     @property
     def tx_tcp4(self) -> bool:
@@ -597,7 +606,7 @@ class OffloadCaps:
     def to_dict(self) -> dict[str, Any]:
         return {"tx_ipv4_header": self.tx_ip4, "tx_tcp4": self.tx_tcp4, "tx_udp4": self.tx_udp4,
                 "tx_tcp6": self.tx_tcp6, "tx_udp6": self.tx_udp6, "lso": bool(self.lso_v2_ip4_max),
-                "rx_checksum": bool(self.ip4_rx or self.ip6_rx)}
+                "rx_checksum": bool(self.ip4_rx or self.ip6_rx), "rsc": self.rsc}
 
 
 def parse_ndis_offload(data: Any) -> OffloadCaps:
@@ -607,15 +616,18 @@ def parse_ndis_offload(data: Any) -> OffloadCaps:
     o = _unpack("struct ndis_offload", raw)
     if o.hdr.type != lib.NDIS_OBJTYPE_OFFLOAD:
         raise ProtocolError(f"NDIS_OFFLOAD with object type {o.hdr.type:#x}")
-    rsc = o.rsc.ip4 if len(raw) >= lib.NDIS_OFFLOAD_SIZE_REV3 else 0
+    # the RSC fields exist from revision 3 (NDIS 6.30, @144)
+    rev3 = len(raw) >= lib.NDIS_OFFLOAD_SIZE_REV3 and o.hdr.size >= lib.NDIS_OFFLOAD_SIZE_REV3
     return OffloadCaps(o.csum.ip4_txcsum, o.csum.ip4_rxcsum, o.csum.ip6_txcsum, o.csum.ip6_rxcsum,
-                       o.lsov2.ip4_maxsz, rsc)
+                       o.lsov2.ip4_maxsz, o.rsc.ip4 if rev3 else 0, o.rsc.ip6 if rev3 else 0)
 
 
 def build_offload_params(nvsp_version: int, *, tcp4: int, udp4: int, tcp6: int, udp6: int,
-                         ip4: int = 1) -> bytes:
+                         ip4: int = 1, rsc: int = 0) -> bytes:
     """NDIS_OFFLOAD_PARAMETERS (type 0x80, rev 3 size 28 / rev 2 size 22 for NVSP ≤ 4).
-    Values: 0 no change, 1 disabled, 2 TX, 3 RX, 4 TX+RX."""
+    Checksum values: 0 no change, 1 disabled, 2 TX, 3 RX, 4 TX+RX.  ``rsc`` goes to both
+    rsc_ip_v4 and rsc_ip_v6 (@22, @23; only in the 28-byte form): 0 no change, 1 disabled,
+    2 enabled (L-r rndis_netdev_set_hwcaps)."""
     o = ffi.new("struct ndis_offload_params *")
     o.hdr.type = lib.NDIS_OBJTYPE_DEFAULT
     if nvsp_version <= NVSP_V4:
@@ -627,6 +639,8 @@ def build_offload_params(nvsp_version: int, *, tcp4: int, udp4: int, tcp6: int, 
     o.udp_ip_v4_csum = udp4
     o.tcp_ip_v6_csum = tcp6
     o.udp_ip_v6_csum = udp6
+    if nvsp_version > NVSP_V4:
+        o.rsc_ip_v4 = o.rsc_ip_v6 = rsc
     return bytes(ffi.buffer(o))[:o.hdr.size]
 
 

@@ -221,6 +221,14 @@ class NetvspModel(DeviceModel):
         }
         if self.gen["proto"] not in ("udp", "tcp"):
             raise ConfigError("gen_proto must be udp or tcp")
+        rsc = str(opts.pop("rsc", "on")).lower()
+        if rsc not in ("on", "off", "1", "0", "true", "false"):
+            raise ConfigError("rsc must be on (offer receive segment coalescing, as Windows Server "
+                              "2019+ hosts) or off (the reference host)")
+        self.rsc_offered = rsc in ("on", "1", "true")
+        self.rsc_segments = int(opts.pop("rsc_segments", 0))
+        if not 0 <= self.rsc_segments <= 65535:
+            raise ConfigError("rsc_segments must be 0 (only the 64 KiB datagram limit) .. 65535")
         fault = opts.pop("fault", None)
         fault_count = int(opts.pop("fault_count", 1))
         if opts:
@@ -233,6 +241,7 @@ class NetvspModel(DeviceModel):
         self.nic.rx_hash_ppi = 1
         self.nic.rx_verify_csum = 1
         self.nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        self.nic.rsc_max_segs = self.rsc_segments
         self._apply_gen()
         self._queues: dict[int, _Queue] = {}
         self._tap: Any = None
@@ -244,7 +253,7 @@ class NetvspModel(DeviceModel):
         self.counters: dict[str, int] = {
             "fatal_errors": 0, "rndis_requests": 0, "rndis_failed": 0, "link_indications": 0,
             "subchannel_grants": 0, "ignored_short": 0, "send_tables": 0, "ctrl_overflow": 0,
-            "inband_injected": 0,
+            "inband_injected": 0, "rsc_undeclared": 0,
         }
         self.fatal_messages: list[str] = []
         self._after_response: list[bytes] = []
@@ -277,6 +286,7 @@ class NetvspModel(DeviceModel):
         n.data_ready = 0
         n.filter = 0
         n.rss_enabled = 0
+        self._set_rsc(0, 0)
         n.num_queues = 1
         n.msg_size = 32
         n.recv_buf_id = lib.NVSP_RECV_BUF_ID
@@ -789,7 +799,7 @@ class NetvspModel(DeviceModel):
             rev = 3
             if len(msg.info) >= 4 and msg.info[0] == lib.NDIS_OBJTYPE_OFFLOAD and msg.info[1] in (1, 2, 3):
                 rev = msg.info[1]
-            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev)
+            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev, rsc=self._rsc_capable())
         if oid == lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
             return lib.RNDIS_STATUS_SUCCESS, M.rss_capabilities(self.max_queues)
         return lib.RNDIS_STATUS_NOT_SUPPORTED, b""
@@ -812,9 +822,11 @@ class NetvspModel(DeviceModel):
             if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
                 return lib.RNDIS_STATUS_NOT_SUPPORTED
             self.offload_params = params
+            self._offload_rsc(params)
             # sent after the SET completion, like the reference host's pending_offload_change
             self._after_response.append(
-                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG, M.offload_capabilities(3)))
+                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG,
+                                    M.offload_capabilities(3, rsc=self._rsc_capable())))
             return lib.RNDIS_STATUS_SUCCESS
         if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
@@ -824,6 +836,40 @@ class NetvspModel(DeviceModel):
             return lib.RNDIS_STATUS_SUCCESS
         # OID_802_3_MULTICAST_LIST included: the reference host has no SET for it
         return lib.RNDIS_STATUS_NOT_SUPPORTED
+
+    # ---- RSC (docs/simulator.md "RSC") -------------------------------------------------
+    def _rsc_capable(self) -> bool:
+        """RSC exists from NVSP 6.1 (netvsc.md §2.1) and is offered when option ``rsc`` is on."""
+        return self.rsc_offered and self.version >= NVSP_V61
+
+    def _offload_rsc(self, params: dict[str, int]) -> None:
+        """rsc_ip_v4 / rsc_ip_v6 of OID_TCP_OFFLOAD_PARAMETERS: 0 no change, 1 disable, 2
+        enable (netvsc.md §4.7).  Coalescing starts only for a guest that can take fragments:
+        one that declared NVSP_NDIS_CAP_RSC in SEND_NDIS_CONFIG (L-c negotiate_nvsp_ver);
+        values in the 22-byte form (NVSP <= 4) do not exist and read as 0."""
+        if not self._rsc_capable():
+            return
+        v4, v6 = int(self.nic.rsc_ip4), int(self.nic.rsc_ip6)
+        for key, cur in (("rsc_ip_v4", "v4"), ("rsc_ip_v6", "v6")):
+            val = params.get(key, 0)
+            on = val == lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED
+            if val in (lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED, lib.NDIS_OFFLOAD_PARAM_RSC_DISABLED):
+                if cur == "v4":
+                    v4 = int(on)
+                else:
+                    v6 = int(on)
+        declared = self.ndis_config is not None and bool(self.ndis_config[1] & lib.NVSP_NDIS_CAP_RSC)
+        if (v4 or v6) and not declared:
+            self.counters["rsc_undeclared"] += 1
+            v4 = v6 = 0
+        self._set_rsc(v4, v6)
+
+    def _set_rsc(self, v4: int, v6: int) -> None:
+        n = self.nic
+        n.rsc_ip4, n.rsc_ip6 = v4, v6
+        # a coalesced unit takes several ranges of one packet: up to 562 with RSC (§6)
+        n.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE_RSC if (v4 or v6) else lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        n.cfg_epoch += 1
 
     def _set_config_parameter(self, info: bytes) -> int:
         try:
@@ -1036,7 +1082,8 @@ class NetvspModel(DeviceModel):
                 "relid": relid, **{k: int(getattr(q, k)) for k in (
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts")},
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rsc_units",
+                    "rsc_segments", "rsc_fragments")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
@@ -1050,6 +1097,8 @@ class NetvspModel(DeviceModel):
             "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
             "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
             "filter": self.filter, "rss": bool(n.rss_enabled), "link": "up" if self._link_up else "down",
+            "rsc": {"offered": self.rsc_offered, "ipv4": bool(n.rsc_ip4), "ipv6": bool(n.rsc_ip6),
+                    "max_segments": int(n.rsc_max_segs)},
             "guest_link": "up" if self._guest_link else "down",
             "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
             "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,

@@ -238,9 +238,9 @@ def status_indication(status: int, data: bytes = b"") -> bytes:
 _OFFLOAD_SIZE = {1: lib.NDIS_OFFLOAD_SIZE_REV1, 2: lib.NDIS_OFFLOAD_SIZE_REV2, 3: lib.NDIS_OFFLOAD_SIZE_REV3}
 
 
-def offload_capabilities(rev: int) -> bytes:
-    """The host's NDIS_OFFLOAD: IPv4/TCP/UDP checksum both ways (802.3), no LSO, no RSC; cut to
-    the revision the guest asked for."""
+def offload_capabilities(rev: int, *, rsc: bool = False) -> bytes:
+    """The host's NDIS_OFFLOAD: IPv4/TCP/UDP checksum both ways (802.3), no LSO, RSC for IPv4
+    and IPv6 when ``rsc`` (@144, revision 3 only); cut to the revision the guest asked for."""
     o = ffi.new("struct ndis_offload *")
     o.hdr.type = lib.NDIS_OBJTYPE_OFFLOAD
     o.hdr.revision = rev
@@ -252,6 +252,8 @@ def offload_capabilities(rev: int) -> bytes:
     c.ip4_txenc = c.ip4_rxenc = c.ip6_txenc = c.ip6_rxenc = lib.NDIS_OFFLOAD_ENCAP_8023
     c.ip4_txcsum = c.ip4_rxcsum = v4
     c.ip6_txcsum = c.ip6_rxcsum = v6
+    if rsc:
+        o.rsc.ip4 = o.rsc.ip6 = 1
     return bytes(ffi.buffer(o))[:_OFFLOAD_SIZE[rev]]
 
 
