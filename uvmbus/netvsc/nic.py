@@ -559,7 +559,7 @@ class Nic:
         self.max_xfer = 0
         self.last_host_error = ""
         self.cd: ChannelDevice = open_device(self.device_ref, self.root, lock=self.lock_device,
-                                             record=self.recorder)
+                                             record=self.recorder, timeout=self.timeout)
         self.closed = False
         try:
             self._negotiate()
