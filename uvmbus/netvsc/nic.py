@@ -93,6 +93,7 @@ class VfInfo:
     network interface with the NIC's MAC address."""
 
     supported: bool                 # NVSP >= 5 and SR-IOV advertised (the host may announce one)
+    mac: str = ""                   # the VF carries the NIC's permanent address (Linux pairs by it)
     allocated: bool = False
     serial: int | None = None
     data_path: str = "synthetic"
@@ -912,7 +913,8 @@ class Nic:
         pci: list[str] = []
         if resolve and self.vf_allocated:
             pci = [f.name for f in self.vf_functions()]
-        return VfInfo(supported=self.sriov, allocated=self.vf_allocated, serial=self.vf_serial,
+        return VfInfo(supported=self.sriov, mac=_mac_text(self.permanent_mac), allocated=self.vf_allocated,
+                      serial=self.vf_serial,
                       data_path=P.DATA_PATH_NAMES.get(self.data_path, str(self.data_path)),
                       associations=self.events["vf_associations"],
                       host_switches=self.events["vf_host_switches"],
@@ -1506,8 +1508,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     uio_hv_generic under ``root``.  Options: ``timeout``, ``strict`` (malformed host packets
     raise :class:`ProtocolError` instead of being dropped and counted), ``gpa`` (GPA-direct
     for frames larger than a send section: None = when DMA memory is available),
-    ``versions``, ``hash_info``, ``spin_us``, ``lock`` (default True: hold the device's lock
-    while open, so another process opening it fails at once with
+    ``versions``, ``hash_info``, ``spin_us``, ``sriov`` (default True: advertise SR-IOV from
+    NVSP 5, as Linux, so the host announces its VF: :attr:`Nic.vf`), ``lock`` (default True:
+    hold the device's lock while open, so another process opening it fails at once with
     :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
     ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
     packet of every channel, docs/trace.md)."""
