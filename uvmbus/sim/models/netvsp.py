@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import uuid
 from typing import Any, NoReturn
 
 from uvmbus.errors import ConfigError, ProtocolError
@@ -248,6 +249,7 @@ class NetvspModel(DeviceModel):
         if steer not in VF_STEER:
             raise ConfigError("vf_steer must be unicast (Hyper-V) or all (OpenHCL/MANA)")
         self.vf_steer = steer
+        self._vf_pci: tuple[str, str, str, str] | None = None
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
             "flows": int(opts.pop("gen_flows", 64)),
@@ -968,6 +970,34 @@ class NetvspModel(DeviceModel):
         self._post_host_inband(msg, VF_ASSOCIATION_TID)
         self.vf_advertised = True
         self.counters["vf_associations"] += 1
+        self._offer_vf_pci()
+
+    def _vf_pci_names(self) -> tuple[str, str, str]:
+        """(vPCI instance GUID, PCI address, interface name) of this NIC's VF: the domain is
+        bytes 4-5 of the GUID, as pci-hyperv derives it; device 2, function 0."""
+        vpci = str(uuid.uuid5(uuid.UUID(self.device.device_id), f"vf-{self.vf_serial}"))
+        dom = int(vpci.split("-")[1], 16)
+        return vpci, f"{dom:04x}:00:02.0", f"simvf{self.vf_serial}"
+
+    def _offer_vf_pci(self) -> None:
+        """The VF's PCI function appears once the guest was told about it (O offers the VTL0
+        VF after the association — 1 s later, to keep interface names stable — and keeps it
+        across guest sessions); sysfs only, a Mellanox ConnectX-4 Lx VF with the NIC's MAC."""
+        if self._vf_pci is not None:
+            return
+        vpci, bdf, ifname = self._vf_pci_names()
+        slot = str(self.vf_serial)
+        self.device.vm.tree.add_vpci_function(
+            vpci, bdf, slot=slot, vendor=0x15B3, device=0x1016, cls=0x020000,
+            ifname=ifname, mac=":".join(f"{b:02x}" for b in self.mac))
+        self._vf_pci = (vpci, bdf, ifname, slot)
+
+    def _revoke_vf_pci(self) -> None:
+        if self._vf_pci is None:
+            return
+        vpci, bdf, ifname, slot = self._vf_pci
+        self._vf_pci = None
+        self.device.vm.tree.remove_vpci_function(vpci, bdf, slot=slot, ifname=ifname)
 
     def _switch_data_path(self, to_vf: bool) -> None:
         """The guest's SWITCH_DATA_PATH: to the VF only when one was announced."""
@@ -992,24 +1022,30 @@ class NetvspModel(DeviceModel):
 
     def vf_remove(self) -> None:
         """O handle_state_change: data path back to synthetic (if switched), then
-        VF_ASSOCIATION {allocated 0}."""
+        VF_ASSOCIATION {allocated 0}; the PCI function goes after the guest was told."""
         with self._lock:
             self.vf_present = False
-            if not self.vf_advertised:
-                return
-            if self.data_path_vf:
-                self.data_path_vf = False
-                self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
-                self.counters["vf_switch_backs"] += 1
-                if self._can_announce():
-                    msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
-                    self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
-                self._kick_all()
-            self.vf_advertised = False
+            try:
+                self._withdraw_vf()
+            finally:
+                self._revoke_vf_pci()
+
+    def _withdraw_vf(self) -> None:
+        if not self.vf_advertised:
+            return
+        if self.data_path_vf:
+            self.data_path_vf = False
+            self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
+            self.counters["vf_switch_backs"] += 1
             if self._can_announce():
-                msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
-                self._post_host_inband(msg, VF_ASSOCIATION_TID)
-                self.counters["vf_associations"] += 1
+                msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
+                self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
+            self._kick_all()
+        self.vf_advertised = False
+        if self._can_announce():
+            msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
+            self._post_host_inband(msg, VF_ASSOCIATION_TID)
+            self.counters["vf_associations"] += 1
 
     # ==== link state =======================================================================
     def set_link(self, up: bool) -> None:
@@ -1154,7 +1190,9 @@ class NetvspModel(DeviceModel):
     def _vf_describe(self) -> dict[str, Any]:
         return {"vf": {"present": self.vf_present, "serial": self.vf_serial, "advertised": self.vf_advertised,
                        "data_path": "vf" if self.data_path_vf else "synthetic", "steer": self.vf_steer,
-                       "guest_sriov": self._vf_capable()}}
+                       "guest_sriov": self._vf_capable(),
+                       "pci": self._vf_pci[1] if self._vf_pci else None,
+                       "vpci": self._vf_pci[0] if self._vf_pci else None}}
 
     def describe(self) -> dict[str, Any]:
         n = self.nic
