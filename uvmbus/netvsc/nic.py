@@ -149,6 +149,28 @@ class QueueSpec:
     pkt_align: int
     max_xfer: int
     max_frame: int
+    #: GPA-direct for frames larger than a send section, as :func:`open`'s ``gpa``: None =
+    #: when DMA memory is available (the attaching process allocates its own slots)
+    gpa: bool | None = None
+    #: the owner's re-initialisation count when exported (:meth:`Nic.set_queues`)
+    generation: int = 0
+
+
+def _gpa_slot_size(max_frame: int) -> int:
+    """Bytes of one GPA-direct bounce slot: RNDIS header + PPIs + frame, in whole 4 KiB pages."""
+    return (ffi.sizeof("struct rndis_packet") + 32 + max_frame + 4095) // 4096 * 4096
+
+
+def _needs_gpa(max_frame: int, section_size: int) -> bool:
+    """True when a frame of ``max_frame`` bytes does not fit one send section."""
+    return ffi.sizeof("struct rndis_packet") + 32 + max_frame > section_size
+
+
+def _alloc_gpa(dma: Any, max_frame: int, name: str, slots: int = GPA_SLOTS) -> tuple[Any, int, int]:
+    """A region of ``slots`` bounce slots from ``dma``: (region, slot size, slots)."""
+    slot = _gpa_slot_size(max_frame)
+    region = dma.alloc_region(slot * slots, name=name)
+    return (region, slot, region.size // slot)
 
 
 class Queue:
@@ -551,6 +573,9 @@ class Nic:
         self.packet_filter = 0
         self.permanent_mac = b""
         self._lock = threading.RLock()
+        #: completed re-initialisations (set_mtu, set_queues): queues and specs of an older
+        #: generation are invalid
+        self.generation = 0
         self._req_ids = itertools.count(1)
         self._tids = itertools.count(1 << 48)
         self.closed = True
@@ -595,7 +620,7 @@ class Nic:
         self.max_xfer = 0
         self.last_host_error = ""
         self.cd: ChannelDevice = open_device(self.device_ref, self.root, lock=self.lock_device,
-                                             record=self.recorder)
+                                             record=self.recorder, timeout=self.timeout)
         self.closed = False
         try:
             self._negotiate()
@@ -740,7 +765,7 @@ class Nic:
     def _gpa_for(self, index: int) -> Any:
         """Bounce slots for frames that do not fit a send section (jumbo MTU, large sends)."""
         frame = self.mtu + 14
-        jumbo = TX_HEADROOM + frame > self.section_size
+        jumbo = _needs_gpa(frame, self.section_size)
         lso = self._lso_possible()
         if not jumbo and not lso:
             return None
@@ -764,18 +789,16 @@ class Nic:
                 return None
         if lso:
             frame = max(frame, LSO_FRAME_MAX)
-        slot = (TX_HEADROOM + frame + 4095) // 4096 * 4096
-        count = LSO_GPA_SLOTS if lso else GPA_SLOTS
         try:
-            region = self._dma.alloc_region(slot * count, name=f"netvsc-q{index}")
+            gpa = _alloc_gpa(self._dma, frame, f"netvsc-q{index}", LSO_GPA_SLOTS if lso else GPA_SLOTS)
         except UvmbusError as exc:
             if self.gpa_wanted:
                 raise ResourceError(f"netvsc: no DMA memory for jumbo frames / large sends: {exc}") from exc
             log.warning("netvsc: no DMA memory for frames larger than a send section (%s)", exc)
             self.gpa_wanted = False
             return None
-        self._gpa_regions.append(region)
-        return (region, slot, region.size // slot)
+        self._gpa_regions.append(gpa[0])
+        return gpa
 
     def _apply_lso(self, q: Queue) -> None:
         """Give a queue the negotiated LSO limits, capped by what one of its sends can hold
@@ -1304,8 +1327,15 @@ class Nic:
         q = self.queue(index)
         spec = QueueSpec(self.device_id, self.root, index, q.channel.relid, int(q.raw.section_first),
                          int(q.raw.section_count), self.section_size, self.max_pkt_per_msg, self.pkt_align,
-                         self.max_xfer, self.mtu + 14)
+                         self.max_xfer, self.mtu + 14, gpa=self.gpa_wanted, generation=self.generation)
         q.close()
+        # its bounce slots go back: the attaching process allocates its own (no sharing)
+        if q._gpa is not None:
+            region = q._gpa[0]
+            q._gpa = None
+            if region in self._gpa_regions:
+                self._gpa_regions.remove(region)
+            region.close()
         return spec
 
     # ==== teardown ==========================================================================
@@ -1430,21 +1460,61 @@ class _AttachedQueue(Queue):
             if not dev.uio_dev_path:
                 raise ConfigError(f"{spec.device_id} is not bound to uio_hv_generic")
             waiter = DeviceWaiter(open_endpoint(dev.uio_dev_path), owns_endpoint=True)
+            gpa = self._own_gpa(spec)
             super().__init__(spec.index, ch, waiter, self._uio.buffer("recv"), self._uio.buffer("send"),
                              section_size=spec.section_size, section_first=spec.section_first,
                              section_count=spec.section_count, max_pkt_per_msg=spec.max_pkt_per_msg,
-                             pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame)
+                             pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame,
+                             gpa=gpa)
             self.poll_only = not self._uio.quirks.irqcontrol_all_channels
         except BaseException:
+            self._free_gpa()
             self._uio.close()
             raise
+
+    def _own_gpa(self, spec: QueueSpec) -> Any:
+        """This process's own GPA-direct bounce slots when frames can exceed a send section:
+        DMA memory allocated here (the simulator's guest RAM is shared by an allocation table
+        with per-process ownership; hugepages are per process), so no slot or page is ever
+        shared with the owner or another attached queue; the slots' transaction ids are
+        per channel and this process owns the channel."""
+        self._dma: Any = None
+        if spec.gpa is False or not _needs_gpa(spec.max_frame, spec.section_size):
+            return None
+        from uvmbus.dma import open_dma_memory
+        try:
+            self._dma = open_dma_memory(spec.root)
+            return _alloc_gpa(self._dma, spec.max_frame, f"netvsc-q{spec.index}-pid{os.getpid()}")
+        except UvmbusError as exc:
+            self._free_gpa()
+            if spec.gpa:
+                raise ResourceError(f"queue {spec.index}: no DMA memory for frames larger than a "
+                                    f"{spec.section_size}-byte send section in this process: {exc}") from exc
+            log.warning("netvsc queue %d: no DMA memory in this process (%s): frames larger than a "
+                        "send section will be refused", spec.index, exc)
+            return None
+
+    def _free_gpa(self) -> None:
+        gpa, self._gpa = getattr(self, "_gpa", None), None
+        if gpa is not None:
+            gpa[0].close()
+        dma, self._dma = getattr(self, "_dma", None), None
+        if dma is not None:
+            dma.close()
 
     def close(self) -> None:
         if self.closed:
             return
+        if self._gpa is not None and not self.channel.rx.dead:
+            # the host may still read a bounce slot: collect the completions before freeing
+            deadline = _now() + 2.0
+            while self.tx_inflight and _now() < deadline:
+                if lib.uvb_nvsc_reap(self.raw) <= 0:
+                    self._sleep(0.02)
         super().close()
         self.waiter.close()
         self.channel.close()
+        self._free_gpa()
         self._uio.close()
 
     def __enter__(self) -> _AttachedQueue:

@@ -877,7 +877,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0, lock=lock, record=record)
+    open_timeout = options.get("timeout")          # also bounds a stopped simulator's answer
+    cd = open_device(device, root, spin_us=0, lock=lock, record=record,
+                     **({} if open_timeout is None else {"timeout": float(open_timeout)}))
     try:
         return Controller(cd, root=root, **options)
     except BaseException:

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--subchannels", type=int_range(0, 64), default=0,
                         help="sub-channels to request (default 0: one channel)")
         sp.add_argument("--timeout", type=seconds(), default=30.0,
-                        help="per-command timeout in seconds (default 30)")
+                        help="per-command timeout in seconds, also the wait for a simulator's "
+                             "endpoint to open (default 30)")
         sp.add_argument("--spin-us", type=int_range(0), default=0,
                         help="poll for completions this long before sleeping (default 0)")
         add_record(sp)

@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=seconds(), default=10.0,
                    help="seconds to wait for each answer of the host while bringing the NIC up "
-                        "and down (default 10)")
+                        "and down, and for a simulator's endpoint to open (default 10)")
 
 
 def _info(args: argparse.Namespace) -> int:
