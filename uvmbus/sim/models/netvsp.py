@@ -1190,9 +1190,8 @@ class NetvspModel(DeviceModel):
                 "relid": relid, **{k: int(getattr(q, k)) for k in (
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "tx_lso",
-                    "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize")},
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf")},
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf",
+                    "tx_lso", "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
