@@ -241,6 +241,10 @@ class NetvspModel(DeviceModel):
         if self.stats_mode not in ("reference", "counters"):
             raise ConfigError("stats must be reference (the reference host) or counters")
         self.min_request = int(opts.pop("min_request", 0))
+        lso = str(opts.pop("lso", "on")).lower()
+        if lso not in ("on", "off"):
+            raise ConfigError("lso must be on (the reference host offers LSOv2) or off")
+        self.lso_offered = lso == "on"
         self.vf_present = str(opts.pop("vf", "0")).lower() in ("1", "true", "yes", "on")
         self.vf_serial = int(opts.pop("vf_serial", _serial_for(device.device_id)))
         if not 0 < self.vf_serial < 1 << 32:
@@ -270,6 +274,7 @@ class NetvspModel(DeviceModel):
         self.nic.rx_hash_ppi = 1
         self.nic.rx_verify_csum = 1
         self.nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        self.nic.lso_max = M.LSO_MAX_SIZE
         self._apply_gen()
         self._queues: dict[int, _Queue] = {}
         self._tap: Any = None
@@ -309,6 +314,7 @@ class NetvspModel(DeviceModel):
         self.current_mac = self.mac
         self.config_params: dict[str, str | int | None] = {}
         self.offload_params: dict[str, int] = {}
+        self.lso_enabled = {"ipv4": False, "ipv6": False}
         self.rss: M.RssRequest | None = None
         self.dead_channels: set[int] = set()
         self.vf_advertised = False         # this session was told allocated=1
@@ -319,6 +325,7 @@ class NetvspModel(DeviceModel):
         n.data_ready = 0
         n.filter = 0
         n.rss_enabled = 0
+        n.lso_v4 = n.lso_v6 = 0
         n.num_queues = 1
         n.msg_size = 32
         n.recv_buf_id = lib.NVSP_RECV_BUF_ID
@@ -840,7 +847,11 @@ class NetvspModel(DeviceModel):
             rev = 3
             if len(msg.info) >= 4 and msg.info[0] == lib.NDIS_OBJTYPE_OFFLOAD and msg.info[1] in (1, 2, 3):
                 rev = msg.info[1]
-            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev)
+            if oid == lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES:
+                lso4 = lso6 = self.lso_offered
+            else:
+                lso4, lso6 = self.lso_enabled["ipv4"], self.lso_enabled["ipv6"]
+            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev, lso4=lso4, lso6=lso6)
         if oid == lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
             return lib.RNDIS_STATUS_SUCCESS, M.rss_capabilities(self.max_queues)
         return lib.RNDIS_STATUS_NOT_SUPPORTED, b""
@@ -862,10 +873,22 @@ class NetvspModel(DeviceModel):
                 return lib.RNDIS_STATUS_INVALID_DATA
             if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
                 return lib.RNDIS_STATUS_NOT_SUPPORTED
+            on = lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED
+            want = {k: params[f"lso_v2_{k}"] for k in ("ipv4", "ipv6")}
+            if not self.lso_offered and on in want.values():
+                # like LSOv1 above: an offload this host does not offer cannot be enabled
+                return lib.RNDIS_STATUS_NOT_SUPPORTED
+            for k, v in want.items():          # 0 = no change, 1 = disabled, 2 = enabled
+                if v in (lib.NDIS_OFFLOAD_PARAM_LSO_DISABLED, on):
+                    self.lso_enabled[k] = v == on
+            self.nic.lso_v4 = int(self.lso_enabled["ipv4"])
+            self.nic.lso_v6 = int(self.lso_enabled["ipv6"])
             self.offload_params = params
             # sent after the SET completion, like the reference host's pending_offload_change
             self._after_response.append(
-                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG, M.offload_capabilities(3)))
+                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG,
+                                    M.offload_capabilities(3, lso4=self.lso_enabled["ipv4"],
+                                                           lso6=self.lso_enabled["ipv6"])))
             return lib.RNDIS_STATUS_SUCCESS
         if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
@@ -1205,7 +1228,8 @@ class NetvspModel(DeviceModel):
                 "relid": relid, **{k: int(getattr(q, k)) for k in (
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf")},
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf",
+                    "tx_lso", "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
@@ -1218,7 +1242,8 @@ class NetvspModel(DeviceModel):
             "config_params": dict(self.config_params),
             "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
             "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
-            "filter": self.filter, "rss": bool(n.rss_enabled), "link": "up" if self._link_up else "down",
+            "filter": self.filter, "rss": bool(n.rss_enabled), "lso_offered": self.lso_offered,
+            "lso_enabled": dict(self.lso_enabled), "link": "up" if self._link_up else "down",
             "guest_link": "up" if self._guest_link else "down",
             "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
             "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,
