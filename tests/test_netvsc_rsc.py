@@ -302,7 +302,8 @@ def rsim(tmp_path_factory) -> Iterator[SimProcess]:
         yield sim
 
 
-def raw_guest(sim: SimProcess, index: int = 0, *, declare: bool = True, enable: bool = True) -> RawGuest:
+def raw_guest(sim: SimProcess, index: int = 0, *, declare: bool = True, enable: bool = True,
+              refused: bool = False) -> RawGuest:
     """NVSP 6.1 bring-up by hand: NDIS config with (or without) the RSC capability, RNDIS
     init, packet filter, then OID_TCP_OFFLOAD_PARAMETERS with rsc_ip_v4/v6 = 2 (enabled)."""
     g = RawGuest(sim, sim.device("netvsc", index)["device_id"])
@@ -319,9 +320,13 @@ def raw_guest(sim: SimProcess, index: int = 0, *, declare: bool = True, enable: 
         params = struct.pack("<BBHBBBBBBBBBBBBIBBBBBBBB", 0x80, 3, 28, 0, 0, 0, 0, 0, 0, 0, 0,
                              0, 0, 0, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0)   # @22 rsc_ip_v4, @23 rsc_ip_v6
         assert len(params) == 28
-        assert g.set(P.OID_TCP_OFFLOAD_PARAMETERS, params).status == 0
-        (ind,) = g.xfers()                                 # TASK_OFFLOAD_CURRENT_CONFIG
-        g.ack(ind.trans_id)
+        status = g.set(P.OID_TCP_OFFLOAD_PARAMETERS, params).status
+        if refused:                                        # a host without RSC (like LSO)
+            assert status == P.ST_NOT_SUPPORTED
+        else:
+            assert status == 0
+            (ind,) = g.xfers()                             # TASK_OFFLOAD_CURRENT_CONFIG
+            g.ack(ind.trans_id)
     return g
 
 
@@ -439,7 +444,7 @@ def test_model_psh_ack_change_and_segment_limit(guest, rsim):
 
 def test_model_never_coalesces_when_off_or_undeclared_or_not_tcp(rsim):
     segs = [tcp4(1 + 100 * i, b"n" * 100) for i in range(5)]
-    for index, kw in ((0, {"enable": False}), (0, {"declare": False}), (2, {})):   # off / no cap / rsc=off
+    for index, kw in ((0, {"enable": False}), (0, {"declare": False}), (2, {"refused": True})):
         g = raw_guest(rsim, index, **kw)
         try:
             send(g, segs)
