@@ -92,6 +92,9 @@ Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backen
 (reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
 derived from the device id), ``vf_steer`` (unicast / all), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
+``rsc`` (on: offer receive segment coalescing at NVSP 6.1, as Windows Server 2019+ hosts —
+the default; off: the reference host), ``rsc_segments`` (segments per coalesced unit, 0 = up
+to one IP datagram; docs/simulator.md "RSC"),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
 NVSP message of an unknown type).
