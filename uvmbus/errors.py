@@ -30,7 +30,8 @@ roots, so callers can catch by concept::
     │   │   ├── IllegalRequest        sense key 5
     │   │   ├── UnitAttention         sense key 6 (retryable)
     │   │   ├── DataProtect           sense key 7 (write protected)
-    │   │   └── NotReady              sense key 2
+    │   │   ├── NotReady              sense key 2
+    │   │   └── ReservationConflict   SCSI status 0x18: another initiator holds a reservation
     │   ├── LunGone                   LUN removed / INVALID_LUN
     │   └── NvmeError                 NVMe command failed (status code type / code)
     │       ├── ControllerFatal       CSTS.CFS, invalid completion, timeout: controller dead
@@ -147,15 +148,19 @@ class MacChangeRefused(NetError):
 
 class FrameRejected(NetError, ValueError):
     """``tx_burst`` met a frame that can never be sent (shorter than 14 bytes, longer than the
-    MTU allows, or larger than a send section without GPA-direct memory).  ``index`` is its
+    MTU allows, or larger than a send section without GPA-direct memory; a large send the
+    negotiated LSO cannot carry).  ``index`` is its
     position in the burst, ``length`` its size, ``queued`` how many frames before it were
     queued (they are sent)."""
 
-    def __init__(self, message: str, *, index: int, length: int, queued: int):
+    def __init__(self, message: str, *, index: int, length: int, queued: int, reason: str = "size"):
         super().__init__(message)
         self.index = index
         self.length = length
         self.queued = queued
+        #: why: "size", or for large sends (``mss``) "lso-not-negotiated", "lso-not-tcp",
+        #: "lso-mss", "lso-too-large", "lso-too-few-segments"
+        self.reason = reason
 
 
 class StorageError(UvmbusError):
@@ -201,6 +206,12 @@ class DataProtect(ScsiError):
 
 class NotReady(ScsiError):
     """The LUN is not ready (sense key 2)."""
+
+
+class ReservationConflict(ScsiError):
+    """SCSI status RESERVATION CONFLICT (0x18): a persistent reservation held through another
+    initiator (or a PERSISTENT RESERVE OUT with a key this initiator has not registered)
+    refused the command.  Read the holder with ``disk.pr_read_reservation()``."""
 
 
 class LunGone(StorageError):
