@@ -1184,8 +1184,9 @@ class NetvspModel(DeviceModel):
             self.set_fault(str(args.get("kind", "")), int(args.get("count", 1)))
             return {"fault": args.get("kind")}
         if op == "inband":
-            self.inject_inband(bytes.fromhex(str(args["payload"])))
-            return {}
+            payload = bytes.fromhex(str(args["payload"]))
+            self.inject_inband(payload)
+            return {"injected_bytes": len(payload)}
         if op == "generator":
             for k in ("size", "flows", "count"):
                 if k in args:
