@@ -72,6 +72,12 @@ struct uvb_nvsp_gen {
     uint16_t dst_port;
 };
 
+/* Where frames go while the guest has switched the data path to the VF (SWITCH_DATA_PATH):
+ * the synthetic queues get nothing of what the VF takes (counted in rx_to_vf). */
+#define UVB_NVSP_VF_OFF       0   /* synthetic data path: every frame to the queues */
+#define UVB_NVSP_VF_UNICAST   1   /* Hyper-V: unicast to the VF; broadcast/multicast stay synthetic */
+#define UVB_NVSP_VF_ALL       2   /* OpenHCL/MANA: the MAC filter moves to the VF, every frame */
+
 struct uvb_nvsp {
     /* ---- configuration (written by the model) ---- */
     uint8_t  *recv_buf;
@@ -104,7 +110,7 @@ struct uvb_nvsp {
     uint32_t  fault_kind;       /* UVB_NVSP_FAULT_* applied to the next fault_count packets */
     uint32_t  fault_count;
     uint32_t  cfg_epoch;        /* bump after changing RSS / generator settings */
-    uint32_t  reserved0;
+    uint32_t  vf_steer;         /* data path on the VF: UVB_NVSP_VF_* (who still gets frames) */
     struct uvb_nvsp_gen gen;
     /* ---- state (C) ---- */
     void     *priv;             /* pools and sub-allocation states (uvb_nvsp_set_recv_buf) */
@@ -150,6 +156,7 @@ struct uvb_nvsp_queue {
     uint64_t  completions;
     uint64_t  punts;
     uint64_t  polls;
+    uint64_t  rx_to_vf;         /* frames the host gave the VF (data path switched), not the queue */
 };
 
 /* ---- NIC ---------------------------------------------------------------- */

@@ -32,7 +32,8 @@ roots, so callers can catch by concept::
     │   │   ├── IllegalRequest        sense key 5
     │   │   ├── UnitAttention         sense key 6 (retryable)
     │   │   ├── DataProtect           sense key 7 (write protected)
-    │   │   └── NotReady              sense key 2
+    │   │   ├── NotReady              sense key 2
+    │   │   └── ReservationConflict   SCSI status 0x18: another initiator holds a reservation
     │   ├── LunGone                   LUN removed / INVALID_LUN
     │   └── NvmeError                 NVMe command failed (status code type / code)
     │       ├── ControllerFatal       CSTS.CFS, invalid completion, timeout: controller dead
@@ -220,6 +221,12 @@ class DataProtect(ScsiError):
 
 class NotReady(ScsiError):
     """The LUN is not ready (sense key 2)."""
+
+
+class ReservationConflict(ScsiError):
+    """SCSI status RESERVATION CONFLICT (0x18): a persistent reservation held through another
+    initiator (or a PERSISTENT RESERVE OUT with a key this initiator has not registered)
+    refused the command.  Read the holder with ``disk.pr_read_reservation()``."""
 
 
 class LunGone(StorageError):

@@ -59,7 +59,7 @@ from uvmbus.netvsc.burst import RxBurst, TxBatch
 from uvmbus.ring import FLAG_COMPLETION_REQUESTED, PKT_COMP, PKT_INBAND, PKT_XFER_PAGES, Packet
 from uvmbus.uio import MappedRegion
 
-__all__ = ["DEFAULT_TIMEOUT", "Nic", "NicInfo", "Queue", "QueueSpec", "attach_queue", "open"]
+__all__ = ["DEFAULT_TIMEOUT", "Nic", "NicInfo", "Queue", "QueueSpec", "VfInfo", "attach_queue", "open"]
 
 log = logging.getLogger("uvmbus.netvsc")
 
@@ -84,6 +84,29 @@ _ALLOC = ffi.new_allocator(should_clear_after_alloc=False)
 
 def _now() -> float:
     return time.monotonic()
+
+
+@dataclass
+class VfInfo:
+    """The accelerated-networking VF the host associated with this NIC (docs/netvsc.md,
+    "Accelerated networking VF").  ``allocated``/``serial`` are the last
+    SEND_VF_ASSOCIATION's fields (``serial`` is None while no VF is allocated); ``data_path``
+    is where the host sends this NIC's traffic: "synthetic" (always, unless
+    :meth:`Nic.switch_data_path` asked for "vf"); ``pci`` the matching PCI functions
+    (addresses), found like Linux does: the vPCI slot named after the serial, else a PCI
+    network interface with the NIC's MAC address."""
+
+    supported: bool                 # NVSP >= 5 and SR-IOV advertised (the host may announce one)
+    allocated: bool = False
+    serial: int | None = None
+    data_path: str = "synthetic"
+    associations: int = 0           # VF_ASSOCIATION messages received this session
+    host_switches: int = 0          # SWITCH_DATA_PATH sent by the host (back to synthetic)
+    switch_backs: int = 0           # switches to "vf" undone because the VF went away
+    pci: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -117,6 +140,7 @@ class NicInfo:
     promiscuous: bool = False
     all_multicast: bool = False
     multicast: list[str] = field(default_factory=list)
+    vf: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -503,7 +527,8 @@ class Nic:
                  mtu: int = 1500, timeout: float = DEFAULT_TIMEOUT, strict: bool = False,
                  gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
                  hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
-                 rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None):
+                 rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None,
+                 sriov: bool = True):
         if not 1 <= queues <= MAX_QUEUES:
             raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
         if not 68 <= mtu <= 9202:
@@ -521,6 +546,10 @@ class Nic:
         self.lock_device = lock
         self._mtu_wanted = mtu
         self._link_cbs: list[Callable[[bool], None]] = []
+        self._vf_cbs: list[Callable[[VfInfo], None]] = []
+        #: advertise SR-IOV in the NDIS config (NVSP >= 5, like Linux and DPDK) so the host
+        #: announces its VF; False: the host never sends a VF association
+        self.sriov_wanted = bool(sriov)
         # receive filter wanted by the user (kept across re-initialisation) and last sent
         self._promiscuous = False
         self._all_multicast = False
@@ -568,7 +597,15 @@ class Nic:
         self._link_indicated = False
         self.link_speed = 0
         self.events: dict[str, int] = {"link_changes": 0, "unknown_messages": 0, "vf_associations": 0,
-                                       "offload_indications": 0, "network_changes": 0}
+                                       "offload_indications": 0, "network_changes": 0,
+                                       "vf_host_switches": 0, "vf_switch_backs": 0}
+        # the VF of this session: the host announces it again after every (re)initialisation
+        self.sriov = False
+        self.vf_allocated = False
+        self.vf_serial: int | None = None
+        self.data_path = P.DATA_PATH_SYNTHETIC
+        self._async_tids: set[int] = set()       # our own switch-backs sent from the dispatcher
+        self._switch_back_owed = False
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
         self.max_pkt_per_msg = 1          # until RNDIS INITIALIZE_CMPLT says more
@@ -608,6 +645,9 @@ class Nic:
             caps = P.CAP_IEEE8021Q
             if chosen >= P.NVSP_V5:
                 caps |= P.CAP_TEAMING      # "needed to receive link speed updates" (§2.4)
+                if self.sriov_wanted:      # as Linux negotiate_nvsp_ver and DPDK hn_nvs_conf_ndis
+                    caps |= P.CAP_SRIOV
+                    self.sriov = True
             ch.send(P.nvsp_ndis_config(self.mtu + 14, caps))
         elif self.mtu > 1500:
             raise ConfigError(f"MTU {self.mtu}: NVSP version 1 has no NDIS config message (MTU 1500 only)")
@@ -760,7 +800,11 @@ class Nic:
             elif kind == lib.UVB_NVSC_CTRL_INBAND:
                 self._inband_event(data, int(rec.trans_id))
             elif kind == lib.UVB_NVSC_CTRL_COMP:
-                self._completions[int(rec.trans_id)] = data
+                tid = int(rec.trans_id)
+                if tid in self._async_tids:
+                    self._async_tids.discard(tid)     # a switch-back nobody waits for
+                else:
+                    self._completions[tid] = data
             elif kind == lib.UVB_NVSC_CTRL_SENDFAIL:
                 self._send_failures += 1
 
@@ -813,11 +857,171 @@ class Nic:
             except ProtocolError as exc:
                 self._host_problem(str(exc))
         elif t == P.MSG_VF_ASSOCIATION:
-            self.events["vf_associations"] += 1      # never asked for (no SR-IOV advertised)
+            self._vf_association(data)
         elif t == P.MSG_SWITCH_DATA_PATH:
-            pass
+            self._host_switch(data)
         else:
             self._host_problem(f"unknown in-band NVSP message type {t} from the host")
+
+    # -- accelerated-networking VF (docs/netvsc.md) ------------------------------------------
+    def _vf_association(self, data: bytes) -> None:
+        """SEND_VF_ASSOCIATION {allocated, serial} — at any time, also while traffic runs
+        (Linux netvsc_send_vf, DPDK hn_nvs_handle_vfassoc).  A VF that goes away while the
+        data path is on it: switch back to synthetic at once (DPDK hn_vf_remove_unlocked)."""
+        if self.nvsp_version < P.NVSP_V4 or len(data) < ffi.sizeof("struct nvsp_vf_association"):
+            self._host_problem(f"VF association of {len(data)} bytes in NVSP "
+                               f"{P.VERSION_NAMES.get(self.nvsp_version, hex(self.nvsp_version))} ignored")
+            return
+        m = P.parse_nvsp(data)
+        allocated = m["allocated"] != 0
+        self.events["vf_associations"] += 1
+        self.vf_allocated = allocated
+        self.vf_serial = int(m["serial"]) if allocated else None
+        log.info("netvsc %s: VF serial %s %s", self.device_id[:8], m["serial"],
+                 "added" if allocated else "removed")
+        if not allocated and self.data_path == P.DATA_PATH_VF:
+            self.data_path = P.DATA_PATH_SYNTHETIC
+            self.events["vf_switch_backs"] += 1
+            self._switch_back_owed = True
+            self._send_switch_back()
+        self._fire_vf()
+
+    def _host_switch(self, data: bytes) -> None:
+        """SWITCH_DATA_PATH from the host (OpenVMM sends {SYNTHETIC} when the VF disappears,
+        before the association with allocated = 0): the data path is synthetic again.  Like
+        Linux and DPDK, no completion is sent."""
+        if self.nvsp_version < P.NVSP_V4 or len(data) < ffi.sizeof("struct nvsp_switch_data_path"):
+            self._host_problem(f"SWITCH_DATA_PATH of {len(data)} bytes from the host ignored")
+            return
+        m = P.parse_nvsp(data)
+        self.events["vf_host_switches"] += 1
+        if m["active_datapath"] != P.DATA_PATH_VF and self.data_path == P.DATA_PATH_VF:
+            self.data_path = P.DATA_PATH_SYNTHETIC
+            self._fire_vf()
+
+    def _send_switch_back(self) -> None:
+        """SWITCH_DATA_PATH {SYNTHETIC} from the dispatcher (queue 0's lock is held): sent with
+        a completion request, not waited for (its completion is consumed when it comes).
+        A full ring leaves it owed: the next control poll sends it."""
+        if not self._switch_back_owed or self.closed:
+            return
+        tid = next(self._tids)
+        msg = P.nvsp_switch_data_path(P.DATA_PATH_SYNTHETIC)
+        rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
+        if rc == lib.UVB_EAGAIN:
+            return
+        if rc:
+            self._q0._fail(rc)
+        self._switch_back_owed = False
+        self._async_tids.add(tid)
+
+    def _fire_vf(self) -> None:
+        if not self._vf_cbs:
+            return
+        info = self._vf_info(resolve=False)
+        for cb in list(self._vf_cbs):
+            try:
+                cb(info)
+            except Exception:  # a user callback must not break the data path
+                log.exception("netvsc: VF callback failed")
+
+    def _vf_info(self, resolve: bool = True) -> VfInfo:
+        pci: list[str] = []
+        if resolve and self.vf_allocated:
+            pci = [f.name for f in self.vf_functions()]
+        return VfInfo(supported=self.sriov, allocated=self.vf_allocated, serial=self.vf_serial,
+                      data_path=P.DATA_PATH_NAMES.get(self.data_path, str(self.data_path)),
+                      associations=self.events["vf_associations"],
+                      host_switches=self.events["vf_host_switches"],
+                      switch_backs=self.events["vf_switch_backs"], pci=pci)
+
+    @property
+    def vf(self) -> VfInfo:
+        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
+        self.poll_events()
+        return self._vf_info()
+
+    def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
+        """Call ``callback(VfInfo)`` when the host adds or removes the VF or moves the data
+        path (from the thread that receives on queue 0 or calls :meth:`poll_events`)."""
+        self._vf_cbs.append(callback)
+
+    def wait_vf(self, allocated: bool, timeout: float) -> bool:
+        """Wait until the host has (True) / has not (False) a VF associated; False on timeout."""
+        deadline = _now() + timeout
+        while True:
+            self.poll_events()
+            if self.vf_allocated == allocated:
+                return True
+            remaining = deadline - _now()
+            if remaining <= 0:
+                return False
+            self.cd.waiter.wait([self.cd.primary], min(remaining, 0.1))
+
+    def vf_functions(self) -> list[Any]:
+        """The PCI functions of the associated VF (:class:`uvmbus.vfio.pci.PciFunction`), found
+        as Linux does (netvsc_drv.c get_netvsc_byslot): pci-hyperv names the vPCI slot after
+        the VF's serial (pci-hyperv.c hv_pci_assign_slots), so ``sys/bus/pci/slots/<serial>``
+        holds its address; when no slot matches, a PCI network interface whose permanent
+        address is this NIC's MAC (Linux's fallback).  Empty when no VF is allocated or its
+        PCI device has not appeared (yet)."""
+        if not self.vf_allocated or self.vf_serial is None:
+            return []
+        from uvmbus.vfio.pci import PciBus
+        bus = PciBus(self.root)
+        return bus.by_slot(str(self.vf_serial)) or bus.by_mac(self.permanent_mac)
+
+    def switch_data_path(self, path: str, *, timeout: float | None = None) -> VfInfo:
+        """Ask the host to send this NIC's traffic through the VF (``"vf"``) or the synthetic
+        path (``"synthetic"``): SWITCH_DATA_PATH with a completion request, waited for, as
+        Linux netvsc_switch_datapath does.  The synthetic path stays the default: a userspace
+        driver does not own the VF, and after ``"vf"`` the host delivers unicast frames to
+        the VF, not to this NIC's queues.  A VF that goes away undoes the switch by itself."""
+        want = {"vf": P.DATA_PATH_VF, "synthetic": P.DATA_PATH_SYNTHETIC}.get(str(path).lower())
+        if want is None:
+            raise ConfigError(f"data path {path!r}: use 'vf' or 'synthetic'")
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        vname = P.VERSION_NAMES.get(self.nvsp_version, hex(self.nvsp_version))
+        if self.nvsp_version < P.NVSP_V4:
+            raise NetError(f"NIC {self.device_ref} negotiated NVSP {vname}: VF association and "
+                           "data path switching need NVSP 4 or later; this host has no VF "
+                           "protocol — the synthetic path is the only one")
+        self.poll_events()
+        if want == P.DATA_PATH_VF and not self.vf_allocated:
+            why = ("SR-IOV was not advertised (NVSP < 5, as Linux, or open(sriov=False))"
+                   if not self.sriov else
+                   "the host has not associated a VF with this NIC (on Azure: enable "
+                   "accelerated networking on the VM's network interface; during host "
+                   "servicing the VF is away for a while)")
+            raise NetError(f"NIC {self.device_ref} has no VF to switch to: {why}; the synthetic "
+                           "path keeps working")
+        deadline = _now() + (self.timeout if timeout is None else timeout)
+        msg = P.nvsp_switch_data_path(want)
+        tid = next(self._tids)
+        with self._lock:
+            while True:
+                rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
+                if rc == 0:
+                    break
+                if rc != lib.UVB_EAGAIN:
+                    self._q0._fail(rc)
+                self._poll_q0()
+                self._wait_q0(deadline, "ring space")
+            while True:
+                self._poll_q0()
+                if self._completions.pop(tid, None) is not None:
+                    break
+                self._wait_q0(deadline, "completion of SWITCH_DATA_PATH")
+            # the VF may have gone while the request was in flight: the data path stays synthetic
+            if want == P.DATA_PATH_VF and not self.vf_allocated:
+                self._switch_back_owed = True
+                self._send_switch_back()
+                raise NetError(f"NIC {self.device_ref}: the VF went away while switching to it; "
+                               "the data path is synthetic")
+            self.data_path = want
+        self._fire_vf()
+        return self._vf_info()
 
     def _host_problem(self, msg: str) -> None:
         self.events["unknown_messages"] += 1
@@ -843,6 +1047,8 @@ class Nic:
             self._q0._fail(rc)
         self._q0._after()
         self._dispatch(self._q0)
+        if self._switch_back_owed:
+            self._send_switch_back()
 
     def _send_ctrl(self, msg: bytes, deadline: float) -> None:
         while True:
@@ -1101,7 +1307,8 @@ class Nic:
             offloads=self.offloads.to_dict(), send_table=list(self.send_table),
             permanent_mac=_mac_text(self.permanent_mac), packet_filter=self.packet_filter,
             packet_filter_names=P.filter_names(self.packet_filter), promiscuous=self._promiscuous,
-            all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast])
+            all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast],
+            vf=self._vf_info().to_dict())
 
     # ==== filters, MAC address, host statistics (docs/netvsc.md) ============================
     def _wanted_filter(self) -> int:

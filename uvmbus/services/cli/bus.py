@@ -93,13 +93,14 @@ def _print_pci(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"no {args.cls + ' ' if args.cls else ''}PCI functions under {args.root}")
         return
     print(f"{'pci address':<14} {'vendor:dev':<10} {'class':<12} {'driver':<12} {'group':<8} "
-          f"{'vmbus parent':<37} os")
+          f"{'vmbus parent':<37} {'slot':<6} os")
     for r in rows:
         group = "-" if r["iommu_group"] is None else (
             f"noiommu-{r['iommu_group']}" if r["noiommu"] else str(r["iommu_group"]))
         used = " ".join([*r["net"], *r["block"]]) or "-"
         print(f"{r['address']:<14} {r['vendor']}:{r['device']:<5} {r['class_name']:<12} "
-              f"{r['driver'] or '-':<12} {group:<8} {r['vmbus_parent'] or '-':<37} {used}")
+              f"{r['driver'] or '-':<12} {group:<8} {r['vmbus_parent'] or '-':<37} "
+              f"{r.get('slot') or '-':<6} {used}")
 
 
 def _print_vmbus(bus: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> int:

@@ -79,10 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_root(c, must_exist=False)       # the control client says what is missing
     add_json(c)
     c.add_argument("request", choices=("ping", "stats", "devices", "kernel", "stop", "fault",
-                                       "clear", "rescind", "reoffer", "subchannels", "link", "model", "ic"),
+                                       "clear", "rescind", "reoffer", "subchannels", "link", "vf", "model", "ic"),
                    help="what to do")
     c.add_argument("args", nargs="*", help="fault: NAME [VALUE]; rescind/reoffer: DEVICE; "
                    "subchannels: DEVICE COUNT; link: DEVICE up|down; "
+                   "vf: DEVICE add [SERIAL]|remove (the accelerated-networking VF of a netvsc "
+                   "device: announce / withdraw it, as Azure host servicing does); "
                    "model: DEVICE OP [KEY=VALUE ...] (a device model's own operations); "
                    "ic: DEVICE OP [KEY=VALUE ...] (integration components, waits for the guest's "
                    "answer: see docs/ic.md)")
@@ -307,6 +309,14 @@ def _ctl(args: argparse.Namespace) -> int:
         if len(a) != 2 or a[1] not in ("up", "down"):
             raise ConfigError("link needs DEVICE up|down")
         req = {"cmd": "model", "device": a[0], "op": "link", "args": {"up": a[1] == "up"}}
+    elif args.request == "vf":
+        if len(a) not in (2, 3) or a[1] not in ("add", "remove") or (len(a) == 3 and (
+                a[1] != "add" or not a[2].isdigit())):
+            raise ConfigError("vf needs DEVICE add [SERIAL] or DEVICE remove (e.g. `vf netvsc add`)")
+        vargs: dict[str, Any] = {"action": a[1]}
+        if len(a) == 3:
+            vargs["serial"] = int(a[2])
+        req = {"cmd": "model", "device": a[0], "op": "vf", "args": vargs}
     elif args.request == "ic":
         return _ctl_ic(args)
     elif args.request == "model":
@@ -328,7 +338,7 @@ def _ctl(args: argparse.Namespace) -> int:
     reply.pop("ok", None)
     if args.json:                   # always one JSON document, also for ping/stop/fault...
         print(json.dumps({"ok": True, **reply}, indent=2))
-    elif reply and args.request in ("ping", "stats", "devices", "kernel", "model", "link"):
+    elif reply and args.request in ("ping", "stats", "devices", "kernel", "model", "link", "vf"):
         print("\n".join(_human(reply)))
     else:
         print("ok")

@@ -18,7 +18,9 @@ State machine of the primary channel (§10.1):
   send buffer.  Anything else is fatal.
 * **Ready**: SEND_RNDIS_PKT (data in C: ``native/netvsp*.c``; control here), RX acks (C),
   SUBCHANNEL (primary, v5+), REVOKE_*_BUF (primary: the data path stops silently),
-  SWITCH_DATA_PATH (completed; no VF is ever offered), OID_QUERY_EX (NOT_SUPPORTED).
+  SWITCH_DATA_PATH (v4+; completed, empty), OID_QUERY_EX (NOT_SUPPORTED), completions
+  of the host's own VF_ASSOCIATION / SWITCH_DATA_PATH messages (transaction ids
+  0x8000000000000000 / ...01).
   Anything else is fatal.
 * **Revoked**: REVOKE_RECV_BUF / REVOKE_SEND_BUF on the primary ends its processing, as the
   reference host's worker does (O ``process_ring_buffer`` → ``BufferRevoked``, which
@@ -72,23 +74,39 @@ a session starts — is sent then, before RNDIS INIT if need be), paced: after o
 further changes within ``link_pacing`` seconds (default 5, as the reference host) are
 coalesced into one.
 
-VF / accelerated networking (§8) is not emulated: SEND_VF_ASSOCIATION is never sent, even
-when the guest advertises SR-IOV.
+VF / accelerated networking (§8; O ``guest_vf_is_available``, ``handle_state_change``,
+``guest_vf_data_path_switched_to_synthetic``): the backend's VF is present from the start
+with option ``vf=1`` or after ``control("vf", action="add")`` (``uvmbus sim ctl vf DEV
+add``); it stays present across guest sessions.  SEND_VF_ASSOCIATION {allocated 1, serial}
+(in-band, completion requested, transaction id 0x8000000000000000) is sent only when the
+session negotiated NVSP >= 4 and the guest's NDIS config advertised SR-IOV, and only once
+RNDIS is operational (right after INIT_CMPLT, or at once when the VF arrives later).  The
+guest's SWITCH_DATA_PATH {VF} moves the data path to the VF when one was announced (else
+nothing changes); either way it is completed, empty.  While on the VF, option ``vf_steer``
+decides what the synthetic queues still get: ``unicast`` (default; Hyper-V: unicast goes to
+the VF, broadcast and multicast stay on the synthetic path — netvsc.md §6 from DPDK
+``hn_recv_pkts``) or ``all`` (OpenHCL/MANA: the vport's MAC filter moves to the VF); frames
+taken by the VF are counted (``rx_to_vf``), TX from the guest on the synthetic path is still
+forwarded.  ``remove``: if the data path is on the VF, SWITCH_DATA_PATH {SYNTHETIC}
+(completion requested, transaction id ...01) first, then SEND_VF_ASSOCIATION {allocated 0,
+serial 0}.
 
 Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
 (loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
 ``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
 ``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
-(reference / counters), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+(reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
+derived from the device id), ``vf_steer`` (unicast / all), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
 NVSP message of an unknown type).
 
-Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``fault`` (kind,
-count), ``inband`` (hex payload), ``generator`` (size, flows, count, proto), ``backend``
-(loopback / sink / generator / none, switched while running), ``max_queues`` (the host's queue
-limit from the next RSS capabilities query / SUBCHANNEL request on), ``stats``.
+Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``vf`` (action =
+add / remove, optional serial), ``fault`` (kind, count), ``inband`` (hex payload),
+``generator`` (size, flows, count, proto), ``backend`` (loopback / sink / generator / none,
+switched while running), ``max_queues`` (the host's queue limit from the next RSS
+capabilities query / SUBCHANNEL request on), ``stats``.
 """
 
 from __future__ import annotations
@@ -131,6 +149,10 @@ FAULTS = {
     "bad_ppi": lib.UVB_NVSP_FAULT_BAD_PPI,
 }
 UNKNOWN_INBAND_TYPE = 0x6666
+#: transaction ids of the host's own in-band messages that ask for a completion (O)
+VF_ASSOCIATION_TID = 0x8000000000000000
+SWITCH_DATA_PATH_TID = 0x8000000000000001
+VF_STEER = {"unicast": lib.UVB_NVSP_VF_UNICAST, "all": lib.UVB_NVSP_VF_ALL}
 
 # NVSP states
 VERSION, INIT, READY = "version", "init", "ready"
@@ -164,6 +186,11 @@ def parse_versions(text: Any) -> tuple[int, ...]:
 def _mac_for(device_id: str) -> bytes:
     h = bytes.fromhex(device_id.replace("-", "")[:8])
     return bytes([0x00, 0x15, 0x5D]) + h[1:4]
+
+
+def _serial_for(device_id: str) -> int:
+    """A stable, non-zero VF serial per device (Hyper-V numbers vPCI slots; any u32 > 0)."""
+    return int(device_id.replace("-", "")[:4], 16) % 9000 + 1000
 
 
 def _parse_mac(text: str) -> bytes:
@@ -220,6 +247,14 @@ class NetvspModel(DeviceModel):
         if self.stats_mode not in ("reference", "counters"):
             raise ConfigError("stats must be reference (the reference host) or counters")
         self.min_request = int(opts.pop("min_request", 0))
+        self.vf_present = str(opts.pop("vf", "0")).lower() in ("1", "true", "yes", "on")
+        self.vf_serial = int(opts.pop("vf_serial", _serial_for(device.device_id)))
+        if not 0 < self.vf_serial < 1 << 32:
+            raise ConfigError("vf_serial must be 1..4294967295 (u32; 0 means no VF)")
+        steer = str(opts.pop("vf_steer", "unicast")).lower()
+        if steer not in VF_STEER:
+            raise ConfigError("vf_steer must be unicast (Hyper-V) or all (OpenHCL/MANA)")
+        self.vf_steer = steer
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
             "flows": int(opts.pop("gen_flows", 64)),
@@ -251,7 +286,8 @@ class NetvspModel(DeviceModel):
         self.counters: dict[str, int] = {
             "fatal_errors": 0, "rndis_requests": 0, "rndis_failed": 0, "link_indications": 0,
             "subchannel_grants": 0, "ignored_short": 0, "send_tables": 0, "ctrl_overflow": 0,
-            "inband_injected": 0, "revokes": 0, "after_revoke": 0,
+            "inband_injected": 0, "vf_associations": 0, "vf_switches": 0, "vf_switch_ignored": 0,
+            "vf_switch_backs": 0, "vf_completions": 0, "revokes": 0, "after_revoke": 0,
         }
         self.fatal_messages: list[str] = []
         self._after_response: list[bytes] = []
@@ -280,7 +316,11 @@ class NetvspModel(DeviceModel):
         self.offload_params: dict[str, int] = {}
         self.rss: M.RssRequest | None = None
         self.dead_channels: set[int] = set()
+        self.vf_advertised = False         # this session was told allocated=1
+        self.data_path_vf = False          # the guest switched the data path to the VF
+        self._host_tids: set[int] = set()  # host messages sent with a completion request
         n = self.nic
+        n.vf_steer = lib.UVB_NVSP_VF_OFF
         n.data_ready = 0
         n.filter = 0
         n.rss_enabled = 0
@@ -450,6 +490,11 @@ class NetvspModel(DeviceModel):
 
     # ==== NVSP ===========================================================================
     def _handle(self, channel: HostChannel, pkt: Packet) -> None:
+        if pkt.type == PKT_COMP and pkt.trans_id in self._host_tids and channel.is_primary:
+            # O parse_packet: SendVfAssociationCompletion / SwitchDataPathCompletion
+            self._host_tids.discard(pkt.trans_id)
+            self.counters["vf_completions"] += 1
+            return
         if pkt.type == PKT_COMP:
             # not an RX ack the data path accepted (those never get here in Ready)
             self._fatal(channel, f"completion (transaction {pkt.trans_id:#x}) for nothing the host "
@@ -609,6 +654,8 @@ class NetvspModel(DeviceModel):
         elif mtype == lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH:
             if self.version < NVSP_V4:
                 self._fatal(channel, "SWITCH_DATA_PATH before NVSP 4")
+            m = self._need(channel, payload, "struct nvsp_switch_data_path", "SWITCH_DATA_PATH")
+            self._switch_data_path(m.active_datapath == lib.NVSP_DATA_PATH_VF)
             if want_comp:
                 self._complete(channel, pkt.trans_id, b"")
         elif mtype == lib.NVSP_MSG5_TYPE_OID_QUERY_EX:
@@ -714,6 +761,8 @@ class NetvspModel(DeviceModel):
         for extra in self._after_response:
             if lib.uvb_nvsp_post_ctrl(self.nic, extra, len(extra)) != 0:
                 self.counters["ctrl_overflow"] += 1
+        if msg.type == lib.RNDIS_MSG_INIT:
+            self._announce_vf()           # O: right after INIT_CMPLT (RNDIS operational)
         if want_comp:
             self._complete(channel, pkt.trans_id, rndis_pkt_complete(lib.NVSP_STAT_SUCCESS, self.msg_size))
 
@@ -912,6 +961,74 @@ class NetvspModel(DeviceModel):
         for entry in list(self._queues.values()):
             entry.channel.poke()
 
+    # ==== accelerated-networking VF (§8) =====================================================
+    def _vf_capable(self) -> bool:
+        """O guest_vf_is_available: NVSP >= 4 and the guest advertised SR-IOV."""
+        return (self.version >= NVSP_V4 and self.ndis_config is not None
+                and bool(self.ndis_config[1] & lib.NVSP_NDIS_CAP_SRIOV))
+
+    def _can_announce(self) -> bool:
+        return (self.state == READY and self.rndis == R_OPERATIONAL and self.nic.priv != ffi.NULL
+                and not self.revoked and not self.nic.dead)
+
+    def _post_host_inband(self, msg: bytes, tid: int) -> None:
+        body = self._nvsp_reply(msg)
+        if lib.uvb_nvsp_post_inband(self.nic, body, len(body), tid, FLAG_COMPLETION_REQUESTED) != 0:
+            self.counters["ctrl_overflow"] += 1
+            return
+        self._host_tids.add(tid)
+        self._poke_primary()
+
+    def _announce_vf(self) -> None:
+        if not self.vf_present or self.vf_advertised or not self._can_announce() or not self._vf_capable():
+            return
+        msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 1, self.vf_serial)
+        self._post_host_inband(msg, VF_ASSOCIATION_TID)
+        self.vf_advertised = True
+        self.counters["vf_associations"] += 1
+
+    def _switch_data_path(self, to_vf: bool) -> None:
+        """The guest's SWITCH_DATA_PATH: to the VF only when one was announced."""
+        if to_vf and not self.vf_advertised:
+            self.counters["vf_switch_ignored"] += 1
+            return
+        self.counters["vf_switches"] += 1
+        self.data_path_vf = to_vf
+        self.nic.vf_steer = VF_STEER[self.vf_steer] if to_vf else lib.UVB_NVSP_VF_OFF
+        self._kick_all()
+
+    def vf_add(self, serial: int | None = None) -> None:
+        with self._lock:
+            if serial is not None:
+                if not 0 < serial < 1 << 32:
+                    raise ConfigError("a VF serial is 1..4294967295")
+                if self.vf_present and serial != self.vf_serial:
+                    raise ConfigError(f"a VF (serial {self.vf_serial}) is present: remove it first")
+                self.vf_serial = serial
+            self.vf_present = True
+            self._announce_vf()
+
+    def vf_remove(self) -> None:
+        """O handle_state_change: data path back to synthetic (if switched), then
+        VF_ASSOCIATION {allocated 0}."""
+        with self._lock:
+            self.vf_present = False
+            if not self.vf_advertised:
+                return
+            if self.data_path_vf:
+                self.data_path_vf = False
+                self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
+                self.counters["vf_switch_backs"] += 1
+                if self._can_announce():
+                    msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
+                    self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
+                self._kick_all()
+            self.vf_advertised = False
+            if self._can_announce():
+                msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
+                self._post_host_inband(msg, VF_ASSOCIATION_TID)
+                self.counters["vf_associations"] += 1
+
     # ==== link state =======================================================================
     def set_link(self, up: bool) -> None:
         """Backend link change (control socket, event loop).  Paced like the reference host."""
@@ -1013,6 +1130,15 @@ class NetvspModel(DeviceModel):
                 up = up.lower() not in ("0", "down", "false", "no", "off")
             self.set_link(bool(up))
             return {"link": "up" if up else "down"}
+        if op == "vf":
+            action = str(args.get("action", "")).lower()
+            if action == "add":
+                self.vf_add(int(args["serial"]) if args.get("serial") not in (None, "") else None)
+            elif action == "remove":
+                self.vf_remove()
+            else:
+                raise ConfigError("netvsc vf: action must be add or remove")
+            return self._vf_describe()
         if op == "fault":
             self.set_fault(str(args.get("kind", "")), int(args.get("count", 1)))
             return {"fault": args.get("kind")}
@@ -1049,10 +1175,15 @@ class NetvspModel(DeviceModel):
             return {"max_queues": n}
         if op == "stats":
             return self.describe()
-        raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, fault, inband, "
+        raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, vf, fault, inband, "
                           "generator, backend, max_queues, stats")
 
     # ==== reporting ============================================================================
+    def _vf_describe(self) -> dict[str, Any]:
+        return {"vf": {"present": self.vf_present, "serial": self.vf_serial, "advertised": self.vf_advertised,
+                       "data_path": "vf" if self.data_path_vf else "synthetic", "steer": self.vf_steer,
+                       "guest_sriov": self._vf_capable()}}
+
     def describe(self) -> dict[str, Any]:
         n = self.nic
         queues = {}
@@ -1064,7 +1195,7 @@ class NetvspModel(DeviceModel):
                 "relid": relid, **{k: int(getattr(q, k)) for k in (
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts")},
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
@@ -1082,7 +1213,7 @@ class NetvspModel(DeviceModel):
             "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
             "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,
             "faults_injected": int(n.faults_injected), "generated": int(n.gen.generated),
-            "queues": queues, **self.counters, "fatal": self.fatal_messages[-5:],
+            "queues": queues, **self.counters, **self._vf_describe(), "fatal": self.fatal_messages[-5:],
         }}
 
 
