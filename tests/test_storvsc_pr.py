@@ -12,6 +12,7 @@ import pytest
 from simhelpers import SimProcess, run_sim, wait_closed
 
 import uvmbus.storvsc as storvsc
+from uvmbus.block import PersistentReservations
 from uvmbus.errors import ConfigError, IllegalRequest, ReservationConflict
 from uvmbus.services.cli import main
 from uvmbus.storvsc import scsi
@@ -58,6 +59,7 @@ def _conflicts(sim: SimProcess) -> int:
 
 def test_register_reserve_conflict_release(ab: tuple[Disk, Disk], sim: SimProcess) -> None:
     a, b = ab
+    assert isinstance(a, PersistentReservations)            # the block interface's names
     assert a.pr_read_keys().keys == [] and a.pr_read_reservation() is None
     gen0 = a.pr_read_keys().generation
     a.pr_register(0, KA)

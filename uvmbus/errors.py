@@ -150,15 +150,19 @@ class MacChangeRefused(NetError):
 
 class FrameRejected(NetError, ValueError):
     """``tx_burst`` met a frame that can never be sent (shorter than 14 bytes, longer than the
-    MTU allows, or larger than a send section without GPA-direct memory).  ``index`` is its
+    MTU allows, or larger than a send section without GPA-direct memory; a large send the
+    negotiated LSO cannot carry).  ``index`` is its
     position in the burst, ``length`` its size, ``queued`` how many frames before it were
     queued (they are sent)."""
 
-    def __init__(self, message: str, *, index: int, length: int, queued: int):
+    def __init__(self, message: str, *, index: int, length: int, queued: int, reason: str = "size"):
         super().__init__(message)
         self.index = index
         self.length = length
         self.queued = queued
+        #: why: "size", or for large sends (``mss``) "lso-not-negotiated", "lso-not-tcp",
+        #: "lso-mss", "lso-too-large", "lso-too-few-segments"
+        self.reason = reason
 
 
 class QueueInvalidated(NetError):

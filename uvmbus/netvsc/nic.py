@@ -74,8 +74,21 @@ MAX_QUEUES = 64
 CONTROL_MESSAGE_MAX = 64 * 1024
 FILTER_DEFAULT = P.FILTER_DIRECTED | P.FILTER_ALL_MULTICAST | P.FILTER_BROADCAST
 GPA_SLOTS = 64
+#: bounce slots per queue when they must hold large sends (≈ 68 KiB each)
+LSO_GPA_SLOTS = 32
+#: the largest frame a large send can be (the data path's frame limit, UVB_NVSC_MAX_FRAME)
+LSO_FRAME_MAX = lib.UVB_NVSC_MAX_FRAME
+#: RNDIS PACKET header + room for the PPIs the driver adds (checksum/LSO + VLAN)
+TX_HEADROOM = 44 + 32
 _CTRL_BUF = 65536
 
+
+#: FrameRejected.reason by the C data path's UVB_NVSC_BAD_* code
+_BAD_REASONS = {
+    lib.UVB_NVSC_BAD_SIZE: "size", lib.UVB_NVSC_BAD_LSO_OFF: "lso-not-negotiated",
+    lib.UVB_NVSC_BAD_LSO_HDR: "lso-not-tcp", lib.UVB_NVSC_BAD_LSO_MSS: "lso-mss",
+    lib.UVB_NVSC_BAD_LSO_SIZE: "lso-too-large", lib.UVB_NVSC_BAD_LSO_SEGS: "lso-too-few-segments",
+}
 
 _EMPTY = memoryview(b"")
 #: copy buffers need no zeroing: C writes every byte a frame view shows
@@ -97,6 +110,7 @@ class VfInfo:
     network interface with the NIC's MAC address."""
 
     supported: bool                 # NVSP >= 5 and SR-IOV advertised (the host may announce one)
+    mac: str = ""                   # the VF carries the NIC's permanent address (Linux pairs by it)
     allocated: bool = False
     serial: int | None = None
     data_path: str = "synthetic"
@@ -141,6 +155,8 @@ class NicInfo:
     all_multicast: bool = False
     multicast: list[str] = field(default_factory=list)
     vf: dict[str, Any] = field(default_factory=dict)
+    #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments
+    lso: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,10 +197,10 @@ def _needs_gpa(max_frame: int, section_size: int) -> bool:
     return ffi.sizeof("struct rndis_packet") + 32 + max_frame > section_size
 
 
-def _alloc_gpa(dma: Any, max_frame: int, name: str) -> tuple[Any, int, int]:
-    """A region of :data:`GPA_SLOTS` bounce slots from ``dma``: (region, slot size, slots)."""
+def _alloc_gpa(dma: Any, max_frame: int, name: str, slots: int = GPA_SLOTS) -> tuple[Any, int, int]:
+    """A region of ``slots`` bounce slots from ``dma``: (region, slot size, slots)."""
     slot = _gpa_slot_size(max_frame)
-    region = dma.alloc_region(slot * GPA_SLOTS, name=name)
+    region = dma.alloc_region(slot * slots, name=name)
     return (region, slot, region.size // slot)
 
 
@@ -391,26 +407,36 @@ class Queue:
 
     # -- TX -------------------------------------------------------------------------------------
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview], *,
-                 timeout: float = 0.0, rejected: list[int] | None = None) -> int:
+                 timeout: float = 0.0, rejected: list[int] | None = None,
+                 mss: int | Sequence[int | None] | None = None) -> int:
         """Send frames; returns how many were really queued (fewer than given when send-buffer
         sections or ring space ran out: back-pressure, send the rest later).  With ``timeout``
         > 0, wait for space until every frame is queued or the time is up.
 
+        ``mss`` (one value for every frame, or one per frame with None for ordinary frames)
+        sends TCP segments larger than the MTU as LSOv2 large sends: the host cuts each into
+        MSS-sized segments (docs/netvsc.md "Large send offload"); for a :class:`TxBatch`,
+        give ``mss`` to the batch instead.
+
         A frame that can never be sent (shorter than 14 bytes, longer than MTU + 14, or larger
-        than a send section when there is no GPA-direct memory) raises
-        :class:`~uvmbus.errors.FrameRejected` (the frames before it are queued: its
-        ``queued``).  With a list as ``rejected``, such frames are skipped instead and their
-        positions in the burst appended to it; frames consumed = return value + the number
-        of positions appended."""
+        than a send section when there is no GPA-direct memory; a large send that is not
+        Ethernet + IPv4/IPv6 + TCP, with MSS 0, larger than the negotiated maximum, or while
+        LSO is not negotiated) raises :class:`~uvmbus.errors.FrameRejected` (the frames before
+        it are queued: its ``queued``; ``reason`` says why).  With a list as ``rejected``,
+        such frames are skipped instead and their positions in the burst appended to it;
+        frames consumed = return value + the number of positions appended."""
         self._check()
         batch: Any
+        if mss is not None and isinstance(frames, (RxBurst, TxBatch)):
+            raise ConfigError("tx_burst(mss=...) takes a list of frames; for a TxBatch pass mss to "
+                              "TxBatch(frames, mss=...)")
         if isinstance(frames, RxBurst):
             frames._check()
             batch = frames
         elif isinstance(frames, TxBatch):
             batch = frames
         else:
-            batch = TxBatch(frames)
+            batch = TxBatch(frames, mss=mss)
         n = len(batch)
         if n == 0:
             return 0
@@ -429,7 +455,8 @@ class Queue:
                 if raw.tx_bad_hit:            # C stopped in front of a frame that cannot go
                     raw.tx_bad_hit = 0
                     if rejected is None:
-                        raise self._rejected(pos, int(raw.tx_bad_len), queued)
+                        raise self._rejected(pos, int(raw.tx_bad_len), queued, int(raw.tx_bad_why),
+                                             batch)
                     rejected.append(pos)
                     pos += 1
                     if pos < n:
@@ -454,18 +481,46 @@ class Queue:
                 lk.release()
         return queued
 
-    def _rejected(self, index: int, length: int, queued: int) -> FrameRejected:
+    def _rejected(self, index: int, length: int, queued: int, why: int = 0, batch: Any = None) -> FrameRejected:
         mf = int(self.raw.max_frame)
-        if length < 14:
-            why = "shorter than an Ethernet header (14 bytes)"
+        r = self.raw
+        reason = _BAD_REASONS.get(why, "size")
+        mss = 0
+        if batch is not None and why not in (0, lib.UVB_NVSC_BAD_SIZE):
+            mss = int(batch.descriptors[index].mss)
+        if why == lib.UVB_NVSC_BAD_LSO_OFF:
+            if not (r.lso4_max or r.lso6_max):
+                why_text = ("a large send (mss given), but LSO is not negotiated on this queue (the host "
+                            "offers no LSOv2, the NIC was opened with lso=False, or the queue is "
+                            "attached from another process): send MTU-sized frames without mss")
+            else:
+                why_text = ("a large send for an IP version the host did not enable LSO for "
+                            f"(IPv4 {'on' if r.lso4_max else 'off'}, IPv6 {'on' if r.lso6_max else 'off'}): "
+                            "send MTU-sized frames without mss")
+        elif why == lib.UVB_NVSC_BAD_LSO_HDR:
+            why_text = ("a large send that is not Ethernet + IPv4/IPv6 (no extension headers) + TCP with "
+                        "a complete TCP header: only TCP can be segmented; send it without mss")
+        elif why == lib.UVB_NVSC_BAD_LSO_MSS:
+            why_text = (f"a large send with MSS {mss}: it must be 1..{lib.LSO_V2_MAX_MSS} and headers + MSS "
+                        f"must fit the MTU ({mf} bytes with the Ethernet header)")
+        elif why == lib.UVB_NVSC_BAD_LSO_SIZE:
+            why_text = (f"larger than the largest large send this queue may make (IPv4 {int(r.lso4_max)}, "
+                        f"IPv6 {int(r.lso6_max)} bytes: the host's maximum, capped by one send's room); "
+                        "split it")
+        elif why == lib.UVB_NVSC_BAD_LSO_SEGS:
+            why_text = (f"a large send of fewer segments at MSS {mss} than the host's minimum "
+                        f"({int(r.lso_min_segs)}): send it as an ordinary frame (no mss)")
+        elif length < 14:
+            why_text = "shorter than an Ethernet header (14 bytes)"
         elif length > mf:
-            why = f"longer than this NIC sends ({mf} bytes = MTU {mf - 14} + 14; see set_mtu)"
+            why_text = (f"longer than this NIC sends ({mf} bytes = MTU {mf - 14} + 14; see set_mtu, or "
+                        "pass mss= for a TCP large send)")
         else:
-            why = ("larger than a send section and the NIC has no GPA-direct memory for it "
-                   "(see docs/netvsc.md, jumbo frames)")
-        return FrameRejected(f"frame {index} of the burst is {length} bytes: {why}; {queued} frame(s) "
+            why_text = ("larger than a send section and the NIC has no GPA-direct memory for it "
+                        "(see docs/netvsc.md, jumbo frames)")
+        return FrameRejected(f"frame {index} of the burst is {length} bytes: {why_text}; {queued} frame(s) "
                              "before it were queued. Fix or drop it, or pass rejected=[] to skip "
-                             "such frames", index=index, length=length, queued=queued)
+                             "such frames", index=index, length=length, queued=queued, reason=reason)
 
     def _tx_once(self, base: Any, arr: Any, start: int, n: int) -> int:
         rc = lib.uvb_nvsc_tx_burst(self.raw, base, arr + start, n - start)
@@ -498,7 +553,7 @@ class Queue:
     def stats(self) -> dict[str, int]:
         r = self.raw
         keys = ("rx_packets", "rx_bytes", "rx_xfer", "rx_acks", "rx_drops", "rx_ctrl", "tx_packets",
-                "tx_bytes", "tx_msgs", "tx_gpa", "tx_completions", "tx_failed", "tx_drops",
+                "tx_bytes", "tx_msgs", "tx_gpa", "tx_lso", "tx_completions", "tx_failed", "tx_drops",
                 "tx_ring_full", "tx_no_section", "host_errors", "ctrl_dropped")
         s = {k: int(getattr(r, k)) for k in keys}
         s["drops"] = s["rx_drops"] + s["tx_drops"]
@@ -528,7 +583,7 @@ class Nic:
                  gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
                  hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
                  rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None,
-                 sriov: bool = True):
+                 sriov: bool = True, lso: bool | None = None):
         if not 1 <= queues <= MAX_QUEUES:
             raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
         if not 68 <= mtu <= 9202:
@@ -539,6 +594,8 @@ class Nic:
         self.timeout = timeout
         self.strict = strict
         self.gpa_wanted = gpa
+        #: LSOv2: None = use it when the host offers it, False = never, True = required
+        self.lso_wanted = lso
         self.versions = tuple(versions)
         self.hash_info = hash_info
         self.spin_us = spin_us
@@ -608,6 +665,10 @@ class Nic:
         self._switch_back_owed = False
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
+        #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments;
+        #: None until the offload parameters were sent
+        self.lso_max: dict[str, int] | None = None
+        self.lso_min_segs = 0
         self.max_pkt_per_msg = 1          # until RNDIS INITIALIZE_CMPLT says more
         self.pkt_align = 8
         self.max_xfer = 0
@@ -741,6 +802,7 @@ class Nic:
         q.lock = self._lock
         q.on_ctrl = self._dispatch
         q.spin_us = self.spin_us
+        self._apply_lso(q)
         if self.queues:
             self.queues[0] = q
         else:
@@ -750,10 +812,19 @@ class Nic:
         per = self.sections // nq
         return index * per, per
 
+    def _lso_possible(self) -> bool:
+        """Large sends may be used on queues made now: before the negotiation, unless the
+        user said lso=False; after it, when it enabled LSO for some IP version."""
+        if self.lso_max is None:
+            return self.lso_wanted is not False
+        return any(self.lso_max.values())
+
     def _gpa_for(self, index: int) -> Any:
-        """Bounce slots for frames that do not fit a send section (jumbo MTU)."""
+        """Bounce slots for frames that do not fit a send section (jumbo MTU, large sends)."""
         frame = self.mtu + 14
-        if not _needs_gpa(frame, self.section_size):
+        jumbo = _needs_gpa(frame, self.section_size)
+        lso = self._lso_possible()
+        if not jumbo and not lso:
             return None
         if self.gpa_wanted is False:
             return None
@@ -764,21 +835,37 @@ class Nic:
             except UvmbusError as exc:
                 if self.gpa_wanted:
                     raise
-                log.warning("netvsc: MTU %d frames exceed a %d-byte send section and no DMA memory "
-                            "is available (%s): larger frames will be dropped", self.mtu,
-                            self.section_size, exc)
+                if jumbo:
+                    log.warning("netvsc: MTU %d frames exceed a %d-byte send section and no DMA memory "
+                                "is available (%s): larger frames will be dropped", self.mtu,
+                                self.section_size, exc)
+                else:
+                    log.info("netvsc: no DMA memory (%s): large sends are limited to a %d-byte send "
+                             "section", exc, self.section_size)
                 self.gpa_wanted = False
                 return None
+        if lso:
+            frame = max(frame, LSO_FRAME_MAX)
         try:
-            gpa = _alloc_gpa(self._dma, frame, f"netvsc-q{index}")
+            gpa = _alloc_gpa(self._dma, frame, f"netvsc-q{index}", LSO_GPA_SLOTS if lso else GPA_SLOTS)
         except UvmbusError as exc:
             if self.gpa_wanted:
-                raise ResourceError(f"netvsc: no DMA memory for jumbo frames: {exc}") from exc
+                raise ResourceError(f"netvsc: no DMA memory for jumbo frames / large sends: {exc}") from exc
             log.warning("netvsc: no DMA memory for frames larger than a send section (%s)", exc)
             self.gpa_wanted = False
             return None
         self._gpa_regions.append(gpa[0])
         return gpa
+
+    def _apply_lso(self, q: Queue) -> None:
+        """Give a queue the negotiated LSO limits, capped by what one of its sends can hold
+        (a GPA-direct slot, else a send section)."""
+        lm = self.lso_max or {}
+        room = (q._gpa[1] if q._gpa is not None else min(self.section_size, self.max_xfer or self.section_size))
+        room = min(room - TX_HEADROOM, LSO_FRAME_MAX)
+        q.raw.lso4_max = max(0, min(lm.get("ipv4", 0), room))
+        q.raw.lso6_max = max(0, min(lm.get("ipv6", 0), room))
+        q.raw.lso_min_segs = self.lso_min_segs
 
     # -- control plane -------------------------------------------------------------------------
     @property
@@ -929,7 +1016,8 @@ class Nic:
         pci: list[str] = []
         if resolve and self.vf_allocated:
             pci = [f.name for f in self.vf_functions()]
-        return VfInfo(supported=self.sriov, allocated=self.vf_allocated, serial=self.vf_serial,
+        return VfInfo(supported=self.sriov, mac=_mac_text(self.permanent_mac), allocated=self.vf_allocated,
+                      serial=self.vf_serial,
                       data_path=P.DATA_PATH_NAMES.get(self.data_path, str(self.data_path)),
                       associations=self.events["vf_associations"],
                       host_switches=self.events["vf_host_switches"],
@@ -1153,13 +1241,36 @@ class Nic:
             log.info("netvsc: host reports no offload capabilities")
         o = self.offloads
         v4 = self.nvsp_version <= P.NVSP_V4
+        # LSOv2 the way Linux negotiates it (L-r rndis_netdev_set_hwcaps): enabled for IPv4
+        # when the host offers TCP/IPv4 checksums and 802.3 LSOv2, for IPv6 when it also
+        # offers both IPv6 options; the limit is min(host maximum, 64 KiB)
+        use4 = o.lso4 and self.lso_wanted is not False
+        use6 = o.lso6 and self.lso_wanted is not False
+        if self.lso_wanted and not (use4 or use6):
+            raise NegotiationError("LSO was required (lso=True) but the host offers no LSOv2 "
+                                   "(OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES): open with lso=None")
+
+        def lso_value(offered: bool, use: bool) -> int:
+            # enabled, disabled when the user turned it off, else "no change" (like Linux)
+            return P.LSO_ENABLED if use else (P.LSO_DISABLED if offered else 0)
+
         params = P.build_offload_params(self.nvsp_version, tcp4=4 if o.tx_tcp4 else 1,
                                         udp4=0 if v4 else (4 if o.tx_udp4 else 1),
-                                        tcp6=4 if o.tx_tcp6 else 1, udp6=0 if v4 else (4 if o.tx_udp6 else 1))
+                                        tcp6=4 if o.tx_tcp6 else 1, udp6=0 if v4 else (4 if o.tx_udp6 else 1),
+                                        lso4=lso_value(o.lso4, use4), lso6=lso_value(o.lso6, use6))
         try:
             self.set(P.OID_TCP_OFFLOAD_PARAMETERS, params)
         except RequestFailed as exc:
             log.info("netvsc: offload parameters refused: %s", exc)
+            use4 = use6 = False
+            if self.lso_wanted:
+                raise NegotiationError(f"LSO was required (lso=True) but the host refused the offload "
+                                       f"parameters: {exc}") from exc
+        self.lso_max = {"ipv4": min(o.lso4_max, P.LSO_LEGACY_MAX) if use4 else 0,
+                        "ipv6": min(o.lso6_max, P.LSO_LEGACY_MAX) if use6 else 0}
+        self.lso_min_segs = max(o.lso4_min_segs if use4 else 0, o.lso6_min_segs if use6 else 0)
+        for q in self.queues:
+            self._apply_lso(q)
         state = self.query(P.OID_GEN_MEDIA_CONNECT_STATUS)
         if not self._link_indicated:
             self.link_up = len(state) >= 4 and struct.unpack_from("<I", state)[0] == lib.NDIS_MEDIA_STATE_CONNECTED
@@ -1221,6 +1332,7 @@ class Nic:
             q.on_ctrl = self._dispatch
             q.spin_us = self.spin_us
             q.poll_only = poll_only
+            self._apply_lso(q)
             self.queues.append(q)
         table = [i % nq for i in range(lib.NDIS_RSS_TABLE_ENTRIES)]
         self.set(P.OID_GEN_RECEIVE_SCALE_PARAMETERS,
@@ -1255,10 +1367,12 @@ class Nic:
         return self.queue(queue).rx_burst(max_frames, timeout, copy=copy)
 
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview],
-                 queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None) -> int:
+                 queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None,
+                 mss: int | Sequence[int | None] | None = None) -> int:
         """Send frames on ``queue``; returns how many were really queued (see
-        :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent)."""
-        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected)
+        :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent, ``mss`` for
+        TCP large sends)."""
+        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected, mss=mss)
 
     def poll_events(self) -> None:
         """Process pending control messages (link indications) without receiving frames."""
@@ -1308,7 +1422,16 @@ class Nic:
             permanent_mac=_mac_text(self.permanent_mac), packet_filter=self.packet_filter,
             packet_filter_names=P.filter_names(self.packet_filter), promiscuous=self._promiscuous,
             all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast],
-            vf=self._vf_info().to_dict())
+            vf=self._vf_info().to_dict(), lso=self.lso_limits())
+
+    def lso_limits(self) -> dict[str, int]:
+        """What ``tx_burst(..., mss=...)`` accepts on queue 0: the largest large send for
+        IPv4 / IPv6 in bytes (0 = LSO off for it; the host's maximum capped by one send's
+        room) and the host's minimum segment count."""
+        if not self.queues:
+            return {"ipv4_max": 0, "ipv6_max": 0, "min_segments": 0}
+        r = self.queues[0].raw
+        return {"ipv4_max": int(r.lso4_max), "ipv6_max": int(r.lso6_max), "min_segments": int(r.lso_min_segs)}
 
     # ==== filters, MAC address, host statistics (docs/netvsc.md) ============================
     def _wanted_filter(self) -> int:
@@ -1661,8 +1784,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     uio_hv_generic under ``root``.  Options: ``timeout``, ``strict`` (malformed host packets
     raise :class:`ProtocolError` instead of being dropped and counted), ``gpa`` (GPA-direct
     for frames larger than a send section: None = when DMA memory is available),
-    ``versions``, ``hash_info``, ``spin_us``, ``lock`` (default True: hold the device's lock
-    while open, so another process opening it fails at once with
+    ``versions``, ``hash_info``, ``spin_us``, ``sriov`` (default True: advertise SR-IOV from
+    NVSP 5, as Linux, so the host announces its VF: :attr:`Nic.vf`), ``lock`` (default True:
+    hold the device's lock while open, so another process opening it fails at once with
     :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
     ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
     packet of every channel, docs/trace.md)."""

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disk", action="append", default=[], metavar="IMAGE[:OPT...]",
                    help="a SCSI disk backed by the raw image IMAGE (storvsc model; options "
                         ":size=SIZE creates a missing image sparse, :ro, :bs=512|4096, :lun=N, "
-                        ":serial=TEXT, :nounmap, :maxxfer=SIZE); repeatable")
+                        ":serial=TEXT, :nounmap, :maxxfer=SIZE, :pr (persistent reservations, "
+                        "shared by every LUN on the same file), :odx (VPD 0x8F), :rsoc (answer "
+                        "REPORT SUPPORTED OPERATION CODES), :nolbastatus, :rotation=N); repeatable")
     p.add_argument("--device", action="append", default=[], metavar="MODEL[:KEY=VAL,...]",
                    help="a device of any registered model; repeatable")
     p.add_argument("--load-model", action="append", default=[], metavar="MODULE|FILE.py",

@@ -113,6 +113,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import uuid
 from typing import Any, NoReturn
 
 from uvmbus.errors import ConfigError, ProtocolError
@@ -247,6 +248,10 @@ class NetvspModel(DeviceModel):
         if self.stats_mode not in ("reference", "counters"):
             raise ConfigError("stats must be reference (the reference host) or counters")
         self.min_request = int(opts.pop("min_request", 0))
+        lso = str(opts.pop("lso", "on")).lower()
+        if lso not in ("on", "off"):
+            raise ConfigError("lso must be on (the reference host offers LSOv2) or off")
+        self.lso_offered = lso == "on"
         self.vf_present = str(opts.pop("vf", "0")).lower() in ("1", "true", "yes", "on")
         self.vf_serial = int(opts.pop("vf_serial", _serial_for(device.device_id)))
         if not 0 < self.vf_serial < 1 << 32:
@@ -255,6 +260,7 @@ class NetvspModel(DeviceModel):
         if steer not in VF_STEER:
             raise ConfigError("vf_steer must be unicast (Hyper-V) or all (OpenHCL/MANA)")
         self.vf_steer = steer
+        self._vf_pci: tuple[str, str, str, str] | None = None
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
             "flows": int(opts.pop("gen_flows", 64)),
@@ -275,6 +281,7 @@ class NetvspModel(DeviceModel):
         self.nic.rx_hash_ppi = 1
         self.nic.rx_verify_csum = 1
         self.nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        self.nic.lso_max = M.LSO_MAX_SIZE
         self._apply_gen()
         self._queues: dict[int, _Queue] = {}
         self._tap: Any = None
@@ -314,6 +321,7 @@ class NetvspModel(DeviceModel):
         self.current_mac = self.mac
         self.config_params: dict[str, str | int | None] = {}
         self.offload_params: dict[str, int] = {}
+        self.lso_enabled = {"ipv4": False, "ipv6": False}
         self.rss: M.RssRequest | None = None
         self.dead_channels: set[int] = set()
         self.vf_advertised = False         # this session was told allocated=1
@@ -324,6 +332,7 @@ class NetvspModel(DeviceModel):
         n.data_ready = 0
         n.filter = 0
         n.rss_enabled = 0
+        n.lso_v4 = n.lso_v6 = 0
         n.num_queues = 1
         n.msg_size = 32
         n.recv_buf_id = lib.NVSP_RECV_BUF_ID
@@ -856,7 +865,11 @@ class NetvspModel(DeviceModel):
             rev = 3
             if len(msg.info) >= 4 and msg.info[0] == lib.NDIS_OBJTYPE_OFFLOAD and msg.info[1] in (1, 2, 3):
                 rev = msg.info[1]
-            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev)
+            if oid == lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES:
+                lso4 = lso6 = self.lso_offered
+            else:
+                lso4, lso6 = self.lso_enabled["ipv4"], self.lso_enabled["ipv6"]
+            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev, lso4=lso4, lso6=lso6)
         if oid == lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
             return lib.RNDIS_STATUS_SUCCESS, M.rss_capabilities(self.max_queues)
         return lib.RNDIS_STATUS_NOT_SUPPORTED, b""
@@ -878,10 +891,22 @@ class NetvspModel(DeviceModel):
                 return lib.RNDIS_STATUS_INVALID_DATA
             if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
                 return lib.RNDIS_STATUS_NOT_SUPPORTED
+            on = lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED
+            want = {k: params[f"lso_v2_{k}"] for k in ("ipv4", "ipv6")}
+            if not self.lso_offered and on in want.values():
+                # like LSOv1 above: an offload this host does not offer cannot be enabled
+                return lib.RNDIS_STATUS_NOT_SUPPORTED
+            for k, v in want.items():          # 0 = no change, 1 = disabled, 2 = enabled
+                if v in (lib.NDIS_OFFLOAD_PARAM_LSO_DISABLED, on):
+                    self.lso_enabled[k] = v == on
+            self.nic.lso_v4 = int(self.lso_enabled["ipv4"])
+            self.nic.lso_v6 = int(self.lso_enabled["ipv6"])
             self.offload_params = params
             # sent after the SET completion, like the reference host's pending_offload_change
             self._after_response.append(
-                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG, M.offload_capabilities(3)))
+                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG,
+                                    M.offload_capabilities(3, lso4=self.lso_enabled["ipv4"],
+                                                           lso6=self.lso_enabled["ipv6"])))
             return lib.RNDIS_STATUS_SUCCESS
         if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
@@ -986,6 +1011,34 @@ class NetvspModel(DeviceModel):
         self._post_host_inband(msg, VF_ASSOCIATION_TID)
         self.vf_advertised = True
         self.counters["vf_associations"] += 1
+        self._offer_vf_pci()
+
+    def _vf_pci_names(self) -> tuple[str, str, str]:
+        """(vPCI instance GUID, PCI address, interface name) of this NIC's VF: the domain is
+        bytes 4-5 of the GUID, as pci-hyperv derives it; device 2, function 0."""
+        vpci = str(uuid.uuid5(uuid.UUID(self.device.device_id), f"vf-{self.vf_serial}"))
+        dom = int(vpci.split("-")[1], 16)
+        return vpci, f"{dom:04x}:00:02.0", f"simvf{self.vf_serial}"
+
+    def _offer_vf_pci(self) -> None:
+        """The VF's PCI function appears once the guest was told about it (O offers the VTL0
+        VF after the association — 1 s later, to keep interface names stable — and keeps it
+        across guest sessions); sysfs only, a Mellanox ConnectX-4 Lx VF with the NIC's MAC."""
+        if self._vf_pci is not None:
+            return
+        vpci, bdf, ifname = self._vf_pci_names()
+        slot = str(self.vf_serial)
+        self.device.vm.tree.add_vpci_function(
+            vpci, bdf, slot=slot, vendor=0x15B3, device=0x1016, cls=0x020000,
+            ifname=ifname, mac=":".join(f"{b:02x}" for b in self.mac))
+        self._vf_pci = (vpci, bdf, ifname, slot)
+
+    def _revoke_vf_pci(self) -> None:
+        if self._vf_pci is None:
+            return
+        vpci, bdf, ifname, slot = self._vf_pci
+        self._vf_pci = None
+        self.device.vm.tree.remove_vpci_function(vpci, bdf, slot=slot, ifname=ifname)
 
     def _switch_data_path(self, to_vf: bool) -> None:
         """The guest's SWITCH_DATA_PATH: to the VF only when one was announced."""
@@ -1010,24 +1063,30 @@ class NetvspModel(DeviceModel):
 
     def vf_remove(self) -> None:
         """O handle_state_change: data path back to synthetic (if switched), then
-        VF_ASSOCIATION {allocated 0}."""
+        VF_ASSOCIATION {allocated 0}; the PCI function goes after the guest was told."""
         with self._lock:
             self.vf_present = False
-            if not self.vf_advertised:
-                return
-            if self.data_path_vf:
-                self.data_path_vf = False
-                self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
-                self.counters["vf_switch_backs"] += 1
-                if self._can_announce():
-                    msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
-                    self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
-                self._kick_all()
-            self.vf_advertised = False
+            try:
+                self._withdraw_vf()
+            finally:
+                self._revoke_vf_pci()
+
+    def _withdraw_vf(self) -> None:
+        if not self.vf_advertised:
+            return
+        if self.data_path_vf:
+            self.data_path_vf = False
+            self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
+            self.counters["vf_switch_backs"] += 1
             if self._can_announce():
-                msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
-                self._post_host_inband(msg, VF_ASSOCIATION_TID)
-                self.counters["vf_associations"] += 1
+                msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
+                self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
+            self._kick_all()
+        self.vf_advertised = False
+        if self._can_announce():
+            msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
+            self._post_host_inband(msg, VF_ASSOCIATION_TID)
+            self.counters["vf_associations"] += 1
 
     # ==== link state =======================================================================
     def set_link(self, up: bool) -> None:
@@ -1182,7 +1241,9 @@ class NetvspModel(DeviceModel):
     def _vf_describe(self) -> dict[str, Any]:
         return {"vf": {"present": self.vf_present, "serial": self.vf_serial, "advertised": self.vf_advertised,
                        "data_path": "vf" if self.data_path_vf else "synthetic", "steer": self.vf_steer,
-                       "guest_sriov": self._vf_capable()}}
+                       "guest_sriov": self._vf_capable(),
+                       "pci": self._vf_pci[1] if self._vf_pci else None,
+                       "vpci": self._vf_pci[0] if self._vf_pci else None}}
 
     def describe(self) -> dict[str, Any]:
         n = self.nic
@@ -1195,7 +1256,8 @@ class NetvspModel(DeviceModel):
                 "relid": relid, **{k: int(getattr(q, k)) for k in (
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf")},
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf",
+                    "tx_lso", "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
@@ -1208,7 +1270,8 @@ class NetvspModel(DeviceModel):
             "config_params": dict(self.config_params),
             "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
             "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
-            "filter": self.filter, "rss": bool(n.rss_enabled), "link": "up" if self._link_up else "down",
+            "filter": self.filter, "rss": bool(n.rss_enabled), "lso_offered": self.lso_offered,
+            "lso_enabled": dict(self.lso_enabled), "link": "up" if self._link_up else "down",
             "guest_link": "up" if self._guest_link else "down",
             "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
             "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,

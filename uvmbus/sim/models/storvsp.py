@@ -22,6 +22,11 @@ Behaviour:
 * **SCSI (§5.3-§5.5)**: REPORT LUNS for any path/target; INQUIRY to a missing LUN answers
   "LU not present" (0x7F), anything else there INVALID_LUN; the disk command table of
   SimpleScsiDisk; the error mapping of ``process_result``; completions in the §5.2 format.
+* **Inquiry / status / reservations**: VPD 0x8F (``odx``), 0xB0-0xB2, 0xCE, 0xCF with
+  OpenVMM's values; GET LBA STATUS from the image's holes; REPORT SUPPORTED OPERATION CODES
+  only with ``rsoc``; PERSISTENT RESERVE IN/OUT with ``pr`` (state per image file, an
+  initiator per controller: storvsp_pr.py); RESERVATION CONFLICT as OpenVMM's
+  ``process_result`` (status 0x18, SRB ERROR, no sense).
 * **Hot add/remove (§5.6)** through the control socket: ENUMERATE_BUS on the primary in Ready
   (version >= 4.2); I/O to a removed LUN gets INVALID_LUN at once.
 * **Faults**: media-error LBA ranges (MEDIUM ERROR sense), a capacity change (UNIT ATTENTION
