@@ -352,3 +352,30 @@ def test_nvsp_4_and_sriov_off_get_no_association(vsim):
         assert not nic.wait_vf(True, 0.5) and not nic.vf.supported
     m = model_vf(vsim, d)
     assert not m["vf"]["guest_sriov"] and not m["vf"]["advertised"]
+
+
+def test_malformed_vf_messages_are_counted_not_trusted(vsim):
+    """Host messages are copied then validated: a VF association too short for its serial is
+    a counted host problem (strict mode raises), never half-read.  (A SWITCH_DATA_PATH cannot
+    be short: VMBus pads packets to 8 bytes, its full size.)"""
+    d = dev(vsim, 1)
+    with nv.open(d, vsim.root) as nic:
+        short_assoc = struct.pack("<II", 128, 1)                 # no serial
+        before = nic.stats()["events"]["unknown_messages"]
+        vsim.control("model", device=d, op="inband", args={"payload": short_assoc.hex()})
+        deadline = 50
+        while nic.stats()["events"]["unknown_messages"] == before and deadline:
+            nic.rx_burst(0, 8, timeout=0.1)
+            deadline -= 1
+        assert nic.stats()["events"]["unknown_messages"] == before + 1
+        assert "VF association of 8 bytes" in nic.last_host_error
+        assert not nic.vf.allocated and nic.vf.associations == 0
+        frames = [udp_frame(k, 128) for k in range(10)]
+        assert nic.tx_burst(frames, timeout=5) == 10
+        assert sorted(drain(nic, 10)[0]) == sorted(frames)
+    with nv.open(d, vsim.root, strict=True) as nic:
+        vsim.control("model", device=d, op="inband", args={"payload": short_assoc.hex()})
+        with pytest.raises(Exception, match="VF association of 8 bytes"):
+            for _ in range(50):
+                nic.rx_burst(0, 8, timeout=0.1)
+    assert model_vf(vsim, d)["fatal_errors"] == 0
