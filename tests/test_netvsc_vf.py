@@ -380,3 +380,21 @@ def test_malformed_vf_messages_are_counted_not_trusted(vsim):
             for _ in range(50):
                 nic.rx_burst(0, 8, timeout=0.1)
     assert model_vf(vsim, d)["fatal_errors"] == 0
+
+
+def test_reinitialisation_starts_on_the_synthetic_path_and_reannounces(vsim):
+    """set_mtu is a full NVSP/RNDIS re-initialisation: a new session, synthetic data path on
+    both sides, and the host announces its VF again."""
+    d = dev(vsim, 0)
+    with nv.open(d, vsim.root) as nic:
+        assert nic.wait_vf(True, 10)
+        nic.switch_data_path("vf")
+        nic.set_mtu(4000)
+        assert nic.vf.data_path == "synthetic" and nic.vf.associations <= 1
+        assert nic.wait_vf(True, 10) and nic.vf.serial == SERIAL
+        m = model_vf(vsim, d)
+        assert m["vf"]["data_path"] == "synthetic" and m["vf"]["advertised"]
+        frames = [udp_frame(k, 3000) for k in range(10)]
+        assert nic.tx_burst(frames, timeout=5) == 10
+        assert sorted(drain(nic, 10)[0]) == sorted(frames)
+    assert model_vf(vsim, d)["fatal_errors"] == 0
