@@ -309,8 +309,8 @@ class StorvspModel(DeviceModel):
                 self._notify_rescan()
         return n
 
-    def detach(self, lun: int) -> None:
-        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once."""
+    def detach(self, lun: int) -> ImageDisk:
+        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once.  Returns it."""
         with self._lock:
             disk = self.table.disks.pop(lun, None)
             if disk is None:
@@ -321,6 +321,7 @@ class StorvspModel(DeviceModel):
             self._retired.append(disk)       # a pump may still be using its fd
             self.counters["hot_removes"] += 1
             self._notify_rescan()
+            return disk
 
     def _pr_changed(self, disk: ImageDisk) -> None:
         """A reservation appeared or went (maybe through another controller): commands to the
@@ -353,8 +354,9 @@ class StorvspModel(DeviceModel):
             lun = self.attach(str(args["spec"]), None if args.get("lun") is None else int(args["lun"]))
             return {"lun": lun}
         if op == "detach":
-            self.detach(int(args["lun"]))
-            return {}
+            lun = int(args["lun"])
+            return {"detached_lun": lun, "disk": self.detach(lun).describe(),
+                    "luns_left": sorted(self.table.disks)}
         if op in ("media_error", "clear_media_errors", "resize"):
             lun = int(args.get("lun", 0))
             with self._lock:
