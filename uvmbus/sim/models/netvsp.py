@@ -96,7 +96,8 @@ Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backen
 ``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
 ``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
 (reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
-derived from the device id), ``vf_steer`` (unicast / all), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+derived from the device id), ``vf_steer`` (unicast / all), ``vf_remove`` (switch_first: the reference host; association_only:
+only SEND_VF_ASSOCIATION {0}, the guest switches back itself), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
@@ -260,6 +261,9 @@ class NetvspModel(DeviceModel):
         if steer not in VF_STEER:
             raise ConfigError("vf_steer must be unicast (Hyper-V) or all (OpenHCL/MANA)")
         self.vf_steer = steer
+        self.vf_remove_mode = str(opts.pop("vf_remove", "switch_first")).lower()
+        if self.vf_remove_mode not in ("switch_first", "association_only"):
+            raise ConfigError("vf_remove must be switch_first (the reference host) or association_only")
         self._vf_pci: tuple[str, str, str, str] | None = None
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
@@ -1075,10 +1079,11 @@ class NetvspModel(DeviceModel):
         if not self.vf_advertised:
             return
         if self.data_path_vf:
+            # the VF is gone: whatever the guest does next, nothing can reach it any more
             self.data_path_vf = False
             self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
             self.counters["vf_switch_backs"] += 1
-            if self._can_announce():
+            if self._can_announce() and self.vf_remove_mode == "switch_first":
                 msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
                 self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
             self._kick_all()
