@@ -207,10 +207,16 @@ class Tree:
         self.rmtree(self.parent / vpci)
 
     def set_attrs(self, base: Path, values: dict[str, str]) -> None:
-        """Refresh live attribute files (each replaced atomically) that exist under ``base``."""
+        """Refresh live attribute files (each replaced atomically) that exist under ``base``;
+        a file that already holds ``text`` is left alone (an idle simulator writes nothing)."""
         for name, text in values.items():
-            if (base / name).exists():
-                self.write(base / name, text, 0o444)
+            try:
+                with open(base / name) as f:
+                    if f.read() == text:
+                        continue
+            except FileNotFoundError:
+                continue
+            self.write(base / name, text, 0o444)
 
     def set_driver_override(self, guid: str, value: str | None) -> None:
         self.write(self.device_dir(guid) / "driver_override", f"{value or '(null)'}\n", 0o644)
