@@ -79,7 +79,7 @@ def test_block_limits_b0(hba: storvsc.Controller) -> None:
     assert bl.max_transfer_blocks == 8 * MiB // 512
     assert bl.max_unmap_blocks == 0xFFFFFFFF
     assert bl.max_unmap_descriptors == 4096
-    assert bl.unmap_granularity == 8
+    assert bl.unmap_granularity == 1                    # OpenVMM optimal_unmap_sectors
     assert bl.unmap_granularity_alignment == 0          # UGAVALID set, alignment 0
     assert bl.max_write_same_blocks == 8 * MiB // 512
     assert bl.max_compare_and_write_blocks == 0 and bl.optimal_transfer_blocks == 0
