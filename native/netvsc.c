@@ -962,13 +962,16 @@ int uvb_nvsc_send_inband(struct uvb_nvsc_queue *q, const uint8_t *msg, uint32_t 
 /* ------------------------------------------------------------------------ */
 /* TX                                                                        */
 
-/* RNDIS PACKET header + PPIs for a frame at `dst`; returns the header+PPI length. */
+/* RNDIS PACKET header + PPIs for a frame at `dst`; returns the header+PPI length.  With
+ * F_TX_LSO, `csum` holds the LSOv2 PPI value (a large send carries no checksum PPI: the
+ * host fills every checksum of every segment, L-d netvsc_xmit). */
 static uint32_t write_tx_header(uint8_t *dst, uint32_t len, uint32_t flags, uint32_t csum, uint32_t tci)
 {
     uint32_t ppi = 0;
     uint8_t *e = dst + RNDIS_PACKET_SIZE;
-    if (flags & UVB_NVSC_F_TX_CSUM) {
-        struct rndis_ppi_u32 c = {RNDIS_PPI_SIZE_U32, PPI_TCPIP_CHKSUM, RNDIS_PPI_HDR_SIZE, csum};
+    if (flags & (UVB_NVSC_F_TX_CSUM | UVB_NVSC_F_TX_LSO)) {
+        uint32_t type = (flags & UVB_NVSC_F_TX_LSO) ? PPI_TCP_LARGESEND : PPI_TCPIP_CHKSUM;
+        struct rndis_ppi_u32 c = {RNDIS_PPI_SIZE_U32, type, RNDIS_PPI_HDR_SIZE, csum};
         memcpy(e + ppi, &c, sizeof c);
         ppi += RNDIS_PPI_SIZE_U32;
     }
@@ -992,8 +995,96 @@ static uint32_t write_tx_header(uint8_t *dst, uint32_t len, uint32_t flags, uint
 
 static inline uint32_t ppi_bytes(uint32_t flags)
 {
-    return ((flags & UVB_NVSC_F_TX_CSUM) ? RNDIS_PPI_SIZE_U32 : 0u) +
+    return ((flags & (UVB_NVSC_F_TX_CSUM | UVB_NVSC_F_TX_LSO)) ? RNDIS_PPI_SIZE_U32 : 0u) +
            ((flags & UVB_NVSC_F_VLAN) ? RNDIS_PPI_SIZE_U32 : 0u);
+}
+
+/* Byte i of a frame as sent: with `strip`, bytes 12..15 of f (an inline 802.1Q tag) are
+ * left out. */
+static inline uint8_t fb(const uint8_t *f, uint32_t i, int strip)
+{
+    return f[i < 12 || !strip ? i : i + 4];
+}
+
+/* Check a large send (frame of `len` bytes as sent) and build its LSOv2 PPI value
+ * (netvsc.md §4.4).  0 or UVB_NVSC_BAD_*.  *l3 gets the IP header offset, *l4 the TCP one. */
+static uint32_t lso_check(const struct uvb_nvsc_queue *q, const uint8_t *f, uint32_t len, int strip,
+                          uint32_t mss, uint32_t *ppi, uint32_t *l4)
+{
+    if (len < 14 + 20 + 20)
+        return UVB_NVSC_BAD_LSO_HDR;
+    uint32_t et = (uint32_t)fb(f, 12, strip) << 8 | fb(f, 13, strip);
+    uint32_t tcp, v6, max;
+    if (et == 0x0800) {
+        uint32_t vihl = fb(f, 14, strip);
+        uint32_t ihl = (vihl & 0xfu) * 4u;
+        if ((vihl >> 4) != 4 || ihl < 20 || fb(f, 14 + 9, strip) != 6)
+            return UVB_NVSC_BAD_LSO_HDR;
+        tcp = 14 + ihl;
+        v6 = 0;
+        max = q->lso4_max;
+    } else if (et == 0x86DD) {
+        /* TCP right after the fixed header: no extension headers */
+        if ((fb(f, 14, strip) >> 4) != 6 || fb(f, 14 + 6, strip) != 6)
+            return UVB_NVSC_BAD_LSO_HDR;
+        tcp = 14 + 40;
+        v6 = 1;
+        max = q->lso6_max;
+    } else {
+        return UVB_NVSC_BAD_LSO_HDR;
+    }
+    if (!max)
+        return UVB_NVSC_BAD_LSO_OFF;
+    if (tcp + 20 > len)
+        return UVB_NVSC_BAD_LSO_HDR;
+    uint32_t thl = (uint32_t)(fb(f, tcp + 12, strip) >> 4) * 4u;
+    if (thl < 20 || tcp + thl > len)
+        return UVB_NVSC_BAD_LSO_HDR;
+    uint32_t hdr = tcp + thl;
+    if (mss == 0 || mss > LSO_V2_MAX_MSS || hdr + mss > q->max_frame)
+        return UVB_NVSC_BAD_LSO_MSS;
+    if (len > max || len > UVB_NVSC_MAX_FRAME)
+        return UVB_NVSC_BAD_LSO_SIZE;
+    uint32_t segs = (len - hdr + mss - 1) / mss;
+    if (segs < (q->lso_min_segs ? q->lso_min_segs : 1u))
+        return UVB_NVSC_BAD_LSO_SEGS;
+    *ppi = (mss & LSO_V2_MSS_MASK) | (tcp << LSO_V2_TCP_OFFSET_SHIFT) | LSO_V2_TYPE | (v6 ? LSO_V2_IPV6 : 0u);
+    *l4 = tcp;
+    return 0;
+}
+
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t len)
+{
+    while (len >= 2) {
+        sum += (uint32_t)(p[0] << 8 | p[1]);
+        p += 2;
+        len -= 2;
+    }
+    if (len)
+        sum += (uint32_t)(p[0] << 8);
+    return sum;
+}
+
+/* Prepare the copied headers of a large send the way Linux's netvsc_xmit does: IPv4 total
+ * length and header checksum 0 (IPv6 payload length 0), TCP checksum = the pseudo-header
+ * sum without a length (not complemented). */
+static void lso_prep(uint8_t *fr, uint32_t l4)
+{
+    uint8_t *ip = fr + 14;
+    uint32_t sum;
+    if ((ip[0] >> 4) == 4) {
+        ip[2] = ip[3] = 0;
+        ip[10] = ip[11] = 0;
+        sum = csum_add(0, ip + 12, 8);
+    } else {
+        ip[4] = ip[5] = 0;
+        sum = csum_add(0, ip + 8, 32);
+    }
+    sum += 6;
+    while (sum >> 16)
+        sum = (sum & 0xffffu) + (sum >> 16);
+    fr[l4 + 16] = (uint8_t)(sum >> 8);
+    fr[l4 + 17] = (uint8_t)sum;
 }
 
 /* Copy a frame, leaving out an inline 802.1Q tag (bytes 12..15) when `strip`. */
@@ -1031,6 +1122,8 @@ static int send_gpa(struct uvb_nvsc_queue *q, const uint8_t *f, uint32_t len, ui
     uint8_t *dst = q->gpa_base + (uint64_t)slot * q->gpa_slot_size;
     uint32_t hl = write_tx_header(dst, len, flags, csum, tci);
     copy_frame(dst + hl, f, len + (strip ? 4u : 0u), strip);
+    if (flags & UVB_NVSC_F_TX_LSO)
+        lso_prep(dst + hl, (csum & LSO_V2_TCP_OFFSET_MASK) >> LSO_V2_TCP_OFFSET_SHIFT);
     uint8_t msg[NVSP_LEN] = {0};
     struct nvsp_send_rndis_pkt m = {NVSP_MSG1_TYPE_SEND_RNDIS_PKT, NVSP_CHANNEL_TYPE_DATA,
                                     NVSP_SECTION_INDEX_NONE, 0};
@@ -1067,8 +1160,8 @@ static inline void src_get(const struct txsrc *s, uint32_t i, const uint8_t **f,
         *len = fr->len;
         /* RX metadata (F_CSUM, F_HASH) is never taken as a TX request: forwarding a received
          * burst keeps only its VLAN tag */
-        *flags = fr->flags & (UVB_NVSC_F_TX_CSUM | UVB_NVSC_F_VLAN);
-        *csum = fr->csum;
+        *flags = fr->flags & (UVB_NVSC_F_TX_CSUM | UVB_NVSC_F_TX_LSO | UVB_NVSC_F_VLAN);
+        *csum = (*flags & UVB_NVSC_F_TX_LSO) ? fr->mss : fr->csum;
         *tci = fr->vlan;
     } else {
         *f = s->ptrs[i];
@@ -1082,7 +1175,7 @@ static inline void src_get(const struct txsrc *s, uint32_t i, const uint8_t **f,
 /* Send the open section as one NVSP message. 0: sent, its frames count as taken;
  * -1: no ring space, the section goes back and its frames are not taken. */
 static int flush_section(struct uvb_nvsc_queue *q, uint32_t sec, uint32_t used, uint32_t npk,
-                         uint64_t bytes, uint32_t frames, uint32_t *taken)
+                         uint64_t bytes, uint32_t frames, uint32_t lso, uint32_t *taken)
 {
     if (send_section(q, sec, used, NVSP_CHANNEL_TYPE_DATA, UVB_NVSC_TID_DATA, npk)) {
         give_section(q, sec);
@@ -1091,6 +1184,7 @@ static int flush_section(struct uvb_nvsc_queue *q, uint32_t sec, uint32_t used, 
     }
     q->tx_packets += npk;
     q->tx_bytes += bytes;
+    q->tx_lso += lso;
     *taken += frames;
     return 0;
 }
@@ -1113,7 +1207,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         return q->tx->error;
     uint32_t sec = 0, used = 0, npk = 0, last = 0;
     int open = 0;
-    uint32_t taken = 0, in_sec = 0;
+    uint32_t taken = 0, in_sec = 0, lso_in_sec = 0;
     int err = 0;
     uint64_t bytes_in_sec = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -1130,11 +1224,22 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             strip = 1;
             len -= 4;
         }
-        if (len < 14 || len > q->max_frame) {
+        uint32_t why = 0;
+        if (flags & UVB_NVSC_F_TX_LSO) {
+            /* csum carries the MSS in; the LSOv2 PPI value out (a large send has no csum PPI) */
+            uint32_t l4 = 0, ppi = 0;
+            flags &= ~(uint32_t)UVB_NVSC_F_TX_CSUM;
+            why = lso_check(q, f, len, strip, csum, &ppi, &l4);
+            csum = ppi;
+        } else if (len < 14 || len > q->max_frame) {
+            why = UVB_NVSC_BAD_SIZE;
+        }
+        if (why) {
             q->tx_drops++;
             if (q->tx_reject) {                 /* the caller raises: stop in front of it */
                 q->tx_bad_hit = 1;
                 q->tx_bad_len = len + (strip ? 4u : 0u);
+                q->tx_bad_why = why;
                 break;
             }
             if (!open)
@@ -1148,7 +1253,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             /* GPA direct: keep frame order, flush the open section first */
             if (open) {
                 open = 0;
-                if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken))
+                if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, lso_in_sec, &taken))
                     break;
                 ring_free -= msg_need;
             }
@@ -1157,6 +1262,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
                 if (q->tx_reject) {
                     q->tx_bad_hit = 1;
                     q->tx_bad_len = len + (strip ? 4u : 0u);
+                    q->tx_bad_why = UVB_NVSC_BAD_SIZE;
                     break;
                 }
                 taken++;
@@ -1177,6 +1283,8 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             ring_free = uvb_out_free(q->tx);
             q->tx_packets++;
             q->tx_bytes += len;
+            if (flags & UVB_NVSC_F_TX_LSO)
+                q->tx_lso++;
             taken++;
             continue;
         }
@@ -1184,7 +1292,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             uint32_t at = (used + align - 1) & ~(align - 1);
             if (npk >= max_pkts || at + msg > limit) {
                 open = 0;
-                if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken))
+                if (flush_section(q, sec, used, npk, bytes_in_sec, in_sec, lso_in_sec, &taken))
                     break;
                 ring_free -= msg_need;
             }
@@ -1210,6 +1318,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
             used = 0;
             npk = 0;
             in_sec = 0;
+            lso_in_sec = 0;
             bytes_in_sec = 0;
         }
         uint8_t *base = q->send_buf + (uint64_t)sec * q->section_size;
@@ -1223,6 +1332,10 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         }
         uint32_t hl = write_tx_header(base + used, len, flags, csum, tci);
         copy_frame(base + used + hl, f, len + (strip ? 4u : 0u), strip);
+        if (flags & UVB_NVSC_F_TX_LSO) {
+            lso_prep(base + used + hl, (csum & LSO_V2_TCP_OFFSET_MASK) >> LSO_V2_TCP_OFFSET_SHIFT);
+            lso_in_sec++;
+        }
         last = used;
         used += msg;
         npk++;
@@ -1230,7 +1343,7 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
         bytes_in_sec += len;
     }
     if (open)
-        flush_section(q, sec, used, npk, bytes_in_sec, in_sec, &taken);
+        flush_section(q, sec, used, npk, bytes_in_sec, in_sec, lso_in_sec, &taken);
     int rc = uvb_out_commit_signal(q->tx, q->sig);
     if (rc < 0)
         return rc;

@@ -36,6 +36,15 @@
 #define UVB_NVSC_F_HASH     0x0002      /* RX: hash holds the RSS hash value */
 #define UVB_NVSC_F_CSUM     0x0004      /* RX: csum holds the host's checksum PPI (info) */
 #define UVB_NVSC_F_TX_CSUM  0x0008      /* TX: csum holds a checksum-offload request PPI */
+#define UVB_NVSC_F_TX_LSO   0x0010      /* TX: a TCP large send; mss holds the MSS (LSOv2 PPI) */
+
+/* why tx stopped at a frame (tx_bad_why, with tx_reject) */
+#define UVB_NVSC_BAD_SIZE       1       /* shorter than 14, longer than max_frame, no GPA memory */
+#define UVB_NVSC_BAD_LSO_OFF    2       /* large send, but LSO is not enabled for its IP version */
+#define UVB_NVSC_BAD_LSO_HDR    3       /* large send that is not Ethernet + IPv4/IPv6 + TCP */
+#define UVB_NVSC_BAD_LSO_MSS    4       /* MSS 0, above 2^20 - 1, or headers + MSS > max_frame */
+#define UVB_NVSC_BAD_LSO_SIZE   5       /* larger than the host's maximum large-send size */
+#define UVB_NVSC_BAD_LSO_SEGS   6       /* fewer segments than the host's minimum */
 
 /* control record kinds */
 #define UVB_NVSC_CTRL_RNDIS     1       /* an RNDIS message that is not a PACKET */
@@ -49,7 +58,10 @@ struct uvb_nvsc_frame {
     uint64_t offset;            /* RX: into the receive buffer (zero-copy) or the copy buffer;
                                    TX: into the caller's buffer */
     uint32_t len;
-    uint32_t hash;
+    union {
+        uint32_t hash;          /* RX: RSS hash (F_HASH) */
+        uint32_t mss;           /* TX: maximum segment size of a large send (F_TX_LSO) */
+    };
     uint32_t csum;
     uint16_t vlan;
     uint16_t flags;
@@ -82,6 +94,11 @@ struct uvb_nvsc_queue {
     uint32_t  queue_id;
     uint32_t  max_frame;        /* largest frame we send (mtu + 14) */
     uint32_t  ack_size;         /* bytes of an RX ack (8 = {108, status}) */
+    /* LSOv2 as negotiated (OID_TCP_OFFLOAD_PARAMETERS): largest large send per IP version
+     * (0 = LSO off for that version) and the host's minimum segment count */
+    uint32_t  lso4_max;
+    uint32_t  lso6_max;
+    uint32_t  lso_min_segs;
     /* optional GPA-direct bounce slots (DMA memory); slots == 0: none */
     uint8_t  *gpa_base;
     const uint64_t *gpa_pfns;   /* PFN of each 4 KiB page of gpa_base */
@@ -104,6 +121,7 @@ struct uvb_nvsc_queue {
     uint64_t  tx_bytes;
     uint64_t  tx_msgs;          /* NVSP SEND_RNDIS_PKT messages */
     uint64_t  tx_gpa;           /* frames sent GPA-direct */
+    uint64_t  tx_lso;           /* large sends (frames with an LSOv2 PPI) */
     uint64_t  tx_completions;
     uint64_t  tx_failed;        /* frames in sends the host completed with a failure */
     uint64_t  tx_drops;         /* frames refused: too short/too large */
@@ -114,6 +132,7 @@ struct uvb_nvsc_queue {
     /* ---- tx_reject: the frame the last tx call stopped at (tx_bad_hit = 1) ---- */
     uint32_t  tx_bad_hit;       /* set by C, cleared by the caller */
     uint32_t  tx_bad_len;       /* its length in bytes */
+    uint32_t  tx_bad_why;       /* UVB_NVSC_BAD_* */
 };
 
 int uvb_nvsc_queue_init(struct uvb_nvsc_queue *q);

@@ -292,6 +292,16 @@ struct nvsp_send_indirection_table {       /* 134: u32 table[count] at `offset` 
 #define CSUM_RX_TCP_VALUE_INVALID     0x00000080
 #define CSUM_RX_IP_VALUE_INVALID      0x00000100
 
+/* LSOv2 PPI (type 2), TX view (L-h struct ndis_tcp_lso_info .lso_v2_transmit; D hn_rndis.h
+ * NDIS_LSO2_INFO_MAKE*): bits 0-19 MSS, 20-29 TCP header offset from the frame start, bit 30
+ * type (1 = LSOv2), bit 31 IP version (0 IPv4, 1 IPv6) */
+#define LSO_V2_MSS_MASK               0x000FFFFF
+#define LSO_V2_TCP_OFFSET_SHIFT       20
+#define LSO_V2_TCP_OFFSET_MASK        0x3FF00000
+#define LSO_V2_TYPE                   0x40000000
+#define LSO_V2_IPV6                   0x80000000
+#define LSO_V2_MAX_MSS                0x000FFFFF
+
 /* VLAN PPI bits */
 #define VLAN_PPI_PRIORITY_MASK        0x00000007
 #define VLAN_PPI_CFI                  0x00000008
@@ -388,6 +398,11 @@ struct nvsp_send_indirection_table {       /* 134: u32 table[count] at `offset` 
 #define NDIS_TXCSUM_CAP_TCP6          0x010
 #define NDIS_TXCSUM_CAP_UDP6          0x040
 #define NDIS_OFFLOAD_ENCAP_8023       2
+/* NDIS_OFFLOAD lsov2.ip6_opts: IPv6 extension headers | TCP options (L-h NDIS_LSOV2_CAP_IP6 =
+ * both; Linux enables IPv6 LSO only when the host offers both) */
+#define NDIS_LSOV2_CAP_IP6EXT         0x001
+#define NDIS_LSOV2_CAP_TCP6OPT        0x004
+#define NDIS_LSOV2_CAP_IP6            0x005
 
 /* NDIS_OFFLOAD_PARAMETERS values */
 #define NDIS_OFFLOAD_PARAM_NO_CHANGE  0

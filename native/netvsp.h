@@ -72,6 +72,12 @@ struct uvb_nvsp_gen {
     uint16_t dst_port;
 };
 
+/* Where frames go while the guest has switched the data path to the VF (SWITCH_DATA_PATH):
+ * the synthetic queues get nothing of what the VF takes (counted in rx_to_vf). */
+#define UVB_NVSP_VF_OFF       0   /* synthetic data path: every frame to the queues */
+#define UVB_NVSP_VF_UNICAST   1   /* Hyper-V: unicast to the VF; broadcast/multicast stay synthetic */
+#define UVB_NVSP_VF_ALL       2   /* OpenHCL/MANA: the MAC filter moves to the VF, every frame */
+
 struct uvb_nvsp {
     /* ---- configuration (written by the model) ---- */
     uint8_t  *recv_buf;
@@ -99,12 +105,16 @@ struct uvb_nvsp {
     uint32_t  hash_info;
     uint32_t  rx_hash_ppi;      /* 1: add hash value/info PPIs when RSS is on */
     uint32_t  rx_verify_csum;   /* 1: verify checksums of delivered frames for the csum PPI */
+    uint32_t  lso_v4;           /* 1: the guest enabled LSOv2 for IPv4 (OID_TCP_OFFLOAD_PARAMETERS) */
+    uint32_t  lso_v6;           /* 1: ... for IPv6 */
+    uint32_t  lso_max;          /* largest large send the host announced (counted above it) */
+    uint32_t  reserved_lso;
     uint8_t   rss_key[40];
     uint32_t  rss_table[128];   /* queue index per hash bucket (replicated to 128) */
     uint32_t  fault_kind;       /* UVB_NVSP_FAULT_* applied to the next fault_count packets */
     uint32_t  fault_count;
     uint32_t  cfg_epoch;        /* bump after changing RSS / generator settings */
-    uint32_t  reserved0;
+    uint32_t  vf_steer;         /* data path on the VF: UVB_NVSP_VF_* (who still gets frames) */
     struct uvb_nvsp_gen gen;
     /* ---- state (C) ---- */
     void     *priv;             /* pools and sub-allocation states (uvb_nvsp_set_recv_buf) */
@@ -147,9 +157,15 @@ struct uvb_nvsp_queue {
     uint64_t  inbox_drops;
     uint64_t  gen_frames;
     uint64_t  sink_frames;
+    uint64_t  tx_lso;           /* large sends (LSOv2 PPI) segmented */
+    uint64_t  tx_lso_segments;  /* segments they became */
+    uint64_t  tx_lso_invalid;   /* large sends refused (bad offsets / MSS): completed FAILURE */
+    uint64_t  tx_lso_not_enabled; /* LSO PPI while the guest had not enabled LSO (counted, segmented) */
+    uint64_t  tx_lso_oversize;  /* larger than lso_max (counted, segmented: not strictly enforced) */
     uint64_t  completions;
     uint64_t  punts;
     uint64_t  polls;
+    uint64_t  rx_to_vf;         /* frames the host gave the VF (data path switched), not the queue */
 };
 
 /* ---- NIC ---------------------------------------------------------------- */
@@ -206,6 +222,15 @@ int uvb_nvsp_process(struct uvb_nvsp_queue *q, const uint8_t *pkt, const struct 
 /* Move inbox frames, pending control messages and generator frames into the RX ring,
  * flush and commit (interrupting the guest when due).  Returns frames delivered or < 0. */
 int uvb_nvsp_service(struct uvb_nvsp_queue *q);
+
+/* ---- large send offload --------------------------------------------------- */
+/* Segment one large send like the host's NIC (netvsc.md §4.4, docs/simulator.md "LSO"):
+ * frame f (len bytes) with LSOv2 PPI value `ppi`; the segments are written back to back
+ * into out (cap bytes), their lengths into seg_len (room for max_segs).  Returns the segment
+ * count, UVB_EINVAL for a large send the host refuses (offsets, MSS, headers), UVB_ENOBUFS
+ * when out / seg_len are too small. */
+int uvb_nvsp_lso_segment(const uint8_t *f, uint32_t len, uint32_t ppi, uint8_t *out, uint32_t cap,
+                         uint32_t *seg_len, uint32_t max_segs);
 
 /* ---- backends ------------------------------------------------------------ */
 /* Deliver a frame from outside (TAP reader, tests): RSS picks the queue, the frame goes to

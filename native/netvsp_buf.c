@@ -180,11 +180,12 @@ int uvb_nvsp_queue_init(struct uvb_nvsp_queue *q, struct uvb_nvsp *n, uint32_t i
     qp->pkts = calloc(MAX_PKTS, sizeof *qp->pkts);
     qp->stream = malloc(STREAM_BYTES);
     qp->frame = malloc(UVB_NVSP_MAX_FRAME + 64);
+    qp->seg = malloc(UVB_NVSP_MAX_FRAME + 64);
     qp->batch = calloc(NVSP_MAX_PACKETS_PER_RECEIVE_RSC, sizeof(uint32_t));
     qp->ranges = calloc(NVSP_MAX_PACKETS_PER_RECEIVE_RSC, sizeof *qp->ranges);
     qp->ib = malloc(INBOX_BYTES);
     qp->payload = calloc(1, UVB_NVSP_MAX_FRAME);
-    if (!qp->scratch || !qp->pkts || !qp->stream || !qp->frame || !qp->batch || !qp->ranges ||
+    if (!qp->scratch || !qp->pkts || !qp->stream || !qp->frame || !qp->seg || !qp->batch || !qp->ranges ||
         !qp->ib || !qp->payload) {
         uvb_nvsp_queue_fini(q);
         return UVB_EINVAL;
@@ -207,6 +208,7 @@ void uvb_nvsp_queue_fini(struct uvb_nvsp_queue *q)
     free(qp->pkts);
     free(qp->stream);
     free(qp->frame);
+    free(qp->seg);
     free(qp->batch);
     free(qp->ranges);
     free(qp->ib);

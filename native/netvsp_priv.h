@@ -100,6 +100,7 @@ struct queue_priv {
     struct uvb_pkt *pkts;
     uint8_t *stream;            /* gathered GPA-direct bytes */
     uint8_t *frame;             /* modified frame copy (offloads, VLAN insert) */
+    uint8_t *seg;               /* the segment of a large send being emitted */
     uint32_t *batch;
     uint32_t batch_n;
     struct vmtransfer_page_range *ranges;
@@ -144,6 +145,11 @@ static inline int rx_open(const struct uvb_nvsp *n)
     return n->data_ready && n->filter && n->link_up && !n->dead;
 }
 
+/* hands one frame to the backend: 0, or -1 (the message completes with FAILURE) */
+typedef int (*nvsp_emit_fn)(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, int vlan,
+                            uint32_t tci);
+int nvsp_tx_lso(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t ppi, int vlan,
+                uint32_t tci, nvsp_emit_fn emit);
 void nvsp_apply_fault(struct uvb_nvsp *n, struct vmtransfer_page_range *rg, uint32_t nr,
                         uint8_t *nvsp, uint16_t *pageset);
 uint32_t nvsp_csum_add(uint32_t sum, const uint8_t *p, uint32_t len);

@@ -213,6 +213,10 @@ static int deliver(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uin
         q->rx_oversize++;
         return 0;
     }
+    if (n->vf_steer == UVB_NVSP_VF_ALL || (n->vf_steer == UVB_NVSP_VF_UNICAST && !(f[0] & 1))) {
+        q->rx_to_vf++;          /* the VF's, not this queue's (docs/simulator.md, VF) */
+        return 0;
+    }
     uint32_t maxr = n->max_ranges;
     if (qp->batch_n >= maxr) {
         int rc = nvsp_flush_batch(q);

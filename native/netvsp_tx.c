@@ -51,9 +51,10 @@ static int handle_ack(struct uvb_nvsp_queue *q, uint64_t tid)
 }
 
 /* Hand one TX frame to the backend.  Returns 0, or -1 for an offload request the host
- * rejects (the message then completes with FAILURE). */
+ * rejects (the message then completes with FAILURE).  `good`: the checksums are known
+ * right (a segment the host built). */
 static int tx_frame(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t csum_info,
-                    int has_csum, int vlan, uint32_t tci)
+                    int has_csum, int vlan, uint32_t tci, int good)
 {
     struct uvb_nvsp *n = q->nic;
     struct queue_priv *qp = QP(q);
@@ -78,7 +79,7 @@ static int tx_frame(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, ui
         q->sink_frames++;
         return 0;
     }
-    uint32_t flags = 0;
+    uint32_t flags = good ? UVB_NVSP_META_CSUM_OK : 0u;
     const uint8_t *out = f;
     if (has_csum && (csum_info & (CSUM_TX_TCP | CSUM_TX_UDP | CSUM_TX_IP_HDR))) {
         memcpy(qp->frame, f, len);
@@ -117,6 +118,12 @@ static int tx_frame(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, ui
     return 0;
 }
 
+/* A segment of a large send (netvsp_lso.c): its checksums are right. */
+static int emit_segment(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, int vlan, uint32_t tci)
+{
+    return tx_frame(q, f, len, 0, 0, vlan, tci, 1);
+}
+
 /* Walk the RNDIS messages of a TX stream.  Returns NVSP status (1 success, 2 failure). */
 static uint32_t tx_stream(struct uvb_nvsp_queue *q, const uint8_t *s, uint32_t total,
                           uint32_t first_contig, uint32_t first_page_room)
@@ -136,8 +143,8 @@ static uint32_t tx_stream(struct uvb_nvsp_queue *q, const uint8_t *s, uint32_t t
         uint64_t dend = 8ull + h.data_offset + h.data_len;
         if (h.data_offset < RNDIS_PPI_OFFSET_DEFAULT || dend > h.msg_len)
             return NVSP_STAT_FAIL;
-        uint32_t csum = 0, tci = 0;
-        int has_csum = 0, vlan = 0;
+        uint32_t csum = 0, tci = 0, lso = 0;
+        int has_csum = 0, vlan = 0, has_lso = 0;
         if (h.per_pkt_info_len) {
             uint64_t pend = 8ull + h.per_pkt_info_offset + h.per_pkt_info_len;
             if (h.per_pkt_info_offset < RNDIS_PPI_OFFSET_DEFAULT || pend > h.msg_len ||
@@ -165,8 +172,9 @@ static uint32_t tx_stream(struct uvb_nvsp_queue *q, const uint8_t *s, uint32_t t
                         vlan = 1;
                         tci = ((v & VLAN_PPI_PRIORITY_MASK) << 13) | (((v & VLAN_PPI_CFI) ? 1u : 0u) << 12) |
                               ((v & VLAN_PPI_VID_MASK) >> VLAN_PPI_VID_SHIFT);
-                    } else if (t == PPI_TCP_LARGESEND && v) {
-                        return NVSP_STAT_FAIL;  /* LSO is not offered by this host */
+                    } else if (t == PPI_TCP_LARGESEND) {
+                        lso = v;
+                        has_lso = 1;
                     }
                 }
                 p += e.size;
@@ -176,8 +184,14 @@ static uint32_t tx_stream(struct uvb_nvsp_queue *q, const uint8_t *s, uint32_t t
                              8ull + RNDIS_PPI_OFFSET_DEFAULT > first_page_room)) {
             return NVSP_STAT_FAIL;
         }
-        if (tx_frame(q, s + off + 8 + h.data_offset, h.data_len, csum, has_csum, vlan, tci))
+        const uint8_t *fr = s + off + 8 + h.data_offset;
+        if (has_lso) {
+            /* a large send: the host segments it (O takes the LSO PPI over a checksum PPI) */
+            if (nvsp_tx_lso(q, fr, h.data_len, lso, vlan, tci, emit_segment))
+                return NVSP_STAT_FAIL;
+        } else if (tx_frame(q, fr, h.data_len, csum, has_csum, vlan, tci, 0)) {
             return NVSP_STAT_FAIL;
+        }
         first = 0;
         off += h.msg_len;
     }

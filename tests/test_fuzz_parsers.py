@@ -107,8 +107,15 @@ def all_parsers(data: bytes) -> None:
     for fn in (scsi.parse_inquiry, scsi.parse_vpd_supported, scsi.parse_vpd_serial,
                scsi.parse_vpd_device_ids, scsi.parse_vpd_block_limits, scsi.parse_vpd_rotation_rate,
                scsi.parse_vpd_lbp, scsi.parse_report_luns, scsi.parse_read_capacity10,
-               scsi.parse_read_capacity16):
+               scsi.parse_read_capacity16, scsi.parse_vpd_block_characteristics,
+               scsi.parse_vpd_third_party_copy, scsi.parse_mode_pages, scsi.parse_lba_status,
+               scsi.parse_supported_opcodes, scsi.parse_one_opcode, scsi.parse_pr_keys,
+               scsi.parse_pr_reservation, scsi.parse_pr_capabilities, scsi.parse_pr_full_status):
         only_uvmbus_errors(fn, data)
+    only_uvmbus_errors(lambda d: scsi.parse_mode_pages(d, ten=True), data)
+    only_uvmbus_errors(lambda d: scsi.parse_lba_status(d, blocks=1000), data)
+    scsi.parse_caching_page(data)
+    scsi.parse_control_page(data)
     s = scsi.parse_sense(data)
     if s is not None:
         str(s)

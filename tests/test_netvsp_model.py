@@ -254,7 +254,7 @@ def test_oid_table(guest):
     assert caps.num_queues == 8 and caps.table_size == 128
     off = P.parse_ndis_offload(g.query(P.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES,
                                        P.ndis_offload_query_input(P.NVSP_V61)).info)
-    assert off.tx_tcp4 and off.tx_udp4 and off.lso_v2_ip4_max == 0
+    assert off.tx_tcp4 and off.tx_udp4 and off.lso4 and off.lso4_max == 62780 and off.lso4_min_segs == 2
     unknown = g.query(0x00FF00FF)
     assert unknown.status == P.ST_NOT_SUPPORTED and unknown.info == b""
     lst = g.query(P.OID_GEN_SUPPORTED_LIST)

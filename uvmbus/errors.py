@@ -23,14 +23,17 @@ roots, so callers can catch by concept::
     │   ├── NegotiationError          no common protocol version
     │   └── RequestFailed             VSP completed a request with a failure status
     ├── NetError                      netvsc driver errors
-    │   └── FrameRejected             a frame that can never be sent (runt, oversize)
+    │   ├── FrameRejected             a frame that can never be sent (runt, oversize)
+    │   ├── QueueInvalidated          a queue of a NIC that was re-initialised since
+    │   └── ReinitFailed              set_queues / set_mtu failed (``usable`` says the rest)
     ├── StorageError                  storvsc driver errors
     │   ├── ScsiError                 command failed with SCSI status / sense
     │   │   ├── MediumError           sense key 3 (and 1/4 hardware-class)
     │   │   ├── IllegalRequest        sense key 5
     │   │   ├── UnitAttention         sense key 6 (retryable)
     │   │   ├── DataProtect           sense key 7 (write protected)
-    │   │   └── NotReady              sense key 2
+    │   │   ├── NotReady              sense key 2
+    │   │   └── ReservationConflict   SCSI status 0x18: another initiator holds a reservation
     │   ├── LunGone                   LUN removed / INVALID_LUN
     │   └── NvmeError                 NVMe command failed (status code type / code)
     │       ├── ControllerFatal       CSTS.CFS, invalid completion, timeout: controller dead
@@ -147,15 +150,36 @@ class MacChangeRefused(NetError):
 
 class FrameRejected(NetError, ValueError):
     """``tx_burst`` met a frame that can never be sent (shorter than 14 bytes, longer than the
-    MTU allows, or larger than a send section without GPA-direct memory).  ``index`` is its
+    MTU allows, or larger than a send section without GPA-direct memory; a large send the
+    negotiated LSO cannot carry).  ``index`` is its
     position in the burst, ``length`` its size, ``queued`` how many frames before it were
     queued (they are sent)."""
 
-    def __init__(self, message: str, *, index: int, length: int, queued: int):
+    def __init__(self, message: str, *, index: int, length: int, queued: int, reason: str = "size"):
         super().__init__(message)
         self.index = index
         self.length = length
         self.queued = queued
+        #: why: "size", or for large sends (``mss``) "lso-not-negotiated", "lso-not-tcp",
+        #: "lso-mss", "lso-too-large", "lso-too-few-segments"
+        self.reason = reason
+
+
+class QueueInvalidated(NetError):
+    """The queue belongs to a NIC session that no longer exists: the NIC was re-initialised
+    (:meth:`~uvmbus.netvsc.Nic.set_queues`, ``set_mtu``) or closed since the queue was
+    obtained (or exported).  Get the queue again from the NIC (``nic.queue(i)``), or a new
+    ``QueueSpec`` from ``export_queue`` for another process."""
+
+
+class ReinitFailed(NetError):
+    """A NIC re-initialisation (``set_queues``, ``set_mtu``) failed.  ``usable`` True: the NIC
+    was brought up again with its previous settings and works (new queue objects); False:
+    that failed too and the NIC is closed — open it again."""
+
+    def __init__(self, message: str, *, usable: bool):
+        super().__init__(message)
+        self.usable = usable
 
 
 class StorageError(UvmbusError):
@@ -201,6 +225,12 @@ class DataProtect(ScsiError):
 
 class NotReady(ScsiError):
     """The LUN is not ready (sense key 2)."""
+
+
+class ReservationConflict(ScsiError):
+    """SCSI status RESERVATION CONFLICT (0x18): a persistent reservation held through another
+    initiator (or a PERSISTENT RESERVE OUT with a key this initiator has not registered)
+    refused the command.  Read the holder with ``disk.pr_read_reservation()``."""
 
 
 class LunGone(StorageError):

@@ -19,7 +19,7 @@ from uvmbus.bus import Bus, VmbusDevice
 from uvmbus.channel.channel import Channel
 from uvmbus.errors import ConfigError
 from uvmbus.ring import RingPair
-from uvmbus.uio import Endpoint, UioDevice, open_endpoint
+from uvmbus.uio import OPEN_TIMEOUT, Endpoint, UioDevice, open_endpoint
 
 
 class DeviceWaiter:
@@ -168,7 +168,8 @@ class ChannelDevice:
 
     def new_waiter(self) -> DeviceWaiter:
         """A waiter with its own endpoint file, for a thread that waits on its own queues."""
-        w = DeviceWaiter(open_endpoint(self.uio.uio_path), owns_endpoint=True)
+        w = DeviceWaiter(open_endpoint(self.uio.uio_path, timeout=self.uio.open_timeout),
+                         owns_endpoint=True)
         self._extra_waiters.append(w)
         return w
 
@@ -198,18 +199,20 @@ class ChannelDevice:
 
 
 def open_device(ref: str, root: str | os.PathLike[str] = "/", *, spin_us: int = 0,
-                lock: bool = True, record: Any = None) -> ChannelDevice:
+                lock: bool = True, record: Any = None, timeout: float = OPEN_TIMEOUT) -> ChannelDevice:
     """Open device ``ref`` (GUID, unique prefix or class short name) bound to
     uio_hv_generic under ``root`` ("/" on a real guest, the simulator's root otherwise).
     ``lock`` (default True): hold the device's lock while it is open, so that another
     process opening it fails at once (:class:`~uvmbus.errors.DeviceBusy`); ``lock=False``
     is for experts sharing a device on purpose.
     ``record``: a trace file path or a :class:`uvmbus.trace.Recorder` recording every
-    packet of every channel of the device (a path is closed with the device)."""
+    packet of every channel of the device (a path is closed with the device).
+    ``timeout``: seconds the simulator's endpoint may take to answer the open (a stopped or
+    hung ``uvmbus sim`` fails with :class:`~uvmbus.errors.ChannelTimeout` after it)."""
     from uvmbus.trace import as_recorder
 
     bus = Bus(root)
-    uio = UioDevice(bus, bus.device(ref), lock=lock)
+    uio = UioDevice(bus, bus.device(ref), lock=lock, timeout=timeout)
     try:
         rec, owned = as_recorder(record, side="guest")
     except BaseException:

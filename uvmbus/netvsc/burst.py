@@ -26,6 +26,7 @@ F_VLAN = lib.UVB_NVSC_F_VLAN
 F_HASH = lib.UVB_NVSC_F_HASH
 F_CSUM = lib.UVB_NVSC_F_CSUM
 F_TX_CSUM = lib.UVB_NVSC_F_TX_CSUM
+F_TX_LSO = lib.UVB_NVSC_F_TX_LSO
 
 
 @dataclass(frozen=True)
@@ -218,12 +219,16 @@ class TxBatch:
 
     ``vlan`` (one TCI for all frames, or a list) asks the host to insert an 802.1Q tag;
     ``offload_csum=True`` asks it to compute IPv4/TCP/UDP checksums (frames it cannot parse
-    are sent unchanged)."""
+    are sent unchanged).  ``mss`` (one value for all frames, or a list with None for
+    ordinary frames) makes frames TCP large sends: the host cuts each into segments of
+    ``mss`` payload bytes and fills every checksum (LSOv2, docs/netvsc.md; the send path
+    checks each one against the negotiated limits)."""
 
     __slots__ = ("buf", "_ptr", "arr", "_n", "nbytes")
 
     def __init__(self, frames: Iterable[bytes | bytearray | memoryview], *,
-                 vlan: int | Sequence[int | None] | None = None, offload_csum: bool = False):
+                 vlan: int | Sequence[int | None] | None = None, offload_csum: bool = False,
+                 mss: int | Sequence[int | None] | None = None):
         frames = list(frames)
         n = len(frames)
         self._n = n
@@ -238,6 +243,13 @@ class TxBatch:
             vl = list(vlan)
             if len(vl) != n:
                 raise ConfigError(f"TxBatch: {len(vl)} VLAN tags for {n} frames")
+        ml: Sequence[int | None]
+        if mss is None or isinstance(mss, int):
+            ml = [mss] * n
+        else:
+            ml = list(mss)
+            if len(ml) != n:
+                raise ConfigError(f"TxBatch: {len(ml)} MSS values for {n} frames")
         off = 0
         for i, fr in enumerate(frames):
             d = self.arr[i]
@@ -251,7 +263,13 @@ class TxBatch:
                     raise ConfigError(f"VLAN TCI {tci} out of range")
                 d.vlan = tci
                 flags |= F_VLAN
-            if offload_csum:
+            m = ml[i]
+            if m is not None:
+                if not isinstance(m, int) or not 0 <= m <= 0xFFFFFFFF:
+                    raise ConfigError(f"TxBatch: MSS {m!r} of frame {i} is not an integer 0..2^32-1")
+                d.mss = m
+                flags |= F_TX_LSO
+            elif offload_csum:
                 c = csum_request(fr)
                 if c is not None:
                     d.csum = c

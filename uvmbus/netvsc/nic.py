@@ -22,6 +22,7 @@ thread are safe.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import mmap
@@ -38,12 +39,15 @@ from uvmbus.errors import (
     ChannelError,
     ChannelTimeout,
     ConfigError,
+    DeviceBusy,
     FrameRejected,
     KernelUnsupported,
     MacChangeRefused,
     NegotiationError,
     NetError,
     ProtocolError,
+    QueueInvalidated,
+    ReinitFailed,
     RequestFailed,
     ResourceError,
     RingCorrupt,
@@ -55,7 +59,7 @@ from uvmbus.netvsc.burst import RxBurst, TxBatch
 from uvmbus.ring import FLAG_COMPLETION_REQUESTED, PKT_COMP, PKT_INBAND, PKT_XFER_PAGES, Packet
 from uvmbus.uio import MappedRegion
 
-__all__ = ["DEFAULT_TIMEOUT", "Nic", "NicInfo", "Queue", "QueueSpec", "attach_queue", "open"]
+__all__ = ["DEFAULT_TIMEOUT", "Nic", "NicInfo", "Queue", "QueueSpec", "VfInfo", "attach_queue", "open"]
 
 log = logging.getLogger("uvmbus.netvsc")
 
@@ -70,8 +74,21 @@ MAX_QUEUES = 64
 CONTROL_MESSAGE_MAX = 64 * 1024
 FILTER_DEFAULT = P.FILTER_DIRECTED | P.FILTER_ALL_MULTICAST | P.FILTER_BROADCAST
 GPA_SLOTS = 64
+#: bounce slots per queue when they must hold large sends (≈ 68 KiB each)
+LSO_GPA_SLOTS = 32
+#: the largest frame a large send can be (the data path's frame limit, UVB_NVSC_MAX_FRAME)
+LSO_FRAME_MAX = lib.UVB_NVSC_MAX_FRAME
+#: RNDIS PACKET header + room for the PPIs the driver adds (checksum/LSO + VLAN)
+TX_HEADROOM = 44 + 32
 _CTRL_BUF = 65536
 
+
+#: FrameRejected.reason by the C data path's UVB_NVSC_BAD_* code
+_BAD_REASONS = {
+    lib.UVB_NVSC_BAD_SIZE: "size", lib.UVB_NVSC_BAD_LSO_OFF: "lso-not-negotiated",
+    lib.UVB_NVSC_BAD_LSO_HDR: "lso-not-tcp", lib.UVB_NVSC_BAD_LSO_MSS: "lso-mss",
+    lib.UVB_NVSC_BAD_LSO_SIZE: "lso-too-large", lib.UVB_NVSC_BAD_LSO_SEGS: "lso-too-few-segments",
+}
 
 _EMPTY = memoryview(b"")
 #: copy buffers need no zeroing: C writes every byte a frame view shows
@@ -80,6 +97,30 @@ _ALLOC = ffi.new_allocator(should_clear_after_alloc=False)
 
 def _now() -> float:
     return time.monotonic()
+
+
+@dataclass
+class VfInfo:
+    """The accelerated-networking VF the host associated with this NIC (docs/netvsc.md,
+    "Accelerated networking VF").  ``allocated``/``serial`` are the last
+    SEND_VF_ASSOCIATION's fields (``serial`` is None while no VF is allocated); ``data_path``
+    is where the host sends this NIC's traffic: "synthetic" (always, unless
+    :meth:`Nic.switch_data_path` asked for "vf"); ``pci`` the matching PCI functions
+    (addresses), found like Linux does: the vPCI slot named after the serial, else a PCI
+    network interface with the NIC's MAC address."""
+
+    supported: bool                 # NVSP >= 5 and SR-IOV advertised (the host may announce one)
+    mac: str = ""                   # the VF carries the NIC's permanent address (Linux pairs by it)
+    allocated: bool = False
+    serial: int | None = None
+    data_path: str = "synthetic"
+    associations: int = 0           # VF_ASSOCIATION messages received this session
+    host_switches: int = 0          # SWITCH_DATA_PATH sent by the host (back to synthetic)
+    switch_backs: int = 0           # switches to "vf" undone because the VF went away
+    pci: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -113,6 +154,9 @@ class NicInfo:
     promiscuous: bool = False
     all_multicast: bool = False
     multicast: list[str] = field(default_factory=list)
+    vf: dict[str, Any] = field(default_factory=dict)
+    #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments
+    lso: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +178,30 @@ class QueueSpec:
     pkt_align: int
     max_xfer: int
     max_frame: int
+    #: GPA-direct for frames larger than a send section, as :func:`open`'s ``gpa``: None =
+    #: when DMA memory is available (the attaching process allocates its own slots)
+    gpa: bool | None = None
+    #: the owner's generation when exported: the queue is valid while the owner's lease file
+    #: (``lease``, :mod:`uvmbus.netvsc.lease`) still shows it
+    generation: int = 0
+    lease: str = ""
+
+
+def _gpa_slot_size(max_frame: int) -> int:
+    """Bytes of one GPA-direct bounce slot: RNDIS header + PPIs + frame, in whole 4 KiB pages."""
+    return (ffi.sizeof("struct rndis_packet") + 32 + max_frame + 4095) // 4096 * 4096
+
+
+def _needs_gpa(max_frame: int, section_size: int) -> bool:
+    """True when a frame of ``max_frame`` bytes does not fit one send section."""
+    return ffi.sizeof("struct rndis_packet") + 32 + max_frame > section_size
+
+
+def _alloc_gpa(dma: Any, max_frame: int, name: str, slots: int = GPA_SLOTS) -> tuple[Any, int, int]:
+    """A region of ``slots`` bounce slots from ``dma``: (region, slot size, slots)."""
+    slot = _gpa_slot_size(max_frame)
+    region = dma.alloc_region(slot * slots, name=name)
+    return (region, slot, region.size // slot)
 
 
 class Queue:
@@ -203,6 +271,14 @@ class Queue:
         #: device_obj in hv_uio_channel_cb): such queues stay masked and are polled
         self.poll_only = False
         self.closed = False
+        #: why this queue is no longer valid (set when its NIC was re-initialised or closed)
+        self.invalid_reason = ""
+
+    def _check(self) -> None:
+        if self.closed:
+            if self.invalid_reason:
+                raise QueueInvalidated(self.invalid_reason)
+            raise NetError(f"queue {self.index} is closed")
 
     # -- errors ------------------------------------------------------------------------------
     def _fail(self, rc: int) -> None:
@@ -231,8 +307,7 @@ class Queue:
     # -- RX -----------------------------------------------------------------------------------
     def rx_burst(self, max_frames: int = 256, timeout: float = 0.0, *, copy: bool = True) -> RxBurst:
         """Up to ``max_frames`` frames; waits up to ``timeout`` seconds for the first one."""
-        if self.closed:
-            raise NetError(f"queue {self.index} is closed")
+        self._check()
         n = min(max_frames, MAX_BURST)
         lent = self._lent
         if lent is not None:                  # C gives its frames back to the host now
@@ -325,33 +400,43 @@ class Queue:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until something arrived on this queue (True) or the timeout (False)."""
+        self._check()
         if lib.uvb_nvsc_rx_pending(self.raw):
             return True
         return self._sleep(1e9 if timeout is None else timeout)
 
     # -- TX -------------------------------------------------------------------------------------
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview], *,
-                 timeout: float = 0.0, rejected: list[int] | None = None) -> int:
+                 timeout: float = 0.0, rejected: list[int] | None = None,
+                 mss: int | Sequence[int | None] | None = None) -> int:
         """Send frames; returns how many were really queued (fewer than given when send-buffer
         sections or ring space ran out: back-pressure, send the rest later).  With ``timeout``
         > 0, wait for space until every frame is queued or the time is up.
 
+        ``mss`` (one value for every frame, or one per frame with None for ordinary frames)
+        sends TCP segments larger than the MTU as LSOv2 large sends: the host cuts each into
+        MSS-sized segments (docs/netvsc.md "Large send offload"); for a :class:`TxBatch`,
+        give ``mss`` to the batch instead.
+
         A frame that can never be sent (shorter than 14 bytes, longer than MTU + 14, or larger
-        than a send section when there is no GPA-direct memory) raises
-        :class:`~uvmbus.errors.FrameRejected` (the frames before it are queued: its
-        ``queued``).  With a list as ``rejected``, such frames are skipped instead and their
-        positions in the burst appended to it; frames consumed = return value + the number
-        of positions appended."""
-        if self.closed:
-            raise NetError(f"queue {self.index} is closed")
+        than a send section when there is no GPA-direct memory; a large send that is not
+        Ethernet + IPv4/IPv6 + TCP, with MSS 0, larger than the negotiated maximum, or while
+        LSO is not negotiated) raises :class:`~uvmbus.errors.FrameRejected` (the frames before
+        it are queued: its ``queued``; ``reason`` says why).  With a list as ``rejected``,
+        such frames are skipped instead and their positions in the burst appended to it;
+        frames consumed = return value + the number of positions appended."""
+        self._check()
         batch: Any
+        if mss is not None and isinstance(frames, (RxBurst, TxBatch)):
+            raise ConfigError("tx_burst(mss=...) takes a list of frames; for a TxBatch pass mss to "
+                              "TxBatch(frames, mss=...)")
         if isinstance(frames, RxBurst):
             frames._check()
             batch = frames
         elif isinstance(frames, TxBatch):
             batch = frames
         else:
-            batch = TxBatch(frames)
+            batch = TxBatch(frames, mss=mss)
         n = len(batch)
         if n == 0:
             return 0
@@ -370,7 +455,8 @@ class Queue:
                 if raw.tx_bad_hit:            # C stopped in front of a frame that cannot go
                     raw.tx_bad_hit = 0
                     if rejected is None:
-                        raise self._rejected(pos, int(raw.tx_bad_len), queued)
+                        raise self._rejected(pos, int(raw.tx_bad_len), queued, int(raw.tx_bad_why),
+                                             batch)
                     rejected.append(pos)
                     pos += 1
                     if pos < n:
@@ -395,18 +481,46 @@ class Queue:
                 lk.release()
         return queued
 
-    def _rejected(self, index: int, length: int, queued: int) -> FrameRejected:
+    def _rejected(self, index: int, length: int, queued: int, why: int = 0, batch: Any = None) -> FrameRejected:
         mf = int(self.raw.max_frame)
-        if length < 14:
-            why = "shorter than an Ethernet header (14 bytes)"
+        r = self.raw
+        reason = _BAD_REASONS.get(why, "size")
+        mss = 0
+        if batch is not None and why not in (0, lib.UVB_NVSC_BAD_SIZE):
+            mss = int(batch.descriptors[index].mss)
+        if why == lib.UVB_NVSC_BAD_LSO_OFF:
+            if not (r.lso4_max or r.lso6_max):
+                why_text = ("a large send (mss given), but LSO is not negotiated on this queue (the host "
+                            "offers no LSOv2, the NIC was opened with lso=False, or the queue is "
+                            "attached from another process): send MTU-sized frames without mss")
+            else:
+                why_text = ("a large send for an IP version the host did not enable LSO for "
+                            f"(IPv4 {'on' if r.lso4_max else 'off'}, IPv6 {'on' if r.lso6_max else 'off'}): "
+                            "send MTU-sized frames without mss")
+        elif why == lib.UVB_NVSC_BAD_LSO_HDR:
+            why_text = ("a large send that is not Ethernet + IPv4/IPv6 (no extension headers) + TCP with "
+                        "a complete TCP header: only TCP can be segmented; send it without mss")
+        elif why == lib.UVB_NVSC_BAD_LSO_MSS:
+            why_text = (f"a large send with MSS {mss}: it must be 1..{lib.LSO_V2_MAX_MSS} and headers + MSS "
+                        f"must fit the MTU ({mf} bytes with the Ethernet header)")
+        elif why == lib.UVB_NVSC_BAD_LSO_SIZE:
+            why_text = (f"larger than the largest large send this queue may make (IPv4 {int(r.lso4_max)}, "
+                        f"IPv6 {int(r.lso6_max)} bytes: the host's maximum, capped by one send's room); "
+                        "split it")
+        elif why == lib.UVB_NVSC_BAD_LSO_SEGS:
+            why_text = (f"a large send of fewer segments at MSS {mss} than the host's minimum "
+                        f"({int(r.lso_min_segs)}): send it as an ordinary frame (no mss)")
+        elif length < 14:
+            why_text = "shorter than an Ethernet header (14 bytes)"
         elif length > mf:
-            why = f"longer than this NIC sends ({mf} bytes = MTU {mf - 14} + 14; see set_mtu)"
+            why_text = (f"longer than this NIC sends ({mf} bytes = MTU {mf - 14} + 14; see set_mtu, or "
+                        "pass mss= for a TCP large send)")
         else:
-            why = ("larger than a send section and the NIC has no GPA-direct memory for it "
-                   "(see docs/netvsc.md, jumbo frames)")
-        return FrameRejected(f"frame {index} of the burst is {length} bytes: {why}; {queued} frame(s) "
+            why_text = ("larger than a send section and the NIC has no GPA-direct memory for it "
+                        "(see docs/netvsc.md, jumbo frames)")
+        return FrameRejected(f"frame {index} of the burst is {length} bytes: {why_text}; {queued} frame(s) "
                              "before it were queued. Fix or drop it, or pass rejected=[] to skip "
-                             "such frames", index=index, length=length, queued=queued)
+                             "such frames", index=index, length=length, queued=queued, reason=reason)
 
     def _tx_once(self, base: Any, arr: Any, start: int, n: int) -> int:
         rc = lib.uvb_nvsc_tx_burst(self.raw, base, arr + start, n - start)
@@ -421,6 +535,7 @@ class Queue:
 
     def reap(self) -> None:
         """Collect TX completions now (frees sections)."""
+        self._check()
         lk = self.lock
         if lk is not None:
             with lk:
@@ -438,7 +553,7 @@ class Queue:
     def stats(self) -> dict[str, int]:
         r = self.raw
         keys = ("rx_packets", "rx_bytes", "rx_xfer", "rx_acks", "rx_drops", "rx_ctrl", "tx_packets",
-                "tx_bytes", "tx_msgs", "tx_gpa", "tx_completions", "tx_failed", "tx_drops",
+                "tx_bytes", "tx_msgs", "tx_gpa", "tx_lso", "tx_completions", "tx_failed", "tx_drops",
                 "tx_ring_full", "tx_no_section", "host_errors", "ctrl_dropped")
         s = {k: int(getattr(r, k)) for k in keys}
         s["drops"] = s["rx_drops"] + s["tx_drops"]
@@ -467,7 +582,8 @@ class Nic:
                  mtu: int = 1500, timeout: float = DEFAULT_TIMEOUT, strict: bool = False,
                  gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
                  hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
-                 rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None):
+                 rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None,
+                 sriov: bool = True, lso: bool | None = None):
         if not 1 <= queues <= MAX_QUEUES:
             raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
         if not 68 <= mtu <= 9202:
@@ -478,6 +594,8 @@ class Nic:
         self.timeout = timeout
         self.strict = strict
         self.gpa_wanted = gpa
+        #: LSOv2: None = use it when the host offers it, False = never, True = required
+        self.lso_wanted = lso
         self.versions = tuple(versions)
         self.hash_info = hash_info
         self.spin_us = spin_us
@@ -485,6 +603,10 @@ class Nic:
         self.lock_device = lock
         self._mtu_wanted = mtu
         self._link_cbs: list[Callable[[bool], None]] = []
+        self._vf_cbs: list[Callable[[VfInfo], None]] = []
+        #: advertise SR-IOV in the NDIS config (NVSP >= 5, like Linux and DPDK) so the host
+        #: announces its VF; False: the host never sends a VF association
+        self.sriov_wanted = bool(sriov)
         # receive filter wanted by the user (kept across re-initialisation) and last sent
         self._promiscuous = False
         self._all_multicast = False
@@ -494,6 +616,12 @@ class Nic:
         self.packet_filter = 0
         self.permanent_mac = b""
         self._lock = threading.RLock()
+        #: completed re-initialisations (set_mtu, set_queues): queues and specs of an older
+        #: generation are invalid
+        self.generation = 0
+        #: the lease file telling attached queues of other processes when they become invalid
+        #: (made by the first export_queue, :mod:`uvmbus.netvsc.lease`)
+        self._lease: Any = None
         self._req_ids = itertools.count(1)
         self._tids = itertools.count(1 << 48)
         self.closed = True
@@ -526,15 +654,27 @@ class Nic:
         self._link_indicated = False
         self.link_speed = 0
         self.events: dict[str, int] = {"link_changes": 0, "unknown_messages": 0, "vf_associations": 0,
-                                       "offload_indications": 0, "network_changes": 0}
+                                       "offload_indications": 0, "network_changes": 0,
+                                       "vf_host_switches": 0, "vf_switch_backs": 0}
+        # the VF of this session: the host announces it again after every (re)initialisation
+        self.sriov = False
+        self.vf_allocated = False
+        self.vf_serial: int | None = None
+        self.data_path = P.DATA_PATH_SYNTHETIC
+        self._async_tids: set[int] = set()       # our own switch-backs sent from the dispatcher
+        self._switch_back_owed = False
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
+        #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments;
+        #: None until the offload parameters were sent
+        self.lso_max: dict[str, int] | None = None
+        self.lso_min_segs = 0
         self.max_pkt_per_msg = 1          # until RNDIS INITIALIZE_CMPLT says more
         self.pkt_align = 8
         self.max_xfer = 0
         self.last_host_error = ""
         self.cd: ChannelDevice = open_device(self.device_ref, self.root, lock=self.lock_device,
-                                             record=self.recorder)
+                                             record=self.recorder, timeout=self.timeout)
         self.closed = False
         try:
             self._negotiate()
@@ -566,6 +706,9 @@ class Nic:
             caps = P.CAP_IEEE8021Q
             if chosen >= P.NVSP_V5:
                 caps |= P.CAP_TEAMING      # "needed to receive link speed updates" (§2.4)
+                if self.sriov_wanted:      # as Linux negotiate_nvsp_ver and DPDK hn_nvs_conf_ndis
+                    caps |= P.CAP_SRIOV
+                    self.sriov = True
             ch.send(P.nvsp_ndis_config(self.mtu + 14, caps))
         elif self.mtu > 1500:
             raise ConfigError(f"MTU {self.mtu}: NVSP version 1 has no NDIS config message (MTU 1500 only)")
@@ -659,6 +802,7 @@ class Nic:
         q.lock = self._lock
         q.on_ctrl = self._dispatch
         q.spin_us = self.spin_us
+        self._apply_lso(q)
         if self.queues:
             self.queues[0] = q
         else:
@@ -668,10 +812,19 @@ class Nic:
         per = self.sections // nq
         return index * per, per
 
+    def _lso_possible(self) -> bool:
+        """Large sends may be used on queues made now: before the negotiation, unless the
+        user said lso=False; after it, when it enabled LSO for some IP version."""
+        if self.lso_max is None:
+            return self.lso_wanted is not False
+        return any(self.lso_max.values())
+
     def _gpa_for(self, index: int) -> Any:
-        """Bounce slots for frames that do not fit a send section (jumbo MTU)."""
+        """Bounce slots for frames that do not fit a send section (jumbo MTU, large sends)."""
         frame = self.mtu + 14
-        if ffi.sizeof("struct rndis_packet") + 32 + frame <= self.section_size:
+        jumbo = _needs_gpa(frame, self.section_size)
+        lso = self._lso_possible()
+        if not jumbo and not lso:
             return None
         if self.gpa_wanted is False:
             return None
@@ -682,22 +835,37 @@ class Nic:
             except UvmbusError as exc:
                 if self.gpa_wanted:
                     raise
-                log.warning("netvsc: MTU %d frames exceed a %d-byte send section and no DMA memory "
-                            "is available (%s): larger frames will be dropped", self.mtu,
-                            self.section_size, exc)
+                if jumbo:
+                    log.warning("netvsc: MTU %d frames exceed a %d-byte send section and no DMA memory "
+                                "is available (%s): larger frames will be dropped", self.mtu,
+                                self.section_size, exc)
+                else:
+                    log.info("netvsc: no DMA memory (%s): large sends are limited to a %d-byte send "
+                             "section", exc, self.section_size)
                 self.gpa_wanted = False
                 return None
-        slot = (44 + 32 + frame + 4095) // 4096 * 4096
+        if lso:
+            frame = max(frame, LSO_FRAME_MAX)
         try:
-            region = self._dma.alloc_region(slot * GPA_SLOTS, name=f"netvsc-q{index}")
+            gpa = _alloc_gpa(self._dma, frame, f"netvsc-q{index}", LSO_GPA_SLOTS if lso else GPA_SLOTS)
         except UvmbusError as exc:
             if self.gpa_wanted:
-                raise ResourceError(f"netvsc: no DMA memory for jumbo frames: {exc}") from exc
+                raise ResourceError(f"netvsc: no DMA memory for jumbo frames / large sends: {exc}") from exc
             log.warning("netvsc: no DMA memory for frames larger than a send section (%s)", exc)
             self.gpa_wanted = False
             return None
-        self._gpa_regions.append(region)
-        return (region, slot, region.size // slot)
+        self._gpa_regions.append(gpa[0])
+        return gpa
+
+    def _apply_lso(self, q: Queue) -> None:
+        """Give a queue the negotiated LSO limits, capped by what one of its sends can hold
+        (a GPA-direct slot, else a send section)."""
+        lm = self.lso_max or {}
+        room = (q._gpa[1] if q._gpa is not None else min(self.section_size, self.max_xfer or self.section_size))
+        room = min(room - TX_HEADROOM, LSO_FRAME_MAX)
+        q.raw.lso4_max = max(0, min(lm.get("ipv4", 0), room))
+        q.raw.lso6_max = max(0, min(lm.get("ipv6", 0), room))
+        q.raw.lso_min_segs = self.lso_min_segs
 
     # -- control plane -------------------------------------------------------------------------
     @property
@@ -719,7 +887,11 @@ class Nic:
             elif kind == lib.UVB_NVSC_CTRL_INBAND:
                 self._inband_event(data, int(rec.trans_id))
             elif kind == lib.UVB_NVSC_CTRL_COMP:
-                self._completions[int(rec.trans_id)] = data
+                tid = int(rec.trans_id)
+                if tid in self._async_tids:
+                    self._async_tids.discard(tid)     # a switch-back nobody waits for
+                else:
+                    self._completions[tid] = data
             elif kind == lib.UVB_NVSC_CTRL_SENDFAIL:
                 self._send_failures += 1
 
@@ -772,11 +944,172 @@ class Nic:
             except ProtocolError as exc:
                 self._host_problem(str(exc))
         elif t == P.MSG_VF_ASSOCIATION:
-            self.events["vf_associations"] += 1      # never asked for (no SR-IOV advertised)
+            self._vf_association(data)
         elif t == P.MSG_SWITCH_DATA_PATH:
-            pass
+            self._host_switch(data)
         else:
             self._host_problem(f"unknown in-band NVSP message type {t} from the host")
+
+    # -- accelerated-networking VF (docs/netvsc.md) ------------------------------------------
+    def _vf_association(self, data: bytes) -> None:
+        """SEND_VF_ASSOCIATION {allocated, serial} — at any time, also while traffic runs
+        (Linux netvsc_send_vf, DPDK hn_nvs_handle_vfassoc).  A VF that goes away while the
+        data path is on it: switch back to synthetic at once (DPDK hn_vf_remove_unlocked)."""
+        if self.nvsp_version < P.NVSP_V4 or len(data) < ffi.sizeof("struct nvsp_vf_association"):
+            self._host_problem(f"VF association of {len(data)} bytes in NVSP "
+                               f"{P.VERSION_NAMES.get(self.nvsp_version, hex(self.nvsp_version))} ignored")
+            return
+        m = P.parse_nvsp(data)
+        allocated = m["allocated"] != 0
+        self.events["vf_associations"] += 1
+        self.vf_allocated = allocated
+        self.vf_serial = int(m["serial"]) if allocated else None
+        log.info("netvsc %s: VF serial %s %s", self.device_id[:8], m["serial"],
+                 "added" if allocated else "removed")
+        if not allocated and self.data_path == P.DATA_PATH_VF:
+            self.data_path = P.DATA_PATH_SYNTHETIC
+            self.events["vf_switch_backs"] += 1
+            self._switch_back_owed = True
+            self._send_switch_back()
+        self._fire_vf()
+
+    def _host_switch(self, data: bytes) -> None:
+        """SWITCH_DATA_PATH from the host (OpenVMM sends {SYNTHETIC} when the VF disappears,
+        before the association with allocated = 0): the data path is synthetic again.  Like
+        Linux and DPDK, no completion is sent."""
+        if self.nvsp_version < P.NVSP_V4 or len(data) < ffi.sizeof("struct nvsp_switch_data_path"):
+            self._host_problem(f"SWITCH_DATA_PATH of {len(data)} bytes from the host ignored")
+            return
+        m = P.parse_nvsp(data)
+        self.events["vf_host_switches"] += 1
+        if m["active_datapath"] != P.DATA_PATH_VF and self.data_path == P.DATA_PATH_VF:
+            self.data_path = P.DATA_PATH_SYNTHETIC
+            self._fire_vf()
+
+    def _send_switch_back(self) -> None:
+        """SWITCH_DATA_PATH {SYNTHETIC} from the dispatcher (queue 0's lock is held): sent with
+        a completion request, not waited for (its completion is consumed when it comes).
+        A full ring leaves it owed: the next control poll sends it."""
+        if not self._switch_back_owed or self.closed:
+            return
+        tid = next(self._tids)
+        msg = P.nvsp_switch_data_path(P.DATA_PATH_SYNTHETIC)
+        rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
+        if rc == lib.UVB_EAGAIN:
+            return
+        if rc:
+            self._q0._fail(rc)
+        self._switch_back_owed = False
+        self._async_tids.add(tid)
+
+    def _fire_vf(self) -> None:
+        if not self._vf_cbs:
+            return
+        info = self._vf_info(resolve=False)
+        for cb in list(self._vf_cbs):
+            try:
+                cb(info)
+            except Exception:  # a user callback must not break the data path
+                log.exception("netvsc: VF callback failed")
+
+    def _vf_info(self, resolve: bool = True) -> VfInfo:
+        pci: list[str] = []
+        if resolve and self.vf_allocated:
+            pci = [f.name for f in self.vf_functions()]
+        return VfInfo(supported=self.sriov, mac=_mac_text(self.permanent_mac), allocated=self.vf_allocated,
+                      serial=self.vf_serial,
+                      data_path=P.DATA_PATH_NAMES.get(self.data_path, str(self.data_path)),
+                      associations=self.events["vf_associations"],
+                      host_switches=self.events["vf_host_switches"],
+                      switch_backs=self.events["vf_switch_backs"], pci=pci)
+
+    @property
+    def vf(self) -> VfInfo:
+        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
+        self.poll_events()
+        return self._vf_info()
+
+    def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
+        """Call ``callback(VfInfo)`` when the host adds or removes the VF or moves the data
+        path (from the thread that receives on queue 0 or calls :meth:`poll_events`)."""
+        self._vf_cbs.append(callback)
+
+    def wait_vf(self, allocated: bool, timeout: float) -> bool:
+        """Wait until the host has (True) / has not (False) a VF associated; False on timeout."""
+        deadline = _now() + timeout
+        while True:
+            self.poll_events()
+            if self.vf_allocated == allocated:
+                return True
+            remaining = deadline - _now()
+            if remaining <= 0:
+                return False
+            self.cd.waiter.wait([self.cd.primary], min(remaining, 0.1))
+
+    def vf_functions(self) -> list[Any]:
+        """The PCI functions of the associated VF (:class:`uvmbus.vfio.pci.PciFunction`), found
+        as Linux does (netvsc_drv.c get_netvsc_byslot): pci-hyperv names the vPCI slot after
+        the VF's serial (pci-hyperv.c hv_pci_assign_slots), so ``sys/bus/pci/slots/<serial>``
+        holds its address; when no slot matches, a PCI network interface whose permanent
+        address is this NIC's MAC (Linux's fallback).  Empty when no VF is allocated or its
+        PCI device has not appeared (yet)."""
+        if not self.vf_allocated or self.vf_serial is None:
+            return []
+        from uvmbus.vfio.pci import PciBus
+        bus = PciBus(self.root)
+        return bus.by_slot(str(self.vf_serial)) or bus.by_mac(self.permanent_mac)
+
+    def switch_data_path(self, path: str, *, timeout: float | None = None) -> VfInfo:
+        """Ask the host to send this NIC's traffic through the VF (``"vf"``) or the synthetic
+        path (``"synthetic"``): SWITCH_DATA_PATH with a completion request, waited for, as
+        Linux netvsc_switch_datapath does.  The synthetic path stays the default: a userspace
+        driver does not own the VF, and after ``"vf"`` the host delivers unicast frames to
+        the VF, not to this NIC's queues.  A VF that goes away undoes the switch by itself."""
+        want = {"vf": P.DATA_PATH_VF, "synthetic": P.DATA_PATH_SYNTHETIC}.get(str(path).lower())
+        if want is None:
+            raise ConfigError(f"data path {path!r}: use 'vf' or 'synthetic'")
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        vname = P.VERSION_NAMES.get(self.nvsp_version, hex(self.nvsp_version))
+        if self.nvsp_version < P.NVSP_V4:
+            raise NetError(f"NIC {self.device_ref} negotiated NVSP {vname}: VF association and "
+                           "data path switching need NVSP 4 or later; this host has no VF "
+                           "protocol — the synthetic path is the only one")
+        self.poll_events()
+        if want == P.DATA_PATH_VF and not self.vf_allocated:
+            why = ("SR-IOV was not advertised (NVSP < 5, as Linux, or open(sriov=False))"
+                   if not self.sriov else
+                   "the host has not associated a VF with this NIC (on Azure: enable "
+                   "accelerated networking on the VM's network interface; during host "
+                   "servicing the VF is away for a while)")
+            raise NetError(f"NIC {self.device_ref} has no VF to switch to: {why}; the synthetic "
+                           "path keeps working")
+        deadline = _now() + (self.timeout if timeout is None else timeout)
+        msg = P.nvsp_switch_data_path(want)
+        tid = next(self._tids)
+        with self._lock:
+            while True:
+                rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
+                if rc == 0:
+                    break
+                if rc != lib.UVB_EAGAIN:
+                    self._q0._fail(rc)
+                self._poll_q0()
+                self._wait_q0(deadline, "ring space")
+            while True:
+                self._poll_q0()
+                if self._completions.pop(tid, None) is not None:
+                    break
+                self._wait_q0(deadline, "completion of SWITCH_DATA_PATH")
+            # the VF may have gone while the request was in flight: the data path stays synthetic
+            if want == P.DATA_PATH_VF and not self.vf_allocated:
+                self._switch_back_owed = True
+                self._send_switch_back()
+                raise NetError(f"NIC {self.device_ref}: the VF went away while switching to it; "
+                               "the data path is synthetic")
+            self.data_path = want
+        self._fire_vf()
+        return self._vf_info()
 
     def _host_problem(self, msg: str) -> None:
         self.events["unknown_messages"] += 1
@@ -802,6 +1135,8 @@ class Nic:
             self._q0._fail(rc)
         self._q0._after()
         self._dispatch(self._q0)
+        if self._switch_back_owed:
+            self._send_switch_back()
 
     def _send_ctrl(self, msg: bytes, deadline: float) -> None:
         while True:
@@ -906,13 +1241,36 @@ class Nic:
             log.info("netvsc: host reports no offload capabilities")
         o = self.offloads
         v4 = self.nvsp_version <= P.NVSP_V4
+        # LSOv2 the way Linux negotiates it (L-r rndis_netdev_set_hwcaps): enabled for IPv4
+        # when the host offers TCP/IPv4 checksums and 802.3 LSOv2, for IPv6 when it also
+        # offers both IPv6 options; the limit is min(host maximum, 64 KiB)
+        use4 = o.lso4 and self.lso_wanted is not False
+        use6 = o.lso6 and self.lso_wanted is not False
+        if self.lso_wanted and not (use4 or use6):
+            raise NegotiationError("LSO was required (lso=True) but the host offers no LSOv2 "
+                                   "(OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES): open with lso=None")
+
+        def lso_value(offered: bool, use: bool) -> int:
+            # enabled, disabled when the user turned it off, else "no change" (like Linux)
+            return P.LSO_ENABLED if use else (P.LSO_DISABLED if offered else 0)
+
         params = P.build_offload_params(self.nvsp_version, tcp4=4 if o.tx_tcp4 else 1,
                                         udp4=0 if v4 else (4 if o.tx_udp4 else 1),
-                                        tcp6=4 if o.tx_tcp6 else 1, udp6=0 if v4 else (4 if o.tx_udp6 else 1))
+                                        tcp6=4 if o.tx_tcp6 else 1, udp6=0 if v4 else (4 if o.tx_udp6 else 1),
+                                        lso4=lso_value(o.lso4, use4), lso6=lso_value(o.lso6, use6))
         try:
             self.set(P.OID_TCP_OFFLOAD_PARAMETERS, params)
         except RequestFailed as exc:
             log.info("netvsc: offload parameters refused: %s", exc)
+            use4 = use6 = False
+            if self.lso_wanted:
+                raise NegotiationError(f"LSO was required (lso=True) but the host refused the offload "
+                                       f"parameters: {exc}") from exc
+        self.lso_max = {"ipv4": min(o.lso4_max, P.LSO_LEGACY_MAX) if use4 else 0,
+                        "ipv6": min(o.lso6_max, P.LSO_LEGACY_MAX) if use6 else 0}
+        self.lso_min_segs = max(o.lso4_min_segs if use4 else 0, o.lso6_min_segs if use6 else 0)
+        for q in self.queues:
+            self._apply_lso(q)
         state = self.query(P.OID_GEN_MEDIA_CONNECT_STATUS)
         if not self._link_indicated:
             self.link_up = len(state) >= 4 and struct.unpack_from("<I", state)[0] == lib.NDIS_MEDIA_STATE_CONNECTED
@@ -974,6 +1332,7 @@ class Nic:
             q.on_ctrl = self._dispatch
             q.spin_us = self.spin_us
             q.poll_only = poll_only
+            self._apply_lso(q)
             self.queues.append(q)
         table = [i % nq for i in range(lib.NDIS_RSS_TABLE_ENTRIES)]
         self.set(P.OID_GEN_RECEIVE_SCALE_PARAMETERS,
@@ -1008,10 +1367,12 @@ class Nic:
         return self.queue(queue).rx_burst(max_frames, timeout, copy=copy)
 
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview],
-                 queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None) -> int:
+                 queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None,
+                 mss: int | Sequence[int | None] | None = None) -> int:
         """Send frames on ``queue``; returns how many were really queued (see
-        :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent)."""
-        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected)
+        :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent, ``mss`` for
+        TCP large sends)."""
+        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected, mss=mss)
 
     def poll_events(self) -> None:
         """Process pending control messages (link indications) without receiving frames."""
@@ -1060,7 +1421,17 @@ class Nic:
             offloads=self.offloads.to_dict(), send_table=list(self.send_table),
             permanent_mac=_mac_text(self.permanent_mac), packet_filter=self.packet_filter,
             packet_filter_names=P.filter_names(self.packet_filter), promiscuous=self._promiscuous,
-            all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast])
+            all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast],
+            vf=self._vf_info().to_dict(), lso=self.lso_limits())
+
+    def lso_limits(self) -> dict[str, int]:
+        """What ``tx_burst(..., mss=...)`` accepts on queue 0: the largest large send for
+        IPv4 / IPv6 in bytes (0 = LSO off for it; the host's maximum capped by one send's
+        room) and the host's minimum segment count."""
+        if not self.queues:
+            return {"ipv4_max": 0, "ipv6_max": 0, "min_segments": 0}
+        r = self.queues[0].raw
+        return {"ipv4_max": int(r.lso4_max), "ipv6_max": int(r.lso6_max), "min_segments": int(r.lso_min_segs)}
 
     # ==== filters, MAC address, host statistics (docs/netvsc.md) ============================
     def _wanted_filter(self) -> int:
@@ -1166,22 +1537,138 @@ class Nic:
         return out
 
     def set_mtu(self, mtu: int) -> None:
-        """Change the MTU: a full NVSP/RNDIS re-initialisation, as Linux does (§3)."""
+        """Change the MTU: a full NVSP/RNDIS re-initialisation, as Linux does (§3); see
+        :meth:`set_queues` for what happens to queues and on failure."""
         if not 68 <= mtu <= 9202:
             raise ConfigError(f"MTU {mtu}: this NIC accepts 68..9202")
-        self._teardown()
-        self._mtu_wanted = mtu
-        self._bring_up()
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        self._reinit("set_mtu", mtu=mtu)
+
+    def set_queues(self, queues: int, *, timeout: float | None = None) -> int:
+        """Change the number of queues while running; returns how many the NIC now has.
+
+        A full re-initialisation, as Linux (``netvsc_set_channels``) and DPDK
+        (``hn_dev_configure``) do it, because a host takes one SUBCHANNEL request per NVSP
+        session: stop the queues (packet filter 0, every send completion collected), RNDIS
+        HALT, REVOKE_RECV_BUF / REVOKE_SEND_BUF, close the sub-channels and the primary
+        channel; then open it again and redo NVSP + RNDIS bring-up with the new count (the
+        sub-channel request, the RSS indirection table ``i % queues``).  MAC address, receive
+        filter and MTU are kept; the GPADLs of the receive/send buffers stay (the kernel owns
+        them).  Frames in flight during the change are lost, as on Linux.
+
+        Every :class:`Queue` obtained before raises :class:`~uvmbus.errors.QueueInvalidated`
+        from then on: get them again with :meth:`queue`.  Queues attached in other processes
+        (:func:`attach_queue`) are told through the lease file: their next call raises
+        ``QueueInvalidated`` and closes them; this waits (up to ``timeout``, default the NIC's)
+        until they let go, else raises :class:`~uvmbus.errors.DeviceBusy` with the NIC
+        unchanged (those queues stay invalid).
+
+        More than the host offers (its RSS capabilities, or NVSP < 5: one queue) is refused
+        before anything changes (:class:`~uvmbus.errors.ConfigError`), as Linux and DPDK do.
+        A host that grants fewer sub-channels at re-initialisation gives fewer queues (the
+        return value), as on Linux.  If the re-initialisation fails, the NIC is brought up
+        again with its previous settings (Linux's rollback) and
+        :class:`~uvmbus.errors.ReinitFailed` is raised with ``usable=True``; if that fails
+        too, the NIC is closed (``usable=False``)."""
+        if not 1 <= queues <= MAX_QUEUES:
+            raise ConfigError(f"queues must be 1..{MAX_QUEUES}, not {queues}")
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        if queues > 1 and self.nvsp_version < P.NVSP_V5:
+            raise ConfigError(f"{queues} queues: NVSP {P.VERSION_NAMES.get(self.nvsp_version)} has no "
+                              "sub-channels (NVSP 5 or later is needed); this NIC has one queue")
+        if queues > self.rss_queues_offered:
+            raise ConfigError(f"{queues} queues: the host offers at most {self.rss_queues_offered} "
+                              "(OID_GEN_RECEIVE_SCALE_CAPABILITIES); nothing was changed")
+        self._reinit("set_queues", queues=queues, timeout=timeout)
+        if len(self.queues) < queues:
+            log.warning("netvsc %s: %d queue(s) asked, the host granted %d", self.device_ref, queues,
+                        len(self.queues))
+        return len(self.queues)
+
+    # ==== re-initialisation ====================================================================
+    def _invalidate(self, reason: str) -> None:
+        """Every queue handed out so far is void from now on (local and attached)."""
+        self.generation += 1
+        if self._lease is not None:
+            self._lease.set_generation(self.generation, reason)
+        why = {"set_queues": "its NIC changed its number of queues (set_queues)",
+               "set_mtu": "its NIC changed its MTU (set_mtu)", "close": "its NIC was closed"}[reason]
+        for q in self.queues:
+            q.invalid_reason = (f"queue {q.index}: {why}; get the queue again with nic.queue({q.index})"
+                                if reason != "close" else f"queue {q.index}: {why}")
+
+    def _release_exports(self, reason: str, timeout: float) -> None:
+        """Invalidate every queue and wait until no other process has one attached."""
+        self._invalidate(reason)
+        lease = self._lease
+        if lease is None:
+            return
+        if not lease.wait_released(timeout):
+            held = ", ".join(f"queue {k} in pid {pid}" for k, pid in sorted(lease.holders().items()))
+            raise DeviceBusy(f"{reason}: {held or 'a queue'} is still attached in another process "
+                             f"after {timeout:.1f} s (its next call raises QueueInvalidated and closes "
+                             f"it; a process that never calls it must close it): nothing was changed, "
+                             f"exported queues stay invalid; try again once they are closed")
+
+    def _reinit(self, reason: str, *, queues: int | None = None, mtu: int | None = None,
+                timeout: float | None = None) -> None:
+        from uvmbus.bus.lock import hold_device
+
+        self._release_exports(reason, self.timeout if timeout is None else timeout)
+        old = (self.requested_queues, self._mtu_wanted)
+        # keep the device's lock across close + re-open: no other process can slip in
+        hold = hold_device(self.cd.device, what=reason) if self.lock_device else contextlib.nullcontext()
+        with hold:
+            self._teardown()
+            if queues is not None:
+                self.requested_queues = queues
+            if mtu is not None:
+                self._mtu_wanted = mtu
+            try:
+                self._bring_up()
+                return
+            except UvmbusError as exc:
+                first = exc
+            # Linux (netvsc_set_channels, netvsc_change_mtu): attach again with the old settings
+            log.warning("netvsc %s: %s failed (%s); re-initialising with the previous settings",
+                        self.device_ref, reason, first)
+            self.requested_queues, self._mtu_wanted = old
+            try:
+                self._bring_up()
+            except UvmbusError as exc:
+                raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
+                                   f"settings failed too ({exc}): the NIC is closed — open it again "
+                                   "(uvmbus.netvsc.open)", usable=False) from exc
+        raise ReinitFailed(f"{reason} failed: {first}; the NIC was brought up again with its previous "
+                           f"settings ({len(self.queues)} queue(s), MTU {self.mtu}) and is usable: get "
+                           "its queues again with nic.queue(i)", usable=True) from first
 
     def export_queue(self, index: int) -> QueueSpec:
         """Hand queue ``index`` (≥ 1) to another process: this process stops using it."""
         if index == 0:
             raise ConfigError("queue 0 carries the control plane and stays with the Nic")
         q = self.queue(index)
+        q._check()                   # exported or invalid already
+        if self._lease is None:
+            from uvmbus.netvsc.lease import Lease
+
+            self._lease = Lease(self.device_id)
+            self._lease.set_generation(self.generation, "")
         spec = QueueSpec(self.device_id, self.root, index, q.channel.relid, int(q.raw.section_first),
                          int(q.raw.section_count), self.section_size, self.max_pkt_per_msg, self.pkt_align,
-                         self.max_xfer, self.mtu + 14)
+                         self.max_xfer, self.mtu + 14, gpa=self.gpa_wanted, generation=self.generation,
+                         lease=self._lease.path)
+        q.invalid_reason = f"queue {index} was exported to another process (export_queue)"
         q.close()
+        # its bounce slots go back: the attaching process allocates its own (no sharing)
+        if q._gpa is not None:
+            region = q._gpa[0]
+            q._gpa = None
+            if region in self._gpa_regions:
+                self._gpa_regions.remove(region)
+            region.close()
         return spec
 
     # ==== teardown ==========================================================================
@@ -1198,10 +1685,29 @@ class Nic:
                 self._drain(2.0)
                 self.nvsp_send(P.nvsp_revoke(P.MSG_REVOKE_RECV_BUF, P.RECV_BUF_ID))
                 self.nvsp_send(P.nvsp_revoke(P.MSG_REVOKE_SEND_BUF, P.SEND_BUF_ID))
+                self._await_host_read(2.0)
         except UvmbusError as exc:
             log.warning("netvsc %s: teardown incomplete (%s); closing anyway", self.device_ref, exc)
         finally:
             self._close_quietly()
+
+    def _await_host_read(self, timeout: float) -> None:
+        """Wait until the host has read everything on the primary channel (the revokes) before
+        the channel is closed: a close travels by another path than the ring and could
+        overtake them (DPDK lingers after its disconnect messages for the same reason).
+        Polls the ring's read index: no signal."""
+        ring = self._q0.raw.tx
+        deadline = _now() + timeout
+        while lib.uvb_out_free(ring) < ring.dsize - 8 and not ring.error:
+            if _now() >= deadline:
+                log.info("netvsc %s: the host did not read the revoke messages within %.1f s",
+                         self.device_ref, timeout)
+                return
+            self._lock.release()
+            try:
+                time.sleep(0.001)
+            finally:
+                self._lock.acquire()
 
     def _drain(self, timeout: float) -> None:
         """Wait for every send completion; discard what is still being received."""
@@ -1245,10 +1751,20 @@ class Nic:
         self.closed = True
 
     def close(self) -> None:
-        """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels."""
+        """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels.
+        Queues attached in other processes are told first (their next call raises
+        QueueInvalidated); closing waits up to 2 s for them to let go, then goes on."""
         try:
+            if not self.closed:
+                try:
+                    self._release_exports("close", 2.0)
+                except DeviceBusy as exc:
+                    log.warning("netvsc %s: %s; closing anyway", self.device_ref, exc)
             self._teardown()
         finally:
+            if self._lease is not None:
+                self._lease.close()
+                self._lease = None
             self._close_recorder()
 
     def __enter__(self) -> Nic:
@@ -1268,8 +1784,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     uio_hv_generic under ``root``.  Options: ``timeout``, ``strict`` (malformed host packets
     raise :class:`ProtocolError` instead of being dropped and counted), ``gpa`` (GPA-direct
     for frames larger than a send section: None = when DMA memory is available),
-    ``versions``, ``hash_info``, ``spin_us``, ``lock`` (default True: hold the device's lock
-    while open, so another process opening it fails at once with
+    ``versions``, ``hash_info``, ``spin_us``, ``sriov`` (default True: advertise SR-IOV from
+    NVSP 5, as Linux, so the host announces its VF: :attr:`Nic.vf`), ``lock`` (default True:
+    hold the device's lock while open, so another process opening it fails at once with
     :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
     ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
     packet of every channel, docs/trace.md)."""
@@ -1281,12 +1798,20 @@ class _AttachedQueue(Queue):
 
     def __init__(self, spec: QueueSpec):
         from uvmbus.bus import Bus
+        from uvmbus.netvsc.lease import LeaseHolder
         from uvmbus.ring import RingPair
         from uvmbus.uio import UioDevice, open_endpoint
 
+        # first the lease: a spec from before a set_queues/set_mtu/close fails here, clearly
+        self._lease = LeaseHolder(spec.lease, spec.generation, spec.index) if spec.lease else None
         bus = Bus(spec.root)
-        dev = bus.device(spec.device_id)
-        self._uio = UioDevice(bus, dev, lock=False)      # the owner process holds the lock
+        try:
+            dev = bus.device(spec.device_id)
+            self._uio = UioDevice(bus, dev, lock=False)      # the owner process holds the lock
+        except BaseException:
+            if self._lease is not None:
+                self._lease.close()
+            raise
         try:
             info = next((c for c in dev.channels() if c.relid == spec.relid), None)
             if info is None or not info.ring_path:
@@ -1306,22 +1831,90 @@ class _AttachedQueue(Queue):
             if not dev.uio_dev_path:
                 raise ConfigError(f"{spec.device_id} is not bound to uio_hv_generic")
             waiter = DeviceWaiter(open_endpoint(dev.uio_dev_path), owns_endpoint=True)
+            gpa = self._own_gpa(spec)
             super().__init__(spec.index, ch, waiter, self._uio.buffer("recv"), self._uio.buffer("send"),
                              section_size=spec.section_size, section_first=spec.section_first,
                              section_count=spec.section_count, max_pkt_per_msg=spec.max_pkt_per_msg,
-                             pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame)
+                             pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame,
+                             gpa=gpa)
             self.poll_only = not self._uio.quirks.irqcontrol_all_channels
         except BaseException:
+            self._free_gpa()
             self._uio.close()
+            if self._lease is not None:
+                self._lease.close()
             raise
+
+    def _check(self) -> None:
+        super()._check()
+        lease = self._lease
+        if lease is not None and not lease.valid():
+            err = lease.error()
+            self.invalid_reason = str(err)
+            self.close()
+            raise err
+
+    def _sleep(self, timeout: float) -> bool:
+        # wait in slices so that a re-initialisation by the owner is noticed within ~0.1 s
+        # even while blocked here (the owner waits for this queue to let go)
+        if self._lease is None:
+            return super()._sleep(timeout)
+        deadline = _now() + timeout
+        while True:
+            self._check()
+            remaining = deadline - _now()
+            if remaining <= 0:
+                return False
+            if super()._sleep(min(remaining, 0.1)):
+                return True
+
+    def _own_gpa(self, spec: QueueSpec) -> Any:
+        """This process's own GPA-direct bounce slots when frames can exceed a send section:
+        DMA memory allocated here (the simulator's guest RAM is shared by an allocation table
+        with per-process ownership; hugepages are per process), so no slot or page is ever
+        shared with the owner or another attached queue; the slots' transaction ids are
+        per channel and this process owns the channel."""
+        self._dma: Any = None
+        if spec.gpa is False or not _needs_gpa(spec.max_frame, spec.section_size):
+            return None
+        from uvmbus.dma import open_dma_memory
+        try:
+            self._dma = open_dma_memory(spec.root)
+            return _alloc_gpa(self._dma, spec.max_frame, f"netvsc-q{spec.index}-pid{os.getpid()}")
+        except UvmbusError as exc:
+            self._free_gpa()
+            if spec.gpa:
+                raise ResourceError(f"queue {spec.index}: no DMA memory for frames larger than a "
+                                    f"{spec.section_size}-byte send section in this process: {exc}") from exc
+            log.warning("netvsc queue %d: no DMA memory in this process (%s): frames larger than a "
+                        "send section will be refused", spec.index, exc)
+            return None
+
+    def _free_gpa(self) -> None:
+        gpa, self._gpa = getattr(self, "_gpa", None), None
+        if gpa is not None:
+            gpa[0].close()
+        dma, self._dma = getattr(self, "_dma", None), None
+        if dma is not None:
+            dma.close()
 
     def close(self) -> None:
         if self.closed:
             return
+        if not self.channel.rx.dead:
+            # the host may still read a bounce slot or a send section: collect the completions
+            # before freeing them and before the owner may revoke the buffers
+            deadline = _now() + 2.0
+            while self.tx_inflight and _now() < deadline:
+                if lib.uvb_nvsc_reap(self.raw) <= 0:
+                    Queue._sleep(self, 0.02)
         super().close()
         self.waiter.close()
         self.channel.close()
+        self._free_gpa()
         self._uio.close()
+        if self._lease is not None:
+            self._lease.close()         # last: the owner may tear the channels down now
 
     def __enter__(self) -> _AttachedQueue:
         return self

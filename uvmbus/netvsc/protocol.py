@@ -56,6 +56,10 @@ MSG_OID_QUERY_EX_COMP = lib.NVSP_MSG5_TYPE_OID_QUERY_EX_COMP
 MSG_SUBCHANNEL = lib.NVSP_MSG5_TYPE_SUBCHANNEL
 MSG_SEND_INDIRECTION_TABLE = lib.NVSP_MSG5_TYPE_SEND_INDIRECTION_TABLE
 
+DATA_PATH_SYNTHETIC = lib.NVSP_DATA_PATH_SYNTHETIC
+DATA_PATH_VF = lib.NVSP_DATA_PATH_VF
+DATA_PATH_NAMES = {DATA_PATH_SYNTHETIC: "synthetic", DATA_PATH_VF: "vf"}
+
 CHANNEL_TYPE_DATA = lib.NVSP_CHANNEL_TYPE_DATA
 CHANNEL_TYPE_CONTROL = lib.NVSP_CHANNEL_TYPE_CONTROL
 SEND_TABLE_ENTRIES = lib.NVSP_SEND_TABLE_ENTRIES
@@ -315,6 +319,8 @@ PPI_IEEE_8021Q = lib.PPI_IEEE_8021Q
 PPI_HASH_VALUE = lib.PPI_HASH_VALUE
 PPI_HASH_INFO = lib.PPI_HASH_INFO
 PPI_TCP_LARGESEND = lib.PPI_TCP_LARGESEND
+LSO_ENABLED = lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED
+LSO_DISABLED = lib.NDIS_OFFLOAD_PARAM_LSO_DISABLED
 
 #: Microsoft's standard Toeplitz key (Linux netvsc default, §4.8)
 MS_RSS_KEY = bytes.fromhex(
@@ -550,8 +556,11 @@ def ndis_offload_query_input(nvsp_version: int) -> bytes:
     return bytes(ffi.buffer(o))[:size]
 
 
-def build_ndis_offload(csum4: int, csum6: int, *, rev: int = 3) -> bytes:
-    """An NDIS_OFFLOAD with TX/RX checksum flags (802.3 encapsulation), no LSO/RSC."""
+def build_ndis_offload(csum4: int, csum6: int, *, rev: int = 3, lso4_max: int = 0, lso6_max: int = 0,
+                       lso_min_segs: int = 0, lso6_opts: int = lib.NDIS_LSOV2_CAP_IP6) -> bytes:
+    """An NDIS_OFFLOAD with TX/RX checksum flags (802.3 encapsulation) and, when ``lso4_max`` /
+    ``lso6_max`` > 0, LSOv2 for IPv4 / IPv6 (802.3, those maximum sizes, ``lso_min_segs``;
+    IPv6 with ``lso6_opts``).  No RSC."""
     o = ffi.new("struct ndis_offload *")
     size = NDIS_OFFLOAD_SIZES[rev]
     o.hdr.type = lib.NDIS_OBJTYPE_OFFLOAD
@@ -561,16 +570,38 @@ def build_ndis_offload(csum4: int, csum6: int, *, rev: int = 3) -> bytes:
     o.csum.ip4_txenc = o.csum.ip4_rxenc = o.csum.ip6_txenc = o.csum.ip6_rxenc = enc
     o.csum.ip4_txcsum = o.csum.ip4_rxcsum = csum4
     o.csum.ip6_txcsum = o.csum.ip6_rxcsum = csum6
+    if lso4_max:
+        o.lsov2.ip4_encap = enc
+        o.lsov2.ip4_maxsz = lso4_max
+        o.lsov2.ip4_minsg = lso_min_segs
+    if lso6_max:
+        o.lsov2.ip6_encap = enc
+        o.lsov2.ip6_maxsz = lso6_max
+        o.lsov2.ip6_minsg = lso_min_segs
+        o.lsov2.ip6_opts = lso6_opts
     return bytes(ffi.buffer(o))[:size]
+
+
+#: the largest large send the driver ever builds (GSO_LEGACY_MAX_SIZE in Linux: gso_max_size
+#: starts there and only goes down to the host's maximum, L-r ``rndis_netdev_set_hwcaps``)
+LSO_LEGACY_MAX = 65536
 
 
 @dataclass
 class OffloadCaps:
+    """What the host answers to OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES (NDIS_OFFLOAD, §4.6)."""
+
     ip4_tx: int = 0
     ip4_rx: int = 0
     ip6_tx: int = 0
     ip6_rx: int = 0
-    lso_v2_ip4_max: int = 0
+    lso4_encap: int = 0
+    lso4_max: int = 0
+    lso4_min_segs: int = 0
+    lso6_encap: int = 0
+    lso6_max: int = 0
+    lso6_min_segs: int = 0
+    lso6_opts: int = 0
     rsc_ip4: int = 0
 
     @property
@@ -588,15 +619,34 @@ class OffloadCaps:
 
     @property
     def tx_tcp6(self) -> bool:
-        return bool(self.ip6_tx & lib.NDIS_TXCSUM_CAP_TCP6)
+        # Linux: NDIS_TXCSUM_ALL_TCP6 = TCP6 | TCP6OPT (L-r rndis_netdev_set_hwcaps)
+        need = lib.NDIS_TXCSUM_CAP_TCP6 | lib.NDIS_TXCSUM_CAP_TCP6OPT
+        return (self.ip6_tx & need) == need
 
     @property
     def tx_udp6(self) -> bool:
         return bool(self.ip6_tx & lib.NDIS_TXCSUM_CAP_UDP6)
 
+    @property
+    def lso4(self) -> bool:
+        """IPv4 LSOv2 usable, by Linux's rule: TCP/IPv4 checksum offload and 802.3 LSOv2
+        encapsulation (L-r ``rndis_netdev_set_hwcaps``)."""
+        return self.tx_tcp4 and bool(self.lso4_encap & lib.NDIS_OFFLOAD_ENCAP_8023) and self.lso4_max > 0
+
+    @property
+    def lso6(self) -> bool:
+        """IPv6 LSOv2 usable: TCP/IPv6 checksum offload, 802.3 encapsulation and both IPv6
+        options (extension headers, TCP options: NDIS_LSOV2_CAP_IP6), as Linux requires."""
+        need = lib.NDIS_LSOV2_CAP_IP6
+        return (self.tx_tcp6 and bool(self.lso6_encap & lib.NDIS_OFFLOAD_ENCAP_8023)
+                and (self.lso6_opts & need) == need and self.lso6_max > 0)
+
     def to_dict(self) -> dict[str, Any]:
         return {"tx_ipv4_header": self.tx_ip4, "tx_tcp4": self.tx_tcp4, "tx_udp4": self.tx_udp4,
-                "tx_tcp6": self.tx_tcp6, "tx_udp6": self.tx_udp6, "lso": bool(self.lso_v2_ip4_max),
+                "tx_tcp6": self.tx_tcp6, "tx_udp6": self.tx_udp6, "lso": self.lso4 or self.lso6,
+                "lso_ipv4_max": self.lso4_max if self.lso4 else 0,
+                "lso_ipv6_max": self.lso6_max if self.lso6 else 0,
+                "lso_min_segments": max(self.lso4_min_segs, self.lso6_min_segs),
                 "rx_checksum": bool(self.ip4_rx or self.ip6_rx)}
 
 
@@ -608,14 +658,17 @@ def parse_ndis_offload(data: Any) -> OffloadCaps:
     if o.hdr.type != lib.NDIS_OBJTYPE_OFFLOAD:
         raise ProtocolError(f"NDIS_OFFLOAD with object type {o.hdr.type:#x}")
     rsc = o.rsc.ip4 if len(raw) >= lib.NDIS_OFFLOAD_SIZE_REV3 else 0
+    lv = o.lsov2
     return OffloadCaps(o.csum.ip4_txcsum, o.csum.ip4_rxcsum, o.csum.ip6_txcsum, o.csum.ip6_rxcsum,
-                       o.lsov2.ip4_maxsz, rsc)
+                       lv.ip4_encap, lv.ip4_maxsz, lv.ip4_minsg, lv.ip6_encap, lv.ip6_maxsz,
+                       lv.ip6_minsg, lv.ip6_opts, rsc)
 
 
 def build_offload_params(nvsp_version: int, *, tcp4: int, udp4: int, tcp6: int, udp6: int,
-                         ip4: int = 1) -> bytes:
+                         ip4: int = 1, lso4: int = 0, lso6: int = 0) -> bytes:
     """NDIS_OFFLOAD_PARAMETERS (type 0x80, rev 3 size 28 / rev 2 size 22 for NVSP ≤ 4).
-    Values: 0 no change, 1 disabled, 2 TX, 3 RX, 4 TX+RX."""
+    Checksum values: 0 no change, 1 disabled, 2 TX, 3 RX, 4 TX+RX; ``lso4`` / ``lso6``
+    (lso_v2_ipv4 / lso_v2_ipv6): 0 no change, 1 disabled, 2 enabled (§4.7)."""
     o = ffi.new("struct ndis_offload_params *")
     o.hdr.type = lib.NDIS_OBJTYPE_DEFAULT
     if nvsp_version <= NVSP_V4:
@@ -627,7 +680,23 @@ def build_offload_params(nvsp_version: int, *, tcp4: int, udp4: int, tcp6: int, 
     o.udp_ip_v4_csum = udp4
     o.tcp_ip_v6_csum = tcp6
     o.udp_ip_v6_csum = udp6
+    o.lso_v2_ipv4 = lso4
+    o.lso_v2_ipv6 = lso6
     return bytes(ffi.buffer(o))[:o.hdr.size]
+
+
+def lso_ppi_value(mss: int, tcp_offset: int, ipv6: bool) -> int:
+    """The LSOv2 per-packet info value (§4.4; L-h ``ndis_tcp_lso_info.lso_v2_transmit``):
+    MSS in bits 0-19, TCP header offset in bits 20-29, bit 30 = LSOv2, bit 31 = IPv6."""
+    if not 0 < mss <= lib.LSO_V2_MAX_MSS or not 0 <= tcp_offset < 1024:
+        raise ValueError(f"MSS {mss} / TCP offset {tcp_offset} out of the LSOv2 PPI's range")
+    return mss | (tcp_offset << lib.LSO_V2_TCP_OFFSET_SHIFT) | lib.LSO_V2_TYPE | (lib.LSO_V2_IPV6 if ipv6 else 0)
+
+
+def parse_lso_ppi(value: int) -> tuple[int, int, bool, bool]:
+    """An LSOv2 PPI value → (mss, tcp_offset, ipv6, lsov2)."""
+    return (value & lib.LSO_V2_MSS_MASK, (value & lib.LSO_V2_TCP_OFFSET_MASK) >> lib.LSO_V2_TCP_OFFSET_SHIFT,
+            bool(value & lib.LSO_V2_IPV6), bool(value & lib.LSO_V2_TYPE))
 
 
 def parse_offload_params(data: Any) -> dict[str, int]:

@@ -39,6 +39,7 @@ from uvmbus.errors import (
     NotFound,
     ProtocolError,
     RequestFailed,
+    ReservationConflict,
     RingCorrupt,
     ScsiError,
     StorageError,
@@ -549,6 +550,12 @@ class Controller:
         self._complete(cmd, err)
 
     def _error_for(self, cmd: Command, srb: int, sense: scsi.Sense | None) -> Exception:
+        if cmd.scsi_status == P.ScsiStatus.RESERVATION_CONFLICT:
+            return ReservationConflict(
+                f"{cmd.what} on LUN {cmd.lun}: RESERVATION CONFLICT: a persistent reservation "
+                "held through another initiator forbids it, or this initiator has not registered "
+                "the key it gave; see disk.pr_read_reservation() / `uvmbus blk pr DEVICE read`",
+                srb_status=cmd.srb_status, scsi_status=cmd.scsi_status)
         if srb in _GONE_SRB:
             self._rescan_needed = True
             return LunGone(f"{cmd.what}: LUN {cmd.lun} does not exist (SRB "
@@ -877,7 +884,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, bind: bool = False,
 
     if bind:
         bind_uio(Bus(root), device, force=force, system=system)
-    cd = open_device(device, root, spin_us=0, lock=lock, record=record)
+    open_timeout = options.get("timeout")          # also bounds a stopped simulator's answer
+    cd = open_device(device, root, spin_us=0, lock=lock, record=record,
+                     **({} if open_timeout is None else {"timeout": float(open_timeout)}))
     try:
         return Controller(cd, root=root, **options)
     except BaseException:

@@ -14,11 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from uvmbus.block.interface import ByteIO
 from uvmbus.dma import DmaBuffer
-from uvmbus.errors import ConfigError, IllegalRequest, LunGone, ScsiError, StorageError
+from uvmbus.errors import (
+    ConfigError,
+    IllegalRequest,
+    LunGone,
+    ProtocolError,
+    ScsiError,
+    StorageError,
+)
 from uvmbus.native import lib
 from uvmbus.storvsc import protocol as P
 from uvmbus.storvsc import scsi
 from uvmbus.storvsc.command import Command, LunController
+from uvmbus.storvsc.reservations import PersistentReservations
 
 if TYPE_CHECKING:
     from uvmbus.storvsc.batch import IoBatch
@@ -28,7 +36,7 @@ __all__ = ["Disk"]
 _VPD_ALLOC = 1024
 
 
-class Disk(ByteIO):
+class Disk(ByteIO, PersistentReservations):
     """One LUN (see the module docstring)."""
 
     def __init__(self, controller: LunController, lun: int, inquiry: scsi.InquiryData) -> None:
@@ -42,6 +50,14 @@ class Disk(ByteIO):
         self.block_limits = scsi.BlockLimits()
         self.rotation_rate = 0
         self.provisioning: scsi.LogicalBlockProvisioning | None = None
+        self.characteristics: scsi.BlockCharacteristics | None = None
+        self.third_party_copy: scsi.ThirdPartyCopy | None = None
+        #: MODE SENSE caching page: WCE (None: the LUN did not report the page)
+        self.volatile_write_cache: bool | None = None
+        #: MODE SENSE caching page: not RCD
+        self.read_cache: bool | None = None
+        #: MODE SENSE control page (None: not reported; Hyper-V/OpenVMM refuse page 0x0A)
+        self.control: scsi.ControlPage | None = None
         #: write protected (MODE SENSE device-specific parameter WP): writes fail with DATA PROTECT
         self.read_only = False
         self.gone = False
@@ -99,7 +115,7 @@ class Disk(ByteIO):
         self.capacity = cap
 
     def read_vpd(self) -> None:
-        """INQUIRY VPD 0x00 and the pages it lists among 0x80, 0x83, 0xB0, 0xB1, 0xB2."""
+        """INQUIRY VPD 0x00 and the pages it lists among 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2."""
         self.vpd_pages = scsi.parse_vpd_supported(self._vpd(0x00))
         if 0x80 in self.vpd_pages:
             self.serial = scsi.parse_vpd_serial(self._vpd(0x80))
@@ -108,13 +124,18 @@ class Disk(ByteIO):
         if 0xB0 in self.vpd_pages:
             self.block_limits = scsi.parse_vpd_block_limits(self._vpd(0xB0))
         if 0xB1 in self.vpd_pages:
-            self.rotation_rate = scsi.parse_vpd_rotation_rate(self._vpd(0xB1))
+            self.characteristics = scsi.parse_vpd_block_characteristics(self._vpd(0xB1))
+            self.rotation_rate = self.characteristics.rotation_rate
         if 0xB2 in self.vpd_pages:
             self.provisioning = scsi.parse_vpd_lbp(self._vpd(0xB2))
+        if 0x8F in self.vpd_pages:
+            self.third_party_copy = scsi.parse_vpd_third_party_copy(self._vpd(0x8F))
 
     def read_write_protect(self) -> None:
         """MODE SENSE(6), all pages: the WP bit of the device-specific parameter (as Linux's
-        sd does; a LUN that refuses the command counts as writable, as there)."""
+        sd does; a LUN that refuses the command counts as writable, as there), and the
+        caching page (0x08: WCE, RCD) and control page (0x0A) if among the pages returned
+        (sd_read_cache_type asks for page 8; Hyper-V returns it for 0x3F too)."""
         try:
             res = self.controller.execute(self.lun, scsi.mode_sense6(0x3F, 192), data_in=192,
                                           what="MODE SENSE(6)")
@@ -122,6 +143,129 @@ class Disk(ByteIO):
             self.read_only = False
             return
         self.read_only = len(res.data) >= 3 and bool(res.data[2] & 0x80)
+        try:
+            _dsp, pages = scsi.parse_mode_pages(res.data)
+        except ProtocolError:
+            return
+        cache = scsi.parse_caching_page(pages.get(0x08, b""))
+        if cache is not None:
+            self.volatile_write_cache, self.read_cache = cache.wce, not cache.rcd
+        self.control = scsi.parse_control_page(pages.get(0x0A, b""))
+
+    def mode_page(self, page: int, *, pc: int = 0) -> bytes | None:
+        """One mode page (MODE SENSE(10), ``pc`` 0 current, 1 changeable, 2 default): its
+        bytes from the page code on, or None if the LUN refuses the page."""
+        self._api("MODE SENSE")
+        if not 0 <= page < 0x3F or not 0 <= pc <= 2:
+            raise ConfigError(f"mode page {page:#x} / page control {pc}: page 0..0x3E, pc 0..2")
+        try:
+            res = self.controller.execute(self.lun, scsi.mode_sense10(page, 1024, pc=pc),
+                                          data_in=1024, what=f"MODE SENSE(10) page {page:#04x}")
+        except IllegalRequest:
+            return None
+        _dsp, pages = scsi.parse_mode_pages(res.data, ten=True)
+        return pages.get(page)
+
+    # ==== VPD, LBA status, supported commands ==============================================
+    def _api(self, what: str) -> None:
+        self.controller._api_entry()
+        if self.gone:
+            raise LunGone(f"{what}: LUN {self.lun} was removed from the controller")
+
+    def _pr_check(self) -> None:
+        self._api("PERSISTENT RESERVE")
+
+    def vpd(self, page: int) -> bytes:
+        """The raw VPD ``page`` (header included), copied from the host and checked to be the
+        page asked for; :class:`IllegalRequest` names the pages the LUN does list."""
+        self._api("INQUIRY VPD")
+        if not 0 <= page <= 0xFF:
+            raise ConfigError(f"VPD page {page} is not a byte (0..0xff)")
+        try:
+            data = self._vpd(page)
+        except IllegalRequest as e:
+            raise IllegalRequest(f"LUN {self.lun} does not report VPD page {page:#04x} (it lists "
+                                 f"{', '.join(f'{p:#04x}' for p in self.vpd_pages)}): {e}",
+                                 srb_status=e.srb_status, scsi_status=e.scsi_status,
+                                 sense_key=e.sense_key, asc=e.asc, ascq=e.ascq) from None
+        if len(data) < 4 or data[1] != page:
+            raise ProtocolError(f"LUN {self.lun}: asked for VPD page {page:#04x}, the host returned "
+                                f"{len(data)} bytes" + (f" of page {data[1]:#04x}" if len(data) > 1 else ""))
+        n = int.from_bytes(data[2:4], "big")
+        return bytes(data[:4 + n])
+
+    @property
+    def optimal_transfer(self) -> int:
+        """OPTIMAL TRANSFER LENGTH (VPD 0xB0) in bytes, 0 when not reported."""
+        return self.block_limits.optimal_transfer_blocks * self.block_size
+
+    def lba_status(self, lba: int = 0, blocks: int | None = None) -> list[scsi.LbaStatus]:
+        """GET LBA STATUS: runs of (lba, count, mapped/deallocated/anchored) from ``lba`` up to
+        ``lba + blocks`` (default: the end of the disk); asks again where the host's answer
+        stops short.  :class:`IllegalRequest` if the LUN does not support the command."""
+        self._api("GET LBA STATUS")
+        if blocks is None:
+            blocks = self.blocks - lba
+        if lba < 0 or blocks < 0 or lba + blocks > self.blocks:
+            raise ConfigError(f"GET LBA STATUS: [{lba}, {lba + blocks}) is not inside LUN "
+                              f"{self.lun} ({self.blocks} blocks)")
+        end = lba + blocks
+        out: list[scsi.LbaStatus] = []
+        pos = lba
+        alloc = 8 + 16 * 256
+        while pos < end:
+            try:
+                res = self.controller.execute(self.lun, scsi.get_lba_status(pos, alloc),
+                                              data_in=alloc, what="GET LBA STATUS")
+            except IllegalRequest as e:
+                if e.asc == 0x20:
+                    raise IllegalRequest(f"GET LBA STATUS on LUN {self.lun}: the LUN does not "
+                                         "support the command (OpenVMM disks need get_lba_status; "
+                                         "in the simulator drop :nolbastatus)", srb_status=e.srb_status,
+                                         scsi_status=e.scsi_status, sense_key=e.sense_key,
+                                         asc=e.asc, ascq=e.ascq) from None
+                raise
+            runs = scsi.parse_lba_status(res.data, blocks=self.blocks)
+            if not runs or not runs[0].lba <= pos < runs[0].lba + runs[0].count:
+                raise ProtocolError(f"GET LBA STATUS at LBA {pos} on LUN {self.lun}: the host's "
+                                    "first descriptor does not cover the LBA asked for")
+            for r in runs:
+                a, b = max(r.lba, pos), min(r.lba + r.count, end)
+                if a >= b:
+                    continue
+                if out and out[-1].status == r.status and out[-1].lba + out[-1].count == a:
+                    out[-1] = scsi.LbaStatus(out[-1].lba, out[-1].count + b - a, r.status)
+                else:
+                    out.append(scsi.LbaStatus(a, b - a, r.status))
+            pos = max(pos + 1, min(end, runs[-1].lba + runs[-1].count))
+        return out
+
+    def supported_opcodes(self) -> list[scsi.SupportedOpcode] | None:
+        """REPORT SUPPORTED OPERATION CODES (all commands), or None if the LUN does not answer
+        it (Hyper-V and OpenVMM do not: Linux sets no_report_opcodes for storvsc)."""
+        self._api("REPORT SUPPORTED OPERATION CODES")
+        alloc = 4 + 20 * 256
+        try:
+            res = self.controller.execute(self.lun, scsi.report_supported_opcodes(alloc),
+                                          data_in=alloc, what="REPORT SUPPORTED OPERATION CODES")
+        except IllegalRequest as e:
+            if e.asc in (0x20, 0x24):
+                return None
+            raise
+        return scsi.parse_supported_opcodes(res.data)
+
+    def opcode_supported(self, opcode: int, service_action: int | None = None) -> bool | None:
+        """Whether the LUN supports one command (REPORT SUPPORTED OPERATION CODES, one-command
+        form, as Linux's scsi_report_opcode); None if it cannot say."""
+        self._api("REPORT SUPPORTED OPERATION CODES")
+        try:
+            res = self.controller.execute(
+                self.lun, scsi.report_supported_opcodes(64, opcode=opcode,
+                                                        service_action=service_action),
+                data_in=64, what=f"REPORT SUPPORTED OPERATION CODES ({opcode:#04x})")
+        except IllegalRequest:
+            return None
+        return scsi.parse_one_opcode(res.data)
 
     def _vpd(self, page: int) -> bytes:
         res = self.controller.execute(self.lun, scsi.inquiry(_VPD_ALLOC, evpd=True, page=page),
@@ -141,9 +285,28 @@ class Disk(ByteIO):
         bl = self.block_limits
         if 0xB0 in self.vpd_pages:
             d["block_limits"] = {"max_transfer_blocks": bl.max_transfer_blocks,
+                                 "optimal_transfer_blocks": bl.optimal_transfer_blocks,
                                  "max_unmap_blocks": bl.max_unmap_blocks,
                                  "max_unmap_descriptors": bl.max_unmap_descriptors,
-                                 "unmap_granularity": bl.unmap_granularity}
+                                 "unmap_granularity": bl.unmap_granularity,
+                                 "unmap_granularity_alignment": bl.unmap_granularity_alignment,
+                                 "max_write_same_blocks": bl.max_write_same_blocks}
+        d["optimal_transfer"] = self.optimal_transfer
+        p = self.provisioning
+        d["provisioning"] = None if p is None else {
+            "type": p.provisioning, "lbpu": p.lbpu, "lbpws": p.lbpws, "lbpws10": p.lbpws10,
+            "lbprz": p.lbprz, "threshold_exponent": p.threshold_exponent}
+        d["volatile_write_cache"] = self.volatile_write_cache
+        d["read_cache"] = self.read_cache
+        d["control_page"] = None if self.control is None else {
+            "tst": self.control.tst, "qerr": self.control.qerr, "d_sense": self.control.d_sense,
+            "swp": self.control.swp}
+        t = self.third_party_copy
+        d["third_party_copy"] = None if t is None else {
+            "descriptor_types": list(t.descriptor_types),
+            "max_range_descriptors": t.max_range_descriptors,
+            "max_token_transfer_blocks": t.max_token_transfer_blocks,
+            "optimal_transfer_count": t.optimal_transfer_count}
         return d
 
     def __repr__(self) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from uvmbus.errors import (
+    ConfigError,
     DataProtect,
     IllegalRequest,
     MediumError,
@@ -24,14 +26,21 @@ from uvmbus.errors import (
 
 __all__ = [
     "Opcode", "SenseKey", "Sense", "InquiryData", "Capacity", "BlockLimits", "Designator",
-    "LogicalBlockProvisioning",
+    "LogicalBlockProvisioning", "BlockCharacteristics", "ThirdPartyCopy", "CachingPage",
+    "ControlPage", "LbaStatus", "SupportedOpcode", "PrType", "PrCapabilities", "PrReservation",
+    "PrRegistrant",
     "test_unit_ready", "inquiry", "report_luns", "read_capacity10", "read_capacity16", "read10",
     "write10", "read16", "write16", "synchronize_cache10", "synchronize_cache16", "unmap",
     "unmap_parameters", "request_sense", "mode_sense6", "mode_sense10", "write_same16",
-    "start_stop_unit",
+    "start_stop_unit", "get_lba_status", "report_supported_opcodes", "persistent_reserve_in",
+    "persistent_reserve_out", "pr_out_parameters",
     "parse_inquiry", "parse_vpd_supported", "parse_vpd_serial", "parse_vpd_device_ids",
     "parse_vpd_block_limits", "parse_vpd_rotation_rate", "parse_vpd_lbp", "parse_report_luns",
     "parse_read_capacity10", "parse_read_capacity16", "parse_sense", "sense_exception",
+    "parse_vpd_block_characteristics", "parse_vpd_third_party_copy", "parse_mode_pages",
+    "parse_lba_status", "parse_supported_opcodes", "parse_one_opcode", "parse_pr_keys",
+    "parse_pr_reservation", "parse_pr_capabilities", "parse_pr_full_status", "parse_caching_page",
+    "parse_control_page", "pr_type", "pr_type_name",
     "encode_lun", "decode_lun",
 ]
 
@@ -62,6 +71,8 @@ class Opcode(enum.IntEnum):
     MODE_SENSE10 = 0x5A
     PERSISTENT_RESERVE_IN = 0x5E
     PERSISTENT_RESERVE_OUT = 0x5F
+    THIRD_PARTY_COPY_OUT = 0x83
+    THIRD_PARTY_COPY_IN = 0x84
     READ16 = 0x88
     WRITE16 = 0x8A
     WRITE_VERIFY16 = 0x8E
@@ -70,6 +81,7 @@ class Opcode(enum.IntEnum):
     WRITE_SAME16 = 0x93
     SERVICE_ACTION_IN16 = 0x9E
     REPORT_LUNS = 0xA0
+    MAINTENANCE_IN = 0xA3
     READ12 = 0xA8
     WRITE12 = 0xAA
     WRITE_VERIFY12 = 0xAE
@@ -78,6 +90,7 @@ class Opcode(enum.IntEnum):
 
 SA_READ_CAPACITY16 = 0x10
 SA_GET_LBA_STATUS = 0x12
+SA_REPORT_SUPPORTED_OPCODES = 0x0C      # MAINTENANCE IN (SPC-4 6.35)
 
 
 class SenseKey(enum.IntEnum):
@@ -174,6 +187,49 @@ def write_same16(lba: int, blocks: int, *, unmap_bit: bool = False) -> bytes:
 
 def start_stop_unit(start: bool, *, immed: bool = False) -> bytes:
     return bytes([Opcode.START_STOP_UNIT, 1 if immed else 0, 0, 0, 1 if start else 0, 0])
+
+
+def get_lba_status(lba: int, alloc: int) -> bytes:
+    """SERVICE ACTION IN(16) / GET LBA STATUS (SBC-3 5.6) from ``lba``."""
+    return struct.pack(">BBQIBB", Opcode.SERVICE_ACTION_IN16, SA_GET_LBA_STATUS, lba, alloc, 0, 0)
+
+
+def report_supported_opcodes(alloc: int, *, opcode: int | None = None,
+                             service_action: int | None = None) -> bytes:
+    """MAINTENANCE IN / REPORT SUPPORTED OPERATION CODES (SPC-4 6.35): all commands
+    (reporting options 0), or one ``opcode`` (option 1; with ``service_action``: option 3)."""
+    if opcode is None:
+        opts, op, sa = 0, 0, 0
+    elif service_action is None:
+        opts, op, sa = 1, opcode, 0
+    else:
+        opts, op, sa = 3, opcode, service_action
+    return struct.pack(">BBBBHIBB", Opcode.MAINTENANCE_IN, SA_REPORT_SUPPORTED_OPCODES, opts, op,
+                       sa, alloc, 0, 0)
+
+
+# PERSISTENT RESERVE IN service actions (SPC-4 6.15.1) and OUT ones (6.16.2)
+PRIN_READ_KEYS, PRIN_READ_RESERVATION, PRIN_REPORT_CAPABILITIES, PRIN_READ_FULL_STATUS = 0, 1, 2, 3
+PROUT_REGISTER, PROUT_RESERVE, PROUT_RELEASE, PROUT_CLEAR = 0, 1, 2, 3
+PROUT_PREEMPT, PROUT_PREEMPT_AND_ABORT, PROUT_REGISTER_IGNORE = 4, 5, 6
+
+
+def persistent_reserve_in(service_action: int, alloc: int) -> bytes:
+    return struct.pack(">BB5xHB", Opcode.PERSISTENT_RESERVE_IN, service_action & 0x1F, alloc, 0)
+
+
+def persistent_reserve_out(service_action: int, pr_type: int = 0, param_len: int = 24) -> bytes:
+    """PERSISTENT RESERVE OUT; scope LU_SCOPE (0), ``pr_type`` in the low nibble."""
+    return struct.pack(">BBB2xIB", Opcode.PERSISTENT_RESERVE_OUT, service_action & 0x1F,
+                       pr_type & 0x0F, param_len, 0)
+
+
+def pr_out_parameters(key: int = 0, sa_key: int = 0, *, aptpl: bool = False) -> bytes:
+    """The 24-byte basic PERSISTENT RESERVE OUT parameter list (SPC-4 6.16.3)."""
+    for name, v in (("key", key), ("service action key", sa_key)):
+        if not 0 <= v < 1 << 64:
+            raise ConfigError(f"reservation {name} {v} does not fit in 64 bits (0..2**64-1)")
+    return struct.pack(">QQ4xBxH", key, sa_key, 1 if aptpl else 0, 0)
 
 
 # ---- LUN addressing ------------------------------------------------------------------------
@@ -276,19 +332,28 @@ def parse_vpd_device_ids(data: bytes) -> list[Designator]:
 
 @dataclass(frozen=True)
 class BlockLimits:
-    """Block Limits page (0xB0); 0 means "not reported"."""
+    """Block Limits page (0xB0, SBC-3 6.6.4); 0 means "not reported"."""
 
     max_transfer_blocks: int = 0
     optimal_transfer_blocks: int = 0
     max_unmap_blocks: int = 0
     max_unmap_descriptors: int = 0
-    unmap_granularity: int = 0
+    unmap_granularity: int = 0          # OPTIMAL UNMAP GRANULARITY
     max_write_same_blocks: int = 0
+    max_compare_and_write_blocks: int = 0
+    optimal_transfer_granularity: int = 0
+    max_prefetch_blocks: int = 0
+    #: UNMAP GRANULARITY ALIGNMENT, None when UGAVALID is clear
+    unmap_granularity_alignment: int | None = None
+    #: bytes of page body the host sent (a short page leaves the rest "not reported")
+    body_length: int = 0
 
 
 def parse_vpd_block_limits(data: bytes) -> BlockLimits:
-    b = _vpd(data, 0xB0).ljust(60, b"\0")
-    # page offsets 8, 12, 20, 24, 28, 36 -> body offsets 4, 8, 16, 20, 24, 32
+    body = _vpd(data, 0xB0)
+    b = body.ljust(60, b"\0")
+    # page offsets 5, 6, 8, 12, 16, 20, 24, 28, 32, 36 = body offsets + 4
+    uga = struct.unpack_from(">I", b, 28)[0]
     return BlockLimits(
         max_transfer_blocks=struct.unpack_from(">I", b, 4)[0],
         optimal_transfer_blocks=struct.unpack_from(">I", b, 8)[0],
@@ -296,27 +361,388 @@ def parse_vpd_block_limits(data: bytes) -> BlockLimits:
         max_unmap_descriptors=struct.unpack_from(">I", b, 20)[0],
         unmap_granularity=struct.unpack_from(">I", b, 24)[0] & 0x7FFFFFFF,
         max_write_same_blocks=struct.unpack_from(">Q", b, 32)[0],
+        max_compare_and_write_blocks=b[1],
+        optimal_transfer_granularity=struct.unpack_from(">H", b, 2)[0],
+        max_prefetch_blocks=struct.unpack_from(">I", b, 12)[0],
+        unmap_granularity_alignment=(uga & 0x7FFFFFFF) if uga & 0x80000000 else None,
+        body_length=len(body),
     )
+
+
+@dataclass(frozen=True)
+class BlockCharacteristics:
+    """Block Device Characteristics page (0xB1, SBC-3 6.6.2)."""
+
+    rotation_rate: int = 0       # 0 not reported, 1 non-rotating (SSD), else RPM
+    product_type: int = 0
+    nominal_form_factor: int = 0
+    zoned: int = 0
+    fuab: bool = False
+    vbuls: bool = False
+
+    @property
+    def non_rotating(self) -> bool:
+        return self.rotation_rate == 1
+
+
+def parse_vpd_block_characteristics(data: bytes) -> BlockCharacteristics:
+    b = _vpd(data, 0xB1).ljust(5, b"\0")
+    return BlockCharacteristics(struct.unpack_from(">H", b, 0)[0], b[2], b[3] & 0x0F,
+                                (b[4] >> 4) & 3, bool(b[4] & 2), bool(b[4] & 1))
 
 
 def parse_vpd_rotation_rate(data: bytes) -> int:
     """Medium rotation rate from page 0xB1 (1 = non-rotating, 0 = not reported)."""
-    b = _vpd(data, 0xB1)
-    return struct.unpack_from(">H", b.ljust(2, b"\0"), 0)[0]
+    return parse_vpd_block_characteristics(data).rotation_rate
 
 
 @dataclass(frozen=True)
 class LogicalBlockProvisioning:
+    """Logical Block Provisioning page (0xB2, SBC-3 6.6.5)."""
+
     lbpu: bool           # UNMAP supported
     lbpws: bool          # WRITE SAME(16) with UNMAP supported
     lbpws10: bool
     provisioning_type: int   # 0 full, 1 resource, 2 thin
+    lbprz: bool = False      # unmapped blocks read as zeros
+    anc_sup: bool = False    # anchor supported
+    dp: bool = False         # a provisioning group descriptor follows
+    threshold_exponent: int = 0
+
+    @property
+    def provisioning(self) -> str:
+        return {0: "full", 1: "resource", 2: "thin"}.get(self.provisioning_type,
+                                                       f"reserved ({self.provisioning_type})")
 
 
 def parse_vpd_lbp(data: bytes) -> LogicalBlockProvisioning:
     b = _vpd(data, 0xB2).ljust(4, b"\0")
     return LogicalBlockProvisioning(bool(b[1] & 0x80), bool(b[1] & 0x40), bool(b[1] & 0x20),
-                                    b[2] & 0x07)
+                                    b[2] & 0x07, bool(b[1] & 0x1C), bool(b[1] & 0x02),
+                                    bool(b[1] & 0x01), b[0])
+
+
+@dataclass(frozen=True)
+class ThirdPartyCopy:
+    """Third-party Copy page (0x8F, SPC-4 7.8.17): the Block Device ROD Token Limits
+    descriptor (type 0) when present (ODX: POPULATE TOKEN / WRITE USING TOKEN)."""
+
+    descriptor_types: tuple[int, ...] = ()
+    max_range_descriptors: int = 0
+    max_inactivity_timeout: int = 0
+    default_inactivity_timeout: int = 0
+    max_token_transfer_blocks: int = 0
+    optimal_transfer_count: int = 0
+    #: bytes 4-7 of the ROD limits descriptor (Hyper-V puts 'M', 0x1F, 0x83, 0x84 there)
+    vendor: bytes = b""
+
+
+def parse_vpd_third_party_copy(data: bytes) -> ThirdPartyCopy:
+    body = _vpd(data, 0x8F)
+    types: list[int] = []
+    rod: dict[str, Any] = {}
+    i = 0
+    while i + 4 <= len(body):
+        dtype, dlen = struct.unpack_from(">HH", body, i)
+        if i + 4 + dlen > len(body):
+            raise ProtocolError(f"VPD 0x8F: descriptor {dtype:#06x} at {i} ({dlen} bytes) overruns "
+                                f"the {len(body)}-byte page")
+        types.append(dtype)
+        d = body[i + 4:i + 4 + dlen]
+        if dtype == 0 and dlen >= 32:
+            rod = {"vendor": bytes(d[0:4]),
+                   "max_range_descriptors": struct.unpack_from(">H", d, 6)[0],
+                   "max_inactivity_timeout": struct.unpack_from(">I", d, 8)[0],
+                   "default_inactivity_timeout": struct.unpack_from(">I", d, 12)[0],
+                   "max_token_transfer_blocks": struct.unpack_from(">Q", d, 16)[0],
+                   "optimal_transfer_count": struct.unpack_from(">Q", d, 24)[0]}
+        i += 4 + dlen
+    return ThirdPartyCopy(descriptor_types=tuple(types), **rod)
+
+
+# ---- MODE SENSE pages --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CachingPage:
+    """Caching mode page (0x08, SBC-3 6.4.5)."""
+
+    wce: bool            # volatile write cache enabled
+    rcd: bool            # read cache disabled
+
+
+@dataclass(frozen=True)
+class ControlPage:
+    """Control mode page (0x0A, SPC-4 7.5.8)."""
+
+    tst: int
+    qerr: int
+    d_sense: bool
+    swp: bool
+    ato: bool
+
+
+def parse_mode_pages(data: bytes, *, ten: bool = False) -> tuple[int, dict[int, bytes]]:
+    """MODE SENSE(6) (or (10) with ``ten``) data: the device-specific parameter byte and the
+    mode pages by page code, each copied out and bounded by the mode data length."""
+    hdr = 8 if ten else 4
+    if len(data) < hdr:
+        raise ProtocolError(f"MODE SENSE data of {len(data)} bytes (need a {hdr}-byte header)")
+    if ten:
+        total = 2 + struct.unpack_from(">H", data, 0)[0]
+        dsp, bdl = data[3], struct.unpack_from(">H", data, 6)[0]
+    else:
+        total = 1 + data[0]
+        dsp, bdl = data[2], data[3]
+    end = min(total, len(data))
+    pages: dict[int, bytes] = {}
+    i = hdr + bdl
+    while i + 2 <= end:
+        code, spf = data[i] & 0x3F, bool(data[i] & 0x40)
+        if spf:
+            if i + 4 > end:
+                break
+            n, start = struct.unpack_from(">H", data, i + 2)[0], i + 4
+        else:
+            n, start = data[i + 1], i + 2
+        if start + n > end:          # cut by the allocation length or a lying header
+            pages.setdefault(code, bytes(data[i:end]))
+            break
+        pages.setdefault(code, bytes(data[i:start + n]))
+        i = start + n
+    return dsp, pages
+
+
+def parse_caching_page(page: bytes) -> CachingPage | None:
+    """None unless ``page`` is a caching page long enough to hold WCE/RCD."""
+    if len(page) < 3 or page[0] & 0x3F != 0x08:
+        return None
+    return CachingPage(bool(page[2] & 0x04), bool(page[2] & 0x01))
+
+
+def parse_control_page(page: bytes) -> ControlPage | None:
+    if len(page) < 5 or page[0] & 0x3F != 0x0A:
+        return None
+    return ControlPage(page[2] >> 5, (page[3] >> 1) & 3, bool(page[2] & 0x04),
+                       bool(page[4] & 0x08), bool(page[5] & 0x80) if len(page) > 5 else False)
+
+
+# ---- GET LBA STATUS / REPORT SUPPORTED OPERATION CODES --------------------------------------
+
+@dataclass(frozen=True)
+class LbaStatus:
+    """One LBA status descriptor (SBC-3 5.6.2): ``count`` blocks from ``lba``."""
+
+    lba: int
+    count: int
+    status: int          # 0 mapped, 1 deallocated, 2 anchored
+
+    @property
+    def state(self) -> str:
+        return {0: "mapped", 1: "deallocated", 2: "anchored"}.get(self.status,
+                                                                 f"reserved ({self.status})")
+
+    @property
+    def mapped(self) -> bool:
+        return self.status == 0
+
+
+def parse_lba_status(data: bytes, *, blocks: int | None = None) -> list[LbaStatus]:
+    """GET LBA STATUS parameter data; descriptors must ascend without overlap and (with
+    ``blocks``) stay inside the disk."""
+    if len(data) < 8:
+        raise ProtocolError(f"GET LBA STATUS data of {len(data)} bytes (need an 8-byte header)")
+    plen = struct.unpack_from(">I", data, 0)[0]
+    if plen < 4 or (plen - 4) % 16:
+        raise ProtocolError(f"GET LBA STATUS parameter length {plen} is not 4 + 16 n")
+    avail = min(plen - 4, len(data) - 8)
+    out: list[LbaStatus] = []
+    nxt = 0
+    for i in range(8, 8 + avail - avail % 16, 16):
+        lba, count, st = struct.unpack_from(">QIB", data, i)
+        if out and lba < nxt:
+            raise ProtocolError(f"GET LBA STATUS: descriptor at LBA {lba} overlaps or precedes "
+                                f"the previous one (which ends at {nxt})")
+        if count == 0:
+            raise ProtocolError(f"GET LBA STATUS: descriptor at LBA {lba} covers no blocks")
+        if blocks is not None and lba + count > blocks:
+            raise ProtocolError(f"GET LBA STATUS: descriptor [{lba}, {lba + count}) lies beyond "
+                                f"the {blocks}-block disk")
+        out.append(LbaStatus(lba, count, st & 0x0F))
+        nxt = lba + count
+    return out
+
+
+@dataclass(frozen=True)
+class SupportedOpcode:
+    """One command descriptor of REPORT SUPPORTED OPERATION CODES (SPC-4 6.35.2)."""
+
+    opcode: int
+    service_action: int | None
+    cdb_length: int
+
+    @property
+    def name(self) -> str:
+        try:
+            return Opcode(self.opcode).name
+        except ValueError:
+            return f"{self.opcode:#04x}"
+
+
+def parse_supported_opcodes(data: bytes) -> list[SupportedOpcode]:
+    """All-commands format (reporting options 0)."""
+    if len(data) < 4:
+        raise ProtocolError(f"REPORT SUPPORTED OPERATION CODES data of {len(data)} bytes")
+    n = struct.unpack_from(">I", data, 0)[0]
+    end = 4 + min(n, len(data) - 4)
+    out: list[SupportedOpcode] = []
+    i = 4
+    while i + 8 <= end:
+        op, flags = data[i], data[i + 5]
+        sa, cdblen = struct.unpack_from(">H", data, i + 2)[0], struct.unpack_from(">H", data, i + 6)[0]
+        out.append(SupportedOpcode(op, sa if flags & 1 else None, cdblen))
+        i += 20 if flags & 2 else 8         # CTDP: a 12-byte timeouts descriptor follows
+    return out
+
+
+def parse_one_opcode(data: bytes) -> bool | None:
+    """One-command format (reporting options 1-3): True supported, False not, None when the
+    device has no data about it (SUPPORT 0)."""
+    if len(data) < 2:
+        raise ProtocolError(f"REPORT SUPPORTED OPERATION CODES data of {len(data)} bytes")
+    support = data[1] & 7
+    if support in (3, 5):
+        return True
+    if support == 1:
+        return False
+    return None
+
+
+# ---- PERSISTENT RESERVE IN -------------------------------------------------------------
+
+class PrType(enum.IntEnum):
+    """Persistent reservation types (SPC-4 6.16.2 table)."""
+
+    WRITE_EXCLUSIVE = 1
+    EXCLUSIVE_ACCESS = 3
+    WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 5
+    EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 6
+    WRITE_EXCLUSIVE_ALL_REGISTRANTS = 7
+    EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 8
+
+
+def pr_type_name(t: int) -> str:
+    try:
+        return PrType(t).name.lower().replace("_", "-")
+    except ValueError:
+        return f"type {t:#x}"
+
+
+def pr_type(value: int | str) -> PrType:
+    """A PrType from its number or name (``write-exclusive``, ``exclusive-access-registrants-only``,
+    short forms ``we``, ``ea``, ``we-ro``, ``ea-ro``, ``we-ar``, ``ea-ar``)."""
+    short = {"we": 1, "ea": 3, "we-ro": 5, "ea-ro": 6, "we-ar": 7, "ea-ar": 8}
+    try:
+        if isinstance(value, str):
+            v = value.strip().lower().replace("_", "-")
+            if v in short:
+                return PrType(short[v])
+            if v.isdigit():
+                return PrType(int(v))
+            return PrType[v.upper().replace("-", "_")]
+        return PrType(value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"reservation type {value!r}: use one of "
+                          f"{', '.join(pr_type_name(t) for t in PrType)} (or we, ea, we-ro, "
+                          "ea-ro, we-ar, ea-ar)") from None
+
+
+@dataclass(frozen=True)
+class PrCapabilities:
+    crh: bool
+    sip_c: bool
+    atp_c: bool
+    ptpl_c: bool
+    tmv: bool
+    allow_commands: int
+    ptpl_a: bool
+    types: tuple[int, ...]
+
+
+_PR_TYPE_MASK = {PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS: 0x0001, PrType.WRITE_EXCLUSIVE: 0x0200,
+                 PrType.EXCLUSIVE_ACCESS: 0x0800, PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY: 0x2000,
+                 PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY: 0x4000,
+                 PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS: 0x8000}
+
+
+def parse_pr_capabilities(data: bytes) -> PrCapabilities:
+    if len(data) < 8:
+        raise ProtocolError(f"REPORT CAPABILITIES data of {len(data)} bytes (need 8)")
+    mask = struct.unpack_from(">H", data, 4)[0]
+    tmv = bool(data[3] & 0x80)
+    types = tuple(sorted(int(t) for t, b in _PR_TYPE_MASK.items() if mask & b)) if tmv else ()
+    return PrCapabilities(bool(data[2] & 0x10), bool(data[2] & 0x08), bool(data[2] & 0x04),
+                          bool(data[2] & 0x01), tmv, (data[3] >> 4) & 7, bool(data[3] & 0x01),
+                          types)
+
+
+def _pr_header(data: bytes, what: str) -> tuple[int, bytes]:
+    if len(data) < 8:
+        raise ProtocolError(f"{what} data of {len(data)} bytes (need an 8-byte header)")
+    gen, n = struct.unpack_from(">II", data, 0)
+    return gen, bytes(data[8:8 + n])
+
+
+def parse_pr_keys(data: bytes) -> tuple[int, list[int]]:
+    """READ KEYS: (PRgeneration, registered keys)."""
+    gen, body = _pr_header(data, "READ KEYS")
+    return gen, [struct.unpack_from(">Q", body, i)[0] for i in range(0, len(body) - 7, 8)]
+
+
+@dataclass(frozen=True)
+class PrReservation:
+    generation: int
+    key: int
+    type: int
+    scope: int = 0
+
+    @property
+    def type_name(self) -> str:
+        return pr_type_name(self.type)
+
+
+def parse_pr_reservation(data: bytes) -> tuple[int, PrReservation | None]:
+    """READ RESERVATION: (PRgeneration, the reservation or None)."""
+    gen, body = _pr_header(data, "READ RESERVATION")
+    if len(body) < 16:
+        return gen, None
+    return gen, PrReservation(gen, struct.unpack_from(">Q", body, 0)[0], body[13] & 0x0F,
+                              body[13] >> 4)
+
+
+@dataclass(frozen=True)
+class PrRegistrant:
+    key: int
+    holder: bool
+    all_target_ports: bool
+    type: int
+    relative_target_port: int
+    transport_id: bytes
+
+
+def parse_pr_full_status(data: bytes) -> tuple[int, list[PrRegistrant]]:
+    """READ FULL STATUS: (PRgeneration, one entry per registered I_T nexus)."""
+    gen, body = _pr_header(data, "READ FULL STATUS")
+    out: list[PrRegistrant] = []
+    i = 0
+    while i + 24 <= len(body):
+        key = struct.unpack_from(">Q", body, i)[0]
+        flags, scope_type = body[i + 12], body[i + 13]
+        rtp = struct.unpack_from(">H", body, i + 18)[0]
+        n = struct.unpack_from(">I", body, i + 20)[0]
+        tid = bytes(body[i + 24:i + 24 + n])
+        out.append(PrRegistrant(key, bool(flags & 1), bool(flags & 2), scope_type & 0x0F, rtp, tid))
+        i += 24 + n
+    return gen, out
 
 
 def parse_report_luns(data: bytes) -> list[int]:
@@ -395,6 +821,8 @@ _ASC_TEXT = {
     (0x21, 0x00): "logical block address out of range",
     (0x24, 0x00): "invalid field in CDB",
     (0x25, 0x00): "logical unit not supported",
+    (0x26, 0x04): "invalid release of persistent reservation",
+    (0x1A, 0x00): "parameter list length error",
     (0x26, 0x00): "invalid field in parameter list",
     (0x27, None): "write protected",
     (0x28, None): "not ready to ready change, medium may have changed",

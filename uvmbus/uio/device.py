@@ -29,7 +29,7 @@ from typing import Any
 from uvmbus.bus import Bus, DeviceLock, KernelQuirks, VmbusDevice, lock_device
 from uvmbus.errors import BusError, ConfigError, KernelUnsupported, NotFound, RingCorrupt
 from uvmbus.native import buffer_pointer, ffi, lib, release
-from uvmbus.uio.endpoint import Endpoint, open_endpoint
+from uvmbus.uio.endpoint import OPEN_TIMEOUT, Endpoint, open_endpoint
 
 UIO_DRIVER = "uio_hv_generic"
 #: DPDK polls 1000 x 10 ms for late sub-channel ring files (§1.8)
@@ -75,9 +75,12 @@ class UioDevice:
 
     ``lock`` (default True) takes the device's lock (:mod:`uvmbus.bus.lock`) for as long as
     the device is open: a second opener fails at once with :class:`~uvmbus.errors.DeviceBusy`
-    naming the holder.  ``lock=False`` is for experts who share a device on purpose."""
+    naming the holder.  ``lock=False`` is for experts who share a device on purpose.
+    ``timeout``: seconds the simulator's endpoint may take to answer the open (a stopped or
+    hung ``uvmbus sim``); a real ``/dev/uioN`` opens at once."""
 
-    def __init__(self, bus: Bus, device: VmbusDevice, *, lock: bool = True):
+    def __init__(self, bus: Bus, device: VmbusDevice, *, lock: bool = True,
+                 timeout: float = OPEN_TIMEOUT):
         if device.driver != UIO_DRIVER or not device.uio:
             raise BusError(
                 f"device {device.device_id} is bound to {device.driver or 'no driver'}, not {UIO_DRIVER}: "
@@ -94,8 +97,10 @@ class UioDevice:
         self.relid: int = relid
         self.uio_path: str = path
         self.quirks: KernelQuirks = bus.kernel
+        #: seconds an endpoint open may wait for the simulator (also for extra waiters)
+        self.open_timeout = timeout
         try:
-            self.endpoint: Endpoint = open_endpoint(path)
+            self.endpoint: Endpoint = open_endpoint(path, timeout=timeout)
         except BaseException:
             self._unlock()
             raise
@@ -287,8 +292,9 @@ def _root_opt(bus: Bus) -> str:
     return "" if os.path.abspath(bus.root) == "/" else f" --root {bus.root}"
 
 
-def open_uio(ref: str, root: str | os.PathLike[str] = "/", *, lock: bool = True) -> UioDevice:
-    """Open the device ``ref`` (GUID, prefix or class name) under ``root`` (``lock``: see
-    :class:`UioDevice`)."""
+def open_uio(ref: str, root: str | os.PathLike[str] = "/", *, lock: bool = True,
+             timeout: float = OPEN_TIMEOUT) -> UioDevice:
+    """Open the device ``ref`` (GUID, prefix or class name) under ``root`` (``lock``,
+    ``timeout``: see :class:`UioDevice`)."""
     bus = Bus(root)
-    return UioDevice(bus, bus.device(ref), lock=lock)
+    return UioDevice(bus, bus.device(ref), lock=lock, timeout=timeout)

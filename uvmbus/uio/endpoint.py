@@ -62,6 +62,8 @@ from uvmbus.errors import (
 
 _U32 = struct.Struct("<I")
 SIM_PROTO = 1
+#: default seconds a simulator endpoint waits for the server to accept and send its hello
+OPEN_TIMEOUT = 10.0
 
 
 class Endpoint(ABC):
@@ -208,28 +210,38 @@ class UioEndpoint(Endpoint):
 class SimEndpoint(Endpoint):
     """The simulator's stand-in for ``/dev/uioN`` (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, connect_timeout: float = 10.0):
+    def __init__(self, path: str | os.PathLike[str], *, connect_timeout: float = OPEN_TIMEOUT):
         self.path = str(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         deadline = time.monotonic() + connect_timeout
+        dev = os.path.dirname(self.path)
+        root = os.path.dirname(dev) if os.path.basename(dev) == "dev" else "ROOT"
+        # a wedged server's full listen backlog would block a blocking connect for ever
+        self._sock.settimeout(max(connect_timeout, 0.001))
         while True:
             try:
                 self._sock.connect(self.path)
                 break
-            except (ConnectionRefusedError, FileNotFoundError) as exc:
+            except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     self._sock.close()
+                    if isinstance(exc, (BlockingIOError, TimeoutError)):
+                        raise ChannelTimeout(
+                            f"{self.path}: the simulator did not accept the connection within "
+                            f"{connect_timeout:g} s: is it stopped (SIGSTOP) or hung? "
+                            f"`uvmbus sim ctl --root {root} ping` checks it") from exc
                     raise NotFound(f"{self.path}: the simulator does not answer ({exc.strerror}); "
                                    "is `uvmbus sim` running with this root?") from exc
                 time.sleep(0.01)
-        self._sock.settimeout(connect_timeout)
+        # the whole open (connect + hello) is bounded by connect_timeout
+        self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:
             msg, fds = self._recv_fds()
         except TimeoutError as exc:
             self._sock.close()
             raise ChannelTimeout(f"{self.path}: the simulator accepted the connection but sent "
                                  f"nothing within {connect_timeout:g} s: is it stopped (SIGSTOP) "
-                                 "or hung? `uvmbus sim ctl --root ROOT ping` checks it") from exc
+                                 f"or hung? `uvmbus sim ctl --root {root} ping` checks it") from exc
         self._sock.settimeout(None)
         hello = json.loads(msg.decode())
         if hello.get("proto") != SIM_PROTO:
@@ -360,9 +372,10 @@ class SimEndpoint(Endpoint):
         self._sock.close()
 
 
-def open_endpoint(path: str | os.PathLike[str]) -> Endpoint:
+def open_endpoint(path: str | os.PathLike[str], *, timeout: float = OPEN_TIMEOUT) -> Endpoint:
     """Open ``path`` as a uio endpoint: a character device is a real ``/dev/uioN``,
-    a socket is the simulator's stand-in."""
+    a socket is the simulator's stand-in.  ``timeout``: seconds the simulator's socket may
+    take to accept and send its hello (a real ``/dev/uioN`` opens at once)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -374,5 +387,5 @@ def open_endpoint(path: str | os.PathLike[str]) -> Endpoint:
     if stat.S_ISCHR(st.st_mode):
         return UioEndpoint(p)
     if stat.S_ISSOCK(st.st_mode):
-        return SimEndpoint(p)
+        return SimEndpoint(p, connect_timeout=timeout)
     raise ConfigError(f"{p} is neither a character device nor a simulator socket")

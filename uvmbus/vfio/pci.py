@@ -198,6 +198,16 @@ class PciFunction:
                 return normalize_guid(part)
         return None
 
+    @property
+    def slot(self) -> str | None:
+        """Name of the PCI slot holding this function (pci-hyperv: the vPCI device's serial,
+        which a netvsc VF association names), or None."""
+        addr = self.name.rsplit(".", 1)[0]
+        for name, a in self.bus.slots().items():
+            if a == addr:
+                return name
+        return None
+
     # -- OS users (for the safety check) ------------------------------------------------------
     def net_interfaces(self) -> list[str]:
         return sorted({p.name for p in _find_children(self.path, "net")})
@@ -214,7 +224,7 @@ class PciFunction:
             "device": f"{self.device_id_num:04x}", "class": f"{self.class_code:06x}",
             "class_name": self.class_name, "driver": self.driver,
             "driver_override": self.driver_override, "iommu_group": self.iommu_group,
-            "noiommu": self.noiommu, "vmbus_parent": self.vmbus_parent,
+            "noiommu": self.noiommu, "vmbus_parent": self.vmbus_parent, "slot": self.slot,
             "net": self.net_interfaces(), "block": self.block_devices(),
         }
 
@@ -240,6 +250,44 @@ class PciBus:
 
     def driver_path(self, driver: str) -> Path:
         return self.pci_path / "drivers" / driver
+
+    def slots(self) -> dict[str, str]:
+        """Slot name -> ``DDDD:BB:DD`` (``sys/bus/pci/slots/<name>/address``).  pci-hyperv
+        names each vPCI slot after the device's serial number (decimal; pci-hyperv.c
+        hv_pci_assign_slots), which is what a VF association's ``serial`` carries."""
+        out: dict[str, str] = {}
+        try:
+            entries = sorted(e.name for e in os.scandir(self.pci_path / "slots"))
+        except OSError:
+            return out
+        for name in entries:
+            addr = read_text(self.pci_path / "slots" / name / "address")
+            if addr:
+                out[name] = addr.strip().lower()
+        return out
+
+    def by_slot(self, name: str) -> list[PciFunction]:
+        """The functions in the slot called ``name`` (a Hyper-V VF's serial), sorted."""
+        addr = self.slots().get(str(name))
+        if not addr:
+            return []
+        return [f for f in self.functions() if f.name.rsplit(".", 1)[0] == addr]
+
+    def by_mac(self, mac: bytes) -> list[PciFunction]:
+        """Functions with a network interface whose address is ``mac`` (Linux's fallback when
+        no slot matches compares the permanent address: netvsc_drv.c get_netvsc_byslot;
+        sysfs shows the current one)."""
+        if not mac:
+            return []
+        want = ":".join(f"{b:02x}" for b in mac)
+        hits = []
+        for f in self.functions():
+            for dev in _find_children(f.path, "net"):
+                addr = read_text(dev / "address")
+                if addr and addr.strip().lower() == want:
+                    hits.append(f)
+                    break
+        return hits
 
     def function(self, ref: str, *, cls: str | None = None) -> PciFunction:
         """The function named by ``ref``: a PCI address (``0000:00:04.0``, ``00:04.0``), the

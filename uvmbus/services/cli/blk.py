@@ -55,7 +55,7 @@ def parse_bytes(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("blk", help="block devices (storvsc SCSI disks, NVMe over VFIO): info, read, write, bench, "
-                       "NBD export daemon")
+                       "pr (persistent reservations), NBD export daemon")
     bsub = p.add_subparsers(dest="blk_command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--subchannels", type=int_range(0, 64), default=0,
                         help="sub-channels to request (default 0: one channel)")
         sp.add_argument("--timeout", type=seconds(), default=30.0,
-                        help="per-command timeout in seconds (default 30)")
+                        help="per-command timeout in seconds, also the wait for a simulator's "
+                             "endpoint to open (default 30)")
         sp.add_argument("--spin-us", type=int_range(0), default=0,
                         help="poll for completions this long before sleeping (default 0)")
         add_record(sp)
@@ -116,7 +117,80 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-reference", action="store_true", help="skip the pread reference")
     add_json(b)
     b.set_defaults(func=_bench)
+
+    pr = bsub.add_parser(
+        "pr", help="SCSI-3 persistent reservations of a LUN: read, register, reserve, release, "
+        "preempt, clear", description="Persistent reservations (PERSISTENT RESERVE IN/OUT). The "
+        "initiator is the controller this command opens: every `uvmbus blk pr` on the same device "
+        "speaks for the same initiator. Keys are numbers (0x... for hex). Types: we "
+        "(write-exclusive), ea (exclusive-access), we-ro, ea-ro (registrants only), we-ar, ea-ar "
+        "(all registrants).")
+    common(pr)
+    pr.add_argument("action", choices=("read", "register", "reserve", "release", "preempt", "clear"),
+                    help="read: keys, reservation and supported types; the others change them")
+    pr.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
+    pr.add_argument("--key", type=_pr_key, default=0,
+                    help="this initiator's registered key (register: the new key)")
+    pr.add_argument("--old-key", type=_pr_key, default=0,
+                    help="register: the key registered now (0: none yet)")
+    pr.add_argument("--ignore-existing", action="store_true",
+                    help="register: REGISTER AND IGNORE EXISTING KEY (no --old-key needed)")
+    pr.add_argument("--type", default=None, help="reserve/release/preempt: reservation type")
+    pr.add_argument("--victim", type=_pr_key, default=None,
+                    help="preempt: the key whose registrations (and reservation) are removed")
+    pr.add_argument("--abort", action="store_true", help="preempt: PREEMPT AND ABORT")
+    add_json(pr)
+    pr.set_defaults(func=_pr)
     p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _pr_key(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 42 or 0x2a)") from None
+    if not 0 <= v < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a reservation key is 0..2**64-1")
+    return v
+
+
+def _pr(args: argparse.Namespace) -> int:
+    from uvmbus.storvsc import scsi
+
+    act = args.action
+    if act in ("reserve", "release", "preempt") and args.type is None:
+        raise ConfigError(f"blk pr {act} needs --type (we, ea, we-ro, ea-ro, we-ar, ea-ar)")
+    if act == "preempt" and args.victim is None:
+        raise ConfigError("blk pr preempt needs --victim KEY (the key to remove)")
+    if act in ("reserve", "release", "preempt", "clear") and not args.key:
+        raise ConfigError(f"blk pr {act} needs --key: this initiator's registered key")
+    ptype = scsi.pr_type(args.type) if args.type is not None else None
+    with _open(args) as hba:
+        disk = hba.disk(args.lun)
+        if not hasattr(disk, "pr_read_keys"):
+            raise ConfigError(f"{args.device}: persistent reservations are a SCSI (storvsc) feature")
+        if act == "register":
+            disk.pr_register(args.old_key, args.key, ignore=args.ignore_existing)
+        elif act == "reserve":
+            disk.pr_reserve(args.key, ptype)
+        elif act == "release":
+            disk.pr_release(args.key, ptype)
+        elif act == "preempt":
+            disk.pr_preempt(args.key, args.victim, ptype, abort=args.abort)
+        elif act == "clear":
+            disk.pr_clear(args.key)
+        status = disk.pr_status()
+    status["lun"] = args.lun
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    res = status["reservation"]
+    print(f"LUN {args.lun}: generation {status['generation']}, registered keys: "
+          f"{', '.join(status['keys']) or 'none'}; reservation: "
+          + (f"{res['type']} held with key {res['key']}" if res else "none"))
+    if status["types"] is not None:
+        print(f"  supported types: {', '.join(status['types'])}")
+    return 0
 
 
 def _nvme_target(args: argparse.Namespace) -> Any:
@@ -175,8 +249,21 @@ def _info(args: argparse.Namespace) -> int:
             extra.append(f"serial {d['serial']}")
         if d["unmap"]:
             extra.append("unmap")
+        prov = d.get("provisioning")
+        if prov:
+            extra.append(f"{prov['type']} provisioned" + (", unmapped reads zero" if prov["lbprz"] else ""))
         if d["rotation_rate"] == 1:
             extra.append("non-rotating")
+        elif d["rotation_rate"]:
+            extra.append(f"{d['rotation_rate']} rpm")
+        vwc = d.get("volatile_write_cache")
+        if vwc is not None:
+            extra.append(f"write cache {'on' if vwc else 'off'}")
+        if d.get("optimal_transfer"):
+            extra.append(f"optimal transfer {d['optimal_transfer']} bytes")
+        if d.get("third_party_copy"):
+            t = d["third_party_copy"]
+            extra.append(f"ODX (third-party copy, {t['max_token_transfer_blocks']} blocks/token)")
         print(f"  {'namespace' if 'nsid' in d else 'LUN'} {d['lun']}: {d['size']} bytes "
               f"({d['blocks']} x {d['block_size']}), {d['vendor']} {d['product']} {d['revision']}"
               + (f", {', '.join(extra)}" if extra else ""))

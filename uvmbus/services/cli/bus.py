@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: $UVMBUS_RUN_DIR or <root>/run/uvmbus)")
     s.add_argument("--sample", type=seconds(zero_ok=True), default=0.2, metavar="SECONDS",
                    help="CPU usage sampling time (0: skip)")
+    s.add_argument("--all", action="store_true", dest="all_roots",
+                   help="also list the uvmbus processes of other roots (other simulators on "
+                        "this machine); by default they are only counted")
     s.set_defaults(func=_status)
 
     b = sub.add_parser("bind", help="give a device to userspace: a VMBus device to uio_hv_generic, "
@@ -93,13 +96,14 @@ def _print_pci(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"no {args.cls + ' ' if args.cls else ''}PCI functions under {args.root}")
         return
     print(f"{'pci address':<14} {'vendor:dev':<10} {'class':<12} {'driver':<12} {'group':<8} "
-          f"{'vmbus parent':<37} os")
+          f"{'vmbus parent':<37} {'slot':<6} os")
     for r in rows:
         group = "-" if r["iommu_group"] is None else (
             f"noiommu-{r['iommu_group']}" if r["noiommu"] else str(r["iommu_group"]))
         used = " ".join([*r["net"], *r["block"]]) or "-"
         print(f"{r['address']:<14} {r['vendor']}:{r['device']:<5} {r['class_name']:<12} "
-              f"{r['driver'] or '-':<12} {group:<8} {r['vmbus_parent'] or '-':<37} {used}")
+              f"{r['driver'] or '-':<12} {group:<8} {r['vmbus_parent'] or '-':<37} "
+              f"{r.get('slot') or '-':<6} {used}")
 
 
 def _print_vmbus(bus: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -125,7 +129,8 @@ def _print_vmbus(bus: Any, rows: list[dict[str, Any]], args: argparse.Namespace)
 def _status(args: argparse.Namespace) -> int:
     from uvmbus.services.status import collect_status, format_status
 
-    st = collect_status(args.root, run_dir=args.run_dir, sample=max(0.0, args.sample))
+    st = collect_status(args.root, run_dir=args.run_dir, sample=max(0.0, args.sample),
+                        all_roots=args.all_roots)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:

@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=seconds(), default=10.0,
                    help="seconds to wait for each answer of the host while bringing the NIC up "
-                        "and down (default 10)")
+                        "and down, and for a simulator's endpoint to open (default 10)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -116,6 +116,7 @@ def _info(args: argparse.Namespace) -> int:
     if info["permanent_mac"] and info["permanent_mac"] != info["mac"]:
         rows.append(("permanent mac", info["permanent_mac"]))
     rows.append(("packet filter", f"{info['packet_filter']:#x} ({', '.join(info['packet_filter_names']) or 'none'})"))
+    rows.append(("VF", _vf_text(info["vf"])))
     hs = info.get("host_stats")
     if hs is not None:
         answered = {k: v for k, v in hs.items() if v is not None}
@@ -126,6 +127,16 @@ def _info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:>15}: {v}")
     return 0
+
+
+def _vf_text(vf: dict[str, Any]) -> str:
+    """The accelerated-networking VF row of `net info` (docs/netvsc.md)."""
+    if not vf.get("supported"):
+        return "none (SR-IOV not advertised: NVSP < 5)"
+    if not vf.get("allocated"):
+        return "none announced by the host"
+    pci = ", ".join(vf.get("pci") or []) or "no matching PCI function (yet)"
+    return f"serial {vf['serial']}, PCI {pci}; data path {vf['data_path']}"
 
 
 def _capture(args: argparse.Namespace) -> int:

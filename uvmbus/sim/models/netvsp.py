@@ -18,8 +18,16 @@ State machine of the primary channel (§10.1):
   send buffer.  Anything else is fatal.
 * **Ready**: SEND_RNDIS_PKT (data in C: ``native/netvsp*.c``; control here), RX acks (C),
   SUBCHANNEL (primary, v5+), REVOKE_*_BUF (primary: the data path stops silently),
-  SWITCH_DATA_PATH (completed; no VF is ever offered), OID_QUERY_EX (NOT_SUPPORTED).
+  SWITCH_DATA_PATH (v4+; completed, empty), OID_QUERY_EX (NOT_SUPPORTED), completions
+  of the host's own VF_ASSOCIATION / SWITCH_DATA_PATH messages (transaction ids
+  0x8000000000000000 / ...01).
   Anything else is fatal.
+* **Revoked**: REVOKE_RECV_BUF / REVOKE_SEND_BUF on the primary ends its processing, as the
+  reference host's worker does (O ``process_ring_buffer`` → ``BufferRevoked``, which
+  ``NetQueue::run`` does not treat as an error): every later packet on the primary is ignored
+  without an answer and without a fatal error (counted ``after_revoke``) — also a new INIT;
+  initialising again takes a channel close and re-open (a new session, as Linux's
+  ``netvsc_detach``/``netvsc_attach`` do).  A revoke on a sub-channel is fatal.
 
 **Fatal errors** (unknown NVSP type, bad section index/size, malformed GPA ranges, bad ack
 transaction id, double ack, control-buffer ack on a sub-channel, duplicate INIT-phase
@@ -66,28 +74,47 @@ a session starts — is sent then, before RNDIS INIT if need be), paced: after o
 further changes within ``link_pacing`` seconds (default 5, as the reference host) are
 coalesced into one.
 
-VF / accelerated networking (§8) is not emulated: SEND_VF_ASSOCIATION is never sent, even
-when the guest advertises SR-IOV.
+VF / accelerated networking (§8; O ``guest_vf_is_available``, ``handle_state_change``,
+``guest_vf_data_path_switched_to_synthetic``): the backend's VF is present from the start
+with option ``vf=1`` or after ``control("vf", action="add")`` (``uvmbus sim ctl vf DEV
+add``); it stays present across guest sessions.  SEND_VF_ASSOCIATION {allocated 1, serial}
+(in-band, completion requested, transaction id 0x8000000000000000) is sent only when the
+session negotiated NVSP >= 4 and the guest's NDIS config advertised SR-IOV, and only once
+RNDIS is operational (right after INIT_CMPLT, or at once when the VF arrives later).  The
+guest's SWITCH_DATA_PATH {VF} moves the data path to the VF when one was announced (else
+nothing changes); either way it is completed, empty.  While on the VF, option ``vf_steer``
+decides what the synthetic queues still get: ``unicast`` (default; Hyper-V: unicast goes to
+the VF, broadcast and multicast stay on the synthetic path — netvsc.md §6 from DPDK
+``hn_recv_pkts``) or ``all`` (OpenHCL/MANA: the vport's MAC filter moves to the VF); frames
+taken by the VF are counted (``rx_to_vf``), TX from the guest on the synthetic path is still
+forwarded.  ``remove``: if the data path is on the VF, SWITCH_DATA_PATH {SYNTHETIC}
+(completion requested, transaction id ...01) first, then SEND_VF_ASSOCIATION {allocated 0,
+serial 0}.
 
 Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
 (loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
 ``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
 ``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
-(reference / counters), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+(reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
+derived from the device id), ``vf_steer`` (unicast / all), ``vf_remove`` (switch_first: the reference host; association_only:
+only SEND_VF_ASSOCIATION {0}, the guest switches back itself), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
 NVSP message of an unknown type).
 
-Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``fault`` (kind,
-count), ``inband`` (hex payload), ``generator`` (size, flows, count, proto), ``backend``
-(loopback / sink / generator / none, switched while running), ``stats``.
+Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``vf`` (action =
+add / remove, optional serial), ``fault`` (kind, count), ``inband`` (hex payload),
+``generator`` (size, flows, count, proto), ``backend`` (loopback / sink / generator / none,
+switched while running), ``max_queues`` (the host's queue limit from the next RSS
+capabilities query / SUBCHANNEL request on), ``stats``.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+import uuid
 from typing import Any, NoReturn
 
 from uvmbus.errors import ConfigError, ProtocolError
@@ -124,6 +151,10 @@ FAULTS = {
     "bad_ppi": lib.UVB_NVSP_FAULT_BAD_PPI,
 }
 UNKNOWN_INBAND_TYPE = 0x6666
+#: transaction ids of the host's own in-band messages that ask for a completion (O)
+VF_ASSOCIATION_TID = 0x8000000000000000
+SWITCH_DATA_PATH_TID = 0x8000000000000001
+VF_STEER = {"unicast": lib.UVB_NVSP_VF_UNICAST, "all": lib.UVB_NVSP_VF_ALL}
 
 # NVSP states
 VERSION, INIT, READY = "version", "init", "ready"
@@ -157,6 +188,11 @@ def parse_versions(text: Any) -> tuple[int, ...]:
 def _mac_for(device_id: str) -> bytes:
     h = bytes.fromhex(device_id.replace("-", "")[:8])
     return bytes([0x00, 0x15, 0x5D]) + h[1:4]
+
+
+def _serial_for(device_id: str) -> int:
+    """A stable, non-zero VF serial per device (Hyper-V numbers vPCI slots; any u32 > 0)."""
+    return int(device_id.replace("-", "")[:4], 16) % 9000 + 1000
 
 
 def _parse_mac(text: str) -> bytes:
@@ -213,6 +249,22 @@ class NetvspModel(DeviceModel):
         if self.stats_mode not in ("reference", "counters"):
             raise ConfigError("stats must be reference (the reference host) or counters")
         self.min_request = int(opts.pop("min_request", 0))
+        lso = str(opts.pop("lso", "on")).lower()
+        if lso not in ("on", "off"):
+            raise ConfigError("lso must be on (the reference host offers LSOv2) or off")
+        self.lso_offered = lso == "on"
+        self.vf_present = str(opts.pop("vf", "0")).lower() in ("1", "true", "yes", "on")
+        self.vf_serial = int(opts.pop("vf_serial", _serial_for(device.device_id)))
+        if not 0 < self.vf_serial < 1 << 32:
+            raise ConfigError("vf_serial must be 1..4294967295 (u32; 0 means no VF)")
+        steer = str(opts.pop("vf_steer", "unicast")).lower()
+        if steer not in VF_STEER:
+            raise ConfigError("vf_steer must be unicast (Hyper-V) or all (OpenHCL/MANA)")
+        self.vf_steer = steer
+        self.vf_remove_mode = str(opts.pop("vf_remove", "switch_first")).lower()
+        if self.vf_remove_mode not in ("switch_first", "association_only"):
+            raise ConfigError("vf_remove must be switch_first (the reference host) or association_only")
+        self._vf_pci: tuple[str, str, str, str] | None = None
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
             "flows": int(opts.pop("gen_flows", 64)),
@@ -233,6 +285,7 @@ class NetvspModel(DeviceModel):
         self.nic.rx_hash_ppi = 1
         self.nic.rx_verify_csum = 1
         self.nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        self.nic.lso_max = M.LSO_MAX_SIZE
         self._apply_gen()
         self._queues: dict[int, _Queue] = {}
         self._tap: Any = None
@@ -244,7 +297,8 @@ class NetvspModel(DeviceModel):
         self.counters: dict[str, int] = {
             "fatal_errors": 0, "rndis_requests": 0, "rndis_failed": 0, "link_indications": 0,
             "subchannel_grants": 0, "ignored_short": 0, "send_tables": 0, "ctrl_overflow": 0,
-            "inband_injected": 0,
+            "inband_injected": 0, "vf_associations": 0, "vf_switches": 0, "vf_switch_ignored": 0,
+            "vf_switch_backs": 0, "vf_completions": 0, "revokes": 0, "after_revoke": 0,
         }
         self.fatal_messages: list[str] = []
         self._after_response: list[bytes] = []
@@ -271,12 +325,18 @@ class NetvspModel(DeviceModel):
         self.current_mac = self.mac
         self.config_params: dict[str, str | int | None] = {}
         self.offload_params: dict[str, int] = {}
+        self.lso_enabled = {"ipv4": False, "ipv6": False}
         self.rss: M.RssRequest | None = None
         self.dead_channels: set[int] = set()
+        self.vf_advertised = False         # this session was told allocated=1
+        self.data_path_vf = False          # the guest switched the data path to the VF
+        self._host_tids: set[int] = set()  # host messages sent with a completion request
         n = self.nic
+        n.vf_steer = lib.UVB_NVSP_VF_OFF
         n.data_ready = 0
         n.filter = 0
         n.rss_enabled = 0
+        n.lso_v4 = n.lso_v6 = 0
         n.num_queues = 1
         n.msg_size = 32
         n.recv_buf_id = lib.NVSP_RECV_BUF_ID
@@ -385,6 +445,13 @@ class NetvspModel(DeviceModel):
             self.counters["ignored_short"] += 1
             return
         with self._lock:
+            if self.revoked and channel.is_primary:
+                # the reference host ends the primary channel's processing at a revoke (O
+                # process_ring_buffer: BufferRevoked, "terminating channel processing"; not an
+                # error in NetQueue::run): nothing more is read or answered on it — a guest that
+                # wants to initialise again must close the channel and open it again
+                self.counters["after_revoke"] += 1
+                return
             if self.state == READY and entry is not None and self.nic.priv != ffi.NULL:
                 rc = self._process_c(entry, channel, pkt)
                 if rc is not None:
@@ -436,6 +503,11 @@ class NetvspModel(DeviceModel):
 
     # ==== NVSP ===========================================================================
     def _handle(self, channel: HostChannel, pkt: Packet) -> None:
+        if pkt.type == PKT_COMP and pkt.trans_id in self._host_tids and channel.is_primary:
+            # O parse_packet: SendVfAssociationCompletion / SwitchDataPathCompletion
+            self._host_tids.discard(pkt.trans_id)
+            self.counters["vf_completions"] += 1
+            return
         if pkt.type == PKT_COMP:
             # not an RX ack the data path accepted (those never get here in Ready)
             self._fatal(channel, f"completion (transaction {pkt.trans_id:#x}) for nothing the host "
@@ -584,13 +656,19 @@ class NetvspModel(DeviceModel):
                                    lib.NVSP_STAT_SUCCESS if granted else lib.NVSP_STAT_FAIL, granted)
                 self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
         elif mtype in (lib.NVSP_MSG1_TYPE_REVOKE_RECV_BUF, lib.NVSP_MSG1_TYPE_REVOKE_SEND_BUF):
-            if channel.is_primary:
-                self.revoked = True
-                self.nic.data_ready = 0
-                self.nic.filter = 0
+            if not channel.is_primary:
+                # O process_ring_buffer: the revoke arm needs the primary's state; on a
+                # sub-channel it is an unexpected packet (an error, the channel stops)
+                self._fatal(channel, "REVOKE_*_BUF on a sub-channel")
+            self.revoked = True
+            self.counters["revokes"] += 1
+            self.nic.data_ready = 0
+            self.nic.filter = 0
         elif mtype == lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH:
             if self.version < NVSP_V4:
                 self._fatal(channel, "SWITCH_DATA_PATH before NVSP 4")
+            m = self._need(channel, payload, "struct nvsp_switch_data_path", "SWITCH_DATA_PATH")
+            self._switch_data_path(m.active_datapath == lib.NVSP_DATA_PATH_VF)
             if want_comp:
                 self._complete(channel, pkt.trans_id, b"")
         elif mtype == lib.NVSP_MSG5_TYPE_OID_QUERY_EX:
@@ -696,6 +774,8 @@ class NetvspModel(DeviceModel):
         for extra in self._after_response:
             if lib.uvb_nvsp_post_ctrl(self.nic, extra, len(extra)) != 0:
                 self.counters["ctrl_overflow"] += 1
+        if msg.type == lib.RNDIS_MSG_INIT:
+            self._announce_vf()           # O: right after INIT_CMPLT (RNDIS operational)
         if want_comp:
             self._complete(channel, pkt.trans_id, rndis_pkt_complete(lib.NVSP_STAT_SUCCESS, self.msg_size))
 
@@ -789,7 +869,11 @@ class NetvspModel(DeviceModel):
             rev = 3
             if len(msg.info) >= 4 and msg.info[0] == lib.NDIS_OBJTYPE_OFFLOAD and msg.info[1] in (1, 2, 3):
                 rev = msg.info[1]
-            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev)
+            if oid == lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES:
+                lso4 = lso6 = self.lso_offered
+            else:
+                lso4, lso6 = self.lso_enabled["ipv4"], self.lso_enabled["ipv6"]
+            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev, lso4=lso4, lso6=lso6)
         if oid == lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
             return lib.RNDIS_STATUS_SUCCESS, M.rss_capabilities(self.max_queues)
         return lib.RNDIS_STATUS_NOT_SUPPORTED, b""
@@ -811,10 +895,22 @@ class NetvspModel(DeviceModel):
                 return lib.RNDIS_STATUS_INVALID_DATA
             if params["lso_v1"] == lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED:
                 return lib.RNDIS_STATUS_NOT_SUPPORTED
+            on = lib.NDIS_OFFLOAD_PARAM_LSO_ENABLED
+            want = {k: params[f"lso_v2_{k}"] for k in ("ipv4", "ipv6")}
+            if not self.lso_offered and on in want.values():
+                # like LSOv1 above: an offload this host does not offer cannot be enabled
+                return lib.RNDIS_STATUS_NOT_SUPPORTED
+            for k, v in want.items():          # 0 = no change, 1 = disabled, 2 = enabled
+                if v in (lib.NDIS_OFFLOAD_PARAM_LSO_DISABLED, on):
+                    self.lso_enabled[k] = v == on
+            self.nic.lso_v4 = int(self.lso_enabled["ipv4"])
+            self.nic.lso_v6 = int(self.lso_enabled["ipv6"])
             self.offload_params = params
             # sent after the SET completion, like the reference host's pending_offload_change
             self._after_response.append(
-                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG, M.offload_capabilities(3)))
+                M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG,
+                                    M.offload_capabilities(3, lso4=self.lso_enabled["ipv4"],
+                                                           lso6=self.lso_enabled["ipv6"])))
             return lib.RNDIS_STATUS_SUCCESS
         if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
@@ -893,6 +989,109 @@ class NetvspModel(DeviceModel):
     def _kick_all(self) -> None:
         for entry in list(self._queues.values()):
             entry.channel.poke()
+
+    # ==== accelerated-networking VF (§8) =====================================================
+    def _vf_capable(self) -> bool:
+        """O guest_vf_is_available: NVSP >= 4 and the guest advertised SR-IOV."""
+        return (self.version >= NVSP_V4 and self.ndis_config is not None
+                and bool(self.ndis_config[1] & lib.NVSP_NDIS_CAP_SRIOV))
+
+    def _can_announce(self) -> bool:
+        return (self.state == READY and self.rndis == R_OPERATIONAL and self.nic.priv != ffi.NULL
+                and not self.revoked and not self.nic.dead)
+
+    def _post_host_inband(self, msg: bytes, tid: int) -> None:
+        body = self._nvsp_reply(msg)
+        if lib.uvb_nvsp_post_inband(self.nic, body, len(body), tid, FLAG_COMPLETION_REQUESTED) != 0:
+            self.counters["ctrl_overflow"] += 1
+            return
+        self._host_tids.add(tid)
+        self._poke_primary()
+
+    def _announce_vf(self) -> None:
+        if not self.vf_present or self.vf_advertised or not self._can_announce() or not self._vf_capable():
+            return
+        msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 1, self.vf_serial)
+        self._post_host_inband(msg, VF_ASSOCIATION_TID)
+        self.vf_advertised = True
+        self.counters["vf_associations"] += 1
+        self._offer_vf_pci()
+
+    def _vf_pci_names(self) -> tuple[str, str, str]:
+        """(vPCI instance GUID, PCI address, interface name) of this NIC's VF: the domain is
+        bytes 4-5 of the GUID, as pci-hyperv derives it; device 2, function 0."""
+        vpci = str(uuid.uuid5(uuid.UUID(self.device.device_id), f"vf-{self.vf_serial}"))
+        dom = int(vpci.split("-")[1], 16)
+        return vpci, f"{dom:04x}:00:02.0", f"simvf{self.vf_serial}"
+
+    def _offer_vf_pci(self) -> None:
+        """The VF's PCI function appears once the guest was told about it (O offers the VTL0
+        VF after the association — 1 s later, to keep interface names stable — and keeps it
+        across guest sessions); sysfs only, a Mellanox ConnectX-4 Lx VF with the NIC's MAC."""
+        if self._vf_pci is not None:
+            return
+        vpci, bdf, ifname = self._vf_pci_names()
+        slot = str(self.vf_serial)
+        self.device.vm.tree.add_vpci_function(
+            vpci, bdf, slot=slot, vendor=0x15B3, device=0x1016, cls=0x020000,
+            ifname=ifname, mac=":".join(f"{b:02x}" for b in self.mac))
+        self._vf_pci = (vpci, bdf, ifname, slot)
+
+    def _revoke_vf_pci(self) -> None:
+        if self._vf_pci is None:
+            return
+        vpci, bdf, ifname, slot = self._vf_pci
+        self._vf_pci = None
+        self.device.vm.tree.remove_vpci_function(vpci, bdf, slot=slot, ifname=ifname)
+
+    def _switch_data_path(self, to_vf: bool) -> None:
+        """The guest's SWITCH_DATA_PATH: to the VF only when one was announced."""
+        if to_vf and not self.vf_advertised:
+            self.counters["vf_switch_ignored"] += 1
+            return
+        self.counters["vf_switches"] += 1
+        self.data_path_vf = to_vf
+        self.nic.vf_steer = VF_STEER[self.vf_steer] if to_vf else lib.UVB_NVSP_VF_OFF
+        self._kick_all()
+
+    def vf_add(self, serial: int | None = None) -> None:
+        with self._lock:
+            if serial is not None:
+                if not 0 < serial < 1 << 32:
+                    raise ConfigError("a VF serial is 1..4294967295")
+                if self.vf_present and serial != self.vf_serial:
+                    raise ConfigError(f"a VF (serial {self.vf_serial}) is present: remove it first")
+                self.vf_serial = serial
+            self.vf_present = True
+            self._announce_vf()
+
+    def vf_remove(self) -> None:
+        """O handle_state_change: data path back to synthetic (if switched), then
+        VF_ASSOCIATION {allocated 0}; the PCI function goes after the guest was told."""
+        with self._lock:
+            self.vf_present = False
+            try:
+                self._withdraw_vf()
+            finally:
+                self._revoke_vf_pci()
+
+    def _withdraw_vf(self) -> None:
+        if not self.vf_advertised:
+            return
+        if self.data_path_vf:
+            # the VF is gone: whatever the guest does next, nothing can reach it any more
+            self.data_path_vf = False
+            self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
+            self.counters["vf_switch_backs"] += 1
+            if self._can_announce() and self.vf_remove_mode == "switch_first":
+                msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
+                self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
+            self._kick_all()
+        self.vf_advertised = False
+        if self._can_announce():
+            msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
+            self._post_host_inband(msg, VF_ASSOCIATION_TID)
+            self.counters["vf_associations"] += 1
 
     # ==== link state =======================================================================
     def set_link(self, up: bool) -> None:
@@ -995,12 +1194,22 @@ class NetvspModel(DeviceModel):
                 up = up.lower() not in ("0", "down", "false", "no", "off")
             self.set_link(bool(up))
             return {"link": "up" if up else "down"}
+        if op == "vf":
+            action = str(args.get("action", "")).lower()
+            if action == "add":
+                self.vf_add(int(args["serial"]) if args.get("serial") not in (None, "") else None)
+            elif action == "remove":
+                self.vf_remove()
+            else:
+                raise ConfigError("netvsc vf: action must be add or remove")
+            return self._vf_describe()
         if op == "fault":
             self.set_fault(str(args.get("kind", "")), int(args.get("count", 1)))
             return {"fault": args.get("kind")}
         if op == "inband":
-            self.inject_inband(bytes.fromhex(str(args["payload"])))
-            return {}
+            payload = bytes.fromhex(str(args["payload"]))
+            self.inject_inband(payload)
+            return {"injected_bytes": len(payload)}
         if op == "generator":
             for k in ("size", "flows", "count"):
                 if k in args:
@@ -1019,12 +1228,29 @@ class NetvspModel(DeviceModel):
             self.nic.backend = spec.code
             self._kick_all()
             return {"backend": str(spec)}
+        if op == "max_queues":
+            # the host's queue limit changes (O: max_queues = min(configured, backend queues),
+            # so a new endpoint can change it); applies to the next RSS capabilities answer and
+            # SUBCHANNEL request, not to sub-channels already granted
+            n = int(args.get("max_queues", args.get("value", 0)))
+            if not 1 <= n <= lib.UVB_NVSP_MAX_QUEUES:
+                raise ConfigError(f"max_queues must be 1..{lib.UVB_NVSP_MAX_QUEUES}")
+            with self._lock:
+                self.max_queues = n
+            return {"max_queues": n}
         if op == "stats":
             return self.describe()
-        raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, fault, inband, "
-                          "generator, backend, stats")
+        raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, vf, fault, inband, "
+                          "generator, backend, max_queues, stats")
 
     # ==== reporting ============================================================================
+    def _vf_describe(self) -> dict[str, Any]:
+        return {"vf": {"present": self.vf_present, "serial": self.vf_serial, "advertised": self.vf_advertised,
+                       "data_path": "vf" if self.data_path_vf else "synthetic", "steer": self.vf_steer,
+                       "guest_sriov": self._vf_capable(),
+                       "pci": self._vf_pci[1] if self._vf_pci else None,
+                       "vpci": self._vf_pci[0] if self._vf_pci else None}}
+
     def describe(self) -> dict[str, Any]:
         n = self.nic
         queues = {}
@@ -1036,7 +1262,8 @@ class NetvspModel(DeviceModel):
                 "relid": relid, **{k: int(getattr(q, k)) for k in (
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
-                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts")},
+                    "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf",
+                    "tx_lso", "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
@@ -1049,12 +1276,13 @@ class NetvspModel(DeviceModel):
             "config_params": dict(self.config_params),
             "sub_alloc_size": int(n.sub_size), "sub_allocs": int(n.sub_count),
             "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
-            "filter": self.filter, "rss": bool(n.rss_enabled), "link": "up" if self._link_up else "down",
+            "filter": self.filter, "rss": bool(n.rss_enabled), "lso_offered": self.lso_offered,
+            "lso_enabled": dict(self.lso_enabled), "link": "up" if self._link_up else "down",
             "guest_link": "up" if self._guest_link else "down",
             "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
             "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,
             "faults_injected": int(n.faults_injected), "generated": int(n.gen.generated),
-            "queues": queues, **self.counters, "fatal": self.fatal_messages[-5:],
+            "queues": queues, **self.counters, **self._vf_describe(), "fatal": self.fatal_messages[-5:],
         }}
 
 

@@ -22,7 +22,8 @@ from uvmbus.native import ffi, lib
 __all__ = ["BadRequest", "RssRequest", "RndisRequest", "nvsp_fields", "nvsp_msg_type", "read_rndis_request",
            "read_rss_request", "read_offload_request", "read_config_parameter", "ConfigParameter",
            "AccessError", "query_complete", "set_complete", "init_complete",
-           "keepalive_complete", "status_indication", "rss_capabilities", "offload_capabilities"]
+           "keepalive_complete", "status_indication", "rss_capabilities", "offload_capabilities",
+           "LSO_MAX_SIZE", "LSO_MIN_SEGMENTS"]
 
 
 class BadRequest(ProtocolError):
@@ -238,9 +239,16 @@ def status_indication(status: int, data: bytes = b"") -> bytes:
 _OFFLOAD_SIZE = {1: lib.NDIS_OFFLOAD_SIZE_REV1, 2: lib.NDIS_OFFLOAD_SIZE_REV2, 3: lib.NDIS_OFFLOAD_SIZE_REV3}
 
 
-def offload_capabilities(rev: int) -> bytes:
-    """The host's NDIS_OFFLOAD: IPv4/TCP/UDP checksum both ways (802.3), no LSO, no RSC; cut to
-    the revision the guest asked for."""
+#: LSOv2 as the reference host announces it: maximum 0xF53C (62780) bytes, at least 2
+#: segments, "same as vmswitch" (O; netvsc.md §4.6, §9); IPv6 with extension headers and TCP
+#: options (NDIS_LSOV2_CAP_IP6, what Linux requires before it enables TSO6)
+LSO_MAX_SIZE = 0xF53C
+LSO_MIN_SEGMENTS = 2
+
+
+def offload_capabilities(rev: int, *, lso4: bool = False, lso6: bool = False) -> bytes:
+    """The host's NDIS_OFFLOAD: IPv4/TCP/UDP checksum both ways (802.3), LSOv2 for IPv4 /
+    IPv6 when ``lso4`` / ``lso6``, no RSC; cut to the revision the guest asked for."""
     o = ffi.new("struct ndis_offload *")
     o.hdr.type = lib.NDIS_OBJTYPE_OFFLOAD
     o.hdr.revision = rev
@@ -252,6 +260,16 @@ def offload_capabilities(rev: int) -> bytes:
     c.ip4_txenc = c.ip4_rxenc = c.ip6_txenc = c.ip6_rxenc = lib.NDIS_OFFLOAD_ENCAP_8023
     c.ip4_txcsum = c.ip4_rxcsum = v4
     c.ip6_txcsum = c.ip6_rxcsum = v6
+    lv = o.lsov2
+    if lso4:
+        lv.ip4_encap = lib.NDIS_OFFLOAD_ENCAP_8023
+        lv.ip4_maxsz = LSO_MAX_SIZE
+        lv.ip4_minsg = LSO_MIN_SEGMENTS
+    if lso6:
+        lv.ip6_encap = lib.NDIS_OFFLOAD_ENCAP_8023
+        lv.ip6_maxsz = LSO_MAX_SIZE
+        lv.ip6_minsg = LSO_MIN_SEGMENTS
+        lv.ip6_opts = lib.NDIS_LSOV2_CAP_IP6
     return bytes(ffi.buffer(o))[:_OFFLOAD_SIZE[rev]]
 
 

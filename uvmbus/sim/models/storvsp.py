@@ -22,6 +22,11 @@ Behaviour:
 * **SCSI (§5.3-§5.5)**: REPORT LUNS for any path/target; INQUIRY to a missing LUN answers
   "LU not present" (0x7F), anything else there INVALID_LUN; the disk command table of
   SimpleScsiDisk; the error mapping of ``process_result``; completions in the §5.2 format.
+* **Inquiry / status / reservations**: VPD 0x8F (``odx``), 0xB0-0xB2, 0xCE, 0xCF with
+  OpenVMM's values; GET LBA STATUS from the image's holes; REPORT SUPPORTED OPERATION CODES
+  only with ``rsoc``; PERSISTENT RESERVE IN/OUT with ``pr`` (state per image file, an
+  initiator per controller: storvsp_pr.py); RESERVATION CONFLICT as OpenVMM's
+  ``process_result`` (status 0x18, SRB ERROR, no sense).
 * **Hot add/remove (§5.6)** through the control socket: ENUMERATE_BUS on the primary in Ready
   (version >= 4.2); I/O to a removed LUN gets INVALID_LUN at once.
 * **Faults**: media-error LBA ranges (MEDIUM ERROR sense), a capacity change (UNIT ATTENTION
@@ -48,6 +53,8 @@ import enum
 import itertools
 import struct
 import threading
+import uuid
+import weakref
 from collections import deque
 from typing import Any
 
@@ -63,6 +70,8 @@ from uvmbus.sim.models.storvsp_image import (
     MediaError,
     parse_disk_spec,
 )
+from uvmbus.sim.models.storvsp_pr import READ_CLASS, WRITE_CLASS, PrError, unwatch, watch
+from uvmbus.sim.models.storvsp_pr import TYPES as PR_TYPES
 from uvmbus.units import parse_size
 
 __all__ = ["STORVSC_CLASS_ID", "StorvspModel", "VERSIONS_OPENVMM", "VERSIONS_HYPERV"]
@@ -104,7 +113,7 @@ SRB_NO_HBA, SRB_DATA_OVERRUN, SRB_BAD_SRB_BLOCK_LENGTH, SRB_REQUEST_FLUSHED = 0x
 SRB_INVALID_LUN, SRB_INVALID_TARGET_ID, SRB_BAD_FUNCTION = 0x20, 0x21, 0x22
 SRB_AUTOSENSE_VALID = 0x80
 
-GOOD, CHECK_CONDITION = 0x00, 0x02
+GOOD, CHECK_CONDITION, RESERVATION_CONFLICT = 0x00, 0x02, 0x18
 DATA_OUT = 0            # data_in == 0: the host reads guest memory
 
 # §5.2 convert_srb_status_to_nt_status
@@ -125,6 +134,7 @@ KEY_UNIT_ATTENTION, KEY_DATA_PROTECT = 0x6, 0x7
 ASC_INVALID_COMMAND, ASC_ILLEGAL_BLOCK, ASC_INVALID_CDB = 0x20, 0x21, 0x24
 ASC_INVALID_PARAM_LIST, ASC_WRITE_PROTECT, ASC_CAPACITY_CHANGED = 0x26, 0x27, 0x2A
 ASC_UNRECOVERED_READ, ASC_WRITE_FAULT = 0x11, 0x03
+ASC_PARAM_LIST_LENGTH = 0x1A
 
 MAX_TRANSFER_DISK = 8 * 1024 * 1024        # SimpleScsiDisk max transfer length
 MAX_UNMAP_DESCRIPTORS = 4096
@@ -137,6 +147,10 @@ def _disk_max_transfer(disk: ImageDisk) -> int:
     return MAX_TRANSFER_DISK if mx is None else min(mx, MAX_TRANSFER_DISK)
 
 VENDOR, PRODUCT, REVISION = b"Msft    ", b"Virtual Disk    ", b"1.0 "
+#: VPD 0xCF signature (OpenVMM inquiry.rs handle_vpd_msft_virtual_device_properties)
+MSFT_VDP_SIGNATURE = uuid.UUID("89a98f15-c928-4d8b-94cd-ef51faa99d33")
+#: ODX: bytes per offload (OpenVMM inquiry.rs VHDMP_MAX_BYTES_PER_OFFLOAD)
+ODX_MAX_BYTES = 64 * 1024 * 1024
 MSFT_OUI = 0x002248
 SRB_LEN = 52
 HDR = 12
@@ -251,10 +265,12 @@ class StorvspModel(DeviceModel):
         self._create_done = False
         self._rescan_pending = False
         self._malformed: deque[str] = deque()
+        self._pr_tokens: dict[int, int] = {}
         self.counters: dict[str, int] = {
             "fatal_errors": 0, "srbs_python": 0, "init_ops": 0, "invalid_state": 0,
             "enumerate_bus_sent": 0, "hot_adds": 0, "hot_removes": 0, "media_errors_reported": 0,
             "unit_attentions": 0, "resets": 0, "malformed_sent": 0, "over_max_transfer": 0,
+            "reservation_conflicts": 0,
         }
         self.fatal_messages: list[str] = []
         for spec in disks:
@@ -285,22 +301,39 @@ class StorvspModel(DeviceModel):
             disk = ImageDisk(spec)
             self.table.disks[n] = disk
             self._names[n] = f"simsd{_disk_name(next(_disk_names))}"
+            if disk.pr is not None:
+                self._pr_tokens[id(disk)] = watch(disk.pr, self, _PrWatcher(self, disk))
             self._sync_native(n)
             if notify:
                 self.counters["hot_adds"] += 1
                 self._notify_rescan()
         return n
 
-    def detach(self, lun: int) -> None:
-        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once."""
+    def detach(self, lun: int) -> ImageDisk:
+        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once.  Returns it."""
         with self._lock:
             disk = self.table.disks.pop(lun, None)
             if disk is None:
                 raise ConfigError(f"storvsc: no disk at LUN {lun}")
             self._sync_native(lun)
+            if disk.pr is not None:
+                unwatch(disk.pr, self._pr_tokens.pop(id(disk), 0))
             self._retired.append(disk)       # a pump may still be using its fd
             self.counters["hot_removes"] += 1
             self._notify_rescan()
+            return disk
+
+    def _pr_changed(self, disk: ImageDisk) -> None:
+        """A reservation appeared or went (maybe through another controller): commands to the
+        LUN take the Python path, which checks it, while one exists."""
+        for lun, d in list(self.table.disks.items()):
+            if d is disk:
+                lib.uvb_vsp_set_slow(self._vsp, lun, 1 if d.slow else 0)
+
+    @property
+    def initiator(self) -> str:
+        """This controller's initiator identity for persistent reservations (storvsp_pr.py)."""
+        return f"vmbus-scsi:{self.device.device_id}"
 
     def _notify_rescan(self) -> None:
         """§5.6: one notification to the primary worker (repeats coalesce)."""
@@ -321,8 +354,9 @@ class StorvspModel(DeviceModel):
             lun = self.attach(str(args["spec"]), None if args.get("lun") is None else int(args["lun"]))
             return {"lun": lun}
         if op == "detach":
-            self.detach(int(args["lun"]))
-            return {}
+            lun = int(args["lun"])
+            return {"detached_lun": lun, "disk": self.detach(lun).describe(),
+                    "luns_left": sorted(self.table.disks)}
         if op in ("media_error", "clear_media_errors", "resize"):
             lun = int(args.get("lun", 0))
             with self._lock:
@@ -711,6 +745,19 @@ class StorvspModel(DeviceModel):
                 self._sync_native_locked(lun)
                 raise _Check(SRB_ERROR, CHECK_CONDITION, KEY_UNIT_ATTENTION, ASC_CAPACITY_CHANGED, 0x09)
         buflen = 0 if rng is None else rng[0]
+        if disk.pr is not None:
+            key = 0x9E12 if op == 0x9E and cdb[1] & 0x1F == 0x12 else op
+            cls = "write" if key in WRITE_CLASS else "read" if key in READ_CLASS else ""
+            if cls:
+                try:
+                    disk.pr.check_access(self.initiator, cls)
+                except PrError:
+                    self.counters["reservation_conflicts"] += 1
+                    raise _Check(SRB_ERROR, RESERVATION_CONFLICT) from None
+        if op in (0x5E, 0x5F):
+            return self._persistent_reserve(disk, srb, rng, cdb, buflen)
+        if op == 0xA3 and cdb[1] & 0x1F == 0x0C and disk.spec.rsoc:
+            return self._report_opcodes(disk, srb, rng, cdb, buflen)
         if op in (0x00, 0x04, 0x16, 0x17, 0x1E):      # TUR, FORMAT, RESERVE, RELEASE, PREVENT
             return 0
         if op == 0x03:
@@ -735,7 +782,9 @@ class StorvspModel(DeviceModel):
                                    0x80 if disk.unmap_supported else 0).ljust(32, b"\0")
                 return self._to_guest(srb, rng, data[:min(buflen, 32)])
             if sa == 0x12:
-                raise _illegal(ASC_INVALID_COMMAND)
+                if not disk.spec.lba_status:
+                    raise _illegal(ASC_INVALID_COMMAND)
+                return self._get_lba_status(disk, srb, rng, cdb, buflen)
             raise _illegal(ASC_INVALID_CDB)
         if op in (0x08, 0x0A, 0x28, 0x2A, 0xA8, 0xAA, 0x88, 0x8A):
             return self._read_write(disk, srb, rng, cdb, buflen)
@@ -793,8 +842,8 @@ class StorvspModel(DeviceModel):
             return self._to_guest(srb, rng, bytes(std[:min(alloc, 104)]))
         if alloc < 4:
             raise _illegal(ASC_INVALID_CDB)
-        pages = [0x00] + ([0x80] if disk.serial else []) + [0x83] + \
-            ([0xB0, 0xB1, 0xB2] if disk.unmap_supported else [])
+        pages = [0x00, 0x83, 0xCE, 0xCF] + ([0x80] if disk.serial else []) + \
+            ([0x8F] if disk.spec.odx else []) + ([0xB0, 0xB1, 0xB2] if disk.unmap_supported else [])
         if page not in pages:
             raise _illegal(ASC_INVALID_CDB)
         if page == 0x00:
@@ -807,16 +856,28 @@ class StorvspModel(DeviceModel):
             naa = (6 << 124) | (MSFT_OUI << 100) | (ident & ((1 << 100) - 1))
             body = bytes([0x02, 0x01, 0, len(t10)]) + t10 + bytes([0x01, 0x03, 0, 16]) + \
                 naa.to_bytes(16, "big")
+        elif page == 0x8F:
+            # one Block Device ROD Token Limits descriptor (type 0, 32 bytes) with Microsoft's
+            # signature bytes, 8 range descriptors, 64 MiB per token (OpenVMM inquiry.rs)
+            n = ODX_MAX_BYTES >> disk.block_shift
+            body = struct.pack(">HHBBBB2xHIIQQ", 0, 32, 0x4D, 0x1F, 0x83, 0x84, 8, 0, 0, n, n)
         elif page == 0xB0:
             bs = disk.block_size
             mx = _disk_max_transfer(disk) // bs
+            # UGAVALID set with alignment 0, as OpenVMM's handle_vpd_block_limits
             body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, mx, 0, 0,
-                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, max(1, 4096 // bs), 0,
+                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, max(1, 4096 // bs), 0x80000000,
                                mx).ljust(0x3C, b"\0")
         elif page == 0xB1:
-            body = struct.pack(">H", 1).ljust(0x3C, b"\0")     # non-rotating
-        else:   # 0xB2: thin, LBPU
-            body = bytes([0, 0x80, 0x02, 0])
+            body = struct.pack(">H", disk.spec.rotation).ljust(0x3C, b"\0")
+        elif page == 0xB2:
+            # threshold exponent: smallest e >= 1 with blocks >> e < 2**32; LBPU; thin
+            thr = max(1, ((disk.nblocks >> 32) - 1).bit_length() if disk.nblocks >> 32 else 0)
+            body = bytes([thr, 0x80, 0x02, 0])
+        elif page == 0xCE:        # Microsoft paging-extent properties: version 1, mode select ext
+            body = bytes([1, 1, 0, 0])
+        else:                     # 0xCF Microsoft virtual-device properties: version 1, flags 0
+            body = bytes([1, 0, 0, 0]) + MSFT_VDP_SIGNATURE.bytes_le
         data = bytes([0, page]) + struct.pack(">H", len(body)) + body
         return self._to_guest(srb, rng, data[:alloc])
 
@@ -831,7 +892,9 @@ class StorvspModel(DeviceModel):
         pc, page = cdb[2] >> 6, cdb[2] & 0x3F
         if pc == 3 or page not in (0x08, 0x3F):
             raise _illegal(ASC_INVALID_CDB)
-        caching = bytes([0x08, 0x0A, 0x04 if disk.write_cache else 0]) + bytes(9)
+        # WCE only in current / default values (pc 0 / 2), as OpenVMM's handle_mode_sense
+        wce = 0x04 if disk.write_cache and pc in (0, 2) else 0
+        caching = bytes([0x08, 0x0A, wce]) + bytes(9)
         dsp = (0x80 if disk.readonly else 0) | 0x10
         total = hdr + len(caching)
         header = bytes([total - 1, 0, dsp, 0]) if six else struct.pack(">HBBHH", total - 2, 0, dsp, 0, 0)
@@ -851,6 +914,122 @@ class StorvspModel(DeviceModel):
         if len(page) < 12 or page[0] & 0x3F != 0x08 or bool(page[2] & 0x04) != disk.write_cache:
             raise _illegal(ASC_INVALID_PARAM_LIST)
         return 0
+
+    def _get_lba_status(self, disk: ImageDisk, srb: Any, rng: Any, cdb: bytes, buflen: int) -> int:
+        """GET LBA STATUS with OpenVMM's checks (getlbastatus.rs): start beyond the end ->
+        ILLEGAL BLOCK; allocation length != buffer -> INVALID CDB; 0 -> nothing; < 24 ->
+        INVALID CDB.  Descriptors from the image's holes, to the end of the disk or as
+        many as fit."""
+        lba = struct.unpack_from(">Q", cdb, 2)[0]
+        alloc = struct.unpack_from(">I", cdb, 10)[0]
+        if lba >= disk.nblocks:
+            raise _illegal(ASC_ILLEGAL_BLOCK)
+        if alloc != buflen:
+            raise _illegal(ASC_INVALID_CDB)
+        if alloc == 0:
+            return 0
+        if alloc < 24:
+            raise _illegal(ASC_INVALID_CDB)
+        room = (alloc - 8) // 16
+        desc = b""
+        for start, count, mapped in disk.allocation(lba, disk.nblocks - lba):
+            while count and room:
+                n = min(count, 0xFFFFFFFF)
+                desc += struct.pack(">QIB3x", start, n, 0 if mapped else 1)
+                start, count, room = start + n, count - n, room - 1
+            if not room:
+                break
+        return self._to_guest(srb, rng, struct.pack(">I4x", len(desc) + 4) + desc)
+
+    def _opcode_table(self, disk: ImageDisk) -> list[tuple[int, int | None]]:
+        """(opcode, service action) of every command this disk answers."""
+        ops: list[tuple[int, int | None]] = [(op, None) for op in (
+            0x00, 0x03, 0x04, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x1D, 0x1E, 0x25,
+            0x28, 0x2A, 0x2E, 0x2F, 0x35, 0x41, 0x55, 0x5A, 0x88, 0x8A, 0x8E, 0x8F, 0x91, 0x93,
+            0xA0, 0xA8, 0xAA, 0xAE, 0xAF)]
+        if disk.unmap_supported:
+            ops.append((0x42, None))
+        ops.append((0x9E, 0x10))
+        if disk.spec.lba_status:
+            ops.append((0x9E, 0x12))
+        if disk.pr is not None:
+            ops += [(0x5E, sa) for sa in (0, 1, 2, 3)] + [(0x5F, sa) for sa in (0, 1, 2, 3, 4, 5, 6)]
+        ops.append((0xA3, 0x0C))
+        return sorted(ops, key=lambda o: (o[0], -1 if o[1] is None else o[1]))
+
+    def _report_opcodes(self, disk: ImageDisk, srb: Any, rng: Any, cdb: bytes, buflen: int) -> int:
+        """REPORT SUPPORTED OPERATION CODES (SPC-4 6.35), only with the ``rsoc`` disk option:
+        Hyper-V and OpenVMM refuse it (see storvsp_image.py)."""
+        opts, op = cdb[2] & 7, cdb[3]
+        sa = struct.unpack_from(">H", cdb, 4)[0]
+        alloc = struct.unpack_from(">I", cdb, 6)[0]
+        if alloc > buflen or cdb[2] & 0x80:          # RCTD (timeouts) not supported
+            raise _illegal(ASC_INVALID_CDB)
+        table = self._opcode_table(disk)
+        if opts == 0:
+            body = b"".join(struct.pack(">BxHxBH", o, s or 0, 1 if s is not None else 0,
+                                        _cdb_len(o)) for o, s in table)
+            data = struct.pack(">I", len(body)) + body
+        elif opts in (1, 2, 3):
+            has_sa = any(o == op and s is not None for o, s in table)
+            if (opts == 1 and has_sa) or (opts == 2 and not has_sa):
+                raise _illegal(ASC_INVALID_CDB)
+            want = sa if has_sa else None
+            support = 3 if (op, want) in table else 1
+            n = _cdb_len(op)
+            usage = bytes([op]) + b"\xff" * (n - 1) if support == 3 else b""
+            data = struct.pack(">BBH", 0, support, len(usage)) + usage
+        else:
+            raise _illegal(ASC_INVALID_CDB)
+        return self._to_guest(srb, rng, data[:alloc])
+
+    def _persistent_reserve(self, disk: ImageDisk, srb: Any, rng: Any, cdb: bytes, buflen: int) -> int:
+        """PERSISTENT RESERVE IN/OUT (OpenVMM reservation.rs checks; state: storvsp_pr.py)."""
+        pr = disk.pr
+        sa = cdb[1] & 0x1F
+        if cdb[0] == 0x5E:
+            alloc = struct.unpack_from(">H", cdb, 7)[0]
+            if alloc > buflen:
+                raise _illegal(ASC_INVALID_CDB)
+            if pr is None:                         # no PR-capable backend
+                raise _illegal(ASC_INVALID_COMMAND)
+            if sa == 2:                            # REPORT CAPABILITIES
+                if alloc < 8:
+                    raise _illegal(ASC_INVALID_CDB)
+                # ATP_C; TMV; every type (types mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC,
+                # WR_EX / EX_AC_AR)
+                data = struct.pack(">HBBBB2x", 8, 0x04, 0x80, 0xEA, 0x01)
+            elif sa in (0, 1, 3):
+                if alloc < 8:
+                    raise _illegal(ASC_INVALID_CDB)
+                data = {0: pr.read_keys, 1: pr.read_reservation, 3: pr.read_full_status}[sa]()
+            else:
+                raise _illegal(ASC_INVALID_CDB)
+            return self._to_guest(srb, rng, data[:alloc])
+        scope, ptype = cdb[2] >> 4, cdb[2] & 0x0F
+        plen = struct.unpack_from(">I", cdb, 5)[0]
+        if scope != 0 and sa not in (0, 3, 6, 7):
+            raise _illegal(ASC_INVALID_CDB)
+        if pr is None:
+            raise _illegal(ASC_INVALID_COMMAND)
+        if buflen < 24:
+            raise _illegal(ASC_INVALID_CDB)
+        params = self._from_guest(srb, rng, 24)
+        key, sa_key = struct.unpack_from(">QQ", params, 0)
+        if params[20] & 0x08:                      # SPEC_I_PT (APTPL: ignored, PTPL_C = 0)
+            raise _illegal(ASC_INVALID_PARAM_LIST)
+        if plen != 24 and sa != 7:
+            raise _illegal(ASC_PARAM_LIST_LENGTH)
+        if sa in (1, 2, 4, 5) and ptype not in PR_TYPES:
+            raise _illegal(ASC_INVALID_CDB)        # checked before the state, as OpenVMM
+        try:
+            pr.out(self.initiator, sa, ptype, key, sa_key)
+        except PrError as e:
+            if e.conflict:
+                self.counters["reservation_conflicts"] += 1
+                raise _Check(SRB_ERROR, RESERVATION_CONFLICT) from None
+            raise _Check(SRB_INVALID_REQUEST, CHECK_CONDITION, KEY_ILLEGAL_REQUEST, e.asc, e.ascq) from None
+        return 24                                  # OpenVMM reports the parameter list moved
 
     @staticmethod
     def _range(disk: ImageDisk, lba: int, blocks: int) -> None:
@@ -945,3 +1124,21 @@ def _disk_name(n: int) -> str:
         s = chr(ord("a") + r) + s
     return s
 
+
+
+def _cdb_len(op: int) -> int:
+    """CDB length from the opcode's group code (SPC-4 4.2.5.1)."""
+    return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(op >> 5, 16)
+
+
+class _PrWatcher:
+    """Calls ``model._pr_changed(disk)`` while the model lives (holds it weakly: the shared
+    reservation state outlives a model)."""
+
+    def __init__(self, model: StorvspModel, disk: ImageDisk) -> None:
+        self.model, self.disk = weakref.ref(model), disk
+
+    def __call__(self) -> None:
+        m = self.model()
+        if m is not None:
+            m._pr_changed(self.disk)

@@ -3,6 +3,7 @@
 Spec syntax (``uvmbus sim --disk SPEC``)::
 
     IMAGE[:ro][:bs=512|4096][:size=SIZE][:lun=N][:serial=TEXT][:nounmap][:maxxfer=SIZE]
+         [:pr][:odx][:rsoc][:nolbastatus][:rotation=N]
 
 * ``IMAGE`` is a raw image.  With ``size=`` a missing file is created sparse with that size
   (``new.img:size=1G``); an existing file must already have that size.
@@ -14,6 +15,16 @@ Spec syntax (``uvmbus sim --disk SPEC``)::
 * ``maxxfer=SIZE`` lowers the LUN's MAXIMUM TRANSFER LENGTH in VPD 0xB0 (default 8 MiB,
   OpenVMM's SimpleScsiDisk); a READ/WRITE longer than it fails with ILLEGAL REQUEST /
   INVALID FIELD IN CDB, as SBC-3 §6.6.4 (Block Limits VPD page) prescribes.
+* ``pr`` supports SCSI-3 persistent reservations (a Hyper-V *shared* VHDX, or an OpenVMM
+  disk whose backend has ``pr()``); the state is shared by every LUN on the same file
+  (storvsp_pr.py).  Without it PERSISTENT RESERVE IN/OUT fail ILLEGAL REQUEST / 0x20.
+* ``odx`` reports VPD 0x8F (third-party copy: OpenVMM's ``odx`` parameter, default off).
+* ``rsoc`` answers REPORT SUPPORTED OPERATION CODES with the model's command table.  Hyper-V
+  and OpenVMM do not (ILLEGAL REQUEST / 0x20; Linux sets no_report_opcodes for storvsc):
+  a test option, off by default.
+* ``nolbastatus`` refuses GET LBA STATUS (OpenVMM's default: ``get_lba_status`` off).  By
+  default it answers from the image file's holes (SEEK_HOLE/SEEK_DATA).
+* ``rotation=N`` sets the VPD 0xB1 MEDIUM ROTATION RATE (default 1, non-rotating).
 
 Data moves between the file and guest RAM in C (``uvb_vsp_rw``: preadv/pwritev straight
 into the guest-RAM mapping after every PFN was bounds-checked).
@@ -30,6 +41,7 @@ from typing import Any
 
 from uvmbus.errors import ConfigError, from_oserror
 from uvmbus.native import ffi, lib
+from uvmbus.sim.models.storvsp_pr import pr_state_for
 from uvmbus.units import parse_size
 
 __all__ = ["DiskSpec", "ImageDisk", "parse_disk_spec"]
@@ -48,6 +60,11 @@ class DiskSpec:
     unmap: bool = True
     #: MAXIMUM TRANSFER LENGTH in bytes (None: the model's default)
     max_transfer: int | None = None
+    pr: bool = False
+    odx: bool = False
+    rsoc: bool = False
+    lba_status: bool = True
+    rotation: int = 1
 
 
 def parse_disk_spec(text: str) -> DiskSpec:
@@ -79,9 +96,22 @@ def parse_disk_spec(text: str) -> DiskSpec:
             spec.serial = val
         elif key == "maxxfer":
             spec.max_transfer = parse_size(val, what="maxxfer", allow_zero=False)
+        elif key in ("pr", "odx", "rsoc") and not val:
+            setattr(spec, key, True)
+        elif key == "nolbastatus" and not val:
+            spec.lba_status = False
+        elif key == "rotation":
+            try:
+                spec.rotation = int(val, 0)
+            except ValueError:
+                spec.rotation = -1
+            if not 0 <= spec.rotation <= 0xFFFE:
+                raise ConfigError(f"disk spec {text!r}: rotation must be 0 (not reported), 1 "
+                                  "(non-rotating) or an RPM up to 65534")
         else:
             raise ConfigError(f"disk spec {text!r}: unknown option {opt!r} (known: ro, bs=512|4096, "
-                              "size=SIZE, lun=N, serial=TEXT, nounmap, maxxfer=SIZE)")
+                              "size=SIZE, lun=N, serial=TEXT, nounmap, maxxfer=SIZE, pr, odx, rsoc, "
+                              "nolbastatus, rotation=N)")
     if spec.max_transfer is not None and spec.max_transfer % spec.block_size:
         raise ConfigError(f"disk spec {text!r}: maxxfer must be a multiple of the "
                           f"{spec.block_size}-byte block size")
@@ -134,6 +164,8 @@ class ImageDisk:
                               f"the {self.block_size}-byte block size")
         self.nblocks = size // self.block_size
         self.closed = False
+        #: persistent reservations (shared by every LUN on this file), None without ``pr``
+        self.pr = pr_state_for(self.fd) if spec.pr else None
         #: read-only shared mappings (reads are one memcpy from the page cache); older ones
         #: stay mapped until close, a pump may still be reading through them
         self.maps: list[tuple[Any, int]] = []
@@ -175,8 +207,9 @@ class ImageDisk:
     @property
     def slow(self) -> bool:
         """Commands must take the Python path (media errors, a pending unit attention, a
-        transfer limit below the one the C path assumes)."""
-        return bool(self.media_errors) or self.unit_attention or self.spec.max_transfer is not None
+        transfer limit below the one the C path assumes, a persistent reservation to check)."""
+        return (bool(self.media_errors) or self.unit_attention or self.spec.max_transfer is not None
+                or (self.pr is not None and self.pr.reserved))
 
     def media_error(self, lba: int, blocks: int, kind: str) -> bool:
         return any(m.hits(lba, blocks, kind) for m in self.media_errors)
@@ -213,6 +246,44 @@ class ImageDisk:
                 os.pwrite(self.fd, chunk[:n], off + done)
                 done += n
 
+    def allocation(self, lba: int, blocks: int) -> list[tuple[int, int, bool]]:
+        """``(lba, count, mapped)`` runs covering ``[lba, lba + blocks)`` from the file's
+        data and holes (SEEK_DATA/SEEK_HOLE).  A block partly in data counts as mapped; a
+        file system without hole reporting shows everything mapped."""
+        bs = self.block_size
+        first, last = lba, lba + blocks
+        end = last * bs
+        mapped: list[tuple[int, int]] = []          # block ranges holding data
+        pos = first * bs
+        while pos < end:
+            try:
+                d0 = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:                          # ENXIO: only holes from here on
+                break
+            if d0 >= end:
+                break
+            try:
+                d1 = os.lseek(self.fd, d0, os.SEEK_HOLE)
+            except OSError:
+                d1 = end
+            d1 = min(max(d1, d0 + 1), end)
+            b0, b1 = max(first, d0 // bs), -(-d1 // bs)
+            if mapped and mapped[-1][1] >= b0:
+                mapped[-1] = (mapped[-1][0], max(mapped[-1][1], b1))
+            else:
+                mapped.append((b0, b1))
+            pos = b1 * bs
+        runs: list[tuple[int, int, bool]] = []
+        cur = first
+        for b0, b1 in mapped:
+            if b0 > cur:
+                runs.append((cur, b0 - cur, False))
+            runs.append((b0, b1 - b0, True))
+            cur = b1
+        if cur < last:
+            runs.append((cur, last - cur, False))
+        return runs
+
     def resize(self, size: int) -> None:
         """Grow the image (a live disk only grows: a shrink under a mapping could fault);
         the next command gets UNIT ATTENTION / CAPACITY DATA HAS CHANGED."""
@@ -239,6 +310,8 @@ class ImageDisk:
     def describe(self) -> dict[str, Any]:
         return {"image": str(self.path), "size": self.size, "block_size": self.block_size,
                 "readonly": self.readonly, "unmap": self.unmap_supported,
+                "pr": self.pr is not None, "odx": self.spec.odx, "rsoc": self.spec.rsoc,
+                "lba_status": self.spec.lba_status, "rotation": self.spec.rotation,
                 "media_errors": [[m.start, m.count, sorted(m.kinds)] for m in self.media_errors]}
 
 
