@@ -565,3 +565,20 @@ def test_bench_cli_compares_rsc_off_and_on(rsim):
     r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "bench", dev, "--root", str(rsim.root),
                         "--mode", "fwd", "--rsc", "on"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--mode rx" in r.stderr
+
+
+def test_net_info_shows_rsc(rsim):
+    import json
+    import subprocess
+    import sys
+    for index, ask, want in ((0, True, "on"), (0, False, "off (the host offers it"), (2, True, "off (the host does not")):
+        dev = rsim.device("netvsc", index)["device_id"]
+        r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "info", dev, "--root", str(rsim.root),
+                            "--stats", *(["--rsc"] if ask else [])], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"RSC: {want}" in r.stdout and "rx_rsc_frames 0" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "info", rsim.device("netvsc", 0)["device_id"],
+                        "--root", str(rsim.root), "--rsc", "--stats", "--json"], capture_output=True, text=True,
+                       timeout=60)
+    d = json.loads(r.stdout)
+    assert d["rsc"] and d["rsc_requested"] and d["offloads"]["rsc"] and "rx_rsc_errors" in d["guest_stats"]
