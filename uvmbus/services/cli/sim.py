@@ -344,7 +344,12 @@ def _ctl(args: argparse.Namespace) -> int:
     reply.pop("ok", None)
     if args.json:                   # always one JSON document, also for ping/stop/fault...
         print(json.dumps({"ok": True, **reply}, indent=2))
-    elif reply and args.request in ("ping", "stats", "devices", "kernel", "model", "link", "vf"):
+    elif args.request in ("model", "link", "vf"):
+        # what was done, per device, even when the model has nothing more to say
+        what = {"model": " ".join(a[1:2]), "link": f"link {a[1]}", "vf": f"vf {a[1]}"}[args.request]
+        for dev, res in (reply.get("results") or {}).items():
+            print("\n".join([f"{dev} ({what}):", *_human(res, "  ")]) if res else f"{dev}: {what} done")
+    elif reply and args.request in ("ping", "stats", "devices", "kernel"):
         print("\n".join(_human(reply)))
     else:
         print("ok")

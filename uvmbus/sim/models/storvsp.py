@@ -71,6 +71,7 @@ from uvmbus.sim.models.storvsp_image import (
     parse_disk_spec,
 )
 from uvmbus.sim.models.storvsp_pr import READ_CLASS, WRITE_CLASS, PrError, unwatch, watch
+from uvmbus.sim.models.storvsp_pr import TYPES as PR_TYPES
 from uvmbus.units import parse_size
 
 __all__ = ["STORVSC_CLASS_ID", "StorvspModel", "VERSIONS_OPENVMM", "VERSIONS_HYPERV"]
@@ -308,8 +309,8 @@ class StorvspModel(DeviceModel):
                 self._notify_rescan()
         return n
 
-    def detach(self, lun: int) -> None:
-        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once."""
+    def detach(self, lun: int) -> ImageDisk:
+        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once.  Returns it."""
         with self._lock:
             disk = self.table.disks.pop(lun, None)
             if disk is None:
@@ -320,6 +321,7 @@ class StorvspModel(DeviceModel):
             self._retired.append(disk)       # a pump may still be using its fd
             self.counters["hot_removes"] += 1
             self._notify_rescan()
+            return disk
 
     def _pr_changed(self, disk: ImageDisk) -> None:
         """A reservation appeared or went (maybe through another controller): commands to the
@@ -352,8 +354,9 @@ class StorvspModel(DeviceModel):
             lun = self.attach(str(args["spec"]), None if args.get("lun") is None else int(args["lun"]))
             return {"lun": lun}
         if op == "detach":
-            self.detach(int(args["lun"]))
-            return {}
+            lun = int(args["lun"])
+            return {"detached_lun": lun, "disk": self.detach(lun).describe(),
+                    "luns_left": sorted(self.table.disks)}
         if op in ("media_error", "clear_media_errors", "resize"):
             lun = int(args.get("lun", 0))
             with self._lock:
@@ -861,9 +864,11 @@ class StorvspModel(DeviceModel):
         elif page == 0xB0:
             bs = disk.block_size
             mx = _disk_max_transfer(disk) // bs
-            # UGAVALID set with alignment 0, as OpenVMM's handle_vpd_block_limits
+            # OPTIMAL UNMAP GRANULARITY 1 (OpenVMM's optimal_unmap_sectors default, "non-zero
+            # or the guest will think unmap is not supported"), UGAVALID with alignment 0, as
+            # OpenVMM's handle_vpd_block_limits
             body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, mx, 0, 0,
-                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, max(1, 4096 // bs), 0x80000000,
+                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, 1, 0x80000000,
                                mx).ljust(0x3C, b"\0")
         elif page == 0xB1:
             body = struct.pack(">H", disk.spec.rotation).ljust(0x3C, b"\0")
@@ -1013,11 +1018,12 @@ class StorvspModel(DeviceModel):
             raise _illegal(ASC_INVALID_CDB)
         params = self._from_guest(srb, rng, 24)
         key, sa_key = struct.unpack_from(">QQ", params, 0)
-        flags = params[20]
-        if flags & 0x08 or flags & 0x01:           # SPEC_I_PT, APTPL (PTPL_C = 0)
+        if params[20] & 0x08:                      # SPEC_I_PT (APTPL: ignored, PTPL_C = 0)
             raise _illegal(ASC_INVALID_PARAM_LIST)
-        if plen != 24:
+        if plen != 24 and sa != 7:
             raise _illegal(ASC_PARAM_LIST_LENGTH)
+        if sa in (1, 2, 4, 5) and ptype not in PR_TYPES:
+            raise _illegal(ASC_INVALID_CDB)        # checked before the state, as OpenVMM
         try:
             pr.out(self.initiator, sa, ptype, key, sa_key)
         except PrError as e:
@@ -1025,7 +1031,7 @@ class StorvspModel(DeviceModel):
                 self.counters["reservation_conflicts"] += 1
                 raise _Check(SRB_ERROR, RESERVATION_CONFLICT) from None
             raise _Check(SRB_INVALID_REQUEST, CHECK_CONDITION, KEY_ILLEGAL_REQUEST, e.asc, e.ascq) from None
-        return 0
+        return 24                                  # OpenVMM reports the parameter list moved
 
     @staticmethod
     def _range(disk: ImageDisk, lba: int, blocks: int) -> None:
