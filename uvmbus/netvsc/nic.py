@@ -657,12 +657,16 @@ class Nic:
                                        "offload_indications": 0, "network_changes": 0,
                                        "vf_host_switches": 0, "vf_switch_backs": 0}
         # the VF of this session: the host announces it again after every (re)initialisation
+        # (on_vf_change hears of the reset, so add/remove calls stay paired)
+        had_vf = getattr(self, "vf_allocated", False) or getattr(self, "data_path", 0) == P.DATA_PATH_VF
         self.sriov = False
         self.vf_allocated = False
         self.vf_serial: int | None = None
         self.data_path = P.DATA_PATH_SYNTHETIC
         self._async_tids: set[int] = set()       # our own switch-backs sent from the dispatcher
         self._switch_back_owed = False
+        if had_vf:
+            self._fire_vf()
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
         #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments;
