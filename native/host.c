@@ -194,12 +194,36 @@ int uvb_host_notify_set(struct uvb_host_notify *n, const int32_t *fds, uint32_t 
 {
     if (count > UVB_HOST_MAX_NOTIFY)
         return UVB_EINVAL;
-    spin_lock(&n->lock);
+    /* writer: take the update flag, then wait for the deliveries under way (they
+     * may be inside write(): yield, do not spin against a preempted thread) */
+    while (__atomic_exchange_n(&n->lock, 1u, __ATOMIC_SEQ_CST))
+        sched_yield();
+    while (__atomic_load_n(&n->readers, __ATOMIC_SEQ_CST))
+        sched_yield();
     for (uint32_t i = 0; i < count; i++)
         n->fds[i] = fds[i];
     n->count = count;
-    spin_unlock(&n->lock);
+    __atomic_store_n(&n->lock, 0u, __ATOMIC_RELEASE);
     return 0;
+}
+
+/* A delivery enters as a reader: announce, then check for an update (both
+ * sequentially consistent, so the update sees us or we see it). */
+static void notify_enter(struct uvb_host_notify *n)
+{
+    for (;;) {
+        __atomic_fetch_add(&n->readers, 1u, __ATOMIC_SEQ_CST);
+        if (!__atomic_load_n(&n->lock, __ATOMIC_SEQ_CST))
+            return;
+        __atomic_fetch_sub(&n->readers, 1u, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&n->lock, __ATOMIC_ACQUIRE))
+            sched_yield();
+    }
+}
+
+static void notify_leave(struct uvb_host_notify *n)
+{
+    __atomic_fetch_sub(&n->readers, 1u, __ATOMIC_RELEASE);
 }
 
 int uvb_host_interrupt(struct uvb_host_irq *irq)
@@ -222,16 +246,17 @@ int uvb_host_interrupt(struct uvb_host_irq *irq)
     struct uvb_host_notify *n = irq->notify;
     if (n) {
         uint64_t one = 1;
-        spin_lock(&n->lock);
-        for (uint32_t i = 0; i < n->count; i++) {
+        notify_enter(n);
+        uint32_t count = n->count;
+        for (uint32_t i = 0; i < count; i++) {
             ssize_t w;
             do {
                 w = write(n->fds[i], &one, sizeof one);
             } while (w < 0 && errno == EINTR);
             if (w == (ssize_t)sizeof one)
-                n->delivered++;
+                __atomic_fetch_add(&n->delivered, 1, __ATOMIC_RELAXED);
         }
-        spin_unlock(&n->lock);
+        notify_leave(n);
     }
     __atomic_fetch_add(&irq->count, 1, __ATOMIC_RELAXED);
     return 1;

@@ -74,12 +74,18 @@ int uvb_host_set_timerslack(uint64_t ns);
 /* ---- guest interrupts --------------------------------------------------- */
 /* The eventfds of every open connection of one device (one event counter per
  * device, each open file its own "last seen" count).  Update only through
- * uvb_host_notify_set (a spinlock keeps updates and deliveries apart, so an
- * fd is never written after it was removed). */
+ * uvb_host_notify_set.  Deliveries are readers: the channels of a device
+ * interrupt the guest independently and concurrently (as each channel's
+ * interrupt is its own event on a real host), never one after the other
+ * behind a lock held across the eventfd write; an update (a writer, rare)
+ * waits until no delivery is under way, so an fd is never written after it
+ * was removed.  Nobody busy-spins on the other: a waiting side yields. */
 struct uvb_host_notify {
     int32_t  fds[32];           /* UVB_HOST_MAX_NOTIFY */
     uint32_t count;
-    uint32_t lock;
+    uint32_t lock;              /* 1 while an update is under way */
+    uint32_t readers;           /* deliveries under way */
+    uint32_t reserved;
     uint64_t delivered;         /* eventfd writes done */
 };
 int uvb_host_notify_set(struct uvb_host_notify *n, const int32_t *fds, uint32_t count);

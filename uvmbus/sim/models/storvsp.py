@@ -71,6 +71,7 @@ from uvmbus.sim.models.storvsp_image import (
     parse_disk_spec,
 )
 from uvmbus.sim.models.storvsp_pr import READ_CLASS, WRITE_CLASS, PrError, unwatch, watch
+from uvmbus.sim.models.storvsp_pr import TYPES as PR_TYPES
 from uvmbus.units import parse_size
 
 __all__ = ["STORVSC_CLASS_ID", "StorvspModel", "VERSIONS_OPENVMM", "VERSIONS_HYPERV"]
@@ -863,9 +864,11 @@ class StorvspModel(DeviceModel):
         elif page == 0xB0:
             bs = disk.block_size
             mx = _disk_max_transfer(disk) // bs
-            # UGAVALID set with alignment 0, as OpenVMM's handle_vpd_block_limits
+            # OPTIMAL UNMAP GRANULARITY 1 (OpenVMM's optimal_unmap_sectors default, "non-zero
+            # or the guest will think unmap is not supported"), UGAVALID with alignment 0, as
+            # OpenVMM's handle_vpd_block_limits
             body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, mx, 0, 0,
-                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, max(1, 4096 // bs), 0x80000000,
+                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, 1, 0x80000000,
                                mx).ljust(0x3C, b"\0")
         elif page == 0xB1:
             body = struct.pack(">H", disk.spec.rotation).ljust(0x3C, b"\0")
@@ -1015,11 +1018,12 @@ class StorvspModel(DeviceModel):
             raise _illegal(ASC_INVALID_CDB)
         params = self._from_guest(srb, rng, 24)
         key, sa_key = struct.unpack_from(">QQ", params, 0)
-        flags = params[20]
-        if flags & 0x08 or flags & 0x01:           # SPEC_I_PT, APTPL (PTPL_C = 0)
+        if params[20] & 0x08:                      # SPEC_I_PT (APTPL: ignored, PTPL_C = 0)
             raise _illegal(ASC_INVALID_PARAM_LIST)
-        if plen != 24:
+        if plen != 24 and sa != 7:
             raise _illegal(ASC_PARAM_LIST_LENGTH)
+        if sa in (1, 2, 4, 5) and ptype not in PR_TYPES:
+            raise _illegal(ASC_INVALID_CDB)        # checked before the state, as OpenVMM
         try:
             pr.out(self.initiator, sa, ptype, key, sa_key)
         except PrError as e:
@@ -1027,7 +1031,7 @@ class StorvspModel(DeviceModel):
                 self.counters["reservation_conflicts"] += 1
                 raise _Check(SRB_ERROR, RESERVATION_CONFLICT) from None
             raise _Check(SRB_INVALID_REQUEST, CHECK_CONDITION, KEY_ILLEGAL_REQUEST, e.asc, e.ascq) from None
-        return 0
+        return 24                                  # OpenVMM reports the parameter list moved
 
     @staticmethod
     def _range(disk: ImageDisk, lba: int, blocks: int) -> None:
