@@ -6,18 +6,18 @@
 #include "util.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
+_Static_assert(sizeof(((struct uvb_host_monitor *)0)->tx) / sizeof(void *) == HV_MONITOR_IDS,
+               "one ring pointer per monitor id");
 
-static void sleep_ns(uint64_t ns)
-{
-    struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
-    while (clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, &ts) == EINTR)
-        ;
-}
 
 /* ------------------------------------------------------------------------ */
 /* monitor page                                                              */
@@ -54,6 +54,79 @@ static uint64_t scan_interval(const struct uvb_host_monitor *m)
     return best < 1000u ? 1000u : best;
 }
 
+/* Sleep up to `ns`, or until *word no longer holds `seen` (a kick). */
+static void futex_sleep_ns(uint32_t *word, uint32_t seen, uint64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
+}
+
+static void kick(struct uvb_host_monitor *m)
+{
+    __atomic_fetch_add(&m->kick, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &m->kick, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+int uvb_host_monitor_watch(struct uvb_host_monitor *m, uint32_t id, void *tx, void *rx)
+{
+    if (id >= HV_MONITOR_IDS)
+        return UVB_EINVAL;
+    /* a bit left from a previous open of the channel is not a signal to this one */
+    uvb_host_monitor_clear(m->page, id);
+    __atomic_store_n(&m->tx[id], tx, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&m->rx[id], rx, __ATOMIC_SEQ_CST);
+    __atomic_fetch_or(&m->mask[id / 32], 1u << (id % 32), __ATOMIC_SEQ_CST);
+    kick(m);
+    return 0;
+}
+
+void uvb_host_monitor_unwatch(struct uvb_host_monitor *m, uint32_t id)
+{
+    if (id >= HV_MONITOR_IDS)
+        return;
+    __atomic_fetch_and(&m->mask[id / 32], ~(1u << (id % 32)), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&m->tx[id], NULL, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&m->rx[id], NULL, __ATOMIC_SEQ_CST);
+    /* a scan that loaded the old pointers sets in_scan before loading them: once it is
+     * clear, no scan reads the rings (they may be unmapped after we return) */
+    while (__atomic_load_n(&m->in_scan, __ATOMIC_SEQ_CST))
+        sched_yield();
+    kick(m);
+}
+
+void uvb_host_monitor_stop(struct uvb_host_monitor *m)
+{
+    __atomic_store_n(&m->stop, 1u, __ATOMIC_SEQ_CST);
+    kick(m);
+}
+
+static uint32_t ring_indices(void *hdr)
+{
+    if (!hdr)
+        return 0;
+    const struct vmbus_ring_ctl *c = hdr;
+    return __atomic_load_n(&c->write_index, __ATOMIC_RELAXED) +
+           __atomic_load_n(&c->read_index, __ATOMIC_RELAXED);
+}
+
+/* Sum of every index of every watched ring: it changes whenever either side moved. */
+static uint64_t ring_activity(struct uvb_host_monitor *m)
+{
+    uint64_t sum = 0;
+    __atomic_store_n(&m->in_scan, 1u, __ATOMIC_SEQ_CST);
+    for (uint32_t g = 0; g < 4; g++) {
+        uint32_t mask = __atomic_load_n(&m->mask[g], __ATOMIC_SEQ_CST);
+        while (mask) {
+            uint32_t id = 32 * g + (uint32_t)__builtin_ctz(mask);
+            mask &= mask - 1;
+            sum += ring_indices(__atomic_load_n(&m->tx[id], __ATOMIC_SEQ_CST));
+            sum += ring_indices(__atomic_load_n(&m->rx[id], __ATOMIC_SEQ_CST));
+        }
+    }
+    __atomic_store_n(&m->in_scan, 0u, __ATOMIC_SEQ_CST);
+    return sum;
+}
+
 int uvb_host_monitor_wait(struct uvb_host_monitor *m, uint64_t timeout_ns, uint32_t *fired)
 {
     struct hv_monitor_page *pg = m->page;
@@ -64,6 +137,7 @@ int uvb_host_monitor_wait(struct uvb_host_monitor *m, uint64_t timeout_ns, uint3
         return 0;
     for (;;) {
         int any = 0;
+        uint32_t k = __atomic_load_n(&m->kick, __ATOMIC_SEQ_CST);
         for (uint32_t g = 0; g < 4; g++) {
             uint32_t mask = __atomic_load_n(&m->mask[g], __ATOMIC_ACQUIRE);
             if (!mask)
@@ -79,19 +153,36 @@ int uvb_host_monitor_wait(struct uvb_host_monitor *m, uint64_t timeout_ns, uint3
                 any = 1;
         }
         __atomic_fetch_add(&m->scans, 1, __ATOMIC_RELAXED);
+        uint64_t now = mono_ns();
         if (any) {
             __atomic_fetch_add(&m->hits, 1, __ATOMIC_RELAXED);
+            m->busy_ns = now;
+            m->cur_idle_ns = 0;
             return 1;
         }
         if (__atomic_load_n(&m->stop, __ATOMIC_ACQUIRE))
             return 0;
-        uint64_t now = mono_ns();
+        uint64_t iv = scan_interval(m);
+        if (m->idle_ns > iv) {
+            uint64_t sum = ring_activity(m);
+            if (sum != m->ring_sum || k != m->kick_seen) {
+                m->ring_sum = sum;
+                m->kick_seen = k;
+                m->busy_ns = now;
+                m->cur_idle_ns = 0;
+            } else if (now - m->busy_ns >= m->idle_after_ns) {
+                /* idle: double the interval up to idle_ns */
+                uint64_t cur = m->cur_idle_ns ? 2 * m->cur_idle_ns : 2 * iv;
+                m->cur_idle_ns = cur < m->idle_ns ? cur : m->idle_ns;
+                iv = m->cur_idle_ns;
+                __atomic_fetch_add(&m->idle_scans, 1, __ATOMIC_RELAXED);
+            }
+        }
         if (now >= deadline)
             return 0;
-        uint64_t iv = scan_interval(m);
         if (iv > deadline - now)
             iv = deadline - now;
-        sleep_ns(iv);
+        futex_sleep_ns(&m->kick, k, iv);
     }
 }
 
@@ -103,12 +194,36 @@ int uvb_host_notify_set(struct uvb_host_notify *n, const int32_t *fds, uint32_t 
 {
     if (count > UVB_HOST_MAX_NOTIFY)
         return UVB_EINVAL;
-    spin_lock(&n->lock);
+    /* writer: take the update flag, then wait for the deliveries under way (they
+     * may be inside write(): yield, do not spin against a preempted thread) */
+    while (__atomic_exchange_n(&n->lock, 1u, __ATOMIC_SEQ_CST))
+        sched_yield();
+    while (__atomic_load_n(&n->readers, __ATOMIC_SEQ_CST))
+        sched_yield();
     for (uint32_t i = 0; i < count; i++)
         n->fds[i] = fds[i];
     n->count = count;
-    spin_unlock(&n->lock);
+    __atomic_store_n(&n->lock, 0u, __ATOMIC_RELEASE);
     return 0;
+}
+
+/* A delivery enters as a reader: announce, then check for an update (both
+ * sequentially consistent, so the update sees us or we see it). */
+static void notify_enter(struct uvb_host_notify *n)
+{
+    for (;;) {
+        __atomic_fetch_add(&n->readers, 1u, __ATOMIC_SEQ_CST);
+        if (!__atomic_load_n(&n->lock, __ATOMIC_SEQ_CST))
+            return;
+        __atomic_fetch_sub(&n->readers, 1u, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&n->lock, __ATOMIC_ACQUIRE))
+            sched_yield();
+    }
+}
+
+static void notify_leave(struct uvb_host_notify *n)
+{
+    __atomic_fetch_sub(&n->readers, 1u, __ATOMIC_RELEASE);
 }
 
 int uvb_host_interrupt(struct uvb_host_irq *irq)
@@ -131,16 +246,17 @@ int uvb_host_interrupt(struct uvb_host_irq *irq)
     struct uvb_host_notify *n = irq->notify;
     if (n) {
         uint64_t one = 1;
-        spin_lock(&n->lock);
-        for (uint32_t i = 0; i < n->count; i++) {
+        notify_enter(n);
+        uint32_t count = n->count;
+        for (uint32_t i = 0; i < count; i++) {
             ssize_t w;
             do {
                 w = write(n->fds[i], &one, sizeof one);
             } while (w < 0 && errno == EINTR);
             if (w == (ssize_t)sizeof one)
-                n->delivered++;
+                __atomic_fetch_add(&n->delivered, 1, __ATOMIC_RELAXED);
         }
-        spin_unlock(&n->lock);
+        notify_leave(n);
     }
     __atomic_fetch_add(&irq->count, 1, __ATOMIC_RELAXED);
     return 1;

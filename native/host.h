@@ -36,15 +36,36 @@ struct uvb_host_monitor {
     uint32_t stop;              /* non-zero: uvb_host_monitor_wait returns at once */
     uint32_t latency_ns;        /* default scan interval (Hyper-V: 50 us) */
     uint32_t honour_page_latency; /* 1: use the page's latency[][] (100 ns units) when set */
-    uint32_t reserved;
+    uint32_t idle_ns;           /* scan interval once idle (0: never back off) */
     uint64_t scans;             /* statistics */
     uint64_t hits;
+    uint64_t idle_after_ns;     /* idle: no signal, no ring index moved, for this long */
+    uint64_t idle_scans;        /* statistics: scans made while backed off */
+    uint32_t kick;              /* futex word: bumped by watch/unwatch/stop (wakes the scan) */
+    uint32_t in_scan;           /* 1 while the scanner may read watched rings */
+    uint64_t busy_ns;           /* scanner state: last time something happened */
+    uint64_t ring_sum;          /* scanner state: sum of the watched rings' indices */
+    uint64_t cur_idle_ns;       /* scanner state: current backed-off interval (0: not idle) */
+    uint32_t kick_seen;         /* scanner state */
+    uint32_t reserved;
+    void    *tx[128];           /* HV_MONITOR_IDS: per id, the channel's guest-TX ring header */
+    void    *rx[128];           /* ... and its guest-RX ring header (NULL: not watched) */
 };
 /* Scan every `latency` until a watched bit is pending (test-and-clear of the
  * watched bits only; other bits of the shared word are left alone), `stop`
  * is set or `timeout_ns` passes.  fired[g] receives the bits taken from group
- * g.  Returns 1 if any bit fired, 0 otherwise.  Runs without the GIL. */
+ * g.  Returns 1 if any bit fired, 0 otherwise.  Runs without the GIL.
+ * Idle back-off: once no bit fired and no index of a watched ring moved for
+ * `idle_after_ns`, the interval doubles up to `idle_ns`; a fired bit, a moving
+ * ring or a watch/unwatch returns it to `latency` at once. */
 int uvb_host_monitor_wait(struct uvb_host_monitor *m, uint64_t timeout_ns, uint32_t *fired);
+/* Watch monitor id `id` (its stale trigger bit cleared first); `tx`/`rx` are the
+ * channel's ring headers, whose indices the idle detection reads (may be NULL). */
+int uvb_host_monitor_watch(struct uvb_host_monitor *m, uint32_t id, void *tx, void *rx);
+/* Stop watching `id`; returns once the scanner no longer reads its rings. */
+void uvb_host_monitor_unwatch(struct uvb_host_monitor *m, uint32_t id);
+/* Make uvb_host_monitor_wait return 0 at once, now and until `stop` is cleared. */
+void uvb_host_monitor_stop(struct uvb_host_monitor *m);
 /* Clear monitor id `id`'s trigger bit (atomic AND; other bits untouched). */
 void uvb_host_monitor_clear(void *monitor_page, uint32_t id);
 /* Per-thread timer slack (prctl PR_SET_TIMERSLACK) so short sleeps are short. */
@@ -53,12 +74,18 @@ int uvb_host_set_timerslack(uint64_t ns);
 /* ---- guest interrupts --------------------------------------------------- */
 /* The eventfds of every open connection of one device (one event counter per
  * device, each open file its own "last seen" count).  Update only through
- * uvb_host_notify_set (a spinlock keeps updates and deliveries apart, so an
- * fd is never written after it was removed). */
+ * uvb_host_notify_set.  Deliveries are readers: the channels of a device
+ * interrupt the guest independently and concurrently (as each channel's
+ * interrupt is its own event on a real host), never one after the other
+ * behind a lock held across the eventfd write; an update (a writer, rare)
+ * waits until no delivery is under way, so an fd is never written after it
+ * was removed.  Nobody busy-spins on the other: a waiting side yields. */
 struct uvb_host_notify {
     int32_t  fds[32];           /* UVB_HOST_MAX_NOTIFY */
     uint32_t count;
-    uint32_t lock;
+    uint32_t lock;              /* 1 while an update is under way */
+    uint32_t readers;           /* deliveries under way */
+    uint32_t reserved;
     uint64_t delivered;         /* eventfd writes done */
 };
 int uvb_host_notify_set(struct uvb_host_notify *n, const int32_t *fds, uint32_t count);

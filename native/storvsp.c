@@ -7,6 +7,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
@@ -403,7 +404,7 @@ int uvb_vsp_pump(struct uvb_vsp_chan *c)
                 idle_since = now;
             else if (now - idle_since >= limit)
                 return UVB_HOST_IDLE;
-            cpu_relax();
+            sched_yield();          /* poll on idle cycles only */
             continue;
         }
         idle_since = 0;

@@ -47,7 +47,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> object:
     tmp = tmp_path_factory.mktemp("docs")
     img = tmp / "disk.img"
     img.write_bytes(b"\0" * (8 << 20))
-    with run_sim(tmp, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback",
+    with run_sim(tmp, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback,vf=1",
                  "--disk", str(img)) as sim:
         for d in sim.devices:
             sim.bind(d["device_id"])

@@ -86,7 +86,7 @@ def test_errors_are_one_line(tmp_path: Path):
 def test_link_down_and_up_from_the_command_line(gsim):
     dev = gsim.device("netvsc")["device_id"]
     r = uvmbus("sim", "ctl", "--root", str(gsim.root), "link", dev, "down")
-    assert r.returncode == 0 and r.stdout.splitlines() == ["results:", f"  {dev}:", "    link: down"], r
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"{dev} (link down):", "  link: down"], r
     r = uvmbus("sim", "ctl", "--root", str(gsim.root), "link", dev, "down", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["results"][dev] == {"link": "down"}

@@ -31,13 +31,15 @@ SERIAL = 4711
 @pytest.fixture(scope="module")
 def vsim(tmp_path_factory) -> Any:
     """NICs: 0 VF present from the start (serial 4711), 1 no VF yet, 2 NVSP 2 only with a VF,
-    3 NVSP 4 only with a VF, 4 VF steering "all" (OpenHCL-like)."""
+    3 NVSP 4 only with a VF, 4 VF steering "all" (OpenHCL-like), 5 a host that withdraws the
+    VF with the association only (no SWITCH_DATA_PATH first)."""
     args = ["--echo", "0", "--no-ic",
             "--device", f"netvsc:backend=loopback,vf=1,vf_serial={SERIAL}",
             "--device", "netvsc:backend=loopback",
             "--device", "netvsc:backend=loopback,vf=1,versions=2",
             "--device", "netvsc:backend=loopback,vf=1,versions=4",
-            "--device", "netvsc:backend=loopback,vf=1,vf_steer=all"]
+            "--device", "netvsc:backend=loopback,vf=1,vf_steer=all",
+            "--device", "netvsc:backend=loopback,vf=1,vf_remove=association_only"]
     with run_sim(tmp_path_factory.mktemp("nvvf"), *args) as sim:
         for d in sim.devices:
             sim.bind(d["device_id"])
@@ -60,20 +62,15 @@ def bcast_frame(i: int, size: int) -> bytes:
     return b"\xff" * 6 + udp_frame(i, size)[6:]
 
 
-VPCI = "c2d51234-5678-4abc-9def-0123456789ab"
-
-
 @pytest.fixture(scope="module")
-def vf_pci(vsim) -> str:
-    """The VF's PCI function as pci-hyperv lays it out under the simulator's root: a vPCI
-    device whose slot is named after the serial (pci-hyperv.c hv_pci_assign_slots)."""
-    tree = PciTree(vsim.root)
-    tree.add_function("c2d5:00:02.0", vendor=0x15B3, device=0x1016, cls=0x020000, group=None,
-                      vmbus_parent=VPCI)
-    slot = tree.pci / "slots" / str(SERIAL)
-    slot.mkdir(parents=True, exist_ok=True)
-    (slot / "address").write_text("c2d5:00:02\n")
-    return "c2d5:00:02.0"
+def vf_pci(vsim) -> tuple[str, str]:
+    """(PCI address, vPCI GUID) of device 0's VF, which the simulator lays out as pci-hyperv
+    does once the VF was announced (a guest session with SR-IOV must have run)."""
+    with nv.open(dev(vsim, 0), vsim.root) as nic:
+        assert nic.wait_vf(True, 10)
+    vf = model_vf(vsim, dev(vsim, 0))["vf"]
+    assert vf["pci"] and vf["vpci"]
+    return vf["pci"], vf["vpci"]
 
 
 def cli(sim: SimProcess, *words: str) -> subprocess.CompletedProcess[str]:
@@ -84,7 +81,7 @@ def cli(sim: SimProcess, *words: str) -> subprocess.CompletedProcess[str]:
 # ==== association ================================================================================
 def test_association_after_bring_up_is_exposed_with_its_pci_function(vsim, vf_pci):
     d = dev(vsim, 0)
-    vpci = VPCI
+    bdf, vpci = vf_pci
     seen: list[nv.VfInfo] = []
     with nv.open(d, vsim.root) as nic:
         nic.on_vf_change(seen.append)
@@ -92,10 +89,12 @@ def test_association_after_bring_up_is_exposed_with_its_pci_function(vsim, vf_pc
         vf = nic.vf
         assert vf.supported and vf.allocated and vf.serial == SERIAL
         assert vf.data_path == "synthetic"              # the driver never switches by itself
-        assert vf.pci == ["c2d5:00:02.0"]
-        assert [f.vmbus_parent for f in nic.vf_functions()] == [vpci]
+        assert vf.pci == [bdf] and vf.mac == nic.mac
+        fns = nic.vf_functions()
+        assert [f.vmbus_parent for f in fns] == [vpci] and fns[0].slot == str(SERIAL)
+        assert fns[0].net_interfaces() == [f"simvf{SERIAL}"]
         info = nic.info().to_dict()["vf"]
-        assert info["serial"] == SERIAL and info["pci"] == ["c2d5:00:02.0"]
+        assert info["serial"] == SERIAL and info["pci"] == [bdf]
         m = model_vf(vsim, d)
         assert m["vf"]["advertised"] and m["vf"]["guest_sriov"] and m["vf"]["data_path"] == "synthetic"
         # traffic flows on the synthetic path
@@ -108,18 +107,19 @@ def test_association_after_bring_up_is_exposed_with_its_pci_function(vsim, vf_pc
 
 def test_net_info_and_list_show_the_vf(vsim, vf_pci):
     d = dev(vsim, 0)
+    bdf, vpci = vf_pci
     out = cli(vsim, "net", "info", d, "--root", str(vsim.root), "--json")
     assert out.returncode == 0, out.stderr
     vf = json.loads(out.stdout)["vf"]
-    assert vf["allocated"] and vf["serial"] == SERIAL and vf["pci"] == [vf_pci]
+    assert vf["allocated"] and vf["serial"] == SERIAL and vf["pci"] == [bdf]
     assert vf["data_path"] == "synthetic"
     out = cli(vsim, "net", "info", d, "--root", str(vsim.root))
     assert out.returncode == 0, out.stderr
-    assert f"VF: serial {SERIAL}, PCI {vf_pci}; data path synthetic" in out.stdout
+    assert f"VF: serial {SERIAL}, PCI {bdf}; data path synthetic" in out.stdout
     out = cli(vsim, "list", "--pci", "--root", str(vsim.root), "--json")
     assert out.returncode == 0, out.stderr
-    rows = [r for r in json.loads(out.stdout) if r.get("address") == vf_pci]
-    assert rows and rows[0]["slot"] == str(SERIAL) and rows[0]["vmbus_parent"] == VPCI
+    rows = [r for r in json.loads(out.stdout) if r.get("address") == bdf]
+    assert rows and rows[0]["slot"] == str(SERIAL) and rows[0]["vmbus_parent"] == vpci
     out = cli(vsim, "net", "info", dev(vsim, 2), "--root", str(vsim.root))
     assert out.returncode == 0 and "VF: none (SR-IOV not advertised" in out.stdout
 
@@ -132,9 +132,12 @@ def test_vf_added_and_removed_after_bring_up(vsim):
         assert not nic.vf.allocated and nic.vf.serial is None and nic.vf.pci == []
         vf_ctl(vsim, d, "add", serial=99)
         assert nic.wait_vf(True, 10)
-        assert nic.vf.serial == 99 and nic.vf.pci == []        # no PCI function (yet)
+        bdf = model_vf(vsim, d)["vf"]["pci"]
+        assert nic.vf.serial == 99 and nic.vf.pci == [bdf]
         vf_ctl(vsim, d, "remove")
         assert nic.wait_vf(False, 10)
+        assert nic.vf.pci == [] and not (vsim.root / "sys/bus/pci/devices" / bdf).exists()
+        assert not (vsim.root / "sys/bus/pci/slots/99").exists()
         assert seen == [(True, 99), (False, None)]
         assert nic.stats()["events"]["vf_associations"] == 2
     assert model_vf(vsim, d)["fatal_errors"] == 0
@@ -160,6 +163,30 @@ def test_sim_ctl_vf_round_trip(vsim):
         assert nic.wait_vf(False, 10)
         bad = ctl("vf", d, "sideways")
         assert bad.returncode != 0 and "vf needs DEVICE add [SERIAL] or DEVICE remove" in bad.stderr
+
+
+def test_pci_lookup_by_slot_and_mac_fallback(tmp_path):
+    """The serial -> PCI function rules on a pci-hyperv-like tree: the slot named after the
+    serial (pci-hyperv.c hv_pci_assign_slots, netvsc_drv.c get_netvsc_byslot), else a
+    network interface carrying the NIC's MAC."""
+    from uvmbus.vfio.pci import PciBus
+
+    tree = PciTree(tmp_path)
+    tree.add_function("7870:00:02.0", vendor=0x15B3, device=0x1016, cls=0x020000, group=None,
+                      vmbus_parent="5f2c7870-1111-4222-8333-444455556666")
+    tree.add_function("0001:00:00.0", vendor=0x1414, device=0x00BA, cls=0x020000, group=None)
+    slot = tree.pci / "slots" / "17"
+    slot.mkdir(parents=True)
+    (slot / "address").write_text("7870:00:02\n")
+    net = tree.paths["0001:00:00.0"] / "net" / "eth9"
+    net.mkdir(parents=True)
+    (net / "address").write_text("00:15:5d:aa:bb:cc\n")
+    bus = PciBus(tmp_path)
+    assert [f.name for f in bus.by_slot("17")] == ["7870:00:02.0"]
+    assert bus.function("7870:00:02.0").slot == "17" and bus.function("0001:00:00.0").slot is None
+    assert bus.by_slot("18") == []
+    assert [f.name for f in bus.by_mac(bytes.fromhex("00155daabbcc"))] == ["0001:00:00.0"]
+    assert bus.by_mac(bytes.fromhex("00155daabbcd")) == []
 
 
 # ==== flapping under traffic =====================================================================
@@ -252,17 +279,18 @@ def test_switch_to_vf_and_back_then_vf_withdrawn(vsim):
 
 
 def test_association_withdrawn_without_host_switch_makes_the_driver_switch_back(vsim):
-    """A host that only says allocated=0 (no SWITCH_DATA_PATH first): the driver undoes its
+    """A host that only says allocated=0 (no SWITCH_DATA_PATH first — what Azure guests' logs
+    suggest: "VF slot N removed" before "Data path switched from VF"): the driver undoes its
     switch itself (as DPDK hn_vf_remove_unlocked), and nothing is lost."""
-    d = dev(vsim, 0)
+    d = dev(vsim, 5)
     with nv.open(d, vsim.root) as nic:
         assert nic.wait_vf(True, 10)
         nic.switch_data_path("vf")
         switches = model_vf(vsim, d)["vf_switches"]
-        gone = struct.pack("<III", 128, 0, 0).ljust(40, b"\0")
-        vsim.control("model", device=d, op="inband", args={"payload": gone.hex()})
+        vf_ctl(vsim, d, "remove")
         assert nic.wait_vf(False, 10)
         assert nic.vf.data_path == "synthetic" and nic.vf.switch_backs == 1
+        assert nic.vf.host_switches == 0
         frames = [udp_frame(k, 500) for k in range(30)]
         assert nic.tx_burst(frames, timeout=5) == 30
         assert sorted(drain(nic, 30)[0]) == sorted(frames)      # the host is synthetic again
@@ -270,8 +298,6 @@ def test_association_withdrawn_without_host_switch_makes_the_driver_switch_back(
         assert m["vf_switches"] == switches + 1 and m["vf"]["data_path"] == "synthetic"
         assert nic.stats()["events"]["unknown_messages"] == 0
     assert model_vf(vsim, d)["fatal_errors"] == 0
-    vf_ctl(vsim, d, "remove")           # the model's VF state, for the tests after this one
-    vf_ctl(vsim, d, "add")
 
 
 def test_steering_all_takes_broadcast_too(vsim):
@@ -327,3 +353,48 @@ def test_nvsp_4_and_sriov_off_get_no_association(vsim):
         assert not nic.wait_vf(True, 0.5) and not nic.vf.supported
     m = model_vf(vsim, d)
     assert not m["vf"]["guest_sriov"] and not m["vf"]["advertised"]
+
+
+def test_malformed_vf_messages_are_counted_not_trusted(vsim):
+    """Host messages are copied then validated: a VF association too short for its serial is
+    a counted host problem (strict mode raises), never half-read.  (A SWITCH_DATA_PATH cannot
+    be short: VMBus pads packets to 8 bytes, its full size.)"""
+    d = dev(vsim, 1)
+    with nv.open(d, vsim.root) as nic:
+        short_assoc = struct.pack("<II", 128, 1)                 # no serial
+        before = nic.stats()["events"]["unknown_messages"]
+        vsim.control("model", device=d, op="inband", args={"payload": short_assoc.hex()})
+        deadline = 50
+        while nic.stats()["events"]["unknown_messages"] == before and deadline:
+            nic.rx_burst(0, 8, timeout=0.1)
+            deadline -= 1
+        assert nic.stats()["events"]["unknown_messages"] == before + 1
+        assert "VF association of 8 bytes" in nic.last_host_error
+        assert not nic.vf.allocated and nic.vf.associations == 0
+        frames = [udp_frame(k, 128) for k in range(10)]
+        assert nic.tx_burst(frames, timeout=5) == 10
+        assert sorted(drain(nic, 10)[0]) == sorted(frames)
+    with nv.open(d, vsim.root, strict=True) as nic:
+        vsim.control("model", device=d, op="inband", args={"payload": short_assoc.hex()})
+        with pytest.raises(Exception, match="VF association of 8 bytes"):
+            for _ in range(50):
+                nic.rx_burst(0, 8, timeout=0.1)
+    assert model_vf(vsim, d)["fatal_errors"] == 0
+
+
+def test_reinitialisation_starts_on_the_synthetic_path_and_reannounces(vsim):
+    """set_mtu is a full NVSP/RNDIS re-initialisation: a new session, synthetic data path on
+    both sides, and the host announces its VF again."""
+    d = dev(vsim, 0)
+    with nv.open(d, vsim.root) as nic:
+        assert nic.wait_vf(True, 10)
+        nic.switch_data_path("vf")
+        nic.set_mtu(4000)
+        assert nic.vf.data_path == "synthetic" and nic.vf.associations <= 1
+        assert nic.wait_vf(True, 10) and nic.vf.serial == SERIAL
+        m = model_vf(vsim, d)
+        assert m["vf"]["data_path"] == "synthetic" and m["vf"]["advertised"]
+        frames = [udp_frame(k, 3000) for k in range(10)]
+        assert nic.tx_burst(frames, timeout=5) == 10
+        assert sorted(drain(nic, 10)[0]) == sorted(frames)
+    assert model_vf(vsim, d)["fatal_errors"] == 0

@@ -109,3 +109,78 @@ def test_open_without_a_daemon_is_not_einval(tmp_path: Path, nbdkit: FakeNbdkit,
     with pytest.raises(OSError):
         P.open(False)
     assert nbdkit.errors == [errno.ESHUTDOWN]
+
+
+def _refuse_hello(path: Path) -> Iterator[None]:
+    """A fake export daemon whose device is gone: every HELLO is answered EIO."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                P.recv_exact(conn, P.REQ.size)
+                msg = b"the device is gone (rescinded); waiting for a re-offer"
+                conn.sendall(P.REP.pack(errno.EIO, len(msg)) + msg)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        t.join(5)
+
+
+def test_refused_open_is_one_clear_error(tmp_path: Path, nbdkit: FakeNbdkit,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "_ipc_path", str(tmp_path / "ipc"))
+    for _ in _refuse_hello(tmp_path / "ipc"):
+        with pytest.raises(P.ConnectionRefusedByExport) as ei:
+            P.open(False)
+    assert str(ei.value) == ("new NBD connection refused by the export daemon: the device is gone "
+                             "(rescinded); waiting for a re-offer")
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__
+    assert nbdkit.errors == [errno.EIO]
+
+
+def test_real_nbdkit_logs_one_line_per_refused_connection(tmp_path: Path) -> None:
+    """Under nbdkit, a refused handshake logs one line naming the cause, no traceback."""
+    import shutil
+    import subprocess
+    import time
+
+    if shutil.which("nbdkit") is None or shutil.which("nbdinfo") is None:
+        pytest.skip("nbdkit / nbdinfo not installed (.ci/install-deps)")
+    if subprocess.run(["nbdkit", "--dump-plugin", "python"], capture_output=True).returncode != 0:
+        pytest.skip("nbdkit python plugin not installed (nbdkit-plugin-python)")
+    ipc, nbd = tmp_path / "ipc", tmp_path / "nbd"
+    for _ in _refuse_hello(ipc):
+        err = tmp_path / "nbdkit.err"
+        with open(err, "w") as ef:
+            proc = subprocess.Popen(["nbdkit", "-f", "-U", str(nbd), "python", P.__file__, f"ipc={ipc}"],
+                                    stderr=ef)
+        try:
+            deadline = time.monotonic() + 30
+            while not nbd.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+                time.sleep(0.05)
+            r = subprocess.run(["nbdinfo", f"nbd+unix:///?socket={nbd}"], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode != 0
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    lines = [ln for ln in err.read_text().splitlines() if ln.strip()]
+    assert lines, "nbdkit logged nothing"
+    assert all("open: error: ConnectionRefusedByExport: new NBD connection refused by the export "
+               "daemon: the device is gone" in ln for ln in lines), lines
+    assert "Traceback" not in err.read_text()

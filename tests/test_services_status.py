@@ -15,7 +15,7 @@ from simhelpers import run_sim
 
 from uvmbus.services.cli import main
 from uvmbus.services.daemon import call_control, find_services
-from uvmbus.services.status import _is_ours, collect_status, format_status
+from uvmbus.services.status import _is_ours, _root_arg, collect_status, format_status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,3 +129,29 @@ def test_second_daemon_for_the_same_device_is_refused(tmp_path):
         assert (run_dir / "net-other.pid").read_text().strip() == str(os.getpid())
     finally:
         d2.close()
+
+
+def test_status_shows_only_the_processes_of_its_root(tmp_path):
+    """Other simulators on the machine are counted, not listed (listed with --all)."""
+    with run_sim(tmp_path / "a", "--echo", "1", "--no-ic") as a, \
+            run_sim(tmp_path / "b", "--echo", "1", "--no-ic") as b:
+        st = collect_status(a.root, sample=0)
+        pids = [p["pid"] for p in st["processes"]]
+        assert a.proc.pid in pids and b.proc.pid not in pids
+        assert st["other_roots"]["processes"] >= 1 and "list" not in st["other_roots"]
+        text = format_status(st)
+        assert f"pid {b.proc.pid} " not in text and "`uvmbus status --all` lists them" in text
+
+        st = collect_status(a.root, sample=0, all_roots=True)
+        other = {p["pid"]: p for p in st["other_roots"]["list"]}
+        assert other[b.proc.pid]["root"] == os.path.realpath(b.root)
+        assert f"pid {b.proc.pid} sim (root {os.path.realpath(b.root)})" in format_status(st)
+
+
+@pytest.mark.parametrize(("cmd", "root"), [
+    (["uvmbus", "sim", "--root", "/r1"], "/r1"),
+    (["uvmbus", "sim", "--root=/r2", "--nic", "1"], "/r2"),
+    (["uvmbus", "net", "bridge", "x"], None),
+])
+def test_root_argument_of_a_process(cmd, root):
+    assert _root_arg(cmd) == root

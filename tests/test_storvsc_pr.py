@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 
 import pytest
 from simhelpers import SimProcess, run_sim, wait_closed
 
 import uvmbus.storvsc as storvsc
+from uvmbus.block import PersistentReservations
 from uvmbus.errors import ConfigError, IllegalRequest, ReservationConflict
 from uvmbus.services.cli import main
 from uvmbus.storvsc import scsi
@@ -58,6 +60,7 @@ def _conflicts(sim: SimProcess) -> int:
 
 def test_register_reserve_conflict_release(ab: tuple[Disk, Disk], sim: SimProcess) -> None:
     a, b = ab
+    assert isinstance(a, PersistentReservations)            # the block interface's names
     assert a.pr_read_keys().keys == [] and a.pr_read_reservation() is None
     gen0 = a.pr_read_keys().generation
     a.pr_register(0, KA)
@@ -230,3 +233,37 @@ def test_cli(sim: SimProcess, capsys: pytest.CaptureFixture[str]) -> None:
     st = json.loads(capsys.readouterr().out)
     assert st["keys"] == [] and st["reservation"] is None
     wait_closed(sim)
+
+
+def test_checks_before_the_state(ab: tuple[Disk, Disk]) -> None:
+    """OpenVMM's PERSISTENT RESERVE OUT checks (reservation.rs), raw CDBs."""
+    a, _ = ab
+    hba = a.controller
+    params = scsi.pr_out_parameters(KA, 0)
+
+    def out(cdb: bytes, data: bytes = params) -> IllegalRequest:
+        with pytest.raises(IllegalRequest) as e:
+            hba.execute(0, cdb, data_out=data, what="PR OUT")
+        return e.value
+
+    assert out(scsi.persistent_reserve_out(scsi.PROUT_REGISTER, 0, 23)).asc == 0x1A   # length
+    spec_i_pt = params[:20] + bytes([0x08]) + params[21:]
+    assert out(scsi.persistent_reserve_out(scsi.PROUT_REGISTER), spec_i_pt).asc == 0x26
+    assert out(scsi.persistent_reserve_out(scsi.PROUT_RESERVE, 2)).asc == 0x24         # type 2
+    scoped = bytearray(scsi.persistent_reserve_out(scsi.PROUT_RESERVE, 1))
+    scoped[2] |= 0x10                                                                  # scope 1
+    assert out(bytes(scoped)).asc == 0x24
+    assert out(scsi.persistent_reserve_out(scsi.PROUT_REGISTER), params[:16]).asc == 0x24  # buffer < 24
+    # APTPL is ignored (PTPL_C = 0), as OpenVMM does without a PTPL-capable backend
+    aptpl = scsi.pr_out_parameters(0, KA, aptpl=True)
+    res = hba.execute(0, scsi.persistent_reserve_out(scsi.PROUT_REGISTER), data_out=aptpl)
+    assert res.transferred == 24 and a.pr_read_keys().keys == [KA]
+    # PR IN: allocation length beyond the buffer, unknown service action
+    with pytest.raises(IllegalRequest) as e:
+        hba.execute(0, scsi.persistent_reserve_in(0, 64), data_in=32, what="PR IN")
+    assert e.value.asc == 0x24
+    with pytest.raises(IllegalRequest):
+        hba.execute(0, scsi.persistent_reserve_in(9, 64), data_in=64, what="PR IN")
+    # a short allocation length gets the header only
+    res = hba.execute(0, scsi.persistent_reserve_in(0, 8), data_in=8, what="PR IN")
+    assert res.transferred == 8 and struct.unpack(">I", res.data[4:8])[0] == 8

@@ -23,7 +23,9 @@ roots, so callers can catch by concept::
     │   ├── NegotiationError          no common protocol version
     │   └── RequestFailed             VSP completed a request with a failure status
     ├── NetError                      netvsc driver errors
-    │   └── FrameRejected             a frame that can never be sent (runt, oversize)
+    │   ├── FrameRejected             a frame that can never be sent (runt, oversize)
+    │   ├── QueueInvalidated          a queue of a NIC that was re-initialised since
+    │   └── ReinitFailed              set_queues / set_mtu failed (``usable`` says the rest)
     ├── StorageError                  storvsc driver errors
     │   ├── ScsiError                 command failed with SCSI status / sense
     │   │   ├── MediumError           sense key 3 (and 1/4 hardware-class)
@@ -161,6 +163,23 @@ class FrameRejected(NetError, ValueError):
         #: why: "size", or for large sends (``mss``) "lso-not-negotiated", "lso-not-tcp",
         #: "lso-mss", "lso-too-large", "lso-too-few-segments"
         self.reason = reason
+
+
+class QueueInvalidated(NetError):
+    """The queue belongs to a NIC session that no longer exists: the NIC was re-initialised
+    (:meth:`~uvmbus.netvsc.Nic.set_queues`, ``set_mtu``) or closed since the queue was
+    obtained (or exported).  Get the queue again from the NIC (``nic.queue(i)``), or a new
+    ``QueueSpec`` from ``export_queue`` for another process."""
+
+
+class ReinitFailed(NetError):
+    """A NIC re-initialisation (``set_queues``, ``set_mtu``) failed.  ``usable`` True: the NIC
+    was brought up again with its previous settings and works (new queue objects); False:
+    that failed too and the NIC is closed — open it again."""
+
+    def __init__(self, message: str, *, usable: bool):
+        super().__init__(message)
+        self.usable = usable
 
 
 class StorageError(UvmbusError):

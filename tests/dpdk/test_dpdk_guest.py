@@ -299,3 +299,35 @@ def test_rx_extmbuf_gpa_direct_from_receive_buffer(tmp_path: Path) -> None:
             res = peer.call("bounce 200 300 2", timeout=90)    # small frames: copied mbufs
             assert res["received"] == 400 and res["bad"] == 0, res
         assert_host_clean(sim)
+
+
+def test_vf_flapping_with_traffic(tmp_path: Path) -> None:
+    """The accelerated-networking VF announced and withdrawn (`sim ctl vf`) while DPDK's PMD
+    passes traffic: DPDK advertises SR-IOV from NVSP 5 (hn_nvs_conf_ndis), so the host sends
+    it VF associations; it finds no VF port with the NIC's MAC (hn_vf_match), never switches
+    the data path, and every frame still arrives on the synthetic path."""
+    with run_sim(tmp_path, "--device", "netvsc:backend=loopback,vf=1", "--bind", "--no-ic",
+                 "--kernel", "6.18") as sim:
+        nic = sim.device("netvsc")["device_id"]
+        with DpdkPeer(sim.root) as peer:
+            peer.call("start 2")
+            res = peer.call("loop 300 1514 30")
+            assert res["received"] == 300 and res["bad"] == 0, res
+            for _ in range(5):
+                sim.control("model", device=nic, op="vf", args={"action": "remove"})
+                res = peer.call("loop 300 64 30")
+                assert res["received"] == 300 and res["bad"] == 0 and res["dup"] == 0, res
+                sim.control("model", device=nic, op="vf", args={"action": "add"})
+                res = peer.call("loop 300 1514 30")
+                assert res["received"] == 300 and res["bad"] == 0 and res["dup"] == 0, res
+            host = nic_stats(sim)
+            assert host["vf"]["guest_sriov"] and host["vf_associations"] == 11, host
+            assert host["vf_switches"] == 0 and host["vf"]["data_path"] == "synthetic", host
+            # DPDK parsed each one: allocated=1 -> looks for a VF port (none: retries later),
+            # allocated=0 -> nothing to switch back (hn_vf_attach / hn_vf_remove logs)
+            assert peer.log.count("Couldn't find port for VF") >= 6, peer.log
+            assert peer.log.count("VF path not active") == 5, peer.log
+            peer.call("stop")
+            peer.call("close")
+            assert peer.close() == 0, peer.log
+        assert_host_clean(sim)

@@ -12,6 +12,13 @@ them — ``uvmbus blk``, the NBD export, the benchmark — is written against th
 - :class:`BlockController`: what holds the devices (``disk(i)``, ``luns``, ``info()``,
   ``stats()``, ``channels`` = queues, ``max_transfer``).
 
+Optional, where the device has it (same names whichever driver offers it):
+
+- ``describe()`` keys shared by both drivers: ``unmap``, ``rotation_rate``,
+  ``volatile_write_cache`` (None when the device does not say);
+- :class:`PersistentReservations`: the ``pr_*`` methods, named after Linux's block-layer
+  ``pr_ops`` (storvsc: SCSI-3 PERSISTENT RESERVE; NVMe reservations would take the same).
+
 Implementations: :class:`uvmbus.storvsc.Disk` / :class:`~uvmbus.storvsc.IoBatch` /
 :class:`~uvmbus.storvsc.Controller` and :class:`uvmbus.nvme.Namespace` /
 :class:`~uvmbus.nvme.NvmeBatch` / :class:`~uvmbus.nvme.Controller`.
@@ -20,12 +27,12 @@ Implementations: :class:`uvmbus.storvsc.Disk` / :class:`~uvmbus.storvsc.IoBatch`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError
 
-__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO"]
+__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO", "PersistentReservations"]
 
 
 class ByteIO:
@@ -124,3 +131,27 @@ class BlockDevice(Protocol):
     def discard(self, offset: int, length: int) -> None: ...
 
     def batch(self, slots: int, size: int, *, write: bool = False, fua: bool = False) -> Any: ...
+
+
+@runtime_checkable
+class PersistentReservations(Protocol):
+    """Reservations of a shared disk (types as SPC-4 / NVMe: 1 write exclusive, 3 exclusive
+    access, 5/6 registrants only, 7/8 all registrants; names accepted too).  A refusal because
+    of another initiator's reservation raises :class:`~uvmbus.errors.ReservationConflict`."""
+
+    def pr_register(self, old_key: int, new_key: int, *, ignore: bool = False) -> None: ...
+
+    def pr_reserve(self, key: int, pr_type: int | str) -> None: ...
+
+    def pr_release(self, key: int, pr_type: int | str) -> None: ...
+
+    def pr_preempt(self, key: int, victim_key: int, pr_type: int | str, *,
+                   abort: bool = False) -> None: ...
+
+    def pr_clear(self, key: int) -> None: ...
+
+    def pr_read_keys(self) -> Any: ...
+
+    def pr_read_reservation(self) -> Any: ...
+
+    def pr_status(self) -> dict[str, Any]: ...

@@ -22,6 +22,7 @@ thread are safe.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import mmap
@@ -38,12 +39,15 @@ from uvmbus.errors import (
     ChannelError,
     ChannelTimeout,
     ConfigError,
+    DeviceBusy,
     FrameRejected,
     KernelUnsupported,
     MacChangeRefused,
     NegotiationError,
     NetError,
     ProtocolError,
+    QueueInvalidated,
+    ReinitFailed,
     RequestFailed,
     ResourceError,
     RingCorrupt,
@@ -106,6 +110,7 @@ class VfInfo:
     network interface with the NIC's MAC address."""
 
     supported: bool                 # NVSP >= 5 and SR-IOV advertised (the host may announce one)
+    mac: str = ""                   # the VF carries the NIC's permanent address (Linux pairs by it)
     allocated: bool = False
     serial: int | None = None
     data_path: str = "synthetic"
@@ -176,8 +181,10 @@ class QueueSpec:
     #: GPA-direct for frames larger than a send section, as :func:`open`'s ``gpa``: None =
     #: when DMA memory is available (the attaching process allocates its own slots)
     gpa: bool | None = None
-    #: the owner's re-initialisation count when exported (:meth:`Nic.set_queues`)
+    #: the owner's generation when exported: the queue is valid while the owner's lease file
+    #: (``lease``, :mod:`uvmbus.netvsc.lease`) still shows it
     generation: int = 0
+    lease: str = ""
 
 
 def _gpa_slot_size(max_frame: int) -> int:
@@ -264,6 +271,14 @@ class Queue:
         #: device_obj in hv_uio_channel_cb): such queues stay masked and are polled
         self.poll_only = False
         self.closed = False
+        #: why this queue is no longer valid (set when its NIC was re-initialised or closed)
+        self.invalid_reason = ""
+
+    def _check(self) -> None:
+        if self.closed:
+            if self.invalid_reason:
+                raise QueueInvalidated(self.invalid_reason)
+            raise NetError(f"queue {self.index} is closed")
 
     # -- errors ------------------------------------------------------------------------------
     def _fail(self, rc: int) -> None:
@@ -292,8 +307,7 @@ class Queue:
     # -- RX -----------------------------------------------------------------------------------
     def rx_burst(self, max_frames: int = 256, timeout: float = 0.0, *, copy: bool = True) -> RxBurst:
         """Up to ``max_frames`` frames; waits up to ``timeout`` seconds for the first one."""
-        if self.closed:
-            raise NetError(f"queue {self.index} is closed")
+        self._check()
         n = min(max_frames, MAX_BURST)
         lent = self._lent
         if lent is not None:                  # C gives its frames back to the host now
@@ -386,6 +400,7 @@ class Queue:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until something arrived on this queue (True) or the timeout (False)."""
+        self._check()
         if lib.uvb_nvsc_rx_pending(self.raw):
             return True
         return self._sleep(1e9 if timeout is None else timeout)
@@ -415,8 +430,7 @@ class Queue:
         opened with IFF_VNET_HDR gives (``uvmbus net bridge``): GSO TCP frames become large
         sends with MSS = gso_size, partial checksums (NEEDS_CSUM) are completed — in C, one
         call per burst (``uvb_nvsc_vnet_prep``)."""
-        if self.closed:
-            raise NetError(f"queue {self.index} is closed")
+        self._check()
         batch: Any
         if (mss is not None or vnet) and isinstance(frames, (RxBurst, TxBatch)):
             raise ConfigError("tx_burst(mss=..., vnet=...) takes a list of frames; for a TxBatch pass "
@@ -528,6 +542,7 @@ class Queue:
 
     def reap(self) -> None:
         """Collect TX completions now (frees sections)."""
+        self._check()
         lk = self.lock
         if lk is not None:
             with lk:
@@ -611,6 +626,9 @@ class Nic:
         #: completed re-initialisations (set_mtu, set_queues): queues and specs of an older
         #: generation are invalid
         self.generation = 0
+        #: the lease file telling attached queues of other processes when they become invalid
+        #: (made by the first export_queue, :mod:`uvmbus.netvsc.lease`)
+        self._lease: Any = None
         self._req_ids = itertools.count(1)
         self._tids = itertools.count(1 << 48)
         self.closed = True
@@ -1005,7 +1023,8 @@ class Nic:
         pci: list[str] = []
         if resolve and self.vf_allocated:
             pci = [f.name for f in self.vf_functions()]
-        return VfInfo(supported=self.sriov, allocated=self.vf_allocated, serial=self.vf_serial,
+        return VfInfo(supported=self.sriov, mac=_mac_text(self.permanent_mac), allocated=self.vf_allocated,
+                      serial=self.vf_serial,
                       data_path=P.DATA_PATH_NAMES.get(self.data_path, str(self.data_path)),
                       associations=self.events["vf_associations"],
                       host_switches=self.events["vf_host_switches"],
@@ -1525,21 +1544,130 @@ class Nic:
         return out
 
     def set_mtu(self, mtu: int) -> None:
-        """Change the MTU: a full NVSP/RNDIS re-initialisation, as Linux does (§3)."""
+        """Change the MTU: a full NVSP/RNDIS re-initialisation, as Linux does (§3); see
+        :meth:`set_queues` for what happens to queues and on failure."""
         if not 68 <= mtu <= 9202:
             raise ConfigError(f"MTU {mtu}: this NIC accepts 68..9202")
-        self._teardown()
-        self._mtu_wanted = mtu
-        self._bring_up()
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        self._reinit("set_mtu", mtu=mtu)
+
+    def set_queues(self, queues: int, *, timeout: float | None = None) -> int:
+        """Change the number of queues while running; returns how many the NIC now has.
+
+        A full re-initialisation, as Linux (``netvsc_set_channels``) and DPDK
+        (``hn_dev_configure``) do it, because a host takes one SUBCHANNEL request per NVSP
+        session: stop the queues (packet filter 0, every send completion collected), RNDIS
+        HALT, REVOKE_RECV_BUF / REVOKE_SEND_BUF, close the sub-channels and the primary
+        channel; then open it again and redo NVSP + RNDIS bring-up with the new count (the
+        sub-channel request, the RSS indirection table ``i % queues``).  MAC address, receive
+        filter and MTU are kept; the GPADLs of the receive/send buffers stay (the kernel owns
+        them).  Frames in flight during the change are lost, as on Linux.
+
+        Every :class:`Queue` obtained before raises :class:`~uvmbus.errors.QueueInvalidated`
+        from then on: get them again with :meth:`queue`.  Queues attached in other processes
+        (:func:`attach_queue`) are told through the lease file: their next call raises
+        ``QueueInvalidated`` and closes them; this waits (up to ``timeout``, default the NIC's)
+        until they let go, else raises :class:`~uvmbus.errors.DeviceBusy` with the NIC
+        unchanged (those queues stay invalid).
+
+        More than the host offers (its RSS capabilities, or NVSP < 5: one queue) is refused
+        before anything changes (:class:`~uvmbus.errors.ConfigError`), as Linux and DPDK do.
+        A host that grants fewer sub-channels at re-initialisation gives fewer queues (the
+        return value), as on Linux.  If the re-initialisation fails, the NIC is brought up
+        again with its previous settings (Linux's rollback) and
+        :class:`~uvmbus.errors.ReinitFailed` is raised with ``usable=True``; if that fails
+        too, the NIC is closed (``usable=False``)."""
+        if not 1 <= queues <= MAX_QUEUES:
+            raise ConfigError(f"queues must be 1..{MAX_QUEUES}, not {queues}")
+        if self.closed:
+            raise NetError(f"NIC {self.device_ref} is closed")
+        if queues > 1 and self.nvsp_version < P.NVSP_V5:
+            raise ConfigError(f"{queues} queues: NVSP {P.VERSION_NAMES.get(self.nvsp_version)} has no "
+                              "sub-channels (NVSP 5 or later is needed); this NIC has one queue")
+        if queues > self.rss_queues_offered:
+            raise ConfigError(f"{queues} queues: the host offers at most {self.rss_queues_offered} "
+                              "(OID_GEN_RECEIVE_SCALE_CAPABILITIES); nothing was changed")
+        self._reinit("set_queues", queues=queues, timeout=timeout)
+        if len(self.queues) < queues:
+            log.warning("netvsc %s: %d queue(s) asked, the host granted %d", self.device_ref, queues,
+                        len(self.queues))
+        return len(self.queues)
+
+    # ==== re-initialisation ====================================================================
+    def _invalidate(self, reason: str) -> None:
+        """Every queue handed out so far is void from now on (local and attached)."""
+        self.generation += 1
+        if self._lease is not None:
+            self._lease.set_generation(self.generation, reason)
+        why = {"set_queues": "its NIC changed its number of queues (set_queues)",
+               "set_mtu": "its NIC changed its MTU (set_mtu)", "close": "its NIC was closed"}[reason]
+        for q in self.queues:
+            q.invalid_reason = (f"queue {q.index}: {why}; get the queue again with nic.queue({q.index})"
+                                if reason != "close" else f"queue {q.index}: {why}")
+
+    def _release_exports(self, reason: str, timeout: float) -> None:
+        """Invalidate every queue and wait until no other process has one attached."""
+        self._invalidate(reason)
+        lease = self._lease
+        if lease is None:
+            return
+        if not lease.wait_released(timeout):
+            held = ", ".join(f"queue {k} in pid {pid}" for k, pid in sorted(lease.holders().items()))
+            raise DeviceBusy(f"{reason}: {held or 'a queue'} is still attached in another process "
+                             f"after {timeout:.1f} s (its next call raises QueueInvalidated and closes "
+                             f"it; a process that never calls it must close it): nothing was changed, "
+                             f"exported queues stay invalid; try again once they are closed")
+
+    def _reinit(self, reason: str, *, queues: int | None = None, mtu: int | None = None,
+                timeout: float | None = None) -> None:
+        from uvmbus.bus.lock import hold_device
+
+        self._release_exports(reason, self.timeout if timeout is None else timeout)
+        old = (self.requested_queues, self._mtu_wanted)
+        # keep the device's lock across close + re-open: no other process can slip in
+        hold = hold_device(self.cd.device, what=reason) if self.lock_device else contextlib.nullcontext()
+        with hold:
+            self._teardown()
+            if queues is not None:
+                self.requested_queues = queues
+            if mtu is not None:
+                self._mtu_wanted = mtu
+            try:
+                self._bring_up()
+                return
+            except UvmbusError as exc:
+                first = exc
+            # Linux (netvsc_set_channels, netvsc_change_mtu): attach again with the old settings
+            log.warning("netvsc %s: %s failed (%s); re-initialising with the previous settings",
+                        self.device_ref, reason, first)
+            self.requested_queues, self._mtu_wanted = old
+            try:
+                self._bring_up()
+            except UvmbusError as exc:
+                raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
+                                   f"settings failed too ({exc}): the NIC is closed — open it again "
+                                   "(uvmbus.netvsc.open)", usable=False) from exc
+        raise ReinitFailed(f"{reason} failed: {first}; the NIC was brought up again with its previous "
+                           f"settings ({len(self.queues)} queue(s), MTU {self.mtu}) and is usable: get "
+                           "its queues again with nic.queue(i)", usable=True) from first
 
     def export_queue(self, index: int) -> QueueSpec:
         """Hand queue ``index`` (≥ 1) to another process: this process stops using it."""
         if index == 0:
             raise ConfigError("queue 0 carries the control plane and stays with the Nic")
         q = self.queue(index)
+        q._check()                   # exported or invalid already
+        if self._lease is None:
+            from uvmbus.netvsc.lease import Lease
+
+            self._lease = Lease(self.device_id)
+            self._lease.set_generation(self.generation, "")
         spec = QueueSpec(self.device_id, self.root, index, q.channel.relid, int(q.raw.section_first),
                          int(q.raw.section_count), self.section_size, self.max_pkt_per_msg, self.pkt_align,
-                         self.max_xfer, self.mtu + 14, gpa=self.gpa_wanted, generation=self.generation)
+                         self.max_xfer, self.mtu + 14, gpa=self.gpa_wanted, generation=self.generation,
+                         lease=self._lease.path)
+        q.invalid_reason = f"queue {index} was exported to another process (export_queue)"
         q.close()
         # its bounce slots go back: the attaching process allocates its own (no sharing)
         if q._gpa is not None:
@@ -1564,10 +1692,29 @@ class Nic:
                 self._drain(2.0)
                 self.nvsp_send(P.nvsp_revoke(P.MSG_REVOKE_RECV_BUF, P.RECV_BUF_ID))
                 self.nvsp_send(P.nvsp_revoke(P.MSG_REVOKE_SEND_BUF, P.SEND_BUF_ID))
+                self._await_host_read(2.0)
         except UvmbusError as exc:
             log.warning("netvsc %s: teardown incomplete (%s); closing anyway", self.device_ref, exc)
         finally:
             self._close_quietly()
+
+    def _await_host_read(self, timeout: float) -> None:
+        """Wait until the host has read everything on the primary channel (the revokes) before
+        the channel is closed: a close travels by another path than the ring and could
+        overtake them (DPDK lingers after its disconnect messages for the same reason).
+        Polls the ring's read index: no signal."""
+        ring = self._q0.raw.tx
+        deadline = _now() + timeout
+        while lib.uvb_out_free(ring) < ring.dsize - 8 and not ring.error:
+            if _now() >= deadline:
+                log.info("netvsc %s: the host did not read the revoke messages within %.1f s",
+                         self.device_ref, timeout)
+                return
+            self._lock.release()
+            try:
+                time.sleep(0.001)
+            finally:
+                self._lock.acquire()
 
     def _drain(self, timeout: float) -> None:
         """Wait for every send completion; discard what is still being received."""
@@ -1611,10 +1758,20 @@ class Nic:
         self.closed = True
 
     def close(self) -> None:
-        """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels."""
+        """Clean teardown: filter 0, drain, RNDIS HALT, revoke the buffers, close the channels.
+        Queues attached in other processes are told first (their next call raises
+        QueueInvalidated); closing waits up to 2 s for them to let go, then goes on."""
         try:
+            if not self.closed:
+                try:
+                    self._release_exports("close", 2.0)
+                except DeviceBusy as exc:
+                    log.warning("netvsc %s: %s; closing anyway", self.device_ref, exc)
             self._teardown()
         finally:
+            if self._lease is not None:
+                self._lease.close()
+                self._lease = None
             self._close_recorder()
 
     def __enter__(self) -> Nic:
@@ -1634,8 +1791,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     uio_hv_generic under ``root``.  Options: ``timeout``, ``strict`` (malformed host packets
     raise :class:`ProtocolError` instead of being dropped and counted), ``gpa`` (GPA-direct
     for frames larger than a send section: None = when DMA memory is available),
-    ``versions``, ``hash_info``, ``spin_us``, ``lock`` (default True: hold the device's lock
-    while open, so another process opening it fails at once with
+    ``versions``, ``hash_info``, ``spin_us``, ``sriov`` (default True: advertise SR-IOV from
+    NVSP 5, as Linux, so the host announces its VF: :attr:`Nic.vf`), ``lock`` (default True:
+    hold the device's lock while open, so another process opening it fails at once with
     :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
     ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
     packet of every channel, docs/trace.md)."""
@@ -1647,12 +1805,20 @@ class _AttachedQueue(Queue):
 
     def __init__(self, spec: QueueSpec):
         from uvmbus.bus import Bus
+        from uvmbus.netvsc.lease import LeaseHolder
         from uvmbus.ring import RingPair
         from uvmbus.uio import UioDevice, open_endpoint
 
+        # first the lease: a spec from before a set_queues/set_mtu/close fails here, clearly
+        self._lease = LeaseHolder(spec.lease, spec.generation, spec.index) if spec.lease else None
         bus = Bus(spec.root)
-        dev = bus.device(spec.device_id)
-        self._uio = UioDevice(bus, dev, lock=False)      # the owner process holds the lock
+        try:
+            dev = bus.device(spec.device_id)
+            self._uio = UioDevice(bus, dev, lock=False)      # the owner process holds the lock
+        except BaseException:
+            if self._lease is not None:
+                self._lease.close()
+            raise
         try:
             info = next((c for c in dev.channels() if c.relid == spec.relid), None)
             if info is None or not info.ring_path:
@@ -1682,7 +1848,32 @@ class _AttachedQueue(Queue):
         except BaseException:
             self._free_gpa()
             self._uio.close()
+            if self._lease is not None:
+                self._lease.close()
             raise
+
+    def _check(self) -> None:
+        super()._check()
+        lease = self._lease
+        if lease is not None and not lease.valid():
+            err = lease.error()
+            self.invalid_reason = str(err)
+            self.close()
+            raise err
+
+    def _sleep(self, timeout: float) -> bool:
+        # wait in slices so that a re-initialisation by the owner is noticed within ~0.1 s
+        # even while blocked here (the owner waits for this queue to let go)
+        if self._lease is None:
+            return super()._sleep(timeout)
+        deadline = _now() + timeout
+        while True:
+            self._check()
+            remaining = deadline - _now()
+            if remaining <= 0:
+                return False
+            if super()._sleep(min(remaining, 0.1)):
+                return True
 
     def _own_gpa(self, spec: QueueSpec) -> Any:
         """This process's own GPA-direct bounce slots when frames can exceed a send section:
@@ -1717,17 +1908,20 @@ class _AttachedQueue(Queue):
     def close(self) -> None:
         if self.closed:
             return
-        if self._gpa is not None and not self.channel.rx.dead:
-            # the host may still read a bounce slot: collect the completions before freeing
+        if not self.channel.rx.dead:
+            # the host may still read a bounce slot or a send section: collect the completions
+            # before freeing them and before the owner may revoke the buffers
             deadline = _now() + 2.0
             while self.tx_inflight and _now() < deadline:
                 if lib.uvb_nvsc_reap(self.raw) <= 0:
-                    self._sleep(0.02)
+                    Queue._sleep(self, 0.02)
         super().close()
         self.waiter.close()
         self.channel.close()
         self._free_gpa()
         self._uio.close()
+        if self._lease is not None:
+            self._lease.close()         # last: the owner may tear the channels down now
 
     def __enter__(self) -> _AttachedQueue:
         return self

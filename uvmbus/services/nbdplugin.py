@@ -28,12 +28,18 @@ import errno
 import json
 import socket
 import struct
+import sys
 from typing import Any, NoReturn
 
 try:  # inside nbdkit
     import nbdkit
 except ImportError:  # imported by the daemon or tests for the constants
     nbdkit = None
+else:
+    # nbdkit logs a failed callback with traceback.format_exception; every failure here is
+    # the daemon's answer or its transport, so "Type: message" on one line is the whole story
+    # (a refused connection while the device is gone must not log a traceback each time)
+    sys.tracebacklimit = 0
 
 API_VERSION = 2
 
@@ -72,6 +78,10 @@ class DaemonError(OSError):
     """The daemon answered the request with this errno (EIO, ENOSPC, ...): passed on as is."""
 
 
+class ConnectionRefusedByExport(OSError):
+    """A new NBD connection could not be opened (the daemon refused it or is unreachable)."""
+
+
 class Client:
     """One IPC connection to the export daemon."""
 
@@ -80,7 +90,11 @@ class Client:
         if timeout is not None:
             self.sock.settimeout(timeout)
         self.sock.connect(path)
-        self.info: dict[str, Any] = json.loads(self.call(OP_HELLO))
+        try:
+            self.info: dict[str, Any] = json.loads(self.call(OP_HELLO))
+        except BaseException:
+            self.sock.close()
+            raise
 
     def call(self, op: int, offset: int = 0, length: int = 0, flags: int = 0,
              data: bytes | bytearray | memoryview | None = None) -> bytes:
@@ -92,8 +106,8 @@ class Client:
         err, n = REP.unpack(recv_exact(self.sock, REP.size))
         body = recv_exact(self.sock, n) if n else b""
         if err:
-            raise DaemonError(err, f"{OP_NAMES.get(op, op)} at {offset}+{length}: "
-                                   f"{body.decode(errors='replace') or errno.errorcode.get(err, err)}")
+            where = "" if op == OP_HELLO else f"{OP_NAMES.get(op, op)} at {offset}+{length}: "
+            raise DaemonError(err, where + (body.decode(errors="replace") or errno.errorcode.get(err, str(err))))
         return body
 
     def close(self) -> None:
@@ -138,8 +152,15 @@ def thread_model() -> int:
 def open(readonly: bool) -> Client:          # nbdkit's callback name (shadows builtins.open)
     try:
         return Client(_ipc_path)
-    except OSError as exc:
-        _fail(exc)
+    except DaemonError as exc:
+        nbdkit.set_error(error_code(exc))
+        raise ConnectionRefusedByExport(
+            f"new NBD connection refused by the export daemon: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:
+        nbdkit.set_error(error_code(exc))
+        raise ConnectionRefusedByExport(
+            f"new NBD connection refused: the export daemon at {_ipc_path} does not answer "
+            f"({exc}); is `uvmbus blk export` running?") from None
 
 
 def close(h: Client) -> None:

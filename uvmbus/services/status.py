@@ -8,8 +8,11 @@ Sources, in order:
   :mod:`uvmbus.services.daemon`): their status, per-queue counters and metrics snapshot come
   from the control socket;
 * every other process that looks like ours (psutil, by command line: ``uvmbus ...``,
-  ``python -m uvmbus ...``, nbdkit running our plugin): listed so a daemon whose socket is
-  gone, or a simulator, still shows up;
+  ``python -m uvmbus ...``, nbdkit running our plugin) and works on the same root (its
+  ``--root``, else its ``UVMBUS_ROOT``, else "/"; the simulator named by the root's
+  ``sim/state.json``; children of those): listed so a daemon whose socket is gone, or a
+  simulator, still shows up.  Those of other roots (other simulators on the machine) are
+  only counted, or listed with ``all_roots``;
 * CPU (sampled over ``sample`` seconds) and RSS of each process via psutil;
 * when the root is a simulator's, its signal totals (needless signals must stay 0).
 """
@@ -53,8 +56,38 @@ def _is_ours(cmdline: list[str]) -> str | None:
     return None
 
 
+def _root_arg(cmdline: list[str]) -> str | None:
+    """The value of ``--root`` in ``cmdline`` (the last one wins, as with argparse)."""
+    root = None
+    for i, a in enumerate(cmdline):
+        if a == "--root" and i + 1 < len(cmdline):
+            root = cmdline[i + 1]
+        elif a.startswith("--root="):
+            root = a[len("--root="):]
+    return root
+
+
+def _process_root(p: Any, kind: str) -> str | None:
+    """The root a uvmbus process works on (resolved), or None when unknown (a simulator
+    started without a root made its own directory; a process we may not inspect)."""
+    import psutil
+
+    root = _root_arg(p.info["cmdline"] or [])
+    try:
+        if root is None and kind != "nbdkit (blk export)":
+            root = p.environ().get("UVMBUS_ROOT") or None
+            if root is None and kind != "sim":
+                root = "/"
+        if root is None:
+            return None
+        return os.path.realpath(os.path.join(p.cwd(), root))
+    except (psutil.Error, OSError):
+        return os.path.realpath(root) if root is not None and os.path.isabs(root) else None
+
+
 def our_processes() -> list[dict[str, Any]]:
-    """uvmbus daemons, simulators and their nbdkit children on this machine (psutil)."""
+    """uvmbus daemons, simulators and their nbdkit children on this machine (psutil); each
+    with the ``root`` it works on (None: unknown)."""
     import psutil
 
     out = []
@@ -67,8 +100,31 @@ def our_processes() -> list[dict[str, Any]]:
         if kind is None or p.info["pid"] == me:
             continue
         out.append({"pid": p.info["pid"], "ppid": p.info["ppid"], "kind": kind,
-                    "cmdline": " ".join(p.info["cmdline"]), "started": p.info["create_time"]})
+                    "cmdline": " ".join(p.info["cmdline"]), "started": p.info["create_time"],
+                    "root": _process_root(p, kind)})
     return out
+
+
+def _split_by_root(procs: list[dict[str, Any]], root: str | os.PathLike[str],
+                   registered: set[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(processes of ``root``, processes of other roots)."""
+    import json
+
+    want = os.path.realpath(root)
+    sim_pid = None
+    try:
+        sim_pid = int(json.loads((Path(root) / "sim" / "state.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    mine = {p["pid"] for p in procs if p["root"] == want or p["pid"] == sim_pid}
+    parents = mine | registered
+    grew = True
+    while grew:                      # children (an export's nbdkit) go with their parent
+        new = {p["pid"] for p in procs if p["ppid"] in parents and p["pid"] not in parents}
+        mine |= new
+        parents |= new
+        grew = bool(new)
+    return [p for p in procs if p["pid"] in mine], [p for p in procs if p["pid"] not in mine]
 
 
 def _resources(pids: list[int], sample: float) -> dict[int, dict[str, Any]]:
@@ -103,8 +159,9 @@ def _resources(pids: list[int], sample: float) -> dict[int, dict[str, Any]]:
 
 
 def collect_status(root: str | os.PathLike[str] = "/", *, run_dir: str | None = None,
-                   sample: float = 0.2) -> dict[str, Any]:
-    """Everything ``uvmbus status`` shows, as one JSON-ready dict."""
+                   sample: float = 0.2, all_roots: bool = False) -> dict[str, Any]:
+    """Everything ``uvmbus status`` shows, as one JSON-ready dict.  uvmbus processes of
+    other roots are counted (``other_roots``), and listed too with ``all_roots``."""
     from uvmbus.bus import Bus, device_holder
     from uvmbus.services.persist import persisted
 
@@ -143,19 +200,27 @@ def collect_status(root: str | os.PathLike[str] = "/", *, run_dir: str | None = 
         if ref.pid is not None:
             registered.add(ref.pid)
         services.append(svc)
-    procs = [p for p in our_processes() if p["pid"] not in registered]
+    procs, foreign = _split_by_root([p for p in our_processes() if p["pid"] not in registered],
+                                    root, registered)
+    n_foreign = len(foreign)
+    if not all_roots:
+        foreign = []
     children = [p for p in procs if p["ppid"] in registered]          # e.g. the export's nbdkit
     others = [p for p in procs if p["ppid"] not in registered]
-    pids = [s["pid"] for s in services if s.get("alive") and s["pid"]] + [p["pid"] for p in procs]
+    pids = ([s["pid"] for s in services if s.get("alive") and s["pid"]] + [p["pid"] for p in procs]
+            + [p["pid"] for p in foreign])
     res = _resources(pids, sample)
     for s in services:
         if s.get("pid") in res:
             s["process"] = res[s["pid"]]
         s["children"] = [dict(c, process=res.get(c["pid"])) for c in children if c["ppid"] == s.get("pid")]
-    for p in others:
+    for p in [*others, *foreign]:
         p["process"] = res.get(p["pid"])
     out["services"] = services
     out["processes"] = others
+    out["other_roots"] = {"processes": n_foreign}
+    if all_roots:
+        out["other_roots"]["list"] = foreign
 
     from uvmbus.sim.control import control_path
 
@@ -256,11 +321,24 @@ def format_status(s: dict[str, Any]) -> str:
             out.append(f"    metrics: {st['metrics_url']}")
     if s.get("processes"):
         out.append("")
-        out.append("other uvmbus processes:")
+        out.append("other uvmbus processes of this root:")
         for p in s["processes"]:
             out.append(f"  pid {p['pid']} {p['kind']}: {p['cmdline'][:120]}")
             if p.get("process"):
                 out.append(f"    {_proc_text(p['process'])}")
+    other = s.get("other_roots") or {}
+    if other.get("list"):
+        out.append("")
+        out.append("uvmbus processes of other roots:")
+        for p in other["list"]:
+            out.append(f"  pid {p['pid']} {p['kind']} (root {p['root'] or 'unknown'}): {p['cmdline'][:120]}")
+            if p.get("process"):
+                out.append(f"    {_proc_text(p['process'])}")
+    elif other.get("processes"):
+        n = other["processes"]
+        out.append("")
+        out.append(f"({n} uvmbus process{'es' if n > 1 else ''} of other roots: "
+                   "`uvmbus status --all` lists them)")
     sim = s.get("simulator")
     if sim:
         out.append("")

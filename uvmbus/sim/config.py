@@ -29,6 +29,8 @@ class SimConfig:
     monitored: bool = True
     monitored_subchannels: bool = True
     monitor_latency_us: float = 50.0
+    monitor_idle_us: float = 2000.0
+    """monitor scan interval once idle (uvmbus.sim.monitor; 0: never back off)"""
     honour_page_latency: bool = True
     subchannel_delay: float = 0.2
     """seconds between a sub-channel offer and its ``ring`` file (the §1.8 race)"""

@@ -7,6 +7,12 @@ simulated VM does the same in C with the GIL released (``uvb_host_monitor_wait``
 open, and hands each fired bit to the channel as one guest signal.  The channel's int-page
 bit (which the kernel's own ``vmbus_setevent`` also sets for monitored channels) is cleared
 with it: it is part of the same signal.
+
+An idle simulator should not cost a core's tenth: once no bit fired and no index of a
+watched channel's rings moved for ``IDLE_AFTER_MS``, the scan interval doubles up to
+``--monitor-idle-us`` (default 2000; 0 keeps Hyper-V's fixed interval), and returns to the
+latency at once on a signal, a moving ring or a channel open/close.  Under load the rings
+move, so the interval stays the latency.
 """
 
 from __future__ import annotations
@@ -19,16 +25,21 @@ from uvmbus.native import ffi, lib
 if TYPE_CHECKING:
     from uvmbus.sim.channel import HostChannel
 
-__all__ = ["MonitorScanner"]
+__all__ = ["IDLE_AFTER_MS", "MonitorScanner"]
+
+#: back off after this long without a signal or a moving ring of a watched channel
+IDLE_AFTER_MS = 20
 
 
 class MonitorScanner:
     def __init__(self, monitor_page: Any, int_page_send: Any, latency_us: float,
-                 honour_page_latency: bool = True):
+                 honour_page_latency: bool = True, idle_us: float = 2000.0):
         self.m: Any = ffi.new("struct uvb_host_monitor *")
         self.m.page = monitor_page
         self.m.latency_ns = max(1000, int(latency_us * 1000))
         self.m.honour_page_latency = 1 if honour_page_latency else 0
+        self.m.idle_ns = max(0, int(idle_us * 1000))
+        self.m.idle_after_ns = IDLE_AFTER_MS * 1_000_000
         self._int_send = int_page_send
         self._fired: Any = ffi.new("uint32_t[4]")
         self._by_id: dict[int, HostChannel] = {}
@@ -40,21 +51,18 @@ class MonitorScanner:
         self._thread.start()
 
     def watch(self, monitor_id: int, channel: HostChannel) -> None:
-        # a bit left from a previous open of the channel is not a signal to this one
-        lib.uvb_host_monitor_clear(self.m.page, monitor_id)
+        # (the C side clears a bit left from a previous open: not a signal to this one)
         with self._lock:
             self._by_id[monitor_id] = channel
-            g, b = divmod(monitor_id, 32)
-            self.m.mask[g] = self.m.mask[g] | (1 << b)
+            lib.uvb_host_monitor_watch(self.m, monitor_id, channel.mem.tx_header, channel.mem.rx_header)
 
     def unwatch(self, monitor_id: int) -> None:
         with self._lock:
             self._by_id.pop(monitor_id, None)
-            g, b = divmod(monitor_id, 32)
-            self.m.mask[g] = self.m.mask[g] & ~(1 << b)
+            lib.uvb_host_monitor_unwatch(self.m, monitor_id)     # returns once its rings are unread
 
     def stop(self) -> None:
-        self.m.stop = 1
+        lib.uvb_host_monitor_stop(self.m)
         self._thread.join(5)
 
     def _run(self) -> None:
@@ -78,5 +86,6 @@ class MonitorScanner:
                     ch.guest_signal()
 
     def describe(self) -> dict[str, Any]:
-        return {"latency_us": self.m.latency_ns / 1000, "scans": int(self.m.scans),
+        return {"latency_us": self.m.latency_ns / 1000, "idle_us": self.m.idle_ns / 1000,
+                "scans": int(self.m.scans), "idle_scans": int(self.m.idle_scans),
                 "hits": int(self.m.hits), "signals": self.signals}

@@ -317,7 +317,8 @@ class Simulator:
             self.watcher.add(drv)
         self.watcher.add(self.tree.vmbus)
         self.monitor = MonitorScanner(self.monitor_page.ptr, self.int_page.ptr + lib.HV_INT_PAGE_SEND_OFFSET,
-                                      cfg.monitor_latency_us, cfg.honour_page_latency)
+                                      cfg.monitor_latency_us, cfg.honour_page_latency,
+                                      cfg.monitor_idle_us)
         self.monitor.start()
         self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._sel.register(self.watcher, selectors.EVENT_READ, ("watch", None))

@@ -171,11 +171,52 @@ class Tree:
         self.unlink(self.device_dir(guid))
         self.rmtree(self.real_dir(guid))
 
+    # -- PCI functions behind pci-hyperv (a NIC's accelerated-networking VF) -----------------
+    def add_vpci_function(self, vpci: str, bdf: str, *, slot: str, vendor: int, device: int,
+                          cls: int, ifname: str | None = None, mac: str | None = None) -> None:
+        """A PCI function as pci-hyperv lays it out: below the vPCI VMBus device's directory
+        (``<vpci>/pci<domain>:00/<bdf>``), linked from ``sys/bus/pci/devices``, in the slot
+        named ``slot`` (pci-hyperv names it after the device's serial), with a network
+        interface when ``ifname`` is given.  Only sysfs: nothing drives it."""
+        dom, bus = bdf.split(":")[:2]
+        real = self.parent / vpci / f"pci{dom}:{bus}" / bdf
+        real.mkdir(parents=True, exist_ok=True)
+        for name, text in (("vendor", f"0x{vendor:04x}"), ("device", f"0x{device:04x}"),
+                           ("class", f"0x{cls:06x}"), ("numa_node", "0"),
+                           ("driver_override", "(null)")):
+            self.write(real / name, text + "\n", 0o644 if name == "driver_override" else 0o444)
+        pci = self.root / "sys/bus/pci"
+        for d in ("devices", "drivers", "slots"):
+            (pci / d).mkdir(parents=True, exist_ok=True)
+        self.link(self.rel(real, pci / "devices"), pci / "devices" / bdf)
+        (pci / "slots" / slot).mkdir(parents=True, exist_ok=True)
+        self.write(pci / "slots" / slot / "address", bdf.rsplit(".", 1)[0] + "\n", 0o444)
+        if ifname and mac:
+            n = real / "net" / ifname
+            n.mkdir(parents=True, exist_ok=True)
+            self.write(n / "address", mac + "\n", 0o444)
+            self.write(n / "operstate", "up\n", 0o444)
+            self.link(self.rel(n, self.net_class), self.net_class / ifname)
+
+    def remove_vpci_function(self, vpci: str, bdf: str, *, slot: str, ifname: str | None = None) -> None:
+        pci = self.root / "sys/bus/pci"
+        if ifname:
+            self.unlink(self.net_class / ifname)
+        self.unlink(pci / "devices" / bdf)
+        self.rmtree(pci / "slots" / slot)
+        self.rmtree(self.parent / vpci)
+
     def set_attrs(self, base: Path, values: dict[str, str]) -> None:
-        """Refresh live attribute files (each replaced atomically) that exist under ``base``."""
+        """Refresh live attribute files (each replaced atomically) that exist under ``base``;
+        a file that already holds ``text`` is left alone (an idle simulator writes nothing)."""
         for name, text in values.items():
-            if (base / name).exists():
-                self.write(base / name, text, 0o444)
+            try:
+                with open(base / name) as f:
+                    if f.read() == text:
+                        continue
+            except FileNotFoundError:
+                continue
+            self.write(base / name, text, 0o444)
 
     def set_driver_override(self, guid: str, value: str | None) -> None:
         self.write(self.device_dir(guid) / "driver_override", f"{value or '(null)'}\n", 0o644)

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: $UVMBUS_RUN_DIR or <root>/run/uvmbus)")
     s.add_argument("--sample", type=seconds(zero_ok=True), default=0.2, metavar="SECONDS",
                    help="CPU usage sampling time (0: skip)")
+    s.add_argument("--all", action="store_true", dest="all_roots",
+                   help="also list the uvmbus processes of other roots (other simulators on "
+                        "this machine); by default they are only counted")
     s.set_defaults(func=_status)
 
     b = sub.add_parser("bind", help="give a device to userspace: a VMBus device to uio_hv_generic, "
@@ -126,7 +129,8 @@ def _print_vmbus(bus: Any, rows: list[dict[str, Any]], args: argparse.Namespace)
 def _status(args: argparse.Namespace) -> int:
     from uvmbus.services.status import collect_status, format_status
 
-    st = collect_status(args.root, run_dir=args.run_dir, sample=max(0.0, args.sample))
+    st = collect_status(args.root, run_dir=args.run_dir, sample=max(0.0, args.sample),
+                        all_roots=args.all_roots)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disk", action="append", default=[], metavar="IMAGE[:OPT...]",
                    help="a SCSI disk backed by the raw image IMAGE (storvsc model; options "
                         ":size=SIZE creates a missing image sparse, :ro, :bs=512|4096, :lun=N, "
-                        ":serial=TEXT, :nounmap, :maxxfer=SIZE); repeatable")
+                        ":serial=TEXT, :nounmap, :maxxfer=SIZE, :pr (persistent reservations, "
+                        "shared by every LUN on the same file), :odx (VPD 0x8F), :rsoc (answer "
+                        "REPORT SUPPORTED OPERATION CODES), :nolbastatus, :rotation=N); repeatable")
     p.add_argument("--device", action="append", default=[], metavar="MODEL[:KEY=VAL,...]",
                    help="a device of any registered model; repeatable")
     p.add_argument("--load-model", action="append", default=[], metavar="MODULE|FILE.py",
@@ -55,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(needless-signal accounting; default 5)")
     p.add_argument("--monitor-latency-us", type=number(zero_ok=True, unit="microseconds"), default=50.0,
                    help="monitor page scan interval (Hyper-V default 50)")
+    p.add_argument("--monitor-idle-us", type=number(zero_ok=True, unit="microseconds"), default=2000.0,
+                   help="scan interval once nothing moved for 20 ms (default 2000: an idle "
+                        "simulator costs ~no CPU; 0: always scan every --monitor-latency-us)")
     p.add_argument("--subchannel-delay", type=seconds(zero_ok=True), default=0.2, metavar="SECONDS",
                    help="delay between a sub-channel offer and its ring file")
     p.add_argument("--guest-ram", default="256M", help="simulated guest RAM for GPA-direct (0: none)")
@@ -221,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
     config = SimConfig(
         root=root, kernel=kernel, devices=specs, monitored=not args.unmonitored,
         monitored_subchannels=not (args.unmonitored or args.unmonitored_subchannels),
-        monitor_latency_us=args.monitor_latency_us, subchannel_delay=args.subchannel_delay,
+        monitor_latency_us=args.monitor_latency_us, monitor_idle_us=args.monitor_idle_us,
+        subchannel_delay=args.subchannel_delay,
         signal_grace=args.signal_grace,
         guest_ram=guest_ram, host_spin_us=args.host_spin_us, bind_uio=args.bind,
         ic_devices=not args.no_ic, owns_root=owns, quiet=args.quiet,
@@ -338,7 +344,12 @@ def _ctl(args: argparse.Namespace) -> int:
     reply.pop("ok", None)
     if args.json:                   # always one JSON document, also for ping/stop/fault...
         print(json.dumps({"ok": True, **reply}, indent=2))
-    elif reply and args.request in ("ping", "stats", "devices", "kernel", "model", "link", "vf"):
+    elif args.request in ("model", "link", "vf"):
+        # what was done, per device, even when the model has nothing more to say
+        what = {"model": " ".join(a[1:2]), "link": f"link {a[1]}", "vf": f"vf {a[1]}"}[args.request]
+        for dev, res in (reply.get("results") or {}).items():
+            print("\n".join([f"{dev} ({what}):", *_human(res, "  ")]) if res else f"{dev}: {what} done")
+    elif reply and args.request in ("ping", "stats", "devices", "kernel"):
         print("\n".join(_human(reply)))
     else:
         print("ok")

@@ -22,6 +22,12 @@ State machine of the primary channel (§10.1):
   of the host's own VF_ASSOCIATION / SWITCH_DATA_PATH messages (transaction ids
   0x8000000000000000 / ...01).
   Anything else is fatal.
+* **Revoked**: REVOKE_RECV_BUF / REVOKE_SEND_BUF on the primary ends its processing, as the
+  reference host's worker does (O ``process_ring_buffer`` → ``BufferRevoked``, which
+  ``NetQueue::run`` does not treat as an error): every later packet on the primary is ignored
+  without an answer and without a fatal error (counted ``after_revoke``) — also a new INIT;
+  initialising again takes a channel close and re-open (a new session, as Linux's
+  ``netvsc_detach``/``netvsc_attach`` do).  A revoke on a sub-channel is fatal.
 
 **Fatal errors** (unknown NVSP type, bad section index/size, malformed GPA ranges, bad ack
 transaction id, double ack, control-buffer ack on a sub-channel, duplicate INIT-phase
@@ -92,7 +98,8 @@ Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backen
 ``lso`` (on: LSOv2 offered like the reference host, 62780 bytes / 2 segments; off),
 ``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
 (reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
-derived from the device id), ``vf_steer`` (unicast / all), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
+derived from the device id), ``vf_steer`` (unicast / all), ``vf_remove`` (switch_first: the reference host; association_only:
+only SEND_VF_ASSOCIATION {0}, the guest switches back itself), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
@@ -101,13 +108,15 @@ NVSP message of an unknown type).
 Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``vf`` (action =
 add / remove, optional serial), ``fault`` (kind, count), ``inband`` (hex payload),
 ``generator`` (size, flows, count, proto), ``backend`` (loopback / sink / generator / none,
-switched while running), ``stats``.
+switched while running), ``max_queues`` (the host's queue limit from the next RSS
+capabilities query / SUBCHANNEL request on), ``stats``.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+import uuid
 from typing import Any, NoReturn
 
 from uvmbus.errors import ConfigError, ProtocolError
@@ -254,6 +263,10 @@ class NetvspModel(DeviceModel):
         if steer not in VF_STEER:
             raise ConfigError("vf_steer must be unicast (Hyper-V) or all (OpenHCL/MANA)")
         self.vf_steer = steer
+        self.vf_remove_mode = str(opts.pop("vf_remove", "switch_first")).lower()
+        if self.vf_remove_mode not in ("switch_first", "association_only"):
+            raise ConfigError("vf_remove must be switch_first (the reference host) or association_only")
+        self._vf_pci: tuple[str, str, str, str] | None = None
         self.gen = {
             "size": int(opts.pop("gen_size", 1514)),
             "flows": int(opts.pop("gen_flows", 64)),
@@ -287,7 +300,7 @@ class NetvspModel(DeviceModel):
             "fatal_errors": 0, "rndis_requests": 0, "rndis_failed": 0, "link_indications": 0,
             "subchannel_grants": 0, "ignored_short": 0, "send_tables": 0, "ctrl_overflow": 0,
             "inband_injected": 0, "vf_associations": 0, "vf_switches": 0, "vf_switch_ignored": 0,
-            "vf_switch_backs": 0, "vf_completions": 0,
+            "vf_switch_backs": 0, "vf_completions": 0, "revokes": 0, "after_revoke": 0,
         }
         self.fatal_messages: list[str] = []
         self._after_response: list[bytes] = []
@@ -434,6 +447,13 @@ class NetvspModel(DeviceModel):
             self.counters["ignored_short"] += 1
             return
         with self._lock:
+            if self.revoked and channel.is_primary:
+                # the reference host ends the primary channel's processing at a revoke (O
+                # process_ring_buffer: BufferRevoked, "terminating channel processing"; not an
+                # error in NetQueue::run): nothing more is read or answered on it — a guest that
+                # wants to initialise again must close the channel and open it again
+                self.counters["after_revoke"] += 1
+                return
             if self.state == READY and entry is not None and self.nic.priv != ffi.NULL:
                 rc = self._process_c(entry, channel, pkt)
                 if rc is not None:
@@ -638,10 +658,14 @@ class NetvspModel(DeviceModel):
                                    lib.NVSP_STAT_SUCCESS if granted else lib.NVSP_STAT_FAIL, granted)
                 self._complete(channel, pkt.trans_id, self._nvsp_reply(body))
         elif mtype in (lib.NVSP_MSG1_TYPE_REVOKE_RECV_BUF, lib.NVSP_MSG1_TYPE_REVOKE_SEND_BUF):
-            if channel.is_primary:
-                self.revoked = True
-                self.nic.data_ready = 0
-                self.nic.filter = 0
+            if not channel.is_primary:
+                # O process_ring_buffer: the revoke arm needs the primary's state; on a
+                # sub-channel it is an unexpected packet (an error, the channel stops)
+                self._fatal(channel, "REVOKE_*_BUF on a sub-channel")
+            self.revoked = True
+            self.counters["revokes"] += 1
+            self.nic.data_ready = 0
+            self.nic.filter = 0
         elif mtype == lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH:
             if self.version < NVSP_V4:
                 self._fatal(channel, "SWITCH_DATA_PATH before NVSP 4")
@@ -993,6 +1017,34 @@ class NetvspModel(DeviceModel):
         self._post_host_inband(msg, VF_ASSOCIATION_TID)
         self.vf_advertised = True
         self.counters["vf_associations"] += 1
+        self._offer_vf_pci()
+
+    def _vf_pci_names(self) -> tuple[str, str, str]:
+        """(vPCI instance GUID, PCI address, interface name) of this NIC's VF: the domain is
+        bytes 4-5 of the GUID, as pci-hyperv derives it; device 2, function 0."""
+        vpci = str(uuid.uuid5(uuid.UUID(self.device.device_id), f"vf-{self.vf_serial}"))
+        dom = int(vpci.split("-")[1], 16)
+        return vpci, f"{dom:04x}:00:02.0", f"simvf{self.vf_serial}"
+
+    def _offer_vf_pci(self) -> None:
+        """The VF's PCI function appears once the guest was told about it (O offers the VTL0
+        VF after the association — 1 s later, to keep interface names stable — and keeps it
+        across guest sessions); sysfs only, a Mellanox ConnectX-4 Lx VF with the NIC's MAC."""
+        if self._vf_pci is not None:
+            return
+        vpci, bdf, ifname = self._vf_pci_names()
+        slot = str(self.vf_serial)
+        self.device.vm.tree.add_vpci_function(
+            vpci, bdf, slot=slot, vendor=0x15B3, device=0x1016, cls=0x020000,
+            ifname=ifname, mac=":".join(f"{b:02x}" for b in self.mac))
+        self._vf_pci = (vpci, bdf, ifname, slot)
+
+    def _revoke_vf_pci(self) -> None:
+        if self._vf_pci is None:
+            return
+        vpci, bdf, ifname, slot = self._vf_pci
+        self._vf_pci = None
+        self.device.vm.tree.remove_vpci_function(vpci, bdf, slot=slot, ifname=ifname)
 
     def _switch_data_path(self, to_vf: bool) -> None:
         """The guest's SWITCH_DATA_PATH: to the VF only when one was announced."""
@@ -1017,24 +1069,31 @@ class NetvspModel(DeviceModel):
 
     def vf_remove(self) -> None:
         """O handle_state_change: data path back to synthetic (if switched), then
-        VF_ASSOCIATION {allocated 0}."""
+        VF_ASSOCIATION {allocated 0}; the PCI function goes after the guest was told."""
         with self._lock:
             self.vf_present = False
-            if not self.vf_advertised:
-                return
-            if self.data_path_vf:
-                self.data_path_vf = False
-                self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
-                self.counters["vf_switch_backs"] += 1
-                if self._can_announce():
-                    msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
-                    self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
-                self._kick_all()
-            self.vf_advertised = False
-            if self._can_announce():
-                msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
-                self._post_host_inband(msg, VF_ASSOCIATION_TID)
-                self.counters["vf_associations"] += 1
+            try:
+                self._withdraw_vf()
+            finally:
+                self._revoke_vf_pci()
+
+    def _withdraw_vf(self) -> None:
+        if not self.vf_advertised:
+            return
+        if self.data_path_vf:
+            # the VF is gone: whatever the guest does next, nothing can reach it any more
+            self.data_path_vf = False
+            self.nic.vf_steer = lib.UVB_NVSP_VF_OFF
+            self.counters["vf_switch_backs"] += 1
+            if self._can_announce() and self.vf_remove_mode == "switch_first":
+                msg = struct.pack("<II", lib.NVSP_MSG4_TYPE_SWITCH_DATA_PATH, lib.NVSP_DATA_PATH_SYNTHETIC)
+                self._post_host_inband(msg, SWITCH_DATA_PATH_TID)
+            self._kick_all()
+        self.vf_advertised = False
+        if self._can_announce():
+            msg = struct.pack("<III", lib.NVSP_MSG4_TYPE_SEND_VF_ASSOCIATION, 0, 0)
+            self._post_host_inband(msg, VF_ASSOCIATION_TID)
+            self.counters["vf_associations"] += 1
 
     # ==== link state =======================================================================
     def set_link(self, up: bool) -> None:
@@ -1150,8 +1209,9 @@ class NetvspModel(DeviceModel):
             self.set_fault(str(args.get("kind", "")), int(args.get("count", 1)))
             return {"fault": args.get("kind")}
         if op == "inband":
-            self.inject_inband(bytes.fromhex(str(args["payload"])))
-            return {}
+            payload = bytes.fromhex(str(args["payload"]))
+            self.inject_inband(payload)
+            return {"injected_bytes": len(payload)}
         if op == "generator":
             for k in ("size", "flows", "count"):
                 if k in args:
@@ -1170,16 +1230,28 @@ class NetvspModel(DeviceModel):
             self.nic.backend = spec.code
             self._kick_all()
             return {"backend": str(spec)}
+        if op == "max_queues":
+            # the host's queue limit changes (O: max_queues = min(configured, backend queues),
+            # so a new endpoint can change it); applies to the next RSS capabilities answer and
+            # SUBCHANNEL request, not to sub-channels already granted
+            n = int(args.get("max_queues", args.get("value", 0)))
+            if not 1 <= n <= lib.UVB_NVSP_MAX_QUEUES:
+                raise ConfigError(f"max_queues must be 1..{lib.UVB_NVSP_MAX_QUEUES}")
+            with self._lock:
+                self.max_queues = n
+            return {"max_queues": n}
         if op == "stats":
             return self.describe()
         raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, vf, fault, inband, "
-                          "generator, backend, stats")
+                          "generator, backend, max_queues, stats")
 
     # ==== reporting ============================================================================
     def _vf_describe(self) -> dict[str, Any]:
         return {"vf": {"present": self.vf_present, "serial": self.vf_serial, "advertised": self.vf_advertised,
                        "data_path": "vf" if self.data_path_vf else "synthetic", "steer": self.vf_steer,
-                       "guest_sriov": self._vf_capable()}}
+                       "guest_sriov": self._vf_capable(),
+                       "pci": self._vf_pci[1] if self._vf_pci else None,
+                       "vpci": self._vf_pci[0] if self._vf_pci else None}}
 
     def describe(self) -> dict[str, Any]:
         n = self.nic

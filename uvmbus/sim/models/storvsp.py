@@ -22,6 +22,11 @@ Behaviour:
 * **SCSI (§5.3-§5.5)**: REPORT LUNS for any path/target; INQUIRY to a missing LUN answers
   "LU not present" (0x7F), anything else there INVALID_LUN; the disk command table of
   SimpleScsiDisk; the error mapping of ``process_result``; completions in the §5.2 format.
+* **Inquiry / status / reservations**: VPD 0x8F (``odx``), 0xB0-0xB2, 0xCE, 0xCF with
+  OpenVMM's values; GET LBA STATUS from the image's holes; REPORT SUPPORTED OPERATION CODES
+  only with ``rsoc``; PERSISTENT RESERVE IN/OUT with ``pr`` (state per image file, an
+  initiator per controller: storvsp_pr.py); RESERVATION CONFLICT as OpenVMM's
+  ``process_result`` (status 0x18, SRB ERROR, no sense).
 * **Hot add/remove (§5.6)** through the control socket: ENUMERATE_BUS on the primary in Ready
   (version >= 4.2); I/O to a removed LUN gets INVALID_LUN at once.
 * **Faults**: media-error LBA ranges (MEDIUM ERROR sense), a capacity change (UNIT ATTENTION
@@ -66,6 +71,7 @@ from uvmbus.sim.models.storvsp_image import (
     parse_disk_spec,
 )
 from uvmbus.sim.models.storvsp_pr import READ_CLASS, WRITE_CLASS, PrError, unwatch, watch
+from uvmbus.sim.models.storvsp_pr import TYPES as PR_TYPES
 from uvmbus.units import parse_size
 
 __all__ = ["STORVSC_CLASS_ID", "StorvspModel", "VERSIONS_OPENVMM", "VERSIONS_HYPERV"]
@@ -303,8 +309,8 @@ class StorvspModel(DeviceModel):
                 self._notify_rescan()
         return n
 
-    def detach(self, lun: int) -> None:
-        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once."""
+    def detach(self, lun: int) -> ImageDisk:
+        """Remove a disk (hot remove): I/O to it fails with INVALID_LUN at once.  Returns it."""
         with self._lock:
             disk = self.table.disks.pop(lun, None)
             if disk is None:
@@ -315,6 +321,7 @@ class StorvspModel(DeviceModel):
             self._retired.append(disk)       # a pump may still be using its fd
             self.counters["hot_removes"] += 1
             self._notify_rescan()
+            return disk
 
     def _pr_changed(self, disk: ImageDisk) -> None:
         """A reservation appeared or went (maybe through another controller): commands to the
@@ -347,8 +354,9 @@ class StorvspModel(DeviceModel):
             lun = self.attach(str(args["spec"]), None if args.get("lun") is None else int(args["lun"]))
             return {"lun": lun}
         if op == "detach":
-            self.detach(int(args["lun"]))
-            return {}
+            lun = int(args["lun"])
+            return {"detached_lun": lun, "disk": self.detach(lun).describe(),
+                    "luns_left": sorted(self.table.disks)}
         if op in ("media_error", "clear_media_errors", "resize"):
             lun = int(args.get("lun", 0))
             with self._lock:
@@ -1008,11 +1016,12 @@ class StorvspModel(DeviceModel):
             raise _illegal(ASC_INVALID_CDB)
         params = self._from_guest(srb, rng, 24)
         key, sa_key = struct.unpack_from(">QQ", params, 0)
-        flags = params[20]
-        if flags & 0x08 or flags & 0x01:           # SPEC_I_PT, APTPL (PTPL_C = 0)
+        if params[20] & 0x08:                      # SPEC_I_PT (APTPL: ignored, PTPL_C = 0)
             raise _illegal(ASC_INVALID_PARAM_LIST)
-        if plen != 24:
+        if plen != 24 and sa != 7:
             raise _illegal(ASC_PARAM_LIST_LENGTH)
+        if sa in (1, 2, 4, 5) and ptype not in PR_TYPES:
+            raise _illegal(ASC_INVALID_CDB)        # checked before the state, as OpenVMM
         try:
             pr.out(self.initiator, sa, ptype, key, sa_key)
         except PrError as e:
@@ -1020,7 +1029,7 @@ class StorvspModel(DeviceModel):
                 self.counters["reservation_conflicts"] += 1
                 raise _Check(SRB_ERROR, RESERVATION_CONFLICT) from None
             raise _Check(SRB_INVALID_REQUEST, CHECK_CONDITION, KEY_ILLEGAL_REQUEST, e.asc, e.ascq) from None
-        return 0
+        return 24                                  # OpenVMM reports the parameter list moved
 
     @staticmethod
     def _range(disk: ImageDisk, lba: int, blocks: int) -> None:

@@ -15,7 +15,8 @@ is the model's choice, documented in docs/simulator.md.
 Decisions follow SPC-4; what OpenVMM does (vm/devices/storage/scsidisk/src/reservation.rs:
 parameter list of 24 bytes, SPEC_I_PT refused with INVALID FIELD IN PARAMETER LIST, scope
 checked except for REGISTER/REGISTER AND IGNORE/CLEAR, RESERVATION CONFLICT with SRB ERROR
-and no sense) is what the model does.  Not modelled: APTPL (PTPL_C = 0: reservations live
+and no sense, APTPL ignored without PTPL support, the type checked before the state, 24 bytes
+reported moved) is what the model does.  Not modelled: APTPL (PTPL_C = 0: reservations live
 as long as the simulator), REGISTER AND MOVE, the task abort of PREEMPT AND ABORT (it acts
 as PREEMPT), unit attentions to other initiators.
 """
