@@ -61,6 +61,7 @@ struct nvsc_priv {
     struct ctrl_node *cq_head, *cq_tail;
     uint32_t cq_count;
     uint64_t cq_bytes;
+    uint64_t rsc_used;          /* bytes of q->rsc_buf used by the current zero-copy burst */
 };
 
 static struct nvsc_priv *P(struct uvb_nvsc_queue *q) { return (struct nvsc_priv *)q->priv; }
@@ -181,6 +182,9 @@ void uvb_nvsc_queue_fini(struct uvb_nvsc_queue *q)
     free_ctrl_records(p);
     free(p);
     q->priv = NULL;
+    free(q->rsc_buf);
+    q->rsc_buf = NULL;
+    q->rsc_size = 0;
 }
 
 int uvb_nvsc_queue_reset(struct uvb_nvsc_queue *q)
@@ -191,6 +195,7 @@ int uvb_nvsc_queue_reset(struct uvb_nvsc_queue *q)
     free_ctrl_records(p);
     reset_lists(q);
     memset(q->errmsg, 0, sizeof q->errmsg);
+    q->rsc_in_burst = 0;
     memset(&q->rx_packets, 0, sizeof *q - offsetof(struct uvb_nvsc_queue, rx_packets));
     return 0;
 }
@@ -542,17 +547,20 @@ static uint32_t range_msg(struct uvb_nvsc_queue *q, const struct vmtransfer_page
     return hdr->msg_len;
 }
 
-/* Parse an RNDIS PACKET at `off` (validated length msg_len) into a frame.  0 or -1. */
+/* Parse an RNDIS PACKET at `off` (validated length msg_len) into a frame.  0 or -1.
+ * *frag receives the RSC fragment flags of its RNDIS_PKTINFO_ID PPI (0: a whole frame);
+ * a fragment may carry fewer than 14 bytes (the frame's length is checked once joined). */
 static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rndis_packet *h,
-                        uint64_t tid, struct uvb_nvsc_frame *f)
+                        uint64_t tid, struct uvb_nvsc_frame *f, uint32_t *frag)
 {
+    *frag = 0;
     if (h->msg_len < RNDIS_PACKET_SIZE) {
         host_error(q, "RNDIS PACKET (tid %llu) of %u bytes: shorter than its 44-byte header",
                    (unsigned long long)tid, h->msg_len);
         return -1;
     }
     uint64_t dend = 8ull + h->data_offset + h->data_len;
-    if (h->data_offset < RNDIS_PPI_OFFSET_DEFAULT || h->data_len < 14 || dend > h->msg_len ||
+    if (h->data_offset < RNDIS_PPI_OFFSET_DEFAULT || h->data_len == 0 || dend > h->msg_len ||
         h->data_len > UVB_NVSC_MAX_FRAME) {
         host_error(q, "RNDIS PACKET (tid %llu): data offset %u length %u do not fit its %u-byte message",
                    (unsigned long long)tid, h->data_offset, h->data_len, h->msg_len);
@@ -565,7 +573,7 @@ static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rnd
     f->vlan = 0;
     f->flags = 0;
     if (!h->per_pkt_info_len)
-        return 0;
+        goto whole;
     uint64_t pend = 8ull + h->per_pkt_info_offset + h->per_pkt_info_len;
     if (h->per_pkt_info_offset < RNDIS_PPI_OFFSET_DEFAULT || (h->per_pkt_info_offset & 3u) ||
         pend > h->msg_len || h->per_pkt_info_len > 1024) {
@@ -574,6 +582,7 @@ static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rnd
         return -1;
     }
     uint8_t ppi[1024];
+    int seen_id = 0;
     uint32_t left = h->per_pkt_info_len;
     memcpy(ppi, q->recv_buf + off + 8 + h->per_pkt_info_offset, left);
     const uint8_t *e = ppi;
@@ -590,7 +599,17 @@ static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rnd
                        "(%u bytes left)", (unsigned long long)tid, hd.size, hd.ppi_offset, left);
             return -1;
         }
-        if (!(hd.type & PPI_INTERNAL_FLAG) && hd.ppi_offset + 4 <= hd.size) {
+        if (hd.type == PPI_RNDIS_PKTINFO_ID && hd.ppi_offset + sizeof(struct rndis_pktinfo_id) <= hd.size) {
+            /* RSC fragment id (L-r rndis_filter_receive_data): the first such element counts
+             * (rndis_get_ppi), only its flags matter */
+            if (!seen_id) {
+                struct rndis_pktinfo_id id;
+                memcpy(&id, e + hd.ppi_offset, sizeof id);
+                seen_id = 1;
+                if (id.flag & RNDIS_PKTINFO_SUBALLOC)
+                    *frag = id.flag & (RNDIS_PKTINFO_SUBALLOC | RNDIS_PKTINFO_1ST_FRAG | RNDIS_PKTINFO_LAST_FRAG);
+            }
+        } else if (!(hd.type & PPI_INTERNAL_FLAG) && hd.ppi_offset + 4 <= hd.size) {
             uint32_t v = rd32(e + hd.ppi_offset);
             switch (hd.type) {
             case PPI_TCPIP_CHKSUM:
@@ -612,6 +631,12 @@ static int parse_packet(struct uvb_nvsc_queue *q, uint64_t off, const struct rnd
         }
         e += hd.size;
         left -= hd.size;
+    }
+whole:
+    if (!*frag && h->data_len < 14) {
+        host_error(q, "RNDIS PACKET (tid %llu): frame of %u bytes, shorter than an Ethernet header",
+                   (unsigned long long)tid, h->data_len);
+        return -1;
     }
     return 0;
 }
@@ -671,6 +696,134 @@ static int control_xfer(struct uvb_nvsc_queue *q, struct uvb_pkt *k, const struc
     return finish_xfer(q, k, 0);
 }
 
+/* RSC (netvsc.md §6; L-c netvsc_receive, L-r rndis_filter_receive_data, O rndisprot.rs
+ * PacketIdInfo): one coalesced TCP segment arrives as consecutive ranges of ONE transfer-page
+ * packet, each a complete RNDIS PACKET whose RNDIS_PKTINFO_ID PPI says SUBALLOC | 1ST_FRAG,
+ * SUBALLOC, ..., SUBALLOC | LAST_FRAG.  The guest joins the fragments' data in order; the
+ * frame's VLAN / checksum / hash come from the first fragment (L-r rsc_add_data).  A chain
+ * that does not start with 1ST_FRAG, is interrupted (a plain packet, a new 1ST_FRAG, a control
+ * message, an invalid fragment), runs past the packet's last range, holds more than
+ * NVSP_RSC_MAX fragments or more than one IP datagram is dropped whole (counted in
+ * rx_rsc_errors and rx_drops, the packet acked with status FAIL, like Linux).
+ *
+ * rsc_chain handles the chain whose first fragment (range r) parse_packet put in *f.
+ * Returns 2: a one-fragment chain, *f is an ordinary frame; 1: *f is the joined frame (copied
+ * to `out` at *used, or to q->rsc_buf for zero-copy); 0: dropped; -1: no room left in this
+ * call (the caller stops and resumes at range r).  *next: the range to go on with. */
+static int rsc_chain(struct uvb_nvsc_queue *q, struct uvb_pkt *k, const struct xfer *x, uint32_t r,
+                     struct uvb_nvsc_frame *f, uint32_t frag, uint8_t *out, uint64_t cap,
+                     uint64_t *used, uint32_t *next)
+{
+    struct nvsc_priv *p = P(q);
+    uint64_t foff[NVSP_RSC_MAX];
+    uint32_t flen[NVSP_RSC_MAX];
+    uint32_t n = 0, j = r;
+    uint64_t total = 0;
+    int too_many = 0;
+    const char *why;
+    *next = r + 1;
+    if (!(frag & RNDIS_PKTINFO_1ST_FRAG)) {
+        why = "is a fragment of no chain (no 1ST_FRAG before it)";
+        goto drop;
+    }
+    foff[n] = f->offset;
+    flen[n++] = f->len;
+    total = f->len;
+    while (!(frag & RNDIS_PKTINFO_LAST_FRAG)) {
+        if (++j >= x->count) {
+            *next = j;
+            why = "runs past the last range of its packet (no LAST_FRAG)";
+            goto drop;
+        }
+        struct rndis_packet h;
+        struct uvb_nvsc_frame g;
+        uint32_t len = range_msg(q, &x->ranges[j], k->trans_id, &h);
+        if (len && h.msg_type != RNDIS_MSG_PACKET) {
+            *next = j;                  /* the control message is handled as usual */
+            why = "is interrupted by an RNDIS control message";
+            goto drop;
+        }
+        struct vmtransfer_page_range rg;
+        memcpy(&rg, &x->ranges[j], sizeof rg);
+        if (!len || parse_packet(q, rg.byte_offset, &h, k->trans_id, &g, &frag)) {
+            *next = j + 1;              /* already reported by range_msg / parse_packet */
+            why = "has an invalid fragment";
+            goto drop;
+        }
+        if (!frag || (frag & RNDIS_PKTINFO_1ST_FRAG)) {
+            *next = j;                  /* that packet / new chain is handled as usual */
+            why = frag ? "is interrupted by a new chain (1ST_FRAG)" : "is interrupted by a whole frame";
+            goto drop;
+        }
+        if (n >= NVSP_RSC_MAX) {
+            too_many = 1;               /* walk on to its end, then drop it whole */
+            continue;
+        }
+        foff[n] = g.offset;
+        flen[n++] = g.len;
+        total += g.len;
+    }
+    *next = j + 1;
+    if (too_many) {
+        why = "has more than NVSP_RSC_MAX (562) fragments";
+        goto drop;
+    }
+    if (total > UVB_NVSC_MAX_RSC_FRAME) {
+        why = "joins to more than one IP datagram (65549 bytes)";
+        goto drop;
+    }
+    if (total < 14) {
+        why = "joins to a frame shorter than an Ethernet header";
+        goto drop;
+    }
+    if (n == 1)
+        return 2;
+    uint8_t *dst;
+    if (out) {
+        uint64_t at = (*used + 7u) & ~7ull;
+        if (total > cap) {
+            why = "joins to a frame larger than the copy buffer";
+            goto drop;
+        }
+        if (at + total > cap)
+            return -1;
+        dst = out + at;
+        f->offset = at;
+        *used = at + total;
+    } else {
+        if (!q->rsc_buf) {
+            q->rsc_buf = malloc(UVB_NVSC_RSC_BUF);
+            if (!q->rsc_buf) {
+                why = "cannot be joined (no memory for the reassembly buffer)";
+                goto drop;
+            }
+            q->rsc_size = UVB_NVSC_RSC_BUF;
+        }
+        uint64_t at = (p->rsc_used + 7u) & ~7ull;
+        if (at + total > q->rsc_size)
+            return -1;
+        dst = q->rsc_buf + at;
+        f->offset = at;
+        p->rsc_used = at + total;
+    }
+    /* offsets and lengths were validated against the ranges (private copies): the host can
+     * change the bytes under us, never the bounds */
+    for (uint32_t i = 0, pos = 0; i < n; pos += flen[i], i++)
+        memcpy(dst + pos, q->recv_buf + foff[i], flen[i]);
+    f->len = (uint32_t)total;
+    f->flags |= UVB_NVSC_F_RSC;
+    q->rx_rsc_frames++;
+    q->rx_rsc_frags += n;
+    return 1;
+drop:
+    host_error(q, "RSC fragment chain at range %u of transfer-page packet (tid %llu) %s: dropped",
+               r, (unsigned long long)k->trans_id, why);
+    q->rx_rsc_errors++;
+    q->rx_drops++;
+    k->reserved |= RANGE_BAD;
+    return 0;
+}
+
 int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, uint32_t max,
                       uint8_t *copy_buf, uint64_t copy_cap)
 {
@@ -683,6 +836,8 @@ int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, u
         if (rc < 0)
             return rc;
     }
+    p->rsc_used = 0;                    /* the last zero-copy burst was given back */
+    q->rsc_in_burst = 0;
     uint32_t nf = 0, fills = 0;
     uint64_t used = 0;
     int stop = 0;
@@ -770,10 +925,30 @@ int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, u
                 continue;
             }
             struct uvb_nvsc_frame *f = &frames[nf];
-            if (parse_packet(q, g.byte_offset, &h, k->trans_id, f)) {
+            uint32_t frag;
+            if (parse_packet(q, g.byte_offset, &h, k->trans_id, f, &frag)) {
                 k->reserved |= RANGE_BAD;
                 q->rx_drops++;
                 continue;
+            }
+            if (frag) {
+                uint32_t next;
+                int rc = rsc_chain(q, k, &x, r, f, frag, zc ? NULL : copy_buf, copy_cap, &used, &next);
+                if (rc < 0) {
+                    stop = 1;                   /* resume at this chain's first range */
+                    break;
+                }
+                if (rc != 2) {
+                    if (rc == 1) {
+                        q->rx_packets++;
+                        q->rx_bytes += f->len;
+                        q->rsc_in_burst++;
+                        nf++;
+                        gave = 1;
+                    }
+                    r = next - 1;               /* the loop steps to `next` */
+                    continue;
+                }
             }
             if (!zc) {
                 uint64_t at = (used + 7u) & ~7ull;
@@ -1146,6 +1321,7 @@ static int send_gpa(struct uvb_nvsc_queue *q, const uint8_t *f, uint32_t len, ui
 /* The packing loop shared by every TX entry point.  get(i) yields frame i. */
 struct txsrc {
     const uint8_t *base;
+    const uint8_t *rsc;         /* tx_fwd: F_RSC frames of a zero-copy burst live in rsc_buf */
     const struct uvb_nvsc_frame *frames;
     const uint8_t *const *ptrs;
     const uint32_t *lens;
@@ -1156,7 +1332,7 @@ static inline void src_get(const struct txsrc *s, uint32_t i, const uint8_t **f,
 {
     if (s->frames) {
         const struct uvb_nvsc_frame *fr = &s->frames[i];
-        *f = s->base + fr->offset;
+        *f = (s->rsc && (fr->flags & UVB_NVSC_F_RSC) ? s->rsc : s->base) + fr->offset;
         *len = fr->len;
         /* RX metadata (F_CSUM, F_HASH) is never taken as a TX request: forwarding a received
          * burst keeps only its VLAN tag */
@@ -1415,19 +1591,19 @@ int uvb_nvsc_vnet_prep(const struct uvb_nvsc_queue *q, uint8_t *base, struct uvb
 int uvb_nvsc_tx_burst(struct uvb_nvsc_queue *q, const uint8_t *base,
                       const struct uvb_nvsc_frame *frames, uint32_t n)
 {
-    struct txsrc s = {base, frames, NULL, NULL};
+    struct txsrc s = {base, NULL, frames, NULL, NULL};
     return tx_pack(q, &s, n);
 }
 
 int uvb_nvsc_tx_ptrs(struct uvb_nvsc_queue *q, const uint8_t *const *ptrs, const uint32_t *lens,
                      uint32_t n)
 {
-    struct txsrc s = {NULL, NULL, ptrs, lens};
+    struct txsrc s = {NULL, NULL, NULL, ptrs, lens};
     return tx_pack(q, &s, n);
 }
 
 int uvb_nvsc_tx_fwd(struct uvb_nvsc_queue *q, const struct uvb_nvsc_frame *frames, uint32_t n)
 {
-    struct txsrc s = {q->recv_buf, frames, NULL, NULL};
+    struct txsrc s = {q->recv_buf, q->rsc_buf, frames, NULL, NULL};
     return tx_pack(q, &s, n);
 }

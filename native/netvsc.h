@@ -37,6 +37,9 @@
 #define UVB_NVSC_F_CSUM     0x0004      /* RX: csum holds the host's checksum PPI (info) */
 #define UVB_NVSC_F_TX_CSUM  0x0008      /* TX: csum holds a checksum-offload request PPI */
 #define UVB_NVSC_F_TX_LSO   0x0010      /* TX: a TCP large send; mss holds the MSS (LSOv2 PPI) */
+/* RX: joined from RSC fragments (several ranges of one XFER_PAGES packet); in a zero-copy
+ * burst its offset indexes the queue's rsc_buf, not the receive buffer */
+#define UVB_NVSC_F_RSC      0x0020
 
 /* why tx stopped at a frame (tx_bad_why, with tx_reject) */
 #define UVB_NVSC_BAD_SIZE       1       /* shorter than 14, longer than max_frame, no GPA memory */
@@ -53,6 +56,8 @@
 #define UVB_NVSC_CTRL_SENDFAIL  4       /* a control send completed with a failure status */
 
 #define UVB_NVSC_MAX_FRAME  65535
+#define UVB_NVSC_MAX_RSC_FRAME 65549   /* a coalesced segment: 14 + one IP datagram (65535) */
+#define UVB_NVSC_RSC_BUF    1048576     /* zero-copy reassembly area per queue (1 MiB) */
 
 struct uvb_nvsc_frame {
     uint64_t offset;            /* RX: into the receive buffer (zero-copy) or the copy buffer;
@@ -110,6 +115,12 @@ struct uvb_nvsc_queue {
     uint32_t  tx_reject;        /* 1: tx stops at a frame that can never be sent (too short, too
                                  * large) and reports it in tx_bad_*; 0: drop it, count tx_drops */
     char      errmsg[192];      /* last host error */
+    /* ---- RSC reassembly (set by C) ---- */
+    uint8_t  *rsc_buf;          /* zero-copy bursts: coalesced frames are copied here (allocated
+                                 * at the first one, UVB_NVSC_RSC_BUF bytes, kept until fini) */
+    uint64_t  rsc_size;
+    uint32_t  rsc_in_burst;     /* coalesced frames in the last rx_burst */
+    uint32_t  rsc_reserved;
     /* ---- statistics ---- */
     uint64_t  rx_packets;
     uint64_t  rx_bytes;
@@ -129,6 +140,9 @@ struct uvb_nvsc_queue {
     uint64_t  tx_no_section;    /* bursts cut short: no free section / slot */
     uint64_t  host_errors;      /* malformed host packets (see errmsg) */
     uint64_t  ctrl_dropped;     /* control records lost (record queue full) */
+    uint64_t  rx_rsc_frames;    /* frames reassembled from more than one RSC fragment */
+    uint64_t  rx_rsc_frags;     /* fragments that went into them */
+    uint64_t  rx_rsc_errors;    /* broken fragment chains (dropped; also in rx_drops) */
     /* ---- tx_reject: the frame the last tx call stopped at (tx_bad_hit = 1) ---- */
     uint32_t  tx_bad_hit;       /* set by C, cleared by the caller */
     uint32_t  tx_bad_len;       /* its length in bytes */
@@ -143,7 +157,8 @@ void uvb_nvsc_queue_fini(struct uvb_nvsc_queue *q);
 int uvb_nvsc_queue_reset(struct uvb_nvsc_queue *q);
 
 /* Receive up to `max` frames.  copy_buf == NULL: zero-copy, frame offsets index the receive
- * buffer and stay valid until the next rx_burst or uvb_nvsc_rx_release; otherwise frames are
+ * buffer (a frame joined from RSC fragments, flag F_RSC: the queue's rsc_buf, where it was
+ * copied) and stay valid until the next rx_burst or uvb_nvsc_rx_release; otherwise frames are
  * copied to copy_buf (offsets into it, 8-aligned) and their packets acked now.  Returns the
  * frame count or < 0 (ring corrupt). */
 int uvb_nvsc_rx_burst(struct uvb_nvsc_queue *q, struct uvb_nvsc_frame *frames, uint32_t max,

@@ -67,6 +67,7 @@
 #define NVSP_MAX_PACKETS_PER_RECEIVE  375   /* NDIS >= 6.0 */
 #define NVSP_MAX_PACKETS_PER_RECEIVE_NDIS5 64
 #define NVSP_MAX_PACKETS_PER_RECEIVE_RSC 562
+#define NVSP_RSC_MAX                  562   /* fragments of one coalesced frame (L-h) */
 #define NVSP_DATA_PATH_SYNTHETIC      0
 #define NVSP_DATA_PATH_VF             1
 
@@ -412,6 +413,8 @@ struct nvsp_send_indirection_table {       /* 134: u32 table[count] at `offset` 
 #define NDIS_OFFLOAD_PARAM_TX_RX_ENABLED 4
 #define NDIS_OFFLOAD_PARAM_LSO_DISABLED 1
 #define NDIS_OFFLOAD_PARAM_LSO_ENABLED 2
+#define NDIS_OFFLOAD_PARAM_RSC_DISABLED 1
+#define NDIS_OFFLOAD_PARAM_RSC_ENABLED 2
 
 /* RSS */
 #define NDIS_RSS_CAP_TOEPLITZ         0x00000001
@@ -591,7 +594,13 @@ struct rndis_ppi_u32 {
     uint32_t value;
 };
 
-/* RSC fragment id (internal PPI 0x80000001) */
+/* RSC fragment id (internal PPI 0x80000001): one coalesced segment spans several ranges of
+ * one XFER_PAGES packet, each an RNDIS PACKET carrying this PPI (L-h RNDIS_PKTINFO_*, O
+ * rndisprot.rs PACKET_INFO_FLAGS_MULTI_SUBALLOC*) */
+#define RNDIS_PKTINFO_ID_V1           1
+#define RNDIS_PKTINFO_SUBALLOC        0x01  /* part of a multi-sub-allocation frame */
+#define RNDIS_PKTINFO_1ST_FRAG        0x02
+#define RNDIS_PKTINFO_LAST_FRAG       0x04
 struct rndis_pktinfo_id {
     uint8_t  ver;
     uint8_t  flag;

@@ -44,6 +44,12 @@ static uint32_t rx_work(struct uvb_nvsp_queue *q, int *blocked)
     }
     if (n->backend == UVB_NVSP_BACKEND_GENERATOR && rx_open(n) && !ring_full)
         work += nvsp_generate(q, 1024, &ring_full);
+    if (QP(q)->rsc) {
+        /* coalescing units never outlive the pass (RSC, netvsp_rsc.c) */
+        int rc = nvsp_rsc_flush_all(q);
+        if (rc == -2)
+            ring_full = 1;
+    }
     if (QP(q)->batch_n) {
         int rc = nvsp_flush_batch(q);
         if (rc == UVB_EAGAIN)

@@ -32,6 +32,8 @@
 #define UVB_NVSP_CTRL_QUEUE_MAX 102400  /* queued control bytes before FAILURE (§6) */
 #define UVB_NVSP_SECTION_SIZE   6144
 #define UVB_NVSP_MAX_FRAME      65536
+#define UVB_NVSP_RSC_FLOWS      8       /* coalescing units open at once per queue */
+#define UVB_NVSP_RSC_MAX_FRAME  65549   /* an SCU: 14 + one IP datagram (65535) */
 
 /* backends */
 #define UVB_NVSP_BACKEND_NONE       0   /* TX frames dropped silently, no RX */
@@ -114,6 +116,12 @@ struct uvb_nvsp {
     uint32_t  fault_kind;       /* UVB_NVSP_FAULT_* applied to the next fault_count packets */
     uint32_t  fault_count;
     uint32_t  cfg_epoch;        /* bump after changing RSS / generator settings */
+    uint32_t  reserved0;
+    /* RSC (receive segment coalescing): set by the model once the guest enabled it */
+    uint32_t  rsc_ip4;          /* coalesce TCP/IPv4 segments */
+    uint32_t  rsc_ip6;          /* coalesce TCP/IPv6 segments */
+    uint32_t  rsc_max_segs;     /* segments per coalesced unit (0: only the datagram limit) */
+    uint32_t  rsc_reserved;
     uint32_t  vf_steer;         /* data path on the VF: UVB_NVSP_VF_* (who still gets frames) */
     struct uvb_nvsp_gen gen;
     /* ---- state (C) ---- */
@@ -165,6 +173,9 @@ struct uvb_nvsp_queue {
     uint64_t  completions;
     uint64_t  punts;
     uint64_t  polls;
+    uint64_t  rsc_units;        /* coalesced frames sent (two segments or more) */
+    uint64_t  rsc_segments;     /* segments that went into them */
+    uint64_t  rsc_fragments;    /* receive ranges (fragments) they took */
     uint64_t  rx_to_vf;         /* frames the host gave the VF (data path switched), not the queue */
 };
 

@@ -88,6 +88,98 @@ static void build_flows(struct uvb_nvsp_queue *q)
     qp->have_flows = 1;
 }
 
+/* RSC on and a TCP stream: the host coalesced each flow's in-order segments, so they arrive
+ * as SCUs of up to rsc_max_segs segments (as many as one IP datagram holds when 0), each built
+ * as the coalescer would (netvsp_rsc.c) and sent in fragments.  Segments count as frames for
+ * gen_count.  Returns segments generated. */
+static uint32_t generate_rsc(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
+{
+    struct uvb_nvsp *n = q->nic;
+    struct queue_priv *qp = QP(q);
+    struct uvb_nvsp_gen *g = &n->gen;
+    struct nic_priv *np = NP(n);
+    uint32_t size = g->size < 60 ? 60 : g->size;
+    if (size > n->mtu)
+        size = n->mtu;
+    uint32_t made = 0;
+    while (made < max) {
+        struct flow *fl = &qp->flows[qp->flow_cursor];
+        uint32_t pl = size - fl->hdr_len;
+        uint32_t k = (65535u - 40u) / pl;
+        if (n->rsc_max_segs && k > n->rsc_max_segs)
+            k = n->rsc_max_segs;
+        if (k > max - made)
+            k = max - made;
+        if (g->limit) {
+            uint64_t done = __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
+            if (done >= g->limit || qp->made >= qp->quota)
+                break;
+            if (k > qp->quota - qp->made)
+                k = (uint32_t)(qp->quota - qp->made);
+        }
+        uint32_t len = fl->hdr_len + k * pl;
+        uint32_t room = n->sub_size - UVB_NVSP_RX_DATA_OFFSET;
+        uint32_t nfrag = (len + room - 1) / room;
+        if (qp->batch_n + nfrag > n->max_ranges && nvsp_flush_batch(q)) {
+            *blocked = 1;
+            break;
+        }
+        if (__atomic_load_n(&np->pools[q->index].n, __ATOMIC_RELAXED) < nfrag)
+            break;
+        uint64_t seq0 = __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
+        uint32_t take;
+        do {
+            take = k;
+            if (g->limit) {
+                if (seq0 >= g->limit)
+                    take = 0;
+                else if (g->limit - seq0 < take)
+                    take = (uint32_t)(g->limit - seq0);
+            }
+        } while (take && !__atomic_compare_exchange_n(&g->generated, &seq0, seq0 + take, 1,
+                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        if (!take)
+            break;
+        k = take;
+        len = fl->hdr_len + k * pl;
+        if (++qp->flow_cursor >= qp->nflows)
+            qp->flow_cursor = 0;
+        uint8_t *f = qp->frame;
+        memcpy(f, fl->hdr, fl->hdr_len);
+        for (uint32_t i = 0; i < k; i++) {
+            uint8_t *d = f + fl->hdr_len + i * pl;
+            uint64_t seq = seq0 + i;
+            memcpy(d, qp->payload, pl);
+            if (pl >= 8)
+                memcpy(d, &seq, 8);
+        }
+        uint8_t *ip = f + 14, *l4 = ip + 20;
+        uint32_t tot = len - 14;
+        ip[2] = (uint8_t)(tot >> 8);
+        ip[3] = (uint8_t)tot;
+        ip[10] = ip[11] = 0;
+        uint16_t c = nvsp_csum_fold(nvsp_csum_add(0, ip, 20));
+        ip[10] = (uint8_t)(c >> 8);
+        ip[11] = (uint8_t)c;
+        l4[4] = (uint8_t)(fl->seq >> 24); l4[5] = (uint8_t)(fl->seq >> 16);
+        l4[6] = (uint8_t)(fl->seq >> 8); l4[7] = (uint8_t)fl->seq;
+        fl->seq += k * pl;
+        l4[16] = l4[17] = 0;
+        c = nvsp_l4_csum(ip, 0, l4, len - 34, 6);
+        l4[16] = (uint8_t)(c >> 8);
+        l4[17] = (uint8_t)c;
+        if (nvsp_rsc_write(q, f, len, CSUM_RX_IP_OK | CSUM_RX_TCP_OK, 0, 0, k) <= 0) {
+            /* cannot happen (room was checked, only this worker takes this pool's ids) */
+            q->rx_nobuf++;
+            break;
+        }
+        qp->made += k;
+        made += k;
+        q->gen_frames += k;
+    }
+    return made;
+}
+
 /* Generate up to `max` frames into this queue.  Returns frames generated. */
 uint32_t nvsp_generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
 {
@@ -101,6 +193,8 @@ uint32_t nvsp_generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
     }
     if (!qp->nflows)
         return 0;
+    if (g->proto == UVB_NVSP_GEN_TCP4 && n->rsc_ip4)
+        return generate_rsc(q, max, blocked);
     uint32_t size = g->size < 60 ? 60 : g->size;
     if (size > n->mtu)
         size = n->mtu;
@@ -178,6 +272,10 @@ uint32_t nvsp_generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
                 memcpy(f + fl->hdr_len, &seq, 8);
             if (tcp) {
                 uint8_t *ip = f + 14, *l4 = ip + 20;
+                /* in-order segments of the flow (sequence numbers advance by the payload) */
+                l4[4] = (uint8_t)(fl->seq >> 24); l4[5] = (uint8_t)(fl->seq >> 16);
+                l4[6] = (uint8_t)(fl->seq >> 8); l4[7] = (uint8_t)fl->seq;
+                fl->seq += pl;
                 uint16_t c = nvsp_l4_csum(ip, 0, l4, size - 34, 6);
                 l4[16] = (uint8_t)(c >> 8);
                 l4[17] = (uint8_t)c;

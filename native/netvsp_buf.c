@@ -214,6 +214,7 @@ void uvb_nvsp_queue_fini(struct uvb_nvsp_queue *q)
     free(qp->ib);
     free(qp->flows);
     free(qp->payload);
+    nvsp_rsc_free(qp);
     free(qp);
     q->priv = NULL;
 }
@@ -226,6 +227,7 @@ int uvb_nvsp_queue_reset(struct uvb_nvsp_queue *q)
     if (q->nic && NP(q->nic))
         nvsp_release_batch(q);
     qp->batch_n = 0;
+    nvsp_rsc_free(qp);
     qp->ib_head = qp->ib_tail = 0;
     qp->nflows = qp->flow_cursor = qp->have_flows = 0;
     qp->epoch = ~0u;

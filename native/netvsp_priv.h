@@ -94,6 +94,7 @@ struct flow {
     uint16_t hdr_len;
     uint32_t hash;
     uint32_t hash_type;
+    uint32_t seq;               /* TCP: next sequence number of this flow */
 };
 
 struct queue_priv {
@@ -119,6 +120,9 @@ struct queue_priv {
     uint64_t quota;             /* with a frame limit: this queue's share of it */
     uint64_t made;              /* frames this queue generated since its flows were built */
     uint8_t *payload;           /* generator payload pattern */
+    /* RSC: coalescing units open during one pump pass (netvsp_rsc.c) */
+    struct rsc_unit *rsc;       /* UVB_NVSP_RSC_FLOWS of them, allocated when RSC is first used */
+    uint16_t rsc_pkt_id;
 };
 
 static inline struct nic_priv *NP(const struct uvb_nvsp *n) { return (struct nic_priv *)n->priv; }
@@ -156,6 +160,13 @@ void nvsp_apply_fault(struct uvb_nvsp *n, struct vmtransfer_page_range *rg, uint
 uint32_t nvsp_csum_add(uint32_t sum, const uint8_t *p, uint32_t len);
 uint16_t nvsp_csum_fold(uint32_t sum);
 uint32_t nvsp_drain_inbox(struct uvb_nvsp_queue *q, int *blocked);
+int nvsp_rsc_on(const struct uvb_nvsp *n);
+int nvsp_rsc_offer(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t flags, uint32_t tci);
+int nvsp_rsc_flush_all(struct uvb_nvsp_queue *q);
+int nvsp_rsc_write(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t csum, int vlan,
+                   uint32_t tci, uint32_t segs);
+void nvsp_rsc_free(struct queue_priv *qp);
+int nvsp_deliver(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t flags, uint32_t tci);
 int nvsp_flush_batch(struct uvb_nvsp_queue *q);
 uint32_t nvsp_generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked);
 int nvsp_handle_packet(struct uvb_nvsp_queue *q, const uint8_t *buf, const struct uvb_pkt *p,

@@ -200,8 +200,8 @@ void nvsp_release_batch(struct uvb_nvsp_queue *q)
 
 /* Deliver one frame into this queue: 1 delivered, 0 dropped (counted), -1 no free
  * sub-allocation, -2 batch full and the ring full (caller decides). */
-static int deliver(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t flags,
-                   uint32_t tci)
+int nvsp_deliver(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t flags,
+                 uint32_t tci)
 {
     struct uvb_nvsp *n = q->nic;
     struct queue_priv *qp = QP(q);
@@ -250,8 +250,19 @@ uint32_t nvsp_drain_inbox(struct uvb_nvsp_queue *q, int *blocked)
     struct queue_priv *qp = QP(q);
     uint32_t moved = 0;
     const struct ib_rec *r;
+    int rsc = nvsp_rsc_on(q->nic);
     while ((r = inbox_peek(qp)) != NULL) {
-        int rc = deliver(q, (const uint8_t *)(r + 1), r->len, r->flags, r->tci);
+        int rc = 0;
+        if (rsc && rx_open(q->nic)) {
+            /* RSC (netvsp_rsc.c): consecutive segments of a connection join an open unit */
+            rc = nvsp_rsc_offer(q, (const uint8_t *)(r + 1), r->len, r->flags, r->tci);
+            if (rc < 0) {
+                *blocked = rc == -2 ? 2 : 1;
+                break;
+            }
+        }
+        if (!rc)
+            rc = nvsp_deliver(q, (const uint8_t *)(r + 1), r->len, r->flags, r->tci);
         if (rc < 0) {
             /* no sub-allocation (-1: the guest's acks will free some) or ring full (-2):
              * the frames wait in the inbox */
@@ -272,7 +283,8 @@ void nvsp_route_frame(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, 
     struct nic_priv *np = NP(n);
     uint32_t k = uvb_nvsp_frame_queue(n, f, len);
     if (k == q->index) {
-        if (inbox_empty(QP(q)) && deliver(q, f, len, flags, tci) >= 0)
+        /* with RSC the frame waits in the inbox: the pass's frames are coalesced together */
+        if (!nvsp_rsc_on(n) && inbox_empty(QP(q)) && nvsp_deliver(q, f, len, flags, tci) >= 0)
             return;
         if (nvsp_inbox_push(QP(q), f, len, flags, tci))
             q->inbox_drops++;

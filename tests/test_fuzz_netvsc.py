@@ -102,15 +102,21 @@ def u32(b: bytes, off: int) -> int:
     return struct.unpack_from("<I", b.ljust(off + 4, b"\0"), off)[0]
 
 
-def ref_packet(recv: bytes, off: int, msg_len: int) -> tuple[bytes, int, int, int, int] | None:
-    """A PACKET at ``off`` whose msg_len was checked against its range: the frame, or None."""
+RSC_SUBALLOC, RSC_FIRST, RSC_LAST = 1, 2, 4        # RNDIS_PKTINFO_ID flags (netvsc.md §4.4)
+
+
+def ref_packet(recv: bytes, off: int, msg_len: int) -> tuple[tuple[bytes, int, int, int, int], int] | None:
+    """A PACKET at ``off`` whose msg_len was checked against its range: the frame and its RSC
+    fragment flags (0: a whole frame; §4.4 RNDIS_PKTINFO_ID, the first such element counts,
+    SUBALLOC must be set), or None.  A fragment may carry fewer than 14 bytes."""
     h = recv[off:off + 44].ljust(44, b"\0")
     doff, dlen, poff, plen = u32(h, 8), u32(h, 12), u32(h, 28), u32(h, 32)
     if msg_len < 44:
         return None
-    if doff < 36 or dlen < 14 or 8 + doff + dlen > msg_len or dlen > 65535:
+    if doff < 36 or dlen == 0 or 8 + doff + dlen > msg_len or dlen > 65535:
         return None
-    flags = vlan = csum = hsh = 0
+    flags = vlan = csum = hsh = frag = 0
+    seen_id = False
     if plen:
         if poff < 36 or poff % 4 or 8 + poff + plen > msg_len or plen > 1024:
             return None
@@ -123,7 +129,12 @@ def ref_packet(recv: bytes, off: int, msg_len: int) -> tuple[bytes, int, int, in
             size, ptype, po = struct.unpack_from("<III", ppi, e)
             if size < 12 or size > left or po < 12 or po > size:
                 return None
-            if not ptype & 0x80000000 and po + 4 <= size:
+            if ptype == lib.PPI_RNDIS_PKTINFO_ID and po + 4 <= size:
+                if not seen_id:
+                    seen_id = True
+                    fl = ppi[e + po + 1]
+                    frag = fl & (RSC_SUBALLOC | RSC_FIRST | RSC_LAST) if fl & RSC_SUBALLOC else 0
+            elif not ptype & 0x80000000 and po + 4 <= size:
                 v = u32(ppi, e + po)
                 if ptype == P.PPI_TCPIP_CHKSUM:
                     csum, flags = v, flags | lib.UVB_NVSC_F_CSUM
@@ -132,8 +143,10 @@ def ref_packet(recv: bytes, off: int, msg_len: int) -> tuple[bytes, int, int, in
                 elif ptype == P.PPI_HASH_VALUE:
                     hsh, flags = v, flags | lib.UVB_NVSC_F_HASH
             e += size
+    if not frag and dlen < 14:
+        return None
     start = off + 8 + doff
-    return recv[start:start + dlen], flags, vlan, csum, hsh
+    return (recv[start:start + dlen], flags, vlan, csum, hsh), frag
 
 
 def ref_xfer(ex: Expect, recv: bytes, tid: int, pageset: int, ranges: list[tuple[int, int]],
@@ -145,32 +158,77 @@ def ref_xfer(ex: Expect, recv: bytes, tid: int, pageset: int, ranges: list[tuple
         ex.acks[(tid, 2)] += 1
         return
     control = u32(payload, 4) == P.CHANNEL_TYPE_CONTROL
+    # each range: ("badrange",) invalid range / msg_len; ("badpkt",) a PACKET that is not
+    # valid here; ("ctrl", bytes | None) a control message (None: too long); ("pkt", frame, frag)
+    items: list[tuple[Any, ...]] = []
     for count, off in ranges:
         if off + count > len(recv) or count < 8:
-            ex.errors += 1
-            bad = True
+            items.append(("badrange",))
             continue
         mtype, mlen = u32(recv, off), u32(recv, off + 4)
         if mlen < 8 or mlen > count:
-            ex.errors += 1
-            bad = True
-            continue
-        if mtype == P.RNDIS_PACKET:
-            if control:
-                ex.errors += 1
-                bad = True
-                continue
-            fr = ref_packet(recv, off, mlen)
-            if fr is None:
-                ex.errors += 1
-                bad = True
-                continue
-            ex.frames.append(fr)
-        elif mlen > CTRL_MAX_LEN:
-            ex.errors += 1
-            bad = True
+            items.append(("badrange",))
+        elif mtype == P.RNDIS_PACKET:
+            got = None if control else ref_packet(recv, off, mlen)
+            items.append(("badpkt",) if got is None else ("pkt", *got))
         else:
-            ex.records.append((lib.UVB_NVSC_CTRL_RNDIS, recv[off:off + mlen], 0))
+            items.append(("ctrl", recv[off:off + mlen] if mlen <= CTRL_MAX_LEN else None))
+    # §6 RSC: a chain SUBALLOC|1ST_FRAG, SUBALLOC..., SUBALLOC|LAST_FRAG in consecutive ranges
+    # of one packet is one frame; a broken chain is dropped whole (one error), and the range
+    # that broke it is handled on its own (an invalid fragment was already reported)
+    i = 0
+    while i < len(items):
+        it = items[i]
+        if it[0] in ("badrange", "badpkt"):
+            ex.errors += 1
+            bad = True
+            i += 1
+            continue
+        if it[0] == "ctrl":
+            if it[1] is None:
+                ex.errors += 1
+                bad = True
+            else:
+                ex.records.append((lib.UVB_NVSC_CTRL_RNDIS, it[1], 0))
+            i += 1
+            continue
+        fr, frag = it[1], it[2]
+        if not frag:
+            ex.frames.append(fr)
+            i += 1
+            continue
+        if not frag & RSC_FIRST:                        # a fragment of no chain
+            ex.errors += 1
+            bad = True
+            i += 1
+            continue
+        parts, j, nxt, broken = [fr], i, i + 1, False
+        while not frag & RSC_LAST:
+            j += 1
+            if j >= len(items):
+                broken, nxt = True, j
+                break
+            jt = items[j]
+            if jt[0] in ("badrange", "badpkt"):
+                ex.errors += 1                          # the fragment's own error
+                broken, nxt = True, j + 1
+                break
+            if jt[0] == "ctrl" or not jt[2] or jt[2] & RSC_FIRST:
+                broken, nxt = True, j
+                break
+            parts.append(jt[1])
+            frag = jt[2]
+        else:
+            nxt = j + 1
+        total = sum(len(p[0]) for p in parts)
+        if broken or total < 14:
+            ex.errors += 1
+            bad = True
+        elif len(parts) == 1:
+            ex.frames.append(fr)
+        else:
+            ex.frames.append((b"".join(p[0] for p in parts), fr[1] | lib.UVB_NVSC_F_RSC, *fr[2:]))
+        i = nxt
     ex.acks[(tid, 2 if bad else 1)] += 1
 
 
@@ -225,6 +283,10 @@ def rndis_message(draw: Any) -> bytes:
         size = draw(st.one_of(st.integers(0, 80), st.sampled_from([14, 60, 1514, 2000, 2900])))
         frame = bytes((i * 7 + size) & 0xFF for i in range(size))
         ppis = draw(ppi_elements()) if draw(chance(60)) else b""
+        if draw(chance(25)):          # an RSC fragment (§4.4 RNDIS_PKTINFO_ID), well-formed
+            fl = draw(st.sampled_from([1 | 2, 1, 1, 1 | 4, 1 | 2 | 4, 0, 2, 4]))
+            pk = struct.pack("<BBH", 1, fl, draw(st.integers(0, 0xFFFF)))
+            ppis = struct.pack("<III", 16, lib.PPI_RNDIS_PKTINFO_ID, 12) + pk + ppis
         # PPIs normally right after the header (offset 36); sometimes after a gap that
         # leaves them well-formed but misaligned (§4.3: the offset must be 4-aligned)
         gap = draw(st.sampled_from([0, 0, 0, 0, 0, 1, 2, 3, 4]))
@@ -280,14 +342,49 @@ def a_range(draw: Any, msgs: list[bytes]) -> tuple[int, int]:
 
 
 @st.composite
+def rsc_chain(draw: Any) -> list[bytes]:
+    """A frame the host coalesced, as RSC fragments (§6): PACKETs with RNDIS_PKTINFO_ID
+    SUBALLOC|1ST_FRAG, SUBALLOC..., SUBALLOC|LAST_FRAG; sometimes one flag is wrong."""
+    size = draw(st.sampled_from([14, 60, 1514, 3000, 9000]))
+    frame = bytes((i * 5 + size) & 0xFF for i in range(size))
+    k = draw(st.integers(1, 6))
+    cuts = sorted(draw(st.lists(st.integers(1, size - 1), min_size=k - 1, max_size=k - 1, unique=True)))
+    parts = [frame[a:b] for a, b in zip([0, *cuts], [*cuts, size], strict=True)]
+    flags = [RSC_SUBALLOC | (RSC_FIRST if i == 0 else 0) | (RSC_LAST if i == k - 1 else 0) for i in range(k)]
+    if draw(chance(30)):
+        flags[draw(st.integers(0, k - 1))] ^= draw(st.sampled_from([RSC_SUBALLOC, RSC_FIRST, RSC_LAST]))
+    out = []
+    for part, fl in zip(parts, flags, strict=True):
+        ppi = struct.pack("<III", 16, lib.PPI_RNDIS_PKTINFO_ID, 12) + struct.pack("<BBH", 1, fl, 7)
+        if fl & RSC_FIRST and draw(st.booleans()):
+            ppi = P.ppi_u32(P.PPI_HASH_VALUE, 0x1234) + ppi
+        out.append(P.rndis_packet(part, ppi)[:SLOT])
+    return out
+
+
+@st.composite
 def host_script(draw: Any) -> tuple[list[bytes], list[tuple]]:
     msgs = draw(st.lists(rndis_message(), min_size=1, max_size=12))
+    chains: list[tuple[int, int]] = []
+    for _ in range(draw(st.integers(0, 2))):
+        c = draw(rsc_chain())
+        chains.append((len(msgs), len(c)))
+        msgs += c
     ops: list[tuple] = []
+    for a, k in chains:               # each chain in one transfer packet, maybe with company
+        ranges = [(len(msgs[j]), msg_offset(j, msgs)) for j in range(a, a + k)]
+        if draw(chance(30)):
+            ranges.insert(draw(st.integers(0, len(ranges))), draw(a_range(msgs)))
+        ops.append(("xfer", 0x2000 + a, FLAG_COMPLETION_REQUESTED, CAFE, ranges,
+                    struct.pack("<IIII", P.MSG_SEND_RNDIS_PKT, P.CHANNEL_TYPE_DATA, 0xFFFFFFFF, 0)))
     for n in range(draw(st.integers(1, 10))):
         roll = draw(st.integers(0, 99))
         tid = 0x1000 + n
         if roll < 70:
             ranges = draw(st.lists(a_range(msgs), min_size=1, max_size=8))
+            if draw(chance(25)):      # consecutive messages: fragment chains line up
+                a = draw(st.integers(0, len(msgs) - 1))
+                ranges = [(len(msgs[k]), msg_offset(k, msgs)) for k in range(a, min(len(msgs), a + 8))]
             chtype = P.CHANNEL_TYPE_DATA if draw(chance(75)) else P.CHANNEL_TYPE_CONTROL
             nvsp_type, pageset, cut = P.MSG_SEND_RNDIS_PKT, CAFE, 16
             if draw(chance(15)):                             # a broken NVSP / xfer header
@@ -367,7 +464,9 @@ def receive_all(nic: Nic, zero_copy: bool, maxes: list[int]) -> list[tuple[bytes
         for j in range(len(b)):
             f = arr[j]
             off, n = int(f.offset), int(f.len)
-            if zero_copy:                # a view into the receive buffer, inside it
+            if zero_copy and f.flags & lib.UVB_NVSC_F_RSC:     # joined into the reassembly buffer
+                assert off % 8 == 0 and off + n <= nic.q.raw.rsc_size
+            elif zero_copy:              # a view into the receive buffer, inside it
                 assert 0 <= off and off + n <= RECV_SIZE
             else:
                 assert off % 8 == 0 and off + n <= nic.copy_cap

@@ -79,7 +79,7 @@ def test_block_limits_b0(hba: storvsc.Controller) -> None:
     assert bl.max_transfer_blocks == 8 * MiB // 512
     assert bl.max_unmap_blocks == 0xFFFFFFFF
     assert bl.max_unmap_descriptors == 4096
-    assert bl.unmap_granularity == 8
+    assert bl.unmap_granularity == 1                    # OpenVMM optimal_unmap_sectors
     assert bl.unmap_granularity_alignment == 0          # UGAVALID set, alignment 0
     assert bl.max_write_same_blocks == 8 * MiB // 512
     assert bl.max_compare_and_write_blocks == 0 and bl.optimal_transfer_blocks == 0
@@ -252,6 +252,19 @@ def test_short_pages_leave_fields_unreported() -> None:
     assert d.block_limits.max_transfer_blocks == 128 and d.block_limits.max_unmap_blocks == 0
     assert d.block_limits.body_length == 8 and d.block_limits.unmap_granularity_alignment is None
     assert d.rotation_rate == 0 and d.characteristics == scsi.BlockCharacteristics()
+
+
+def test_a_listed_page_that_is_refused_or_malformed_is_left_unreported() -> None:
+    refused = IllegalRequest("refused", sense_key=5, asc=0x24)
+    d = _disk({(0x12, 0): bytes([0, 0, 0, 3, 0x8F, 0xB0, 0xB2]), (0x12, 0xB0): refused,
+               (0x12, 0x8F): bytes([0, 0x8F, 0, 8]) + struct.pack(">HH", 0, 200) + bytes(4),
+               (0x12, 0xB2): bytes([0, 0xB2, 0, 4, 1, 0x80, 2, 0])})
+    d.read_vpd()
+    assert d.block_limits == scsi.BlockLimits() and d.third_party_copy is None
+    assert d.provisioning is not None and d.unmap_supported          # the good page is used
+    assert set(d.vpd_errors) == {0xB0, 0x8F} and "overruns" in d.vpd_errors[0x8F]
+    assert d.max_transfer == _Host.max_transfer                     # no 0xB0 limit: the host's
+    assert d.describe()["vpd_errors"]["0x8f"]
 
 
 def test_a_page_longer_than_its_answer_is_cut_to_what_came() -> None:

@@ -4,13 +4,19 @@ loop (``uvb_bench_loop``) measured in the same run as the reference.
 Modes (the host decides where frames come from / go to; against the simulator the NIC's
 backend is switched for the run through its control socket):
 
-* ``rx``  — receive zero-copy bursts and release them (host: generator backend);
+* ``rx``  — receive zero-copy bursts and release them (``copy=True``: copied bursts; host:
+  generator backend);
 * ``tx``  — send a prebuilt burst of UDP frames again and again (host: sink backend);
 * ``fwd`` — receive a zero-copy burst and send it straight back out (the frames never
   leave the receive buffer in Python; host: generator, TX sunk).
 
 One Python call per burst in every mode; each queue runs in its own thread (the C calls
 release the GIL).  Gbit/s counts Ethernet frame bytes (no preamble, FCS or gap).
+
+``proto="tcp"`` makes the generator send in-order TCP segments per flow; with ``rsc=True``
+(rx only) the NIC asks for receive segment coalescing and the host delivers each flow's
+segments coalesced — the frames get fewer and larger, and ``segments`` / ``payload_bytes``
+count what they carry (docs/netvsc.md "RSC").
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from uvmbus.netvsc.nic import Nic, Queue
 __all__ = ["BenchResult", "bench_frame", "run_bench"]
 
 MODES = ("rx", "tx", "fwd")
+TCP_HEADERS = 14 + 20 + 20         # the generator's TCP segments: Ethernet + IPv4 + TCP
 BACKEND_FOR = {"rx": "generator", "tx": "sink", "fwd": "generator"}
 
 
@@ -45,6 +52,22 @@ class BenchResult:
     host: dict[str, Any] = field(default_factory=dict)
     guest: dict[str, Any] = field(default_factory=dict)
     error: str | None = None     # the channel died during the run: the figures are not valid
+    proto: str = "udp"
+    rsc: bool = False            # receive segment coalescing in force during the run
+    copy: bool = False           # rx: copied bursts instead of zero-copy
+    bytes: int = 0               # rx: Ethernet frame bytes received (0: frames x size)
+
+    @property
+    def segments(self) -> int:
+        """TCP rx: the generator's segments the frames carried (payload / segment payload)."""
+        if self.proto != "tcp" or self.mode != "rx" or self.size <= TCP_HEADERS:
+            return self.frames
+        return self.payload_bytes // (self.size - TCP_HEADERS)
+
+    @property
+    def payload_bytes(self) -> int:
+        """TCP rx: payload bytes (frame bytes less one 54-byte header per frame)."""
+        return max(self.bytes - self.frames * TCP_HEADERS, 0) if self.proto == "tcp" else 0
 
     @property
     def mpps(self) -> float:
@@ -52,7 +75,8 @@ class BenchResult:
 
     @property
     def gbits(self) -> float:
-        return self.frames * self.size * 8 / self.seconds / 1e9 if self.seconds else 0.0
+        total = self.bytes or self.frames * self.size
+        return total * 8 / self.seconds / 1e9 if self.seconds else 0.0
 
     @property
     def ring_c_loop_gbits(self) -> float:
@@ -64,6 +88,11 @@ class BenchResult:
         d["gbit_per_s"] = round(self.gbits, 3)
         d["ring_c_loop_gbit_per_s"] = round(self.ring_c_loop_gbits, 3)
         d["ratio_to_ring_c_loop"] = round(self.mpps / self.ring_c_loop_mpps, 4) if self.ring_c_loop_mpps else None
+        if self.proto == "tcp" and self.mode == "rx":
+            d["segments"] = self.segments
+            d["segments_per_s"] = round(self.segments / self.seconds) if self.seconds else 0
+            d["payload_bytes"] = self.payload_bytes
+            d["payload_gbit_per_s"] = round(self.payload_bytes * 8 / self.seconds / 1e9, 3) if self.seconds else 0.0
         return d
 
 
@@ -90,9 +119,9 @@ def _sim_control(root: str) -> Any:
 
 
 def _loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threading.Event,
-          out: list[int], slot: int, errors: list[BaseException]) -> None:
+          out: list[int], slot: int, errors: list[BaseException], copy: bool = False) -> None:
     try:
-        _run_loop(q, mode, burst, batch, stop, out, slot)
+        _run_loop(q, mode, burst, batch, stop, out, slot, copy)
     except Exception as exc:        # the channel died (rescind, corrupt ring...): end the run
         errors.append(exc)
         stop.set()
@@ -112,14 +141,14 @@ def _channel_error(nic: Nic) -> str | None:
 
 
 def _run_loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: threading.Event,
-              out: list[int], slot: int) -> None:
+              out: list[int], slot: int, copy: bool = False) -> None:
     # When a queue has nothing to do it waits (interrupt-driven, ≤ 1 ms) instead of spinning:
     # on a small machine a spinning guest steals the CPU the host needs.
     n = 0
     rx, tx = q.rx_burst, q.tx_burst
     if mode == "rx":
         while not stop.is_set():
-            n += len(rx(burst, 0.001, copy=False))
+            n += len(rx(burst, 0.001, copy=copy))
     elif mode == "tx":
         assert batch is not None
         while not stop.is_set():
@@ -135,10 +164,15 @@ def _run_loop(q: Queue, mode: str, burst: int, batch: TxBatch | None, stop: thre
 def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, queues: int = 1,
               burst: int = 256, warmup: float = 0.3, reference: bool = True,
               flows: int = 64, spin_us: int = 50, timeout: float = 10.0,
-              record: Any = None) -> BenchResult:
+              record: Any = None, proto: str = "udp", rsc: bool = False, copy: bool = False) -> BenchResult:
     """Run one benchmark (see the module docstring)."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}")
+    if proto not in ("udp", "tcp"):
+        raise ConfigError("proto must be udp or tcp")
+    if rsc and mode != "rx":
+        raise ConfigError("RSC makes received frames larger than the MTU: benchmark it with --mode rx "
+                          "(fwd and tx cannot send them back out)")
     if not 60 <= size <= 9014:
         raise ConfigError("frame size must be 60..9014 bytes")
     ctl = _sim_control(root)
@@ -148,28 +182,36 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
         # until_disconnect: the simulator restores the backend itself if this process dies
         ctl.call("model", device=device, op="backend", args={"backend": BACKEND_FOR[mode]},
                  until_disconnect=True)
-        ctl.call("model", device=device, op="generator", args={"size": size, "flows": flows, "count": 0})
+        ctl.call("model", device=device, op="generator", args={"size": size, "flows": flows, "count": 0,
+                                                                 "proto": proto})
     mtu = max(1500, size - 14)
     try:
         with Nic(device, root, queues=queues, mtu=mtu, spin_us=spin_us, timeout=timeout,
-                 record=record) as nic:
+                 record=record, rsc=rsc) as nic:
+            if rsc and not nic.rsc:
+                raise ConfigError("RSC was asked for but the host does not offer it (NVSP 6.1 and "
+                                  "NDIS_OFFLOAD rsc for IPv4 and IPv6 needed; a simulated NIC with "
+                                  "rsc=off does not): run without --rsc")
             nq = nic.num_queues
             batch = TxBatch([bench_frame(size, i) for i in range(burst)]) if mode == "tx" else None
             counts = [0] * nq
             stop = threading.Event()
             errors: list[BaseException] = []
             threads = [threading.Thread(target=_loop, args=(nic.queue(i), mode, burst, batch, stop, counts,
-                                                            i, errors),
+                                                            i, errors, copy),
                                         name=f"bench-q{i}", daemon=True) for i in range(nq)]
             try:
                 for t in threads:
                     t.start()
                 stop.wait(warmup)
                 start_counts = _snapshot(nic, mode)
+                start_bytes = _snapshot(nic, "rx_bytes")
                 t0 = time.perf_counter()
                 stop.wait(seconds)          # set early when a worker's channel died
                 end_counts = _snapshot(nic, mode)
+                end_bytes = _snapshot(nic, "rx_bytes")
                 elapsed = time.perf_counter() - t0
+                in_force = nic.rsc
             finally:        # also on Ctrl-C: closing the NIC under running workers would crash
                 stop.set()
                 for t in threads:
@@ -186,7 +228,8 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
                 host = next(iter(host.values())).get("netvsp", {}) if host else {}
                 host = {k: host.get(k) for k in ("backend", "queues_active", "generated")} | {
                     "queues": {k: {kk: v[kk] for kk in ("rx_frames", "rx_nobuf", "rx_ring_full",
-                                                         "sink_frames", "tx_frames")}
+                                                         "sink_frames", "tx_frames", "rsc_units",
+                                                         "rsc_segments")}
                                for k, v in host.get("queues", {}).items()}}
     finally:
         if ctl is not None:
@@ -196,8 +239,10 @@ def run_bench(device: str, root: str, *, mode: str, size: int, seconds: float, q
                 ctl.close()
     res = BenchResult(mode, size, nq, elapsed, sum(per_queue), burst, per_queue, host=host,
                       guest={k: guest[k] for k in ("rx_packets", "tx_packets", "drops", "tx_ring_full",
-                                                   "tx_no_section", "host_errors", "signals")},
-                      error=error)
+                                                   "tx_no_section", "host_errors", "signals",
+                                                   "rx_rsc_frames", "rx_rsc_frags", "rx_rsc_errors")},
+                      error=error, proto=proto, rsc=in_force, copy=copy,
+                      bytes=sum(end_bytes) - sum(start_bytes) if mode == "rx" else 0)
     if reference and not error:
         from uvmbus.ring.bench import bench_c_loop
         res.ring_c_loop_mpps = bench_c_loop(size, min(seconds, 2.0), burst).mpps
@@ -215,6 +260,6 @@ def sim_nic_backend(ctl: Any, device: str) -> str | None:
 
 def _snapshot(nic: Nic, mode: str) -> list[int]:
     """Per-queue progress counters (C counters: safe to read from this thread)."""
-    key = "rx_packets" if mode == "rx" else "tx_packets"
+    key = mode if mode == "rx_bytes" else "rx_packets" if mode == "rx" else "tx_packets"
     return [int(getattr(q.raw, key)) for q in nic.queues]
 

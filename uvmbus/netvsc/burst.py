@@ -26,6 +26,7 @@ F_VLAN = lib.UVB_NVSC_F_VLAN
 F_HASH = lib.UVB_NVSC_F_HASH
 F_CSUM = lib.UVB_NVSC_F_CSUM
 F_TX_CSUM = lib.UVB_NVSC_F_TX_CSUM
+F_RSC = lib.UVB_NVSC_F_RSC
 F_TX_LSO = lib.UVB_NVSC_F_TX_LSO
 
 
@@ -37,6 +38,7 @@ class FrameMeta:
     vlan: int | None          # 802.1Q TCI (priority << 13 | DEI << 12 | VLAN id), None: untagged
     rss_hash: int | None      # the host's Toeplitz hash, None: not given
     csum: int | None          # raw checksum PPI (RX bits), None: not given
+    coalesced: bool = False   # joined from RSC fragments (the host coalesced TCP segments)
 
     @property
     def vlan_id(self) -> int | None:
@@ -64,6 +66,10 @@ class RxBurst(Sequence[memoryview]):
     a frame of it (each keeps its copy buffer alive; the frames are writable, e.g. to rewrite
     an address before forwarding).
 
+    A frame the host coalesced (RSC) and sent as several fragments is joined by the C path:
+    in a copied burst like any other frame; in a zero-copy burst it is copied into the
+    queue's reassembly buffer, which follows the zero-copy rules below.
+
     Zero-copy bursts (``copy=False``) lend you the host's receive buffer: the frames are
     valid until :meth:`release` or the next ``rx_burst`` on the same queue (which releases
     them), after which the host may overwrite them.  From then on the burst and every frame
@@ -71,11 +77,15 @@ class RxBurst(Sequence[memoryview]):
     silently showing other data.  Copy a frame (``bytes(frame)``) to keep it.
     """
 
-    __slots__ = ("_view", "_base", "_arr", "_n", "zero_copy", "_queue", "_released", "_owner", "_views")
+    __slots__ = ("_view", "_base", "_arr", "_n", "zero_copy", "_queue", "_released", "_owner", "_views",
+                 "_rsc")
 
     def __init__(self, view: memoryview, base: Any, arr: Any, count: int, *, zero_copy: bool,
-                 queue: Any = None, owner: Any = None):
+                 queue: Any = None, owner: Any = None, rsc: memoryview | None = None):
         self._view = view
+        #: zero-copy bursts holding coalesced frames: the queue's reassembly buffer (F_RSC
+        #: frames' offsets index it); None otherwise
+        self._rsc = rsc
         self._base = base
         self._arr = arr
         self._n = count
@@ -103,19 +113,20 @@ class RxBurst(Sequence[memoryview]):
         if not 0 <= i < self._n:
             raise IndexError(i)
         f = self._arr[i]
-        m = self._view[f.offset:f.offset + f.len]
+        v = self._rsc if self._rsc is not None and f.flags & F_RSC else self._view
+        m = v[f.offset:f.offset + f.len]
         if self._views is not None:
             self._views.append(m)
         return m
 
     def __iter__(self) -> Iterator[memoryview]:
         self._check()
-        v, a, keep = self._view, self._arr, self._views
+        v, a, keep, rv = self._view, self._arr, self._views, self._rsc
         for i in range(self._n):
             if self._released:
                 self._check()
             f = a[i]
-            m = v[f.offset:f.offset + f.len]
+            m = (rv if rv is not None and f.flags & F_RSC else v)[f.offset:f.offset + f.len]
             if keep is not None:
                 keep.append(m)
             yield m
@@ -123,11 +134,11 @@ class RxBurst(Sequence[memoryview]):
     def frames(self) -> list[bytes]:
         """Every frame as independent ``bytes``."""
         self._check()
-        v, a = self._view, self._arr
+        v, a, rv = self._view, self._arr, self._rsc
         out = []
         for i in range(self._n):
             f = a[i]
-            out.append(bytes(v[f.offset:f.offset + f.len]))
+            out.append(bytes((rv if rv is not None and f.flags & F_RSC else v)[f.offset:f.offset + f.len]))
         return out
 
     def lengths(self) -> list[int]:
@@ -144,14 +155,21 @@ class RxBurst(Sequence[memoryview]):
         f = self._arr[i]
         fl = f.flags
         return FrameMeta(f.len, f.vlan if fl & F_VLAN else None, f.hash if fl & F_HASH else None,
-                         f.csum if fl & F_CSUM else None)
+                         f.csum if fl & F_CSUM else None, bool(fl & F_RSC))
 
     def metas(self) -> list[FrameMeta]:
         return [self.meta(i) for i in range(self._n)]
 
     @property
+    def has_rsc_copies(self) -> bool:
+        """A zero-copy burst with coalesced frames in the reassembly buffer: their
+        descriptors are not relative to :attr:`base` (``tx_burst`` copies such a burst)."""
+        return self._rsc is not None
+
+    @property
     def descriptors(self) -> Any:
-        """The ``struct uvb_nvsc_frame[]`` (offsets relative to :attr:`base`)."""
+        """The ``struct uvb_nvsc_frame[]`` (offsets relative to :attr:`base`; in a zero-copy
+        burst, frames flagged F_RSC are relative to the queue's reassembly buffer)."""
         self._check()
         return self._arr
 

@@ -157,6 +157,8 @@ class NicInfo:
     vf: dict[str, Any] = field(default_factory=dict)
     #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments
     lso: dict[str, int] = field(default_factory=dict)
+    rsc_requested: bool = False
+    rsc: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,6 +260,7 @@ class Queue:
         self._chunk_view: memoryview | None = None
         self._chunk_pos = self._copy_cap
         self._recv_view = memoryview(recv.mm)[recv.offset:recv.offset + recv.size]
+        self._rsc_mv: memoryview | None = None      # C's reassembly buffer (zero-copy RSC frames)
         self._frame_size = ffi.sizeof("struct uvb_nvsc_frame")
         #: the zero-copy burst whose frames the host lent us (invalid after the next rx_burst)
         self._lent: RxBurst | None = None
@@ -349,9 +352,16 @@ class Queue:
             assert self._chunk_view is not None
             return RxBurst(self._chunk_view[pos:end], self._chunk + pos, arr, got, zero_copy=False,
                            owner=self._chunk)
-        b = RxBurst(self._recv_view, self._recv.ptr, self._frames, got, zero_copy=True, queue=self)
+        rsc = self._rsc_view() if got and self.raw.rsc_in_burst else None
+        b = RxBurst(self._recv_view, self._recv.ptr, self._frames, got, zero_copy=True, queue=self, rsc=rsc)
         self._lent = b
         return b
+
+    def _rsc_view(self) -> memoryview | None:
+        raw = self.raw
+        if self._rsc_mv is None and raw.rsc_buf != ffi.NULL:
+            self._rsc_mv = memoryview(ffi.buffer(raw.rsc_buf, raw.rsc_size))
+        return self._rsc_mv
 
     def _rx_once(self, n: int, copy: bool) -> int:
         if copy:
@@ -438,6 +448,10 @@ class Queue:
         if isinstance(frames, RxBurst):
             frames._check()
             batch = frames
+            if frames.has_rsc_copies:
+                # coalesced frames of a zero-copy burst live in the reassembly buffer, not
+                # at base + offset: send a copy (keeping the VLAN tags)
+                batch = TxBatch(frames.frames(), vlan=[m.vlan for m in frames.metas()])
         elif isinstance(frames, TxBatch):
             batch = frames
         else:
@@ -561,7 +575,8 @@ class Queue:
         r = self.raw
         keys = ("rx_packets", "rx_bytes", "rx_xfer", "rx_acks", "rx_drops", "rx_ctrl", "tx_packets",
                 "tx_bytes", "tx_msgs", "tx_gpa", "tx_lso", "tx_completions", "tx_failed", "tx_drops",
-                "tx_ring_full", "tx_no_section", "host_errors", "ctrl_dropped")
+                "tx_ring_full", "tx_no_section", "host_errors", "ctrl_dropped", "rx_rsc_frames",
+                "rx_rsc_frags", "rx_rsc_errors")
         s = {k: int(getattr(r, k)) for k in keys}
         s["drops"] = s["rx_drops"] + s["tx_drops"]
         s["ring_full"] = s["tx_ring_full"]
@@ -577,6 +592,12 @@ class Queue:
         if self._lent is not None:
             self._lent._invalidate()
             self._lent = None
+        if self._rsc_mv is not None:
+            try:
+                self._rsc_mv.release()
+            except BufferError:
+                pass
+            self._rsc_mv = None
         lib.uvb_nvsc_queue_fini(self.raw)
         self._chunk = self._chunk_view = None       # bursts still out keep their chunks
         self._recv_view.release()
@@ -590,7 +611,8 @@ class Nic:
                  gpa: bool | None = None, versions: Sequence[int] = P.NVSP_VERSIONS,
                  hash_info: int = P.LINUX_HASH_INFO, spin_us: int = 0,
                  rx_copy_frames: int = MAX_BURST, lock: bool = True, record: Any = None,
-                 sriov: bool = True, lso: bool | None = None):
+                 sriov: bool = True, lso: bool | None = None,
+                 rsc: bool = False):
         if not 1 <= queues <= MAX_QUEUES:
             raise ConfigError(f"queues must be 1..{MAX_QUEUES}")
         if not 68 <= mtu <= 9202:
@@ -608,6 +630,9 @@ class Nic:
         self.spin_us = spin_us
         self.rx_copy_frames = rx_copy_frames
         self.lock_device = lock
+        #: RSC wanted by the user (opt-in, see docs/netvsc.md "RSC"); ``self.rsc``: in force
+        self.rsc_requested = bool(rsc)
+        self.rsc = False
         self._mtu_wanted = mtu
         self._link_cbs: list[Callable[[bool], None]] = []
         self._vf_cbs: list[Callable[[VfInfo], None]] = []
@@ -716,6 +741,8 @@ class Nic:
                 if self.sriov_wanted:      # as Linux negotiate_nvsp_ver and DPDK hn_nvs_conf_ndis
                     caps |= P.CAP_SRIOV
                     self.sriov = True
+            if chosen >= P.NVSP_V61:
+                caps |= P.CAP_RSC          # Linux declares RSC from 6.1 (L-c negotiate_nvsp_ver)
             ch.send(P.nvsp_ndis_config(self.mtu + 14, caps))
         elif self.mtu > 1500:
             raise ConfigError(f"MTU {self.mtu}: NVSP version 1 has no NDIS config message (MTU 1500 only)")
@@ -1261,14 +1288,17 @@ class Nic:
             # enabled, disabled when the user turned it off, else "no change" (like Linux)
             return P.LSO_ENABLED if use else (P.LSO_DISABLED if offered else 0)
 
+        rsc = self._rsc_param()
         params = P.build_offload_params(self.nvsp_version, tcp4=4 if o.tx_tcp4 else 1,
                                         udp4=0 if v4 else (4 if o.tx_udp4 else 1),
                                         tcp6=4 if o.tx_tcp6 else 1, udp6=0 if v4 else (4 if o.tx_udp6 else 1),
-                                        lso4=lso_value(o.lso4, use4), lso6=lso_value(o.lso6, use6))
+                                        lso4=lso_value(o.lso4, use4), lso6=lso_value(o.lso6, use6), rsc=rsc)
         try:
             self.set(P.OID_TCP_OFFLOAD_PARAMETERS, params)
+            self.rsc = rsc == P.RSC_ENABLED
         except RequestFailed as exc:
             log.info("netvsc: offload parameters refused: %s", exc)
+            self.rsc = False
             use4 = use6 = False
             if self.lso_wanted:
                 raise NegotiationError(f"LSO was required (lso=True) but the host refused the offload "
@@ -1302,6 +1332,19 @@ class Nic:
         # on open Linux sends DIRECTED | ALL_MULTICAST | BROADCAST (rndis_filter_open_device);
         # after the user changed the filter, a re-initialisation restores the user's one
         self._send_filter(self._wanted_filter() if self._filter_custom else FILTER_DEFAULT)
+
+    def _rsc_param(self) -> int:
+        """rsc_ip_v4/v6 of the offload parameters, as Linux decides them
+        (rndis_netdev_set_hwcaps): only when the host offers RSC for IPv4 and IPv6 (and NVSP
+        6.1, where RSC exists) — then enabled or disabled as wanted — else 0, no change."""
+        if not (self.nvsp_version >= P.NVSP_V61 and self.offloads.rsc):
+            if self.rsc_requested:
+                log.warning("netvsc: RSC requested but the host does not offer it (NVSP %s, host "
+                            "RSC IPv4 %d IPv6 %d): frames arrive uncoalesced",
+                            P.VERSION_NAMES.get(self.nvsp_version, hex(self.nvsp_version)),
+                            self.offloads.rsc_ip4, self.offloads.rsc_ip6)
+            return 0
+        return P.RSC_ENABLED if self.rsc_requested else P.RSC_DISABLED
 
     def _setup_queues(self, nq: int) -> None:
         m = self.nvsp_request(P.nvsp_subchannel_request(nq - 1))
@@ -1429,7 +1472,8 @@ class Nic:
             permanent_mac=_mac_text(self.permanent_mac), packet_filter=self.packet_filter,
             packet_filter_names=P.filter_names(self.packet_filter), promiscuous=self._promiscuous,
             all_multicast=self._all_multicast, multicast=[_mac_text(m) for m in self._multicast],
-            vf=self._vf_info().to_dict(), lso=self.lso_limits())
+            vf=self._vf_info().to_dict(), lso=self.lso_limits(), rsc_requested=self.rsc_requested,
+            rsc=self.rsc)
 
     def lso_limits(self) -> dict[str, int]:
         """What ``tx_burst(..., mss=...)`` accepts on queue 0: the largest large send for
@@ -1796,7 +1840,9 @@ def open(device: str, root: str | os.PathLike[str] = "/", *, queues: int = 1, mt
     hold the device's lock while open, so another process opening it fails at once with
     :class:`~uvmbus.errors.DeviceBusy`; False for experts sharing the device on purpose),
     ``record`` (a ``*.pcapng`` path or a :class:`uvmbus.trace.Recorder`: record every VMBus
-    packet of every channel, docs/trace.md)."""
+    packet of every channel, docs/trace.md), ``rsc`` (default False: ask the host to coalesce
+    received TCP segments of a flow into frames up to 64 KiB, NVSP 6.1; ``Nic.rsc`` says
+    whether it is in force; docs/netvsc.md "RSC")."""
     return Nic(device, root, queues=queues, mtu=mtu, **options)
 
 

@@ -72,6 +72,8 @@ CAP_CORRELATION_ID = lib.NVSP_NDIS_CAP_CORRELATION_ID
 CAP_TEAMING = lib.NVSP_NDIS_CAP_TEAMING
 CAP_VSUBNETID = lib.NVSP_NDIS_CAP_VSUBNETID
 CAP_RSC = lib.NVSP_NDIS_CAP_RSC
+RSC_DISABLED = lib.NDIS_OFFLOAD_PARAM_RSC_DISABLED
+RSC_ENABLED = lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED
 
 #: message type → (struct, name): what ``parse_nvsp`` decodes
 NVSP_STRUCTS: dict[int, tuple[str, str]] = {
@@ -603,6 +605,13 @@ class OffloadCaps:
     lso6_min_segs: int = 0
     lso6_opts: int = 0
     rsc_ip4: int = 0
+    rsc_ip6: int = 0
+
+    @property
+    def rsc(self) -> bool:
+        """The host can coalesce received TCP segments (RSC) for IPv4 and IPv6: what Linux
+        requires before it offers LRO (rndis_netdev_set_hwcaps)."""
+        return bool(self.rsc_ip4 and self.rsc_ip6)
 
     @property
     def tx_tcp4(self) -> bool:
@@ -647,7 +656,7 @@ class OffloadCaps:
                 "lso_ipv4_max": self.lso4_max if self.lso4 else 0,
                 "lso_ipv6_max": self.lso6_max if self.lso6 else 0,
                 "lso_min_segments": max(self.lso4_min_segs, self.lso6_min_segs),
-                "rx_checksum": bool(self.ip4_rx or self.ip6_rx)}
+                "rx_checksum": bool(self.ip4_rx or self.ip6_rx), "rsc": self.rsc}
 
 
 def parse_ndis_offload(data: Any) -> OffloadCaps:
@@ -657,18 +666,21 @@ def parse_ndis_offload(data: Any) -> OffloadCaps:
     o = _unpack("struct ndis_offload", raw)
     if o.hdr.type != lib.NDIS_OBJTYPE_OFFLOAD:
         raise ProtocolError(f"NDIS_OFFLOAD with object type {o.hdr.type:#x}")
-    rsc = o.rsc.ip4 if len(raw) >= lib.NDIS_OFFLOAD_SIZE_REV3 else 0
+    # the RSC fields exist from revision 3 (NDIS 6.30, @144)
+    rev3 = len(raw) >= lib.NDIS_OFFLOAD_SIZE_REV3 and o.hdr.size >= lib.NDIS_OFFLOAD_SIZE_REV3
     lv = o.lsov2
     return OffloadCaps(o.csum.ip4_txcsum, o.csum.ip4_rxcsum, o.csum.ip6_txcsum, o.csum.ip6_rxcsum,
                        lv.ip4_encap, lv.ip4_maxsz, lv.ip4_minsg, lv.ip6_encap, lv.ip6_maxsz,
-                       lv.ip6_minsg, lv.ip6_opts, rsc)
+                       lv.ip6_minsg, lv.ip6_opts, o.rsc.ip4 if rev3 else 0, o.rsc.ip6 if rev3 else 0)
 
 
 def build_offload_params(nvsp_version: int, *, tcp4: int, udp4: int, tcp6: int, udp6: int,
-                         ip4: int = 1, lso4: int = 0, lso6: int = 0) -> bytes:
+                         ip4: int = 1, lso4: int = 0, lso6: int = 0, rsc: int = 0) -> bytes:
     """NDIS_OFFLOAD_PARAMETERS (type 0x80, rev 3 size 28 / rev 2 size 22 for NVSP ≤ 4).
     Checksum values: 0 no change, 1 disabled, 2 TX, 3 RX, 4 TX+RX; ``lso4`` / ``lso6``
-    (lso_v2_ipv4 / lso_v2_ipv6): 0 no change, 1 disabled, 2 enabled (§4.7)."""
+    (lso_v2_ipv4 / lso_v2_ipv6): 0 no change, 1 disabled, 2 enabled (§4.7); ``rsc`` goes to
+    both rsc_ip_v4 and rsc_ip_v6 (@22, @23; only in the 28-byte form): 0 no change,
+    1 disabled, 2 enabled (L-r rndis_netdev_set_hwcaps)."""
     o = ffi.new("struct ndis_offload_params *")
     o.hdr.type = lib.NDIS_OBJTYPE_DEFAULT
     if nvsp_version <= NVSP_V4:
@@ -682,6 +694,8 @@ def build_offload_params(nvsp_version: int, *, tcp4: int, udp4: int, tcp6: int, 
     o.udp_ip_v6_csum = udp6
     o.lso_v2_ipv4 = lso4
     o.lso_v2_ipv6 = lso6
+    if nvsp_version > NVSP_V4:
+        o.rsc_ip_v4 = o.rsc_ip_v6 = rsc
     return bytes(ffi.buffer(o))[:o.hdr.size]
 
 

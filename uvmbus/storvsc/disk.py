@@ -10,7 +10,9 @@ except with :meth:`Disk.readinto` / :meth:`Disk.write` on a :class:`~uvmbus.dma.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from uvmbus.block.interface import ByteIO
 from uvmbus.dma import DmaBuffer
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["Disk"]
 
 _VPD_ALLOC = 1024
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Disk(ByteIO, PersistentReservations):
@@ -51,6 +55,8 @@ class Disk(ByteIO, PersistentReservations):
         self.rotation_rate = 0
         self.provisioning: scsi.LogicalBlockProvisioning | None = None
         self.characteristics: scsi.BlockCharacteristics | None = None
+        #: VPD pages the host listed but refused or answered malformed: page -> reason
+        self.vpd_errors: dict[int, str] = {}
         self.third_party_copy: scsi.ThirdPartyCopy | None = None
         #: MODE SENSE caching page: WCE (None: the LUN did not report the page)
         self.volatile_write_cache: bool | None = None
@@ -115,21 +121,36 @@ class Disk(ByteIO, PersistentReservations):
         self.capacity = cap
 
     def read_vpd(self) -> None:
-        """INQUIRY VPD 0x00 and the pages it lists among 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2."""
+        """INQUIRY VPD 0x00 and the pages it lists among 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2.
+
+        The limits and status pages (0x8F, 0xB0-0xB2) are optional to use: one the host lists
+        but then refuses or answers malformed is left "not reported" (as Linux's sd does), with
+        the reason in :attr:`vpd_errors` and the log, instead of making the LUN unusable."""
         self.vpd_pages = scsi.parse_vpd_supported(self._vpd(0x00))
+        self.vpd_errors = {}
         if 0x80 in self.vpd_pages:
             self.serial = scsi.parse_vpd_serial(self._vpd(0x80))
         if 0x83 in self.vpd_pages:
             self.device_ids = scsi.parse_vpd_device_ids(self._vpd(0x83))
-        if 0xB0 in self.vpd_pages:
-            self.block_limits = scsi.parse_vpd_block_limits(self._vpd(0xB0))
-        if 0xB1 in self.vpd_pages:
-            self.characteristics = scsi.parse_vpd_block_characteristics(self._vpd(0xB1))
+        bl = self._optional_vpd(0xB0, scsi.parse_vpd_block_limits)
+        if bl is not None:
+            self.block_limits = bl
+        self.characteristics = self._optional_vpd(0xB1, scsi.parse_vpd_block_characteristics)
+        if self.characteristics is not None:
             self.rotation_rate = self.characteristics.rotation_rate
-        if 0xB2 in self.vpd_pages:
-            self.provisioning = scsi.parse_vpd_lbp(self._vpd(0xB2))
-        if 0x8F in self.vpd_pages:
-            self.third_party_copy = scsi.parse_vpd_third_party_copy(self._vpd(0x8F))
+        self.provisioning = self._optional_vpd(0xB2, scsi.parse_vpd_lbp)
+        self.third_party_copy = self._optional_vpd(0x8F, scsi.parse_vpd_third_party_copy)
+
+    def _optional_vpd(self, page: int, parse: Callable[[bytes], T]) -> T | None:
+        if page not in self.vpd_pages:
+            return None
+        try:
+            return parse(self._vpd(page))
+        except (IllegalRequest, ProtocolError) as e:
+            self.vpd_errors[page] = str(e)
+            log.warning("storvsc LUN %d: VPD page %#04x listed but unusable, ignored: %s",
+                        self.lun, page, e)
+            return None
 
     def read_write_protect(self) -> None:
         """MODE SENSE(6), all pages: the WP bit of the device-specific parameter (as Linux's
@@ -297,6 +318,8 @@ class Disk(ByteIO, PersistentReservations):
             "type": p.provisioning, "lbpu": p.lbpu, "lbpws": p.lbpws, "lbpws10": p.lbpws10,
             "lbprz": p.lbprz, "threshold_exponent": p.threshold_exponent}
         d["volatile_write_cache"] = self.volatile_write_cache
+        if self.vpd_errors:
+            d["vpd_errors"] = {f"{k:#04x}": v for k, v in self.vpd_errors.items()}
         d["read_cache"] = self.read_cache
         d["control_page"] = None if self.control is None else {
             "tst": self.control.tst, "qerr": self.control.qerr, "d_sense": self.control.d_sense,

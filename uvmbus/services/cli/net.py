@@ -71,7 +71,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--burst", type=int_range(1, 1024), default=256,
                    help="frames per call, 1..1024 (default 256)")
     b.add_argument("--flows", type=int_range(1), default=64,
-                   help="UDP flows of the simulator's generator (default 64)")
+                   help="flows of the simulator's generator (default 64)")
+    b.add_argument("--proto", choices=("udp", "tcp"), default="udp",
+                   help="what the simulator's generator sends: UDP datagrams or in-order TCP "
+                        "segments per flow (default udp)")
+    b.add_argument("--copy", action="store_true",
+                   help="rx: receive copied bursts (rx_burst(copy=True)) instead of zero-copy ones")
+    b.add_argument("--rsc", choices=("off", "on", "both"), default="off",
+                   help="receive segment coalescing (rx only; use with --proto tcp): off, on, or both "
+                        "= the same benchmark without and then with RSC, in one run (default off)")
     _add_timeout(b)
     add_root(b)
     add_json(b)
@@ -218,24 +226,55 @@ def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
     dev = resolve_device(args.root, args.device, "netvsc")
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.rsc]
+    results = []
     with device_lock(dev), recording(args) as rec:
-        r = run_bench(dev.device_id, args.root, mode=args.mode, size=args.size, seconds=args.seconds,
-                      queues=args.queues, burst=args.burst, flows=args.flows, timeout=args.timeout,
-                      record=rec)
+        for rsc in variants:
+            results.append(run_bench(dev.device_id, args.root, mode=args.mode, size=args.size,
+                                     seconds=args.seconds, queues=args.queues, burst=args.burst,
+                                     flows=args.flows, timeout=args.timeout, record=rec,
+                                     proto=args.proto, rsc=rsc, copy=args.copy))
+            if results[-1].error:
+                break
     if args.json:
-        print(json.dumps(r.to_dict(), indent=2))
-    if r.error:         # never a success over a dead channel (the figures include dead time)
-        print(f"uvmbus net bench: {r.error}; the figures are not valid (reopen the device)",
+        if len(results) == 1:
+            print(json.dumps(results[0].to_dict(), indent=2))
+        else:
+            off, on = results[0], results[-1]
+            print(json.dumps({"runs": [r.to_dict() for r in results],
+                              "rsc_payload_ratio": round(on.payload_bytes * off.seconds /
+                                                         (off.payload_bytes * on.seconds), 3)
+                              if len(results) == 2 and off.payload_bytes and on.seconds else None},
+                             indent=2))
+    bad = next((r for r in results if r.error), None)
+    if bad is not None:  # never a success over a dead channel (the figures include dead time)
+        print(f"uvmbus net bench: {bad.error}; the figures are not valid (reopen the device)",
               file=sys.stderr)
         return 1
     if args.json:
         return 0
-    print(f"netvsc {r.mode}: {r.size}-byte frames, {r.queues} queue(s), burst {r.burst}, {r.seconds:.1f} s")
+    for r in results:
+        _print_bench(r)
+    if len(results) == 2 and results[0].payload_bytes and results[1].seconds:
+        off, on = results
+        ratio = on.payload_bytes * off.seconds / (off.payload_bytes * on.seconds)
+        print(f"RSC on / off (TCP payload per second, same run): {ratio:.2f}x")
+    return 0
+
+
+def _print_bench(r: Any) -> None:
+    extra = f", {r.proto.upper()}" + (", RSC on" if r.rsc else ", RSC off") if r.proto == "tcp" else ""
+    extra += ", copied bursts" if r.copy else ""
+    print(f"netvsc {r.mode}: {r.size}-byte frames{extra}, {r.queues} queue(s), burst {r.burst}, {r.seconds:.1f} s")
     print(f"  {r.mpps:8.3f} Mpps  {r.gbits:8.2f} Gbit/s   ({r.frames} frames; per queue {r.per_queue})")
+    if r.proto == "tcp" and r.mode == "rx":
+        print(f"  TCP: {r.segments / r.seconds / 1e6:8.3f} M segments/s  "
+              f"{r.payload_bytes * 8 / r.seconds / 1e9:8.2f} Gbit/s payload  "
+              f"({r.segments} segments in {r.frames} frames, {r.segments / max(r.frames, 1):.1f} per frame)")
     if r.ring_c_loop_mpps:
         print(f"  ring C loop (same run, {r.size}-byte in-band packets): {r.ring_c_loop_mpps:.2f} Mpps "
               f"{r.ring_c_loop_gbits:.2f} Gbit/s -> {r.mpps / r.ring_c_loop_mpps:.1%} of it")
     g = r.guest
     print(f"  guest: drops {g['drops']} ring-full {g['tx_ring_full']} no-section {g['tx_no_section']} "
-          f"host errors {g['host_errors']} signals {g['signals']}")
-    return 0
+          f"host errors {g['host_errors']} signals {g['signals']}"
+          + (f" rsc frames {g['rx_rsc_frames']} fragments {g['rx_rsc_frags']}" if r.rsc else ""))

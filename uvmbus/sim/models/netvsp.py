@@ -101,6 +101,9 @@ Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backen
 derived from the device id), ``vf_steer`` (unicast / all), ``vf_remove`` (switch_first: the reference host; association_only:
 only SEND_VF_ASSOCIATION {0}, the guest switches back itself), ``gen_size``, ``gen_flows``, ``gen_proto`` (udp/tcp), ``gen_count``, ``min_request`` (NVSP
 requests shorter than this get no reply, like Windows hosts, §10.2; default 0 = off),
+``rsc`` (on: offer receive segment coalescing at NVSP 6.1, as Windows Server 2019+ hosts —
+the default; off: the reference host), ``rsc_segments`` (segments per coalesced unit, 0 = up
+to one IP datagram; docs/simulator.md "RSC"),
 ``fault`` + ``fault_count`` (malformed host→guest messages: bad_range, bad_rndis_len,
 bad_nvsp_type, bad_pageset, bad_data_offset, bad_ppi; ``unknown_inband`` sends an in-band
 NVSP message of an unknown type).
@@ -275,6 +278,14 @@ class NetvspModel(DeviceModel):
         }
         if self.gen["proto"] not in ("udp", "tcp"):
             raise ConfigError("gen_proto must be udp or tcp")
+        rsc = str(opts.pop("rsc", "on")).lower()
+        if rsc not in ("on", "off", "1", "0", "true", "false"):
+            raise ConfigError("rsc must be on (offer receive segment coalescing, as Windows Server "
+                              "2019+ hosts) or off (the reference host)")
+        self.rsc_offered = rsc in ("on", "1", "true")
+        self.rsc_segments = int(opts.pop("rsc_segments", 0))
+        if not 0 <= self.rsc_segments <= 65535:
+            raise ConfigError("rsc_segments must be 0 (only the 64 KiB datagram limit) .. 65535")
         fault = opts.pop("fault", None)
         fault_count = int(opts.pop("fault_count", 1))
         if opts:
@@ -287,6 +298,7 @@ class NetvspModel(DeviceModel):
         self.nic.rx_hash_ppi = 1
         self.nic.rx_verify_csum = 1
         self.nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        self.nic.rsc_max_segs = self.rsc_segments
         self.nic.lso_max = M.LSO_MAX_SIZE
         self._apply_gen()
         self._queues: dict[int, _Queue] = {}
@@ -301,6 +313,7 @@ class NetvspModel(DeviceModel):
             "subchannel_grants": 0, "ignored_short": 0, "send_tables": 0, "ctrl_overflow": 0,
             "inband_injected": 0, "vf_associations": 0, "vf_switches": 0, "vf_switch_ignored": 0,
             "vf_switch_backs": 0, "vf_completions": 0, "revokes": 0, "after_revoke": 0,
+            "rsc_undeclared": 0,
         }
         self.fatal_messages: list[str] = []
         self._after_response: list[bytes] = []
@@ -339,6 +352,7 @@ class NetvspModel(DeviceModel):
         n.filter = 0
         n.rss_enabled = 0
         n.lso_v4 = n.lso_v6 = 0
+        self._set_rsc(0, 0)
         n.num_queues = 1
         n.msg_size = 32
         n.recv_buf_id = lib.NVSP_RECV_BUF_ID
@@ -873,9 +887,12 @@ class NetvspModel(DeviceModel):
                 rev = msg.info[1]
             if oid == lib.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES:
                 lso4 = lso6 = self.lso_offered
+                rsc4 = rsc6 = self._rsc_capable()
             else:
                 lso4, lso6 = self.lso_enabled["ipv4"], self.lso_enabled["ipv6"]
-            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev, lso4=lso4, lso6=lso6)
+                rsc4, rsc6 = bool(self.nic.rsc_ip4), bool(self.nic.rsc_ip6)
+            return lib.RNDIS_STATUS_SUCCESS, M.offload_capabilities(rev, lso4=lso4, lso6=lso6,
+                                                                   rsc4=rsc4, rsc6=rsc6)
         if oid == lib.OID_GEN_RECEIVE_SCALE_CAPABILITIES:
             return lib.RNDIS_STATUS_SUCCESS, M.rss_capabilities(self.max_queues)
         return lib.RNDIS_STATUS_NOT_SUPPORTED, b""
@@ -902,17 +919,23 @@ class NetvspModel(DeviceModel):
             if not self.lso_offered and on in want.values():
                 # like LSOv1 above: an offload this host does not offer cannot be enabled
                 return lib.RNDIS_STATUS_NOT_SUPPORTED
+            if not self._rsc_capable() and lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED in (
+                    params["rsc_ip_v4"], params["rsc_ip_v6"]):
+                return lib.RNDIS_STATUS_NOT_SUPPORTED     # the same for RSC
             for k, v in want.items():          # 0 = no change, 1 = disabled, 2 = enabled
                 if v in (lib.NDIS_OFFLOAD_PARAM_LSO_DISABLED, on):
                     self.lso_enabled[k] = v == on
             self.nic.lso_v4 = int(self.lso_enabled["ipv4"])
             self.nic.lso_v6 = int(self.lso_enabled["ipv6"])
             self.offload_params = params
+            self._offload_rsc(params)
             # sent after the SET completion, like the reference host's pending_offload_change
             self._after_response.append(
                 M.status_indication(lib.RNDIS_STATUS_TASK_OFFLOAD_CURRENT_CONFIG,
                                     M.offload_capabilities(3, lso4=self.lso_enabled["ipv4"],
-                                                           lso6=self.lso_enabled["ipv6"])))
+                                                           lso6=self.lso_enabled["ipv6"],
+                                                           rsc4=bool(self.nic.rsc_ip4),
+                                                           rsc6=bool(self.nic.rsc_ip6))))
             return lib.RNDIS_STATUS_SUCCESS
         if oid == lib.OID_GEN_RECEIVE_SCALE_PARAMETERS:
             return self._set_rss(info)
@@ -922,6 +945,38 @@ class NetvspModel(DeviceModel):
             return lib.RNDIS_STATUS_SUCCESS
         # OID_802_3_MULTICAST_LIST included: the reference host has no SET for it
         return lib.RNDIS_STATUS_NOT_SUPPORTED
+
+    # ---- RSC (docs/simulator.md "RSC") -------------------------------------------------
+    def _rsc_capable(self) -> bool:
+        """RSC exists from NVSP 6.1 (netvsc.md §2.1) and is offered when option ``rsc`` is on."""
+        return self.rsc_offered and self.version >= NVSP_V61
+
+    def _offload_rsc(self, params: dict[str, int]) -> None:
+        """rsc_ip_v4 / rsc_ip_v6 of OID_TCP_OFFLOAD_PARAMETERS: 0 no change, 1 disable, 2
+        enable (netvsc.md §4.7).  Coalescing starts only for a guest that can take fragments:
+        one that declared NVSP_NDIS_CAP_RSC in SEND_NDIS_CONFIG (L-c negotiate_nvsp_ver);
+        values in the 22-byte form (NVSP <= 4) do not exist and read as 0."""
+        v4, v6 = int(self.nic.rsc_ip4), int(self.nic.rsc_ip6)
+        for key, cur in (("rsc_ip_v4", "v4"), ("rsc_ip_v6", "v6")):
+            val = params.get(key, 0)
+            on = val == lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED
+            if val in (lib.NDIS_OFFLOAD_PARAM_RSC_ENABLED, lib.NDIS_OFFLOAD_PARAM_RSC_DISABLED):
+                if cur == "v4":
+                    v4 = int(on)
+                else:
+                    v6 = int(on)
+        declared = self.ndis_config is not None and bool(self.ndis_config[1] & lib.NVSP_NDIS_CAP_RSC)
+        if (v4 or v6) and not declared:
+            self.counters["rsc_undeclared"] += 1
+            v4 = v6 = 0
+        self._set_rsc(v4, v6)
+
+    def _set_rsc(self, v4: int, v6: int) -> None:
+        n = self.nic
+        n.rsc_ip4, n.rsc_ip6 = v4, v6
+        # a coalesced unit takes several ranges of one packet: up to 562 with RSC (§6)
+        n.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE_RSC if (v4 or v6) else lib.NVSP_MAX_PACKETS_PER_RECEIVE
+        n.cfg_epoch += 1
 
     def _set_config_parameter(self, info: bytes) -> int:
         try:
@@ -1265,7 +1320,8 @@ class NetvspModel(DeviceModel):
                     "tx_msgs", "tx_frames", "tx_bytes", "tx_failed", "tx_dropped", "rx_frames", "rx_bytes",
                     "rx_xfer", "rx_acks", "rx_nobuf", "rx_filtered", "rx_oversize", "rx_ring_full",
                     "inbox_drops", "gen_frames", "sink_frames", "completions", "punts", "rx_to_vf",
-                    "tx_lso", "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize")},
+                    "tx_lso", "tx_lso_segments", "tx_lso_invalid", "tx_lso_not_enabled", "tx_lso_oversize", "rsc_units", "rsc_segments",
+                    "rsc_fragments")},
                 "free_ids": int(lib.uvb_nvsp_free_ids(n, e.index)) if n.priv != ffi.NULL else 0,
             }
         return {"netvsp": {
@@ -1280,6 +1336,8 @@ class NetvspModel(DeviceModel):
             "queues_active": int(n.num_queues), "max_queues": self.max_queues, "granted": self.granted,
             "filter": self.filter, "rss": bool(n.rss_enabled), "lso_offered": self.lso_offered,
             "lso_enabled": dict(self.lso_enabled), "link": "up" if self._link_up else "down",
+            "rsc": {"offered": self.rsc_offered, "ipv4": bool(n.rsc_ip4), "ipv6": bool(n.rsc_ip6),
+                    "max_segments": int(n.rsc_max_segs)},
             "guest_link": "up" if self._guest_link else "down",
             "guest_owned": int(lib.uvb_nvsp_guest_owned(n)) if n.priv != ffi.NULL else 0,
             "ctrl_pending": int(lib.uvb_nvsp_ctrl_pending(n)) if n.priv != ffi.NULL else 0,

@@ -246,9 +246,11 @@ LSO_MAX_SIZE = 0xF53C
 LSO_MIN_SEGMENTS = 2
 
 
-def offload_capabilities(rev: int, *, lso4: bool = False, lso6: bool = False) -> bytes:
+def offload_capabilities(rev: int, *, lso4: bool = False, lso6: bool = False, rsc4: bool = False,
+                         rsc6: bool = False) -> bytes:
     """The host's NDIS_OFFLOAD: IPv4/TCP/UDP checksum both ways (802.3), LSOv2 for IPv4 /
-    IPv6 when ``lso4`` / ``lso6``, no RSC; cut to the revision the guest asked for."""
+    IPv6 when ``lso4`` / ``lso6``, RSC for IPv4 / IPv6 when ``rsc4`` / ``rsc6`` (@144, revision
+    3 only); cut to the revision the guest asked for."""
     o = ffi.new("struct ndis_offload *")
     o.hdr.type = lib.NDIS_OBJTYPE_OFFLOAD
     o.hdr.revision = rev
@@ -270,6 +272,8 @@ def offload_capabilities(rev: int, *, lso4: bool = False, lso6: bool = False) ->
         lv.ip6_maxsz = LSO_MAX_SIZE
         lv.ip6_minsg = LSO_MIN_SEGMENTS
         lv.ip6_opts = lib.NDIS_LSOV2_CAP_IP6
+    o.rsc.ip4 = int(rsc4)
+    o.rsc.ip6 = int(rsc6)
     return bytes(ffi.buffer(o))[:_OFFLOAD_SIZE[rev]]
 
 

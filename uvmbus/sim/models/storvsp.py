@@ -864,9 +864,11 @@ class StorvspModel(DeviceModel):
         elif page == 0xB0:
             bs = disk.block_size
             mx = _disk_max_transfer(disk) // bs
-            # UGAVALID set with alignment 0, as OpenVMM's handle_vpd_block_limits
+            # OPTIMAL UNMAP GRANULARITY 1 (OpenVMM's optimal_unmap_sectors default, "non-zero
+            # or the guest will think unmap is not supported"), UGAVALID with alignment 0, as
+            # OpenVMM's handle_vpd_block_limits
             body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, mx, 0, 0,
-                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, max(1, 4096 // bs), 0x80000000,
+                               0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, 1, 0x80000000,
                                mx).ljust(0x3C, b"\0")
         elif page == 0xB1:
             body = struct.pack(">H", disk.spec.rotation).ljust(0x3C, b"\0")
