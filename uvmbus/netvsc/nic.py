@@ -187,6 +187,11 @@ class QueueSpec:
     #: (``lease``, :mod:`uvmbus.netvsc.lease`) still shows it
     generation: int = 0
     lease: str = ""
+    #: LSOv2 as the owner negotiated it (largest large send per IP version, 0 = off; minimum
+    #: segments): the attached queue makes large sends too, from its own bounce slots
+    lso4_max: int = 0
+    lso6_max: int = 0
+    lso_min_segs: int = 0
 
 
 def _gpa_slot_size(max_frame: int) -> int:
@@ -1710,7 +1715,8 @@ class Nic:
         spec = QueueSpec(self.device_id, self.root, index, q.channel.relid, int(q.raw.section_first),
                          int(q.raw.section_count), self.section_size, self.max_pkt_per_msg, self.pkt_align,
                          self.max_xfer, self.mtu + 14, gpa=self.gpa_wanted, generation=self.generation,
-                         lease=self._lease.path)
+                         lease=self._lease.path, lso4_max=int((self.lso_max or {}).get("ipv4", 0)),
+                         lso6_max=int((self.lso_max or {}).get("ipv6", 0)), lso_min_segs=self.lso_min_segs)
         q.invalid_reason = f"queue {index} was exported to another process (export_queue)"
         q.close()
         # its bounce slots go back: the attaching process allocates its own (no sharing)
@@ -1890,6 +1896,13 @@ class _AttachedQueue(Queue):
                              section_count=spec.section_count, max_pkt_per_msg=spec.max_pkt_per_msg,
                              pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame,
                              gpa=gpa)
+            # the owner's LSO limits, capped by what one send of this queue can hold (as the
+            # owner's Nic._apply_lso does for its own queues)
+            room = gpa[1] if gpa is not None else min(spec.section_size, spec.max_xfer or spec.section_size)
+            room = min(room - TX_HEADROOM, LSO_FRAME_MAX)
+            self.raw.lso4_max = max(0, min(spec.lso4_max, room))
+            self.raw.lso6_max = max(0, min(spec.lso6_max, room))
+            self.raw.lso_min_segs = spec.lso_min_segs
             self.poll_only = not self._uio.quirks.irqcontrol_all_channels
         except BaseException:
             self._free_gpa()
@@ -1928,12 +1941,15 @@ class _AttachedQueue(Queue):
         shared with the owner or another attached queue; the slots' transaction ids are
         per channel and this process owns the channel."""
         self._dma: Any = None
-        if spec.gpa is False or not _needs_gpa(spec.max_frame, spec.section_size):
+        lso = bool(spec.lso4_max or spec.lso6_max)
+        if spec.gpa is False or not (lso or _needs_gpa(spec.max_frame, spec.section_size)):
             return None
         from uvmbus.dma import open_dma_memory
+        frame = max(spec.max_frame, LSO_FRAME_MAX) if lso else spec.max_frame
         try:
             self._dma = open_dma_memory(spec.root)
-            return _alloc_gpa(self._dma, spec.max_frame, f"netvsc-q{spec.index}-pid{os.getpid()}")
+            return _alloc_gpa(self._dma, frame, f"netvsc-q{spec.index}-pid{os.getpid()}",
+                              LSO_GPA_SLOTS if lso else GPA_SLOTS)
         except UvmbusError as exc:
             self._free_gpa()
             if spec.gpa:
