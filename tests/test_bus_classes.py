@@ -81,3 +81,19 @@ def test_pref_ring_sizes() -> None:
     fcopy, nic, uart = lookup_class("fcopy"), lookup_class("netvsc"), lookup_class("uart")
     assert fcopy and nic and uart
     assert (fcopy.pref_ring_size, nic.pref_ring_size, uart.pref_ring_size) == (0x4000, 0, 0x11000)
+
+
+def test_simulator_echo_device_has_a_class_name(tmp_path) -> None:
+    """`uvmbus list` names the simulator's echo device "echo", not "unknown"; its predicted
+    ring size stays that of a class the kernel does not know."""
+    from simhelpers import run_sim
+
+    from uvmbus.bus import Bus
+    from uvmbus.bus.classes import UNKNOWN_PREF_RING_SIZE
+
+    echo = lookup_class("echo")
+    assert echo is not None and echo.pref_ring_size == UNKNOWN_PREF_RING_SIZE and not echo.kernel_drivers
+    with run_sim(tmp_path, "--echo", "1", "--no-ic") as sim:
+        [dev] = Bus(sim.root).devices()
+        assert dev.class_name == "echo"
+        assert Bus(sim.root).device("echo").device_id == dev.device_id

@@ -36,3 +36,11 @@ def test_model_operations_say_what_was_done(tmp_path, capsys):
 
         assert main(["sim", "ctl", "--root", root, "link", "netvsc", "down"]) == 0
         assert capsys.readouterr().out == f"{nic} (link down):\n  link: down\n"
+
+
+def test_sim_exec_help_says_what_v_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["sim", "exec", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "print on stderr each mount made in the namespace" in text
+    assert "a -v after -- is CMD's" in text

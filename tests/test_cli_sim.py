@@ -90,7 +90,7 @@ def test_ready_root_on_stderr_and_quickstart(tmp_path: Path) -> None:
                                   text=True, timeout=60, env=env)
 
         r = run("list")
-        assert r.returncode == 0 and r.stdout.count("unknown") == 2, r.stdout   # the two echo devices
+        assert r.returncode == 0 and r.stdout.count(" echo ") == 2, r.stdout      # the two echo devices
         r = run("sim", "ctl", "fault", "stall", "2", "--device", "*")
         assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
         r = run("sim", "ctl", "clear")

@@ -148,11 +148,11 @@ def test_ic_end_to_end(tmp_path):
             src.write_bytes(os.urandom(50_000))
             r = ctl_cli(sim, ids["fcopy"], "copy", f"src={src}", "path=/in/sub", "name=data.bin",
                         "create_path=1")
-            assert r["status"] == 0, r
+            assert r["status"] == 0 and r["bytes"] == r["size"] == 50_000, r
             out = fc / "in/sub/data.bin"
             assert out.read_bytes() == src.read_bytes() and (out.stat().st_mode & 0o777) == 0o744
             r = ctl(sim, ids["fcopy"], "copy", "data=x", "path=/in/sub", "name=data.bin", check=False)
-            assert r["status_name"] == "ALREADY_EXISTS"
+            assert r["status_name"] == "ALREADY_EXISTS" and r["bytes"] == 0 and r["size"] == 1, r
             for path, name in (("/../../etc", "evil"), ("/in/../..", "evil"), ("/", "../evil")):
                 r = ctl(sim, ids["fcopy"], "copy", "data=evil", f"path={path}", f"name={name}",
                         "create_path=1", "overwrite=1", check=False)

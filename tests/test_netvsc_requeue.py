@@ -71,7 +71,8 @@ def assert_clean(sim: SimProcess, nic: nv.Nic | None, d: str) -> None:
 
 @pytest.fixture
 def nicsim(tmp_path) -> Any:
-    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback") as sim:
+    # mac_change=apply: a host that takes a new MAC address (Hyper-V with MAC spoofing allowed)
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback,mac_change=apply") as sim:
         d = sim.device("netvsc")["device_id"]
         sim.bind(d)
         yield sim, d
@@ -81,7 +82,9 @@ def test_queue_count_1_4_2_1_with_traffic(nicsim):
     sim, d = nicsim
     with nv.open(d, sim.root, queues=1, mtu=3000) as nic:
         nic.set_all_multicast(True)                  # a user filter that must survive
+        nic.set_mac("02:11:22:33:44:55")              # and a user MAC address
         mac, filt = nic.mac, nic.packet_filter
+        assert mac == "02:11:22:33:44:55"
         assert nic.num_queues == 1
         traffic(nic, 0)
         revokes = netvsp(sim, d)["revokes"]
@@ -99,6 +102,7 @@ def test_queue_count_1_4_2_1_with_traffic(nicsim):
             host = netvsp(sim, d)
             assert nic.mac == mac and nic.packet_filter == filt and nic.mtu == 3000
             assert host["filter"] == filt and host["mtu"] == 3014 and host["state"] == "ready"
+            assert host["current_mac"] == mac
             assert len(host["queues"]) == n and host["granted"] == n - 1
             assert host["revokes"] == revokes + step        # the buffers were revoked each time
             assert nic.rss_table == [i % n for i in range(128)] or n == 1

@@ -372,3 +372,35 @@ def test_net_bench_fwd_rotates_within_the_size(tmp_path):
             recs = list(pcapng.read(fh, str(f), st))
         assert recs and not st.truncated
         assert f.stat().st_size <= size or len(recs) == 1, (f, f.stat().st_size, len(recs))
+
+
+@pytest.mark.parametrize(("hunk", "header"), [
+    (("replace", 4, 6, 4, 7), "@@ -5,2 +5,3 @@ replace"),
+    (("insert", 4, 4, 4, 5), "@@ -4,0 +5,1 @@ insert"),
+    (("delete", 0, 1, 0, 0), "@@ -1,1 +0,0 @@ delete"),
+])
+def test_diff_hunk_header_is_unified_diff_style(hunk, header):
+    from uvmbus.trace.diff import DiffResult
+
+    left, right = [f"m{i}" for i in range(8)], [f"n{i}" for i in range(8)]
+    assert DiffResult(left, right, [hunk]).lines()[0] == header
+
+
+def test_host_fault_events_say_what_changed(tmp_path):
+    """No FAULT event for a channel that simply starts fault-free; a set and a clear each
+    give one, naming the fault."""
+    from uvmbus.channel import open_device
+    from uvmbus.ring import PKT_COMP
+
+    trace = tmp_path / "host.pcapng"
+    with run_sim(tmp_path, "--echo", "1", "--no-ic", "--record", str(trace)) as sim:
+        dev = sim.device("echo")["device_id"]
+        sim.bind(dev)
+        with open_device(dev, sim.root) as cd:
+            assert cd.primary.request(b"a", timeout=10).type == PKT_COMP
+            sim.fault("slow_us", 1)
+            assert cd.primary.request(b"b", timeout=10).type == PKT_COMP
+            sim.clear_faults()
+            assert cd.primary.request(b"c", timeout=10).type == PKT_COMP
+    faults = [m.fields["text"] for m in decode_file(trace) if m.name == "EVENT FAULT"]
+    assert faults == ["faults: slow_us=1", "faults cleared"], faults

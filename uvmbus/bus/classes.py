@@ -115,6 +115,10 @@ CLASSES: tuple[VmbusClass, ...] = (
                (), (), _U),
     VmbusClass("crashdump", "427b03e7-4ceb-4286-b5fc-486f4a1dd439", "Crash dump (OpenHCL)",
                (), (), _U),
+    # not a Hyper-V class: the test device of `uvmbus sim --echo` (uvmbus.sim.models.echo);
+    # unknown to the kernel's table, hence its pref_ring_size
+    VmbusClass("echo", "0e7e0c0d-0000-4000-8000-7573766d6275", "uvmbus simulator echo test device",
+               (), (), _U),
 )
 
 #: Loadable module that provides each in-kernel driver (for "modprobe ..." hints).

@@ -288,9 +288,15 @@ class HostChannel:
         f = self.faults
         if f.generation == self._fault_gen and not f.pending_actions:
             return
+        first = self._fault_gen < 0
         self._fault_gen = f.generation
         if self.trace is not None:
-            self.trace_event(lib.UVB_TRACE_EV_FAULT, f.generation, repr(f))
+            # a FAULT event says what changed: the first look at a fault-free channel is none
+            active = f.active()
+            if active or f.pending_actions or not first:
+                text = ", ".join(f"{k}={v}" for k, v in active.items())
+                self.trace_event(lib.UVB_TRACE_EV_FAULT, f.generation,
+                                 f"faults: {text}" if text else "faults cleared")
         self.irq.disabled = 1 if f.no_interrupts else 0
         if f.corrupt_index:
             which, f.corrupt_index = f.corrupt_index, ""

@@ -35,6 +35,18 @@ def key(m: Message, *, side: bool = True) -> str:
             f"{'+c' if flags & 1 else ''} {m.name} {flds}" + (f" | {inner}" if inner else "")).rstrip()
 
 
+def _range(start: int, end: int) -> str:
+    """Unified-diff range of messages [start, end) (0-based): ``first,count``, 1-based; an
+    empty range names the message it follows (``4,0``: after message 4)."""
+    n = end - start
+    return f"{start + 1 if n else start},{n}"
+
+
+def hunk_header(tag: str, i1: int, i2: int, j1: int, j2: int) -> str:
+    """``@@ -5,2 +5,3 @@ replace``: the unified-diff hunk header (message numbers) + what."""
+    return f"@@ -{_range(i1, i2)} +{_range(j1, j2)} @@ {tag}"
+
+
 @dataclass
 class DiffResult:
     left: list[str]
@@ -56,7 +68,7 @@ class DiffResult:
         out = []
         w = max(20, width // 2 - 3)
         for tag, i1, i2, j1, j2 in self.hunks:
-            out.append(f"@@ {tag} left {i1 + 1}..{i2} right {j1 + 1}..{j2}")
+            out.append(hunk_header(tag, i1, i2, j1, j2))
             a, b = self.left[i1:i2], self.right[j1:j2]
             if any(len(x) > w for x in a + b):       # too wide for two columns: one per line
                 out += [f"- {x}" for x in a] + [f"+ {x}" for x in b]

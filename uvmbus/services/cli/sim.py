@@ -110,7 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="put the program's DMA memory on the simulator's guest RAM (IOVA = "
                         "simulated GPA); for DPDK: EAL memory from -m, --no-huge and "
                         "--iova-mode=va are enforced by the library")
-    e.add_argument("-v", "--verbose", action="store_true", help="print the mounts made")
+    e.add_argument("-v", "--verbose", action="store_true",
+                   help="before --: print on stderr each mount made in the namespace (lines "
+                        "'uvmbus sim exec: ...') and show tracebacks on errors; a -v after -- "
+                        "is CMD's")
     e.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     e.set_defaults(func=_exec)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from uvmbus.bus.classes import CLASSES
 from uvmbus.errors import ConfigError
 from uvmbus.native import ffi, lib
 from uvmbus.ring import FLAG_COMPLETION_REQUESTED, PKT_GPA_DIRECT, PKT_INBAND, Packet
@@ -40,7 +41,7 @@ from uvmbus.sim.models.base import DeviceModel, gpa_ranges
 
 __all__ = ["ECHO_CLASS_ID", "MAGIC", "OP_OFFER_SUBCHANNELS", "OP_SEND", "EchoModel", "control_message"]
 
-ECHO_CLASS_ID = "0e7e0c0d-0000-4000-8000-7573766d6275"
+ECHO_CLASS_ID = next(c.guid for c in CLASSES if c.name == "echo")      # one definition: the bus table
 MAGIC = b"uvbecho\0"
 OP_OFFER_SUBCHANNELS = 1
 OP_SEND = 2

@@ -665,9 +665,10 @@ class FcopyHost(IcHostModel):
         fname = ("A" * 300).encode("utf-16-le")[:2 * _MAX_PATH] if oversized else _u16(name, 2 * _MAX_PATH)
         start = hdr(0) + fname + _u16(path, 2 * _MAX_PATH) + struct.pack("<IQ", flags, len(data))
         pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        copied = [0]          # bytes the guest acknowledged writing (0 when START was refused)
 
         def finish(st: int | None, **kw: Any) -> None:
-            ticket.finish(st, steps=statuses, bytes=len(data), **kw)
+            ticket.finish(st, steps=statuses, bytes=copied[0], size=len(data), **kw)
 
         def cancel() -> None:
             self._queue.appendleft(_Txn(lib.IC_MSGTYPE_FCOPY, hdr(3), lambda st, b: statuses.append(f"cancel:{st:#x}"),
@@ -694,6 +695,7 @@ class FcopyHost(IcHostModel):
                     finish(st)
                     cancel()
                     return
+                copied[0] += len(piece)
                 self._queue.appendleft(step(i + 1))
             return _Txn(lib.IC_MSGTYPE_FCOPY, body, wrote, lambda: finish(None, error="no reply"), what=f"WRITE {i}")
 
