@@ -1068,8 +1068,9 @@ class Nic:
 
     @property
     def vf(self) -> VfInfo:
-        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
-        self.poll_events()
+        """The VF the host associated with this NIC, as far as the driver has heard (a
+        snapshot, :class:`VfInfo`; host messages are read while receiving on queue 0, by
+        :meth:`poll_events` and :meth:`wait_vf`)."""
         return self._vf_info()
 
     def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
