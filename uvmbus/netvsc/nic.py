@@ -1699,6 +1699,9 @@ class Nic:
             try:
                 self._bring_up()
             except UvmbusError as exc:
+                if self._lease is not None:         # nothing can attach to a closed NIC
+                    self._lease.close()
+                    self._lease = None
                 raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
                                    f"settings failed too ({exc}): the NIC is closed — open it again "
                                    "(uvmbus.netvsc.open)", usable=False) from exc
