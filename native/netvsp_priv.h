@@ -7,6 +7,7 @@
  *   netvsp_rx.c       per-queue inbox, RX frames written into sub-allocations, XFER_PAGES batches
  *   netvsp_ctrl.c     control messages the model posted (RNDIS responses/indications, in-band NVSP)
  *   netvsp_tx.c       packets from the guest: RX acks, SEND_RNDIS_PKT data (sections, GPA ranges)
+ *   netvsp_lso.c      large sends (LSOv2 PPI) cut into TCP segments as the host's NIC would
  *   netvsp_backend.c  frame sources: the generator, external frames (TAP fd, injection)
  *   netvsp.c          the pump (host.h contract) tying them together
  *

@@ -163,3 +163,69 @@ def test_attached_queue_without_gpa_refuses_clearly(tmp_path):
                     p.kill()
             assert res.startswith("rejected:") and "GPA-direct" in res, res
         assert sim.totals()["needless_signals"] == 0, sim.needless_report()
+
+
+def _child_lso(spec: nv.QueueSpec, frames: list[bytes], mss: list[int | None], conn: Any) -> None:
+    try:
+        with nv.attach_queue(spec) as q:
+            n = q.tx_burst(frames, mss=mss, timeout=20)
+            deadline = time.monotonic() + 20
+            while q.tx_inflight and time.monotonic() < deadline:
+                q.reap()
+                q.wait(0.05)
+            conn.send(("done", n, q.stats(), int(q.raw.lso4_max), int(q.raw.lso6_max)))
+    except BaseException as exc:  # pragma: no cover - reported to the parent
+        conn.send(("error", repr(exc)))
+
+
+def test_attached_queue_makes_large_sends(tmp_path):
+    """LSOv2 as the owner negotiated it works from the attached queue too (its own bounce
+    slots sized for 64 KiB sends): the loopback host segments each large send exactly as
+    the reference segmenter of test_netvsc_lso does."""
+    from test_netvsc_lso import ref_segments, tcp_frame, verify
+
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--device", "netvsc:backend=loopback") as sim:
+        d = sim.device("netvsc")["device_id"]
+        sim.bind(d)
+        with nv.open(d, sim.root, queues=2) as nic:
+            lso = nic.info().lso
+            assert lso["ipv4_max"] > 60000
+            mac = bytes.fromhex(nic.mac.replace(":", ""))
+            # source ports whose TCP/IPv4 4-tuple the host steers to queue 0 (the parent's)
+            ports = [p for p in range(40000, 40400)
+                     if nic.rss_table[P.toeplitz(P.MS_RSS_KEY, tcp_frame(mac, b"", sport=p)[26:38]) & 127] == 0]
+            sizes = [(60000, 1460), (3000, 1000), (20000, 1448), (200, None), (9000, 536)]
+            frames = [tcp_frame(mac, bytes((i * 7 + k) & 0xFF for k in range(n)), sport=ports[i], seq=1000 * i,
+                                flags=0x19) for i, (n, _) in enumerate(sizes)]
+            mss = [m for _, m in sizes]
+            want: list[bytes] = []
+            for f, m in zip(frames, mss, strict=True):
+                want += ref_segments(f, m) if m else [f]
+            spec = nic.export_queue(1)
+            assert (spec.lso4_max, spec.lso6_max) == (lso["ipv4_max"], lso["ipv6_max"])
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_child_lso, args=(spec, frames, mss, child))
+            p.start()
+            try:
+                got: list[bytes] = []
+                deadline = time.monotonic() + 60
+                while len(got) < len(want) and time.monotonic() < deadline:
+                    got += nic.rx_burst(0, 256, timeout=0.05).frames()
+                assert parent.poll(60)
+                res = parent.recv()
+            finally:
+                p.join(20)
+                if p.is_alive():
+                    p.kill()
+            assert res[0] == "done", res
+            _, n, cs, l4, l6 = res
+            assert n == len(frames) and (l4, l6) == (lso["ipv4_max"], lso["ipv6_max"])
+            assert got == want
+            for s in got:
+                verify(s)
+            assert cs["tx_lso"] == 4 and cs["tx_drops"] == 0 and cs["tx_failed"] == 0
+            hq = netvsp(sim, d)["queues"]["1"]
+            assert hq["tx_lso"] == 4 and hq["tx_lso_segments"] == len(want) - mss.count(None)
+            assert netvsp(sim, d)["fatal_errors"] == 0
+        assert sim.totals()["needless_signals"] == 0, sim.needless_report()

@@ -187,6 +187,11 @@ class QueueSpec:
     #: (``lease``, :mod:`uvmbus.netvsc.lease`) still shows it
     generation: int = 0
     lease: str = ""
+    #: LSOv2 as the owner negotiated it (largest large send per IP version, 0 = off; minimum
+    #: segments): the attached queue makes large sends too, from its own bounce slots
+    lso4_max: int = 0
+    lso6_max: int = 0
+    lso_min_segs: int = 0
 
 
 def _gpa_slot_size(max_frame: int) -> int:
@@ -418,7 +423,7 @@ class Queue:
     # -- TX -------------------------------------------------------------------------------------
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview], *,
                  timeout: float = 0.0, rejected: list[int] | None = None,
-                 mss: int | Sequence[int | None] | None = None) -> int:
+                 mss: int | Sequence[int | None] | None = None, vnet: bool = False) -> int:
         """Send frames; returns how many were really queued (fewer than given when send-buffer
         sections or ring space ran out: back-pressure, send the rest later).  With ``timeout``
         > 0, wait for space until every frame is queued or the time is up.
@@ -434,12 +439,17 @@ class Queue:
         LSO is not negotiated) raises :class:`~uvmbus.errors.FrameRejected` (the frames before
         it are queued: its ``queued``; ``reason`` says why).  With a list as ``rejected``,
         such frames are skipped instead and their positions in the burst appended to it;
-        frames consumed = return value + the number of positions appended."""
+        frames consumed = return value + the number of positions appended.
+
+        ``vnet=True``: each frame starts with the 10-byte ``struct virtio_net_hdr`` a TAP
+        opened with IFF_VNET_HDR gives (``uvmbus net bridge``): GSO TCP frames become large
+        sends with MSS = gso_size, partial checksums (NEEDS_CSUM) are completed — in C, one
+        call per burst (``uvb_nvsc_vnet_prep``)."""
         self._check()
         batch: Any
-        if mss is not None and isinstance(frames, (RxBurst, TxBatch)):
-            raise ConfigError("tx_burst(mss=...) takes a list of frames; for a TxBatch pass mss to "
-                              "TxBatch(frames, mss=...)")
+        if (mss is not None or vnet) and isinstance(frames, (RxBurst, TxBatch)):
+            raise ConfigError("tx_burst(mss=..., vnet=...) takes a list of frames; for a TxBatch pass "
+                              "mss to TxBatch(frames, mss=...)")
         if isinstance(frames, RxBurst):
             frames._check()
             batch = frames
@@ -451,6 +461,8 @@ class Queue:
             batch = frames
         else:
             batch = TxBatch(frames, mss=mss)
+            if vnet:
+                lib.uvb_nvsc_vnet_prep(self.raw, batch.base, batch.descriptors, len(batch))
         n = len(batch)
         if n == 0:
             return 0
@@ -682,12 +694,16 @@ class Nic:
                                        "offload_indications": 0, "network_changes": 0,
                                        "vf_host_switches": 0, "vf_switch_backs": 0}
         # the VF of this session: the host announces it again after every (re)initialisation
+        # (on_vf_change hears of the reset, so add/remove calls stay paired)
+        had_vf = getattr(self, "vf_allocated", False) or getattr(self, "data_path", 0) == P.DATA_PATH_VF
         self.sriov = False
         self.vf_allocated = False
         self.vf_serial: int | None = None
         self.data_path = P.DATA_PATH_SYNTHETIC
         self._async_tids: set[int] = set()       # our own switch-backs sent from the dispatcher
         self._switch_back_owed = False
+        if had_vf:
+            self._fire_vf()
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
         #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments;
@@ -1052,8 +1068,9 @@ class Nic:
 
     @property
     def vf(self) -> VfInfo:
-        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
-        self.poll_events()
+        """The VF the host associated with this NIC, as far as the driver has heard (a
+        snapshot, :class:`VfInfo`; host messages are read while receiving on queue 0, by
+        :meth:`poll_events` and :meth:`wait_vf`)."""
         return self._vf_info()
 
     def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
@@ -1411,11 +1428,11 @@ class Nic:
 
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview],
                  queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None,
-                 mss: int | Sequence[int | None] | None = None) -> int:
+                 mss: int | Sequence[int | None] | None = None, vnet: bool = False) -> int:
         """Send frames on ``queue``; returns how many were really queued (see
         :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent, ``mss`` for
-        TCP large sends)."""
-        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected, mss=mss)
+        TCP large sends, ``vnet`` for frames with a virtio-net header)."""
+        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected, mss=mss, vnet=vnet)
 
     def poll_events(self) -> None:
         """Process pending control messages (link indications) without receiving frames."""
@@ -1682,6 +1699,9 @@ class Nic:
             try:
                 self._bring_up()
             except UvmbusError as exc:
+                if self._lease is not None:         # nothing can attach to a closed NIC
+                    self._lease.close()
+                    self._lease = None
                 raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
                                    f"settings failed too ({exc}): the NIC is closed — open it again "
                                    "(uvmbus.netvsc.open)", usable=False) from exc
@@ -1703,7 +1723,8 @@ class Nic:
         spec = QueueSpec(self.device_id, self.root, index, q.channel.relid, int(q.raw.section_first),
                          int(q.raw.section_count), self.section_size, self.max_pkt_per_msg, self.pkt_align,
                          self.max_xfer, self.mtu + 14, gpa=self.gpa_wanted, generation=self.generation,
-                         lease=self._lease.path)
+                         lease=self._lease.path, lso4_max=int((self.lso_max or {}).get("ipv4", 0)),
+                         lso6_max=int((self.lso_max or {}).get("ipv6", 0)), lso_min_segs=self.lso_min_segs)
         q.invalid_reason = f"queue {index} was exported to another process (export_queue)"
         q.close()
         # its bounce slots go back: the attaching process allocates its own (no sharing)
@@ -1883,6 +1904,13 @@ class _AttachedQueue(Queue):
                              section_count=spec.section_count, max_pkt_per_msg=spec.max_pkt_per_msg,
                              pkt_align=spec.pkt_align, max_xfer=spec.max_xfer, max_frame=spec.max_frame,
                              gpa=gpa)
+            # the owner's LSO limits, capped by what one send of this queue can hold (as the
+            # owner's Nic._apply_lso does for its own queues)
+            room = gpa[1] if gpa is not None else min(spec.section_size, spec.max_xfer or spec.section_size)
+            room = min(room - TX_HEADROOM, LSO_FRAME_MAX)
+            self.raw.lso4_max = max(0, min(spec.lso4_max, room))
+            self.raw.lso6_max = max(0, min(spec.lso6_max, room))
+            self.raw.lso_min_segs = spec.lso_min_segs
             self.poll_only = not self._uio.quirks.irqcontrol_all_channels
         except BaseException:
             self._free_gpa()
@@ -1921,12 +1949,15 @@ class _AttachedQueue(Queue):
         shared with the owner or another attached queue; the slots' transaction ids are
         per channel and this process owns the channel."""
         self._dma: Any = None
-        if spec.gpa is False or not _needs_gpa(spec.max_frame, spec.section_size):
+        lso = bool(spec.lso4_max or spec.lso6_max)
+        if spec.gpa is False or not (lso or _needs_gpa(spec.max_frame, spec.section_size)):
             return None
         from uvmbus.dma import open_dma_memory
+        frame = max(spec.max_frame, LSO_FRAME_MAX) if lso else spec.max_frame
         try:
             self._dma = open_dma_memory(spec.root)
-            return _alloc_gpa(self._dma, spec.max_frame, f"netvsc-q{spec.index}-pid{os.getpid()}")
+            return _alloc_gpa(self._dma, frame, f"netvsc-q{spec.index}-pid{os.getpid()}",
+                              LSO_GPA_SLOTS if lso else GPA_SLOTS)
         except UvmbusError as exc:
             self._free_gpa()
             if spec.gpa:

@@ -116,7 +116,8 @@ def _info(args: argparse.Namespace) -> int:
         ("receive buffer", f"{info['recv_buffer'] >> 20} MiB: {info['sub_allocs']} x {info['sub_alloc_size']} B"),
         ("send buffer", f"{info['send_buffer'] >> 20} MiB: {info['sections']} x {info['section_size']} B"),
         ("batching", f"{info['max_pkt_per_msg']} frames per message, {info['pkt_alignment']}-byte alignment"),
-        ("offloads", ", ".join(k for k, v in info["offloads"].items() if v) or "none"),
+        ("offloads", ", ".join(k for k, v in info["offloads"].items() if v is True) or "none"),
+        ("LSO", _lso_text(info["lso"])),
         ("GPA direct", "yes" if info["gpa_direct"] else "no (copy only)"),
     ]
     if info["send_table"]:
@@ -135,6 +136,14 @@ def _info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:>15}: {v}")
     return 0
+
+
+def _lso_text(lso: dict[str, Any]) -> str:
+    """The large-send row of `net info` (docs/netvsc.md "Large send offload")."""
+    parts = [f"{v} up to {lso[k]} B" for k, v in (("ipv4_max", "IPv4"), ("ipv6_max", "IPv6")) if lso.get(k)]
+    if not parts:
+        return "off (not offered by the host, or not enabled)"
+    return ", ".join(parts) + f", at least {lso.get('min_segments', 0)} segments"
 
 
 def _vf_text(vf: dict[str, Any]) -> str:
