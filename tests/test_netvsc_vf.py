@@ -241,6 +241,7 @@ def test_vf_flapping_while_traffic_runs_loses_nothing(vsim, queues):
         after = model_vf(vsim, d)
         assert sum(q["rx_to_vf"] for q in after["queues"].values()) == 0
     assert after["vf_associations"] - before["vf_associations"] == 2 * flaps
+    assert after["vf_switches"] == before["vf_switches"]      # the driver stayed synthetic, silent
     assert after["fatal_errors"] == 0 and after["rndis_failed"] == before["rndis_failed"]
     assert_no_needless(vsim)
 
