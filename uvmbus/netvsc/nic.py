@@ -694,12 +694,16 @@ class Nic:
                                        "offload_indications": 0, "network_changes": 0,
                                        "vf_host_switches": 0, "vf_switch_backs": 0}
         # the VF of this session: the host announces it again after every (re)initialisation
+        # (on_vf_change hears of the reset, so add/remove calls stay paired)
+        had_vf = getattr(self, "vf_allocated", False) or getattr(self, "data_path", 0) == P.DATA_PATH_VF
         self.sriov = False
         self.vf_allocated = False
         self.vf_serial: int | None = None
         self.data_path = P.DATA_PATH_SYNTHETIC
         self._async_tids: set[int] = set()       # our own switch-backs sent from the dispatcher
         self._switch_back_owed = False
+        if had_vf:
+            self._fire_vf()
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
         #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments;
@@ -1064,8 +1068,9 @@ class Nic:
 
     @property
     def vf(self) -> VfInfo:
-        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
-        self.poll_events()
+        """The VF the host associated with this NIC, as far as the driver has heard (a
+        snapshot, :class:`VfInfo`; host messages are read while receiving on queue 0, by
+        :meth:`poll_events` and :meth:`wait_vf`)."""
         return self._vf_info()
 
     def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
@@ -1694,6 +1699,9 @@ class Nic:
             try:
                 self._bring_up()
             except UvmbusError as exc:
+                if self._lease is not None:         # nothing can attach to a closed NIC
+                    self._lease.close()
+                    self._lease = None
                 raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
                                    f"settings failed too ({exc}): the NIC is closed — open it again "
                                    "(uvmbus.netvsc.open)", usable=False) from exc
