@@ -8,7 +8,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test build lint deps clean test-dpdk bench-dpdk units-test qemu-test qemu-bench
+.PHONY: demo test build lint deps clean test-dpdk bench-dpdk bench-lso units-test qemu-test qemu-bench
 
 # `uvmbus` lives in the virtualenv, not on PATH: say where, whether the demo passed or not.
 DEMO_ARGS ?=
@@ -29,6 +29,10 @@ test-dpdk: $(STAMP)
 # Side-by-side: DPDK's netvsc PMD and uvmbus's driver against one simulator (docs/performance.md).
 bench-dpdk: $(STAMP)
 	nice -n 10 $(VPY) tests/bench/dpdk_side_by_side.py --rounds 3 $(BENCH_ARGS)
+
+# iperf3 TCP through `uvmbus net bridge` with and without LSO, one run (docs/performance.md; root).
+bench-lso: $(STAMP)
+	nice -n 10 $(VPY) tests/bench/lso_iperf3.py --seconds 5 --rounds 2 $(BENCH_ARGS)
 
 # The systemd units under a real systemd (Debian's, in systemd-nspawn; root file system cached
 # under .cache/units/).  `make test` runs it too; this target shows its progress.

@@ -1228,18 +1228,6 @@ static uint32_t lso_check(const struct uvb_nvsc_queue *q, const uint8_t *f, uint
     return 0;
 }
 
-static uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t len)
-{
-    while (len >= 2) {
-        sum += (uint32_t)(p[0] << 8 | p[1]);
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        sum += (uint32_t)(p[0] << 8);
-    return sum;
-}
-
 /* Prepare the copied headers of a large send the way Linux's netvsc_xmit does: IPv4 total
  * length and header checksum 0 (IPv6 payload length 0), TCP checksum = the pseudo-header
  * sum without a length (not complemented). */
@@ -1250,10 +1238,10 @@ static void lso_prep(uint8_t *fr, uint32_t l4)
     if ((ip[0] >> 4) == 4) {
         ip[2] = ip[3] = 0;
         ip[10] = ip[11] = 0;
-        sum = csum_add(0, ip + 12, 8);
+        sum = uvb_csum_add(0, ip + 12, 8);
     } else {
         ip[4] = ip[5] = 0;
-        sum = csum_add(0, ip + 8, 32);
+        sum = uvb_csum_add(0, ip + 8, 32);
     }
     sum += 6;
     while (sum >> 16)
@@ -1526,6 +1514,66 @@ static int tx_pack(struct uvb_nvsc_queue *q, const struct txsrc *s, uint32_t n)
     if (err && !taken)
         return err;
     return (int)taken;
+}
+
+/* ---- frames from a TAP with IFF_VNET_HDR (struct virtio_net_hdr, native endian) ---- */
+#define VNET_HDR_LEN            10
+#define VNET_F_NEEDS_CSUM       1
+#define VNET_GSO_TCPV4          1
+#define VNET_GSO_TCPV6          4
+#define VNET_GSO_ECN            0x80
+
+/* Complete a partial checksum: the field at start + off holds the pseudo-header seed. */
+static void vnet_csum(uint8_t *f, uint32_t len, uint32_t start, uint32_t off)
+{
+    if (start >= len || start + off + 2 > len)
+        return;
+    uint32_t sum = uvb_csum_add(0, f + start, len - start);
+    while (sum >> 16)
+        sum = (sum & 0xffffu) + (sum >> 16);
+    uint16_t c = (uint16_t)~sum;
+    if (off == 6 && c == 0)
+        c = 0xffff;                     /* UDP: 0 means "no checksum" */
+    f[start + off] = (uint8_t)(c >> 8);
+    f[start + off + 1] = (uint8_t)c;
+}
+
+int uvb_nvsc_vnet_prep(const struct uvb_nvsc_queue *q, uint8_t *base, struct uvb_nvsc_frame *frames,
+                       uint32_t n)
+{
+    int lso = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct uvb_nvsc_frame *d = &frames[i];
+        if (d->len < VNET_HDR_LEN) {
+            d->len = 0;
+            d->flags = 0;
+            continue;
+        }
+        uint8_t *h = base + d->offset;
+        uint8_t vflags = h[0], gso = h[1] & (uint8_t)~VNET_GSO_ECN;
+        uint16_t gso_size, cstart, coff;
+        memcpy(&gso_size, h + 4, 2);
+        memcpy(&cstart, h + 6, 2);
+        memcpy(&coff, h + 8, 2);
+        d->offset += VNET_HDR_LEN;
+        d->len -= VNET_HDR_LEN;
+        d->flags &= UVB_NVSC_F_VLAN;
+        uint8_t *f = base + d->offset;
+        uint32_t len = d->len;
+        if ((gso == VNET_GSO_TCPV4 || gso == VNET_GSO_TCPV6) && gso_size) {
+            /* large enough to be a large send? (headers from the frame, as the host reads them) */
+            uint32_t ppi = 0, l4 = 0;
+            if (lso_check(q, f, len, 0, gso_size, &ppi, &l4) == 0) {
+                d->mss = gso_size;
+                d->flags |= UVB_NVSC_F_TX_LSO;
+                lso++;
+                continue;
+            }
+        }
+        if (vflags & VNET_F_NEEDS_CSUM)
+            vnet_csum(f, len, cstart, coff);
+    }
+    return lso;
 }
 
 int uvb_nvsc_tx_burst(struct uvb_nvsc_queue *q, const uint8_t *base,

@@ -177,6 +177,14 @@ int uvb_nvsc_tx_ptrs(struct uvb_nvsc_queue *q, const uint8_t *const *ptrs, const
                      uint32_t n);
 /* Forward: send the frames of the last zero-copy rx burst (offsets into the receive buffer). */
 int uvb_nvsc_tx_fwd(struct uvb_nvsc_queue *q, const struct uvb_nvsc_frame *frames, uint32_t n);
+/* Frames read from a TAP with IFF_VNET_HDR: each descriptor covers a 10-byte virtio_net_hdr
+ * followed by the frame.  Rewrites the descriptors in place for uvb_nvsc_tx_burst: the
+ * header is skipped; a GSO TCPv4/TCPv6 frame of at least lso_min_segs segments becomes a
+ * large send (F_TX_LSO, mss = gso_size); a partial checksum (NEEDS_CSUM, also on GSO frames
+ * too small to be a large send) is completed in software.  Returns how many frames became
+ * large sends; a descriptor shorter than the header gets len 0 (refused by tx_burst). */
+int uvb_nvsc_vnet_prep(const struct uvb_nvsc_queue *q, uint8_t *base, struct uvb_nvsc_frame *frames,
+                       uint32_t n);
 /* Read the RX ring for completions (frees sections/slots); data packets are kept for rx. */
 int uvb_nvsc_reap(struct uvb_nvsc_queue *q);
 /* Sends not completed yet (sections + slots in flight). */

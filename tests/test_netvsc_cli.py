@@ -37,6 +37,8 @@ def test_info_json_and_text(gsim):
     r = uvmbus("net", "info", dev[:8], "--root", str(gsim.root))
     assert r.returncode == 0, r.stderr
     assert "NVSP / NDIS: 6.1 / 6.30" in r.stdout and "link: up" in r.stdout
+    assert info["lso"] == {"ipv4_max": 62780, "ipv6_max": 62780, "min_segments": 2}
+    assert "LSO: IPv4 up to 62780 B, IPv6 up to 62780 B, at least 2 segments" in r.stdout
 
 
 def test_capture_is_readable_by_tshark(gsim, tmp_path):

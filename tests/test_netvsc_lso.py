@@ -265,6 +265,23 @@ def test_segmenter_property(v6, size, mss, topt, flags, seq):
         verify(s)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=400), st.integers(0, 0xFFFFFFFF))
+def test_segmenter_on_garbage(data, ppi):
+    """A hostile guest's bytes: refused (UVB_EINVAL) or segmented into frames that each carry
+    the same headers; never a read outside the frame (the copy is exact-size)."""
+    frame = bytes(data)
+    r = c_segment(frame, ppi)
+    if isinstance(r, int):
+        assert r == lib.UVB_EINVAL
+        return
+    mss = ppi & 0xFFFFF
+    tcp = (ppi >> 20) & 0x3FF
+    hdr = tcp + (frame[tcp + 12] >> 4) * 4
+    assert b"".join(s_[hdr:] for s_ in r) == frame[hdr:]
+    assert all(len(s_) - hdr <= mss for s_ in r)
+
+
 def test_segmenter_refusals():
     f4 = tcp_frame(DST, bytes(3000))
     f6 = tcp_frame(DST, bytes(3000), v6=True)
@@ -433,3 +450,101 @@ def test_wrong_large_sends_are_refused(lso_sim):
             TxBatch([good], mss=[1, 2])
         with pytest.raises(ConfigError, match="TxBatch"):
             nic.tx_burst(TxBatch([good]), mss=1448)
+
+
+# ==== frames from a TAP with virtio-net headers (the bridge's path) ===============================
+def vnet(frame: bytes, *, gso: int = 0, gso_size: int = 0, csum: tuple[int, int] | None = None) -> bytes:
+    """struct virtio_net_hdr (native endian) + frame: flags, gso_type, hdr_len, gso_size,
+    csum_start, csum_offset."""
+    flags = 1 if csum else 0
+    start, off = csum or (0, 0)
+    return struct.pack("<BBHHHH", flags, gso, 0, gso_size, start, off) + frame
+
+
+def partial(frame: bytes, l4: int, v6: bool) -> bytes:
+    """The frame as the kernel hands it with CHECKSUM_PARTIAL: TCP checksum = pseudo seed."""
+    b = bytearray(frame)
+    ip = frame[14:l4]
+    seed = csum16(pseudo(ip, v6, len(frame) - l4))
+    struct.pack_into(">H", b, l4 + 16, seed)
+    return bytes(b)
+
+
+def test_vnet_prep_turns_gso_frames_into_large_sends():
+    """uvb_nvsc_vnet_prep (C): GSO TCPv4/v6 → LSO with MSS = gso_size; NEEDS_CSUM completed in
+    software (also on a GSO frame of one segment, below the host's minimum of 2); a runt header
+    is refused by tx_burst."""
+    nic = GuardedNic(section_size=SECTION_BIG, sections=8)
+    try:
+        r = nic.q.raw
+        r.lso4_max = r.lso6_max = 62780
+        r.lso_min_segs = 2
+        big4 = tcp_frame(DST, bytes(range(256)) * 30)
+        big6 = tcp_frame(DST, bytes(range(256)) * 20, v6=True)
+        small = tcp_frame(DST, b"hello" * 50)
+        one_seg = tcp_frame(DST, bytes(1000))
+        frames = [vnet(partial(big4, 34, False), gso=1, gso_size=1448, csum=(34, 16)),
+                  vnet(partial(big6, 54, True), gso=4 | 0x80, gso_size=1220, csum=(54, 16)),
+                  vnet(partial(small, 34, False), csum=(34, 16)),
+                  vnet(partial(one_seg, 34, False), gso=1, gso_size=1448, csum=(34, 16))]
+        batch = TxBatch(frames)
+        assert lib.uvb_nvsc_vnet_prep(nic.q.raw, batch.base, batch.descriptors, len(batch)) == 2
+        d = batch.descriptors
+        assert [(d[i].len, d[i].flags) for i in range(4)] == [
+            (len(big4), lib.UVB_NVSC_F_TX_LSO), (len(big6), lib.UVB_NVSC_F_TX_LSO), (len(small), 0),
+            (len(one_seg), 0)]
+        assert (d[0].mss, d[1].mss) == (1448, 1220)
+        assert bytes(batch.buf[d[2].offset:d[2].offset + d[2].len]) == small        # checksum completed
+        assert bytes(batch.buf[d[3].offset:d[3].offset + d[3].len]) == one_seg
+        # the whole path: tx_burst(vnet=True) sends both large sends and the two frames
+        assert nic.q.tx_burst(frames, vnet=True) == 4
+        stream = b"".join(sent_messages(nic))
+        pkts = []
+        while stream:
+            mlen = struct.unpack_from("<I", stream, 4)[0]
+            pkts.append(P.parse_rndis_packet(stream[:mlen]))
+            stream = stream[(mlen + 7) & ~7:]
+        assert [p.ppis.get(P.PPI_TCP_LARGESEND) for p in pkts] == [
+            P.lso_ppi_value(1448, 34, False), P.lso_ppi_value(1220, 54, True), None, None]
+        assert c_segment(pkts[0].frame, P.lso_ppi_value(1448, 34, False)) == ref_segments(big4, 1448)
+        assert pkts[2].frame == small and pkts[3].frame == one_seg
+        with pytest.raises(FrameRejected):
+            nic.q.tx_burst([b"\0" * 9], vnet=True)                     # shorter than the header
+    finally:
+        nic.close()
+
+
+@pytest.mark.root
+def test_bridge_uses_large_sends_and_no_lso_turns_them_off(tmp_path):
+    """`uvmbus net bridge` between two namespaces: a TCP sender's GSO frames cross the NIC as
+    large sends the host segments; with --no-lso none do.  (iperf3 numbers: make bench-lso.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun")
+    for tool in ("ip", "iperf3", "ss", "ping"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (.ci/install-deps)")
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    import lso_iperf3 as B
+
+    try:
+        with run_sim(tmp_path / "sim", "--echo", "0", "--no-ic", "--nic", "1",
+                     "--nic-backend", f"tap:{B.TAP_A}@{B.NS_A}") as sim:
+            nic = sim.device("netvsc")["device_id"]
+            sim.bind(nic)
+            on = B.one_case(sim, nic, tmp_path, True, 1.0, 5461)
+            off = B.one_case(sim, nic, tmp_path, False, 1.0, 5462)
+            assert sim.totals()["needless_signals"] == 0, sim.needless_report()
+    finally:
+        for ns in (B.NS_A, B.NS_B):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    assert on["received_bytes"] > 0 and off["received_bytes"] > 0
+    assert on["bridge_large_sends"] > 0 and on["host"]["tx_lso"] == on["bridge_large_sends"]
+    assert on["host"]["tx_lso_segments"] > 2 * on["host"]["tx_lso"]
+    assert on["host"]["tx_lso_invalid"] == 0 and on["host"]["tx_lso_not_enabled"] == 0
+    assert off["bridge_large_sends"] == 0 and off["host"]["tx_lso"] == 0

@@ -388,10 +388,13 @@ def test_reinitialisation_starts_on_the_synthetic_path_and_reannounces(vsim):
     d = dev(vsim, 0)
     with nv.open(d, vsim.root) as nic:
         assert nic.wait_vf(True, 10)
+        seen: list[tuple[bool, str]] = []
+        nic.on_vf_change(lambda v: seen.append((v.allocated, v.data_path)))
         nic.switch_data_path("vf")
         nic.set_mtu(4000)
         assert nic.vf.data_path == "synthetic" and nic.vf.associations <= 1
         assert nic.wait_vf(True, 10) and nic.vf.serial == SERIAL
+        assert seen == [(True, "vf"), (False, "synthetic"), (True, "synthetic")]
         m = model_vf(vsim, d)
         assert m["vf"]["data_path"] == "synthetic" and m["vf"]["advertised"]
         frames = [udp_frame(k, 3000) for k in range(10)]

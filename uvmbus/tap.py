@@ -10,6 +10,13 @@ Moving needs CAP_NET_ADMIN; configuring inside another namespace needs ``setns``
 ``NetNS``), i.e. CAP_SYS_ADMIN — under systemd use ``NetworkNamespacePath=`` instead.
 
 The TAP is not persistent: it disappears when the file descriptor is closed.
+
+With ``offload`` (large send offload through the bridge, docs/services.md): the TAP is
+opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` (TUN_F_CSUM, plus TUN_F_TSO4 / TUN_F_TSO6
+as asked), so the kernel hands over TCP frames up to ``gso_max_size`` bytes with a
+``struct virtio_net_hdr`` in front (GSO type, gso_size = MSS, partial checksum); every frame
+read or written then starts with that 10-byte header (Documentation/networking/tuntap.rst,
+include/uapi/linux/virtio_net.h).
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ TUNSETIFF = 0x400454CA
 TUNSETCARRIER = 0x400454E2
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+#: sizeof(struct virtio_net_hdr): flags u8, gso_type u8, hdr_len, gso_size, csum_start, csum_offset u16
+VNET_HDR_LEN = 10
 IFNAMSIZ = 16
 
 
@@ -38,7 +52,8 @@ class TapInterface:
     """One non-persistent TAP interface, optionally inside a network namespace."""
 
     def __init__(self, name: str, *, netns: str | None = None, mac: str | None = None, mtu: int = 1500,
-                 addresses: Sequence[str] = (), up: bool = True):
+                 addresses: Sequence[str] = (), up: bool = True, offload: bool = False,
+                 tso4: bool = False, tso6: bool = False, gso_max_size: int = 0):
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
             raise ConfigError(f"TAP name {name!r}: 1..15 characters, no '/' or spaces")
         self.name = name
@@ -47,6 +62,10 @@ class TapInterface:
         self.mtu = mtu
         self.created_netns = False
         self.fd = -1
+        #: frames read/written carry a virtio_net_hdr (IFF_VNET_HDR)
+        self.vnet_hdr = offload
+        self._tso = (TUN_F_TSO4 if tso4 else 0) | (TUN_F_TSO6 if tso6 else 0)
+        self.gso_max_size = gso_max_size
         for a in addresses:
             try:
                 ipaddress.ip_interface(a)
@@ -79,7 +98,8 @@ class TapInterface:
         except FileNotFoundError as exc:
             raise ConfigError("/dev/net/tun does not exist: `modprobe tun`") from exc
         try:
-            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", self.name.encode(), IFF_TAP | IFF_NO_PI))
+            flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if self.vnet_hdr else 0)
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", self.name.encode(), flags))
         except OSError as exc:
             if exc.errno == errno.EPERM:
                 raise PrivilegeError(f"TUNSETIFF {self.name}: needs CAP_NET_ADMIN") from exc
@@ -89,10 +109,24 @@ class TapInterface:
                 raise ConfigError(f"interface {self.name} already exists and is not a TAP: pick "
                                   "another --tap name") from exc
             raise NetError(f"TUNSETIFF {self.name}: {exc}") from exc
+        if self.vnet_hdr:
+            try:
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | self._tso)
+            except OSError as exc:
+                raise NetError(f"TUNSETOFFLOAD {self.name}: {exc} (offloads through the TAP need "
+                               "Linux >= 2.6.27; open it without offload)") from exc
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.name)
             if not idx:
                 raise NetError(f"TAP {self.name} did not appear")
+            if self._tso and self.gso_max_size:
+                # no GSO frame larger than the NIC's large-send limit (Linux netvsc does the
+                # same with netif_set_tso_max_size); settable since Linux 5.19 (BIG TCP)
+                try:
+                    ipr.link("set", index=idx[0], gso_max_size=self.gso_max_size)
+                except Exception as exc:      # pyroute2 raises NetlinkError, or the kernel ignores it
+                    raise NetError(f"{self.name}: cannot set gso_max_size {self.gso_max_size} ({exc}): "
+                                   "run the bridge with --no-lso") from exc
             kw: dict[str, Any] = {"mtu": self.mtu}
             if self.mac:
                 kw["address"] = self.mac
@@ -135,7 +169,8 @@ class TapInterface:
             link = ipr.get_links(idx[0])[0]
             return {"name": self.name, "netns": self.netns, "ifindex": idx[0],
                     "mac": link.get_attr("IFLA_ADDRESS"), "mtu": link.get_attr("IFLA_MTU"),
-                    "state": link.get_attr("IFLA_OPERSTATE")}
+                    "state": link.get_attr("IFLA_OPERSTATE"), "vnet_hdr": self.vnet_hdr,
+                    "gso_max_size": link.get_attr("IFLA_GSO_MAX_SIZE")}
 
     def close(self) -> None:
         if self.fd >= 0:

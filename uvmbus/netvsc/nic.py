@@ -423,7 +423,7 @@ class Queue:
     # -- TX -------------------------------------------------------------------------------------
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview], *,
                  timeout: float = 0.0, rejected: list[int] | None = None,
-                 mss: int | Sequence[int | None] | None = None) -> int:
+                 mss: int | Sequence[int | None] | None = None, vnet: bool = False) -> int:
         """Send frames; returns how many were really queued (fewer than given when send-buffer
         sections or ring space ran out: back-pressure, send the rest later).  With ``timeout``
         > 0, wait for space until every frame is queued or the time is up.
@@ -439,12 +439,17 @@ class Queue:
         LSO is not negotiated) raises :class:`~uvmbus.errors.FrameRejected` (the frames before
         it are queued: its ``queued``; ``reason`` says why).  With a list as ``rejected``,
         such frames are skipped instead and their positions in the burst appended to it;
-        frames consumed = return value + the number of positions appended."""
+        frames consumed = return value + the number of positions appended.
+
+        ``vnet=True``: each frame starts with the 10-byte ``struct virtio_net_hdr`` a TAP
+        opened with IFF_VNET_HDR gives (``uvmbus net bridge``): GSO TCP frames become large
+        sends with MSS = gso_size, partial checksums (NEEDS_CSUM) are completed — in C, one
+        call per burst (``uvb_nvsc_vnet_prep``)."""
         self._check()
         batch: Any
-        if mss is not None and isinstance(frames, (RxBurst, TxBatch)):
-            raise ConfigError("tx_burst(mss=...) takes a list of frames; for a TxBatch pass mss to "
-                              "TxBatch(frames, mss=...)")
+        if (mss is not None or vnet) and isinstance(frames, (RxBurst, TxBatch)):
+            raise ConfigError("tx_burst(mss=..., vnet=...) takes a list of frames; for a TxBatch pass "
+                              "mss to TxBatch(frames, mss=...)")
         if isinstance(frames, RxBurst):
             frames._check()
             batch = frames
@@ -456,6 +461,8 @@ class Queue:
             batch = frames
         else:
             batch = TxBatch(frames, mss=mss)
+            if vnet:
+                lib.uvb_nvsc_vnet_prep(self.raw, batch.base, batch.descriptors, len(batch))
         n = len(batch)
         if n == 0:
             return 0
@@ -510,8 +517,8 @@ class Queue:
         if why == lib.UVB_NVSC_BAD_LSO_OFF:
             if not (r.lso4_max or r.lso6_max):
                 why_text = ("a large send (mss given), but LSO is not negotiated on this queue (the host "
-                            "offers no LSOv2, the NIC was opened with lso=False, or the queue is "
-                            "attached from another process): send MTU-sized frames without mss")
+                            "offers no LSOv2, or the NIC was opened with lso=False): send MTU-sized "
+                            "frames without mss")
             else:
                 why_text = ("a large send for an IP version the host did not enable LSO for "
                             f"(IPv4 {'on' if r.lso4_max else 'off'}, IPv6 {'on' if r.lso6_max else 'off'}): "
@@ -687,12 +694,16 @@ class Nic:
                                        "offload_indications": 0, "network_changes": 0,
                                        "vf_host_switches": 0, "vf_switch_backs": 0}
         # the VF of this session: the host announces it again after every (re)initialisation
+        # (on_vf_change hears of the reset, so add/remove calls stay paired)
+        had_vf = getattr(self, "vf_allocated", False) or getattr(self, "data_path", 0) == P.DATA_PATH_VF
         self.sriov = False
         self.vf_allocated = False
         self.vf_serial: int | None = None
         self.data_path = P.DATA_PATH_SYNTHETIC
         self._async_tids: set[int] = set()       # our own switch-backs sent from the dispatcher
         self._switch_back_owed = False
+        if had_vf:
+            self._fire_vf()
         self._gpa_regions: list[Any] = []
         self._dma: Any = None
         #: LSOv2 as negotiated: largest large send per IP version (0 = off), minimum segments;
@@ -1057,8 +1068,9 @@ class Nic:
 
     @property
     def vf(self) -> VfInfo:
-        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
-        self.poll_events()
+        """The VF the host associated with this NIC, as far as the driver has heard (a
+        snapshot, :class:`VfInfo`; host messages are read while receiving on queue 0, by
+        :meth:`poll_events` and :meth:`wait_vf`)."""
         return self._vf_info()
 
     def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
@@ -1416,11 +1428,11 @@ class Nic:
 
     def tx_burst(self, frames: RxBurst | TxBatch | Iterable[bytes | bytearray | memoryview],
                  queue: int = 0, *, timeout: float = 0.0, rejected: list[int] | None = None,
-                 mss: int | Sequence[int | None] | None = None) -> int:
+                 mss: int | Sequence[int | None] | None = None, vnet: bool = False) -> int:
         """Send frames on ``queue``; returns how many were really queued (see
         :meth:`Queue.tx_burst`: back-pressure, frames that can never be sent, ``mss`` for
-        TCP large sends)."""
-        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected, mss=mss)
+        TCP large sends, ``vnet`` for frames with a virtio-net header)."""
+        return self.queue(queue).tx_burst(frames, timeout=timeout, rejected=rejected, mss=mss, vnet=vnet)
 
     def poll_events(self) -> None:
         """Process pending control messages (link indications) without receiving frames."""
@@ -1687,6 +1699,9 @@ class Nic:
             try:
                 self._bring_up()
             except UvmbusError as exc:
+                if self._lease is not None:         # nothing can attach to a closed NIC
+                    self._lease.close()
+                    self._lease = None
                 raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
                                    f"settings failed too ({exc}): the NIC is closed — open it again "
                                    "(uvmbus.netvsc.open)", usable=False) from exc

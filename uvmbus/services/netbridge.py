@@ -15,6 +15,13 @@ Threads (each queue has one owner, docs/netvsc.md):
 * the main thread: signals, sd_notify (READY, STATUS, WATCHDOG only while every worker
   beats), metrics textfile.
 
+Large sends (docs/services.md): when the host negotiated LSO (and no hook is set, ``--no-lso``
+turns it off), the TAP is opened with ``IFF_VNET_HDR`` and TSO4/TSO6 + checksum offload and a
+``gso_max_size`` of the NIC's large-send limit, so the kernel's TCP stack hands the bridge
+frames of up to ~62 KiB; ``tx_burst(vnet=True)`` turns each GSO frame into one LSOv2 large
+send (C, one call per burst) and completes partial checksums of the others.  Frames written
+to the TAP then carry a zero virtio-net header.
+
 SIGTERM: stop reading the TAP, let the workers finish the burst in hand, then close the NIC
 (packet filter 0, wait for every send completion, ack what is still in the receive ring,
 RNDIS HALT, revoke the buffers, close the channels) and the TAP.
@@ -38,7 +45,7 @@ from uvmbus.services.daemon import Daemon
 from uvmbus.services.hooks import Hook, load_hook
 from uvmbus.services.metrics import Registry, sim_collector
 from uvmbus.services.reattach import DeviceWatch
-from uvmbus.tap import TapInterface
+from uvmbus.tap import VNET_HDR_LEN, TapInterface
 
 __all__ = ["BridgeOptions", "NetBridge", "run_bridge"]
 
@@ -49,6 +56,9 @@ RX_TIMEOUT = 0.2
 RX_JOIN = 2.0
 TX_RETRY = 0.05
 STATUS_PERIOD = 5.0
+#: the virtio-net header in front of every frame written to a TAP with IFF_VNET_HDR: no
+#: offload information (the kernel verifies checksums itself)
+_VNET_NONE = bytes(VNET_HDR_LEN)
 
 
 @dataclass
@@ -66,12 +76,16 @@ class BridgeOptions:
     record: Any = None          # uvmbus.trace.Recorder (--record)
     #: seconds to wait for a re-offer after the device went away before giving up (exit 1)
     reattach_timeout: float = 8.0              # under uvmbus-net@.service's WatchdogSec=10s
+    #: large sends through the TAP when the host negotiated LSO (and no hook is set)
+    lso: bool = True
 
 
 @dataclass
 class _DirStats:
     frames: int = 0
     bytes: int = 0
+    #: TX: frames sent as large sends (LSOv2)
+    large_sends: int = 0
     hook_drops: int = 0
     hook_added: int = 0
     hook_errors: int = 0
@@ -106,6 +120,8 @@ class NetBridge:
         self._rx_threads: list[threading.Thread] = []
         self.nic_mac = ""
         self.nic_mtu = opts.mtu
+        #: the TAP carries virtio-net headers (large sends from the kernel)
+        self.vnet = False
 
     # -- set-up ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -125,10 +141,18 @@ class NetBridge:
             setup = None
         self.nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu, record=o.record)
         try:
+            lim = self.nic.lso_limits()
+            self.vnet = bool(o.lso and (lim["ipv4_max"] or lim["ipv6_max"]))
+            if self.vnet and o.hook:
+                log.info("large sends are off with --hook (hooks see MTU-sized frames)")
+                self.vnet = False
+            gso_max = min(v for v in (lim["ipv4_max"], lim["ipv6_max"]) if v) if self.vnet else 0
             self.tap = TapInterface(o.tap, netns=o.netns, mac=self.nic.mac, mtu=self.nic.mtu,
-                                    addresses=o.addresses)
+                                    addresses=o.addresses, offload=self.vnet, tso4=bool(lim["ipv4_max"]),
+                                    tso6=bool(lim["ipv6_max"]), gso_max_size=gso_max)
             self.tap.set_carrier(bool(self.nic.link_up))
             self.nic.on_link_change(self._link_changed)
+            self.nic.on_vf_change(self._vf_changed)
             if setup is not None:
                 setup({"device": self.nic.device_id, "mac": self.nic.mac, "mtu": self.nic.mtu,
                        "tap": o.tap, "netns": o.netns, "queues": self.nic.num_queues})
@@ -144,6 +168,16 @@ class NetBridge:
         log.info("link %s", "up" if up else "down", extra={"device": self.device_id})
         if self.tap is not None:
             self.tap.set_carrier(up)
+
+    def _vf_changed(self, vf: Any) -> None:
+        """The host added or removed the accelerated-networking VF (Azure host servicing): the
+        bridge stays on the synthetic path either way; the journal records it."""
+        if vf.allocated:
+            log.info("VF serial %s announced by the host (the bridge stays on the synthetic path)",
+                     vf.serial, extra={"device": self.device_id})
+        else:
+            log.info("VF withdrawn by the host (data path %s)", vf.data_path,
+                     extra={"device": self.device_id})
 
     @property
     def device_id(self) -> str:
@@ -200,9 +234,13 @@ class NetBridge:
             else:
                 frames = burst
             sent = nbytes = 0
+            vnet = self.vnet
             for f in frames:
                 try:
-                    nbytes += os.write(fd, f)
+                    if vnet:
+                        nbytes += os.writev(fd, (_VNET_NONE, f)) - VNET_HDR_LEN
+                    else:
+                        nbytes += os.write(fd, f)
                     sent += 1
                 except OSError as exc:
                     st.tap_drops += 1
@@ -219,9 +257,10 @@ class NetBridge:
     def _read_tap(self, limit: int) -> list[bytes]:
         fd = self.tap.fd if self.tap else -1
         out: list[bytes] = []
+        size = 65536 + (VNET_HDR_LEN if self.vnet else 0)
         while len(out) < limit:
             try:
-                out.append(os.read(fd, 65536))
+                out.append(os.read(fd, size))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -280,10 +319,12 @@ class NetBridge:
         st = self.stats["tx"]
         hist = self._burst_hist
         t0 = time.perf_counter()
-        big = [f for f in frames if len(f) > max_frame]
-        if big:
-            st.oversize += len(big)
-            frames = [f for f in frames if len(f) <= max_frame]
+        vnet = self.vnet
+        if not vnet:                    # with virtio-net headers, C sorts out what can go
+            big = [f for f in frames if len(f) > max_frame]
+            if big:
+                st.oversize += len(big)
+                frames = [f for f in frames if len(f) <= max_frame]
         out: list[Any] = frames
         if self.hook is not None:
             got = self._apply_hook("tx", frames)
@@ -292,14 +333,15 @@ class NetBridge:
         if not out:
             return
         bad: list[int] = []             # frames that can never be sent (a hook's runt...)
-        done = nic.tx_burst(out, 0, rejected=bad)
+        lso0 = nic.queue(0).raw.tx_lso if vnet else 0
+        done = nic.tx_burst(out, 0, rejected=bad, vnet=vnet)
         pos = done + len(bad)
         if pos < len(out):
             deadline = time.monotonic() + TX_RETRY
             while pos < len(out) and time.monotonic() < deadline:
                 time.sleep(0.0002)
                 more: list[int] = []
-                k = nic.tx_burst(out[pos:], 0, rejected=more)
+                k = nic.tx_burst(out[pos:], 0, rejected=more, vnet=vnet)
                 bad += [pos + i for i in more]
                 done += k
                 pos = done + len(bad)
@@ -309,6 +351,9 @@ class NetBridge:
             st.oversize += len(bad)
         st.frames += done
         st.bytes += sum(len(f) for f in out[:pos]) - sum(len(out[i]) for i in bad)
+        if vnet:
+            st.bytes -= VNET_HDR_LEN * done
+            st.large_sends += nic.queue(0).raw.tx_lso - lso0
         st.bursts += 1
         if hist is not None:
             hist.labels(self.device_id, "tx").observe(time.perf_counter() - t0)
@@ -372,6 +417,7 @@ class NetBridge:
             self.watch.give_up(f"reattach failed: {msg}")
             return
         nic.on_link_change(self._link_changed)
+        nic.on_vf_change(self._vf_changed)
         tap.set_carrier(bool(nic.link_up))
         with self._nic_lock:
             self.nic = nic
@@ -427,10 +473,11 @@ class NetBridge:
             "queues": self.queue_rows(),
             "device_lost": self.watch.lost or None, "reattaches": self.watch.reattaches,
             "mac": self.nic_mac, "mtu": self.nic_mtu, "link_up": False,
+            "lso": self.vnet,
         }
         nic = self.nic
         if nic is not None:
-            d.update(link_up=bool(nic.link_up))
+            d.update(link_up=bool(nic.link_up), vf=nic.vf.to_dict())
         return d
 
     def status_line(self) -> str:
@@ -456,6 +503,10 @@ class NetBridge:
                                ("device", "queue"))
         signals = reg.counter("net_signals_total", "guest->host signals issued", ("device", "queue"))
         link = reg.gauge("net_link_up", "1 when the host reports the link up", ("device",))
+        vf_alloc = reg.gauge("net_vf_allocated", "1 while the host has an accelerated-networking VF "
+                             "associated with the NIC", ("device",))
+        vf_assoc = reg.counter("net_vf_associations_total", "VF associations (added or removed) the "
+                               "host sent this session", ("device",))
         bframes = reg.counter("bridge_frames_total", "frames the bridge moved", ("device", "direction"))
         bbytes = reg.counter("bridge_bytes_total", "bytes the bridge moved", ("device", "direction"))
         bdrops = reg.counter("bridge_drops_total", "frames the bridge dropped, by reason",
@@ -487,6 +538,8 @@ class NetBridge:
                 signals.labels(d, q).set(row["signals"])
             nic = self.nic
             link.labels(d).set(1 if nic is not None and nic.link_up else 0)
+            vf_alloc.labels(d).set(1 if nic is not None and nic.vf_allocated else 0)
+            vf_assoc.labels(d).set(nic.events["vf_associations"] if nic is not None else 0)
             for dirn, s in self.stats.items():
                 bframes.labels(d, dirn).set(s.frames)
                 bbytes.labels(d, dirn).set(s.bytes)

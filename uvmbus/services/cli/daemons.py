@@ -87,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="add this address to the TAP (repeatable)")
     b.add_argument("--burst", type=int_range(1, 1024), default=256,
                    help="frames per burst, 1..1024 (default 256)")
+    b.add_argument("--no-lso", dest="lso", action="store_false",
+                   help="no large sends: the TAP offers no TSO/checksum offload (IFF_VNET_HDR), the "
+                        "kernel sends MTU-sized frames (default: large sends when the host "
+                        "negotiated LSO and no --hook is given)")
     _reattach_option(b, "keep the TAP up (frames sent on it are dropped and counted)", 8.0, 10)
     _daemon_options(b)
     add_record(b)
@@ -155,7 +159,7 @@ def _bridge(args: argparse.Namespace) -> int:
     opts = BridgeOptions(device=dev.device_id, tap=args.tap, root=args.root, netns=args.netns,
                          hook=args.hook, cpus=cpus, queues=args.queues, mtu=args.mtu,
                          addresses=list(args.address), burst=args.burst,
-                         reattach_timeout=args.reattach_timeout)
+                         reattach_timeout=args.reattach_timeout, lso=args.lso)
     with device_lock(dev, what="start a bridge on it"), recording(args) as rec:
         opts.record = rec
         return run_bridge(opts, _daemon(args, "net"))

@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
     i.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to ask for (default 1)")
     i.add_argument("--stats", action="store_true",
-                   help="also ask the host for its counters (OID_GEN_XMIT_OK, RCV_OK, ...)")
+                   help="also ask the host for its counters (OID_GEN_XMIT_OK, RCV_OK, ...) and show "
+                        "the driver's own (frames, drops, RSC joins, host errors)")
+    i.add_argument("--rsc", action="store_true",
+                   help="ask for receive segment coalescing (open(..., rsc=True)) and show whether "
+                        "the host agreed")
     _add_timeout(i)
     add_root(i)
     add_json(i)
@@ -99,10 +103,12 @@ def _info(args: argparse.Namespace) -> int:
 
     dev = resolve_device(args.root, args.device, "netvsc")
     with device_lock(dev), recording(args) as rec, \
-            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
+            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec,
+                    rsc=args.rsc) as nic:
         info = nic.info().to_dict()
         if args.stats:
             info["host_stats"] = nic.host_stats()
+            info["guest_stats"] = nic.stats()["total"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -116,7 +122,8 @@ def _info(args: argparse.Namespace) -> int:
         ("receive buffer", f"{info['recv_buffer'] >> 20} MiB: {info['sub_allocs']} x {info['sub_alloc_size']} B"),
         ("send buffer", f"{info['send_buffer'] >> 20} MiB: {info['sections']} x {info['section_size']} B"),
         ("batching", f"{info['max_pkt_per_msg']} frames per message, {info['pkt_alignment']}-byte alignment"),
-        ("offloads", ", ".join(k for k, v in info["offloads"].items() if v) or "none"),
+        ("offloads", ", ".join(k for k, v in info["offloads"].items() if v is True) or "none"),
+        ("LSO", _lso_text(info["lso"])),
         ("GPA direct", "yes" if info["gpa_direct"] else "no (copy only)"),
     ]
     if info["send_table"]:
@@ -125,6 +132,14 @@ def _info(args: argparse.Namespace) -> int:
         rows.append(("permanent mac", info["permanent_mac"]))
     rows.append(("packet filter", f"{info['packet_filter']:#x} ({', '.join(info['packet_filter_names']) or 'none'})"))
     rows.append(("VF", _vf_text(info["vf"])))
+    rows.append(("RSC", "on" if info["rsc"] else
+                 ("off (the host offers it: --rsc / open(..., rsc=True))" if info["offloads"].get("rsc")
+                  else "off (the host does not offer it)")))
+    gs = info.get("guest_stats")
+    if gs is not None:
+        keys = ("rx_packets", "rx_bytes", "rx_drops", "tx_packets", "tx_drops", "host_errors",
+                "rx_rsc_frames", "rx_rsc_frags", "rx_rsc_errors")
+        rows.append(("driver counters", ", ".join(f"{k} {gs[k]}" for k in keys if k in gs)))
     hs = info.get("host_stats")
     if hs is not None:
         answered = {k: v for k, v in hs.items() if v is not None}
@@ -135,6 +150,14 @@ def _info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:>15}: {v}")
     return 0
+
+
+def _lso_text(lso: dict[str, Any]) -> str:
+    """The large-send row of `net info` (docs/netvsc.md "Large send offload")."""
+    parts = [f"{v} up to {lso[k]} B" for k, v in (("ipv4_max", "IPv4"), ("ipv6_max", "IPv6")) if lso.get(k)]
+    if not parts:
+        return "off (not offered by the host, or not enabled)"
+    return ", ".join(parts) + f", at least {lso.get('min_segments', 0)} segments"
 
 
 def _vf_text(vf: dict[str, Any]) -> str:

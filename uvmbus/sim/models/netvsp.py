@@ -40,7 +40,8 @@ that request is completed with NVSP status 2 (FAILURE).
 RNDIS (primary only; control on a sub-channel is completed with FAILURE): INIT →
 INIT_CMPLT {8 packets per message, alignment 8, max transfer 0xEFFFFFFF}; QUERY of the OID
 table of §4.5; SET of the packet filter (RX flows only while it is non-zero), offload
-parameters (then a TASK_OFFLOAD_CURRENT_CONFIG indication), RSS parameters (validated like
+parameters (LSOv2 enable/disable per IP version; then a TASK_OFFLOAD_CURRENT_CONFIG
+indication), RSS parameters (validated like
 the reference host: key 40 bytes, table size non-zero and a multiple of 4, entries below the
 queue maximum; shorter tables replicate), network addresses, config parameters;
 KEEPALIVE; HALT is ignored.
@@ -94,6 +95,7 @@ serial 0}.
 Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
 (loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
 ``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
+``lso`` (on: LSOv2 offered like the reference host, 62780 bytes / 2 segments; off),
 ``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
 (reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
 derived from the device id), ``vf_steer`` (unicast / all), ``vf_remove`` (switch_first: the reference host; association_only:
