@@ -148,6 +148,23 @@ def test_ping_iperf3_metrics_status_and_notify(nic_sim, tmp_path):
         pk = {(s.labels["direction"]): s.value for s in fams["uvmbus_net_packets_total"].samples}
         assert pk["rx"] > 100 and pk["tx"] > 100
         assert fams["uvmbus_net_link_up"].samples[0].value == 1
+        assert fams["uvmbus_net_vf_allocated"].samples[0].value == 0
+        # the host announces an accelerated-networking VF (Azure): status and metrics show it,
+        # the bridge stays on the synthetic path
+        sim.control("model", device=nic, op="vf", args={"action": "add", "serial": 77})
+        deadline = time.monotonic() + 20
+        while not control_status(sim)["vf"]["allocated"]:
+            assert time.monotonic() < deadline, control_status(sim)
+            time.sleep(0.05)
+        vf = control_status(sim)["vf"]
+        assert vf["serial"] == 77 and vf["data_path"] == "synthetic" and vf["pci"]
+        with urllib.request.urlopen(st["metrics_url"], timeout=10) as resp:
+            fams = parse_text(resp.read().decode())
+        assert fams["uvmbus_net_vf_allocated"].samples[0].value == 1
+        assert fams["uvmbus_net_vf_associations_total"].samples[0].value == 1
+        p = in_ns(NS_B, "ping", "-c", "2", "-i", "0.2", "-W", "2", ADDR_A)
+        assert p.returncode == 0, p.stdout + p.stderr + d.output
+        sim.control("model", device=nic, op="vf", args={"action": "remove"})
         assert sum(s.value for s in fams["uvmbus_bridge_burst_seconds"].samples
                    if s.name.endswith("_count")) > 0
         needless = fams["uvmbus_sim_needless_signals_total"].samples

@@ -14,6 +14,7 @@ a revoke followed by a new INIT on the still-open channel (silence, as the refer
 from __future__ import annotations
 
 import multiprocessing
+import os
 import struct
 import time
 from typing import Any
@@ -237,14 +238,19 @@ def test_failed_reinit_and_rollback_leave_a_closed_nic(tmp_path):
         sim.bind(d)
         nic = nv.open(d, sim.root, queues=2, timeout=1.0)
         try:
-            q1 = nic.queue(1)
+            q0 = nic.queue(0)
             traffic(nic, 0)
+            spec = nic.export_queue(1)                 # a lease file exists now
+            assert os.path.exists(spec.lease)
             sim.fault("stall", 0, device=d)           # until cleared
             with pytest.raises(ReinitFailed, match="the NIC is closed") as ei:
                 nic.set_queues(1)
             assert not ei.value.usable and nic.closed
+            assert not os.path.exists(spec.lease)     # removed with the dead NIC
             with pytest.raises(QueueInvalidated):
-                q1.rx_burst(1)
+                q0.rx_burst(1)
+            with pytest.raises(QueueInvalidated, match="closed"):
+                nv.attach_queue(spec)
             with pytest.raises(NetError, match="closed"):
                 nic.rx_burst(0)
         finally:

@@ -517,8 +517,8 @@ class Queue:
         if why == lib.UVB_NVSC_BAD_LSO_OFF:
             if not (r.lso4_max or r.lso6_max):
                 why_text = ("a large send (mss given), but LSO is not negotiated on this queue (the host "
-                            "offers no LSOv2, the NIC was opened with lso=False, or the queue is "
-                            "attached from another process): send MTU-sized frames without mss")
+                            "offers no LSOv2, or the NIC was opened with lso=False): send MTU-sized "
+                            "frames without mss")
             else:
                 why_text = ("a large send for an IP version the host did not enable LSO for "
                             f"(IPv4 {'on' if r.lso4_max else 'off'}, IPv6 {'on' if r.lso6_max else 'off'}): "
@@ -1068,8 +1068,9 @@ class Nic:
 
     @property
     def vf(self) -> VfInfo:
-        """The VF the host associated with this NIC (a snapshot; see :class:`VfInfo`)."""
-        self.poll_events()
+        """The VF the host associated with this NIC, as far as the driver has heard (a
+        snapshot, :class:`VfInfo`; host messages are read while receiving on queue 0, by
+        :meth:`poll_events` and :meth:`wait_vf`)."""
         return self._vf_info()
 
     def on_vf_change(self, callback: Callable[[VfInfo], None]) -> None:
@@ -1698,6 +1699,9 @@ class Nic:
             try:
                 self._bring_up()
             except UvmbusError as exc:
+                if self._lease is not None:         # nothing can attach to a closed NIC
+                    self._lease.close()
+                    self._lease = None
                 raise ReinitFailed(f"{reason} failed: {first}; bringing the NIC up again with its previous "
                                    f"settings failed too ({exc}): the NIC is closed — open it again "
                                    "(uvmbus.netvsc.open)", usable=False) from exc

@@ -152,6 +152,7 @@ class NetBridge:
                                     tso6=bool(lim["ipv6_max"]), gso_max_size=gso_max)
             self.tap.set_carrier(bool(self.nic.link_up))
             self.nic.on_link_change(self._link_changed)
+            self.nic.on_vf_change(self._vf_changed)
             if setup is not None:
                 setup({"device": self.nic.device_id, "mac": self.nic.mac, "mtu": self.nic.mtu,
                        "tap": o.tap, "netns": o.netns, "queues": self.nic.num_queues})
@@ -167,6 +168,16 @@ class NetBridge:
         log.info("link %s", "up" if up else "down", extra={"device": self.device_id})
         if self.tap is not None:
             self.tap.set_carrier(up)
+
+    def _vf_changed(self, vf: Any) -> None:
+        """The host added or removed the accelerated-networking VF (Azure host servicing): the
+        bridge stays on the synthetic path either way; the journal records it."""
+        if vf.allocated:
+            log.info("VF serial %s announced by the host (the bridge stays on the synthetic path)",
+                     vf.serial, extra={"device": self.device_id})
+        else:
+            log.info("VF withdrawn by the host (data path %s)", vf.data_path,
+                     extra={"device": self.device_id})
 
     @property
     def device_id(self) -> str:
@@ -406,6 +417,7 @@ class NetBridge:
             self.watch.give_up(f"reattach failed: {msg}")
             return
         nic.on_link_change(self._link_changed)
+        nic.on_vf_change(self._vf_changed)
         tap.set_carrier(bool(nic.link_up))
         with self._nic_lock:
             self.nic = nic
@@ -465,7 +477,7 @@ class NetBridge:
         }
         nic = self.nic
         if nic is not None:
-            d.update(link_up=bool(nic.link_up))
+            d.update(link_up=bool(nic.link_up), vf=nic.vf.to_dict())
         return d
 
     def status_line(self) -> str:
@@ -491,6 +503,10 @@ class NetBridge:
                                ("device", "queue"))
         signals = reg.counter("net_signals_total", "guest->host signals issued", ("device", "queue"))
         link = reg.gauge("net_link_up", "1 when the host reports the link up", ("device",))
+        vf_alloc = reg.gauge("net_vf_allocated", "1 while the host has an accelerated-networking VF "
+                             "associated with the NIC", ("device",))
+        vf_assoc = reg.counter("net_vf_associations_total", "VF associations (added or removed) the "
+                               "host sent this session", ("device",))
         bframes = reg.counter("bridge_frames_total", "frames the bridge moved", ("device", "direction"))
         bbytes = reg.counter("bridge_bytes_total", "bytes the bridge moved", ("device", "direction"))
         bdrops = reg.counter("bridge_drops_total", "frames the bridge dropped, by reason",
@@ -522,6 +538,8 @@ class NetBridge:
                 signals.labels(d, q).set(row["signals"])
             nic = self.nic
             link.labels(d).set(1 if nic is not None and nic.link_up else 0)
+            vf_alloc.labels(d).set(1 if nic is not None and nic.vf_allocated else 0)
+            vf_assoc.labels(d).set(nic.events["vf_associations"] if nic is not None else 0)
             for dirn, s in self.stats.items():
                 bframes.labels(d, dirn).set(s.frames)
                 bbytes.labels(d, dirn).set(s.bytes)

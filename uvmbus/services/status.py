@@ -319,22 +319,18 @@ def format_status(s: dict[str, Any]) -> str:
             out.append(f"    {line}")
         if st.get("metrics_url"):
             out.append(f"    metrics: {st['metrics_url']}")
-    if s.get("processes"):
-        out.append("")
-        out.append("other uvmbus processes of this root:")
-        for p in s["processes"]:
-            out.append(f"  pid {p['pid']} {p['kind']}: {p['cmdline'][:120]}")
-            if p.get("process"):
-                out.append(f"    {_proc_text(p['process'])}")
     other = s.get("other_roots") or {}
-    if other.get("list"):
-        out.append("")
-        out.append("uvmbus processes of other roots:")
-        for p in other["list"]:
-            out.append(f"  pid {p['pid']} {p['kind']} (root {p['root'] or 'unknown'}): {p['cmdline'][:120]}")
+    for title, procs, with_root in (("other uvmbus processes of this root", s.get("processes"), False),
+                                    ("uvmbus processes of other roots", other.get("list"), True)):
+        if not procs:
+            continue
+        out += ["", f"{title}:"]
+        for p in procs:
+            where = f" (root {p['root'] or 'unknown'})" if with_root else ""
+            out.append(f"  pid {p['pid']} {p['kind']}{where}: {p['cmdline'][:120]}")
             if p.get("process"):
                 out.append(f"    {_proc_text(p['process'])}")
-    elif other.get("processes"):
+    if not other.get("list") and other.get("processes"):
         n = other["processes"]
         out.append("")
         out.append(f"({n} uvmbus process{'es' if n > 1 else ''} of other roots: "
