@@ -141,38 +141,16 @@ static uint32_t generate_rsc(struct uvb_nvsp_queue *q, uint32_t max, int *blocke
         if (!take)
             break;
         k = take;
-        len = fl->hdr_len + k * pl;
         if (++qp->flow_cursor >= qp->nflows)
             qp->flow_cursor = 0;
-        uint8_t *f = qp->frame;
-        memcpy(f, fl->hdr, fl->hdr_len);
-        for (uint32_t i = 0; i < k; i++) {
-            uint8_t *d = f + fl->hdr_len + i * pl;
-            uint64_t seq = seq0 + i;
-            memcpy(d, qp->payload, pl);
-            if (pl >= 8)
-                memcpy(d, &seq, 8);
-        }
-        uint8_t *ip = f + 14, *l4 = ip + 20;
-        uint32_t tot = len - 14;
-        ip[2] = (uint8_t)(tot >> 8);
-        ip[3] = (uint8_t)tot;
-        ip[10] = ip[11] = 0;
-        uint16_t c = nvsp_csum_fold(nvsp_csum_add(0, ip, 20));
-        ip[10] = (uint8_t)(c >> 8);
-        ip[11] = (uint8_t)c;
-        l4[4] = (uint8_t)(fl->seq >> 24); l4[5] = (uint8_t)(fl->seq >> 16);
-        l4[6] = (uint8_t)(fl->seq >> 8); l4[7] = (uint8_t)fl->seq;
-        fl->seq += k * pl;
-        l4[16] = l4[17] = 0;
-        c = nvsp_l4_csum(ip, 0, l4, len - 34, 6);
-        l4[16] = (uint8_t)(c >> 8);
-        l4[17] = (uint8_t)c;
-        if (nvsp_rsc_write(q, f, len, CSUM_RX_IP_OK | CSUM_RX_TCP_OK, 0, 0, k) <= 0) {
+        int hashed = n->rss_enabled && n->rx_hash_ppi && fl->hash_type;
+        if (nvsp_rsc_write_gen(q, fl->hdr, fl->hdr_len, fl->seq, qp->payload, pl, k, seq0, hashed,
+                               fl->hash, fl->hash_type) <= 0) {
             /* cannot happen (room was checked, only this worker takes this pool's ids) */
             q->rx_nobuf++;
             break;
         }
+        fl->seq += k * pl;
         qp->made += k;
         made += k;
         q->gen_frames += k;

@@ -165,6 +165,9 @@ int nvsp_rsc_offer(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uin
 int nvsp_rsc_flush_all(struct uvb_nvsp_queue *q);
 int nvsp_rsc_write(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t csum, int vlan,
                    uint32_t tci, uint32_t segs);
+int nvsp_rsc_write_gen(struct uvb_nvsp_queue *q, const uint8_t *hdr, uint32_t hdr_len, uint32_t tcp_seq,
+                       const uint8_t *payload, uint32_t pl, uint32_t k, uint64_t seq0, int hashed,
+                       uint32_t hash, uint32_t htype);
 void nvsp_rsc_free(struct queue_priv *qp);
 int nvsp_deliver(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t flags, uint32_t tci);
 int nvsp_flush_batch(struct uvb_nvsp_queue *q);

@@ -191,36 +191,42 @@ static void put_ppi(uint8_t *p, uint32_t type, uint32_t value)
     memcpy(p, &e, sizeof e);
 }
 
-int nvsp_rsc_write(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t csum, int vlan,
-                   uint32_t tci, uint32_t segs)
+/* Room for a frame of `len` bytes in fragments: ids popped into ids[], *nfrag set.
+ * 0 ok; 1 the frame can never be sent (counted, dropped); -1 no sub-allocation; -2 ring full. */
+static int rsc_reserve(struct uvb_nvsp_queue *q, uint32_t len, uint32_t *ids, uint32_t *nfrag)
+{
+    struct uvb_nvsp *n = q->nic;
+    struct queue_priv *qp = QP(q);
+    uint32_t room = n->sub_size - UVB_NVSP_RX_DATA_OFFSET;
+    uint32_t k = (len + room - 1) / room;
+    if (len < 14 || len > UVB_NVSP_RSC_MAX_FRAME || k > NVSP_RSC_MAX || k > n->max_ranges) {
+        q->rx_oversize++;
+        return 1;
+    }
+    if (qp->batch_n + k > n->max_ranges && nvsp_flush_batch(q))
+        return -2;
+    uint32_t got = nvsp_pool_pop_many(&NP(n)->pools[q->index], ids, k);
+    if (got < k) {
+        while (got)
+            nvsp_pool_push(&NP(n)->pools[q->index], ids[--got]);
+        return -1;
+    }
+    *nfrag = k;
+    return 0;
+}
+
+/* RNDIS headers + PPIs of the fragments of a `len`-byte frame; the sub-allocations join the
+ * batch.  The frame's bytes are written by the caller (at sub + 256, `room` per fragment). */
+static void rsc_headers(struct uvb_nvsp_queue *q, const uint32_t *ids, uint32_t nfrag, uint32_t len,
+                        uint32_t csum, int vlan, uint32_t tci, int hashed, uint32_t hash, uint32_t htype,
+                        uint32_t segs)
 {
     struct uvb_nvsp *n = q->nic;
     struct queue_priv *qp = QP(q);
     struct nic_priv *np = NP(n);
     uint32_t room = n->sub_size - UVB_NVSP_RX_DATA_OFFSET;
-    uint32_t nfrag = (len + room - 1) / room;
-    uint32_t maxr = n->max_ranges;
-    if (len < 14 || len > UVB_NVSP_RSC_MAX_FRAME || nfrag > NVSP_RSC_MAX || nfrag > maxr) {
-        q->rx_oversize++;
-        return 0;
-    }
-    if (qp->batch_n + nfrag > maxr && nvsp_flush_batch(q))
-        return -2;
-    uint32_t ids[NVSP_RSC_MAX];
-    uint32_t got = nvsp_pool_pop_many(&np->pools[q->index], ids, nfrag);
-    if (got < nfrag) {
-        while (got)
-            nvsp_pool_push(&np->pools[q->index], ids[--got]);
-        return -1;
-    }
-    uint32_t htype = 0, hash = 0;
-    int hashed = 0;
-    if (n->rss_enabled && n->rx_hash_ppi) {
-        hash = uvb_nvsp_frame_hash(n, f, len, &htype);
-        hashed = htype != 0;
-    }
     uint16_t pid = qp->rsc_pkt_id++;
-    for (uint32_t i = 0, off = 0; i < nfrag; i++) {
+    for (uint32_t i = 0, off = 0; i < nfrag; i++, off += room) {
         uint32_t chunk = len - off < room ? len - off : room;
         uint8_t *sub = n->recv_buf + (uint64_t)ids[i] * n->sub_size;
         uint8_t *ppi = sub + RNDIS_PACKET_SIZE;
@@ -256,10 +262,8 @@ int nvsp_rsc_write(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uin
             .per_pkt_info_len = 16u * np_,
         };
         memcpy(sub, &h, sizeof h);
-        memcpy(sub + UVB_NVSP_RX_DATA_OFFSET, f + off, chunk);
         np->state[ids[i]] = ST_BATCH;
         qp->batch[qp->batch_n++] = ids[i];
-        off += chunk;
     }
     q->rx_frames++;
     q->rx_bytes += len;
@@ -268,6 +272,116 @@ int nvsp_rsc_write(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uin
         q->rsc_segments += segs;
         q->rsc_fragments += nfrag;
     }
+}
+
+int nvsp_rsc_write(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32_t csum, int vlan,
+                   uint32_t tci, uint32_t segs)
+{
+    struct uvb_nvsp *n = q->nic;
+    uint32_t ids[NVSP_RSC_MAX], nfrag;
+    int rc = rsc_reserve(q, len, ids, &nfrag);
+    if (rc)
+        return rc > 0 ? 0 : rc;
+    uint32_t htype = 0, hash = 0;
+    int hashed = 0;
+    if (n->rss_enabled && n->rx_hash_ppi) {
+        hash = uvb_nvsp_frame_hash(n, f, len, &htype);
+        hashed = htype != 0;
+    }
+    rsc_headers(q, ids, nfrag, len, csum, vlan, tci, hashed, hash, htype, segs);
+    uint32_t room = n->sub_size - UVB_NVSP_RX_DATA_OFFSET;
+    for (uint32_t i = 0, off = 0; i < nfrag; i++, off += room) {
+        uint32_t chunk = len - off < room ? len - off : room;
+        memcpy(n->recv_buf + (uint64_t)ids[i] * n->sub_size + UVB_NVSP_RX_DATA_OFFSET, f + off, chunk);
+    }
+    return 1;
+}
+
+/* The generator's coalesced segment, written straight into its fragments (no staging copy):
+ * `hdr` (hdr_len bytes: Ethernet + IPv4 + TCP, lengths and checksums filled here), then `k`
+ * payloads of `pl` bytes, each `payload` with its 8-byte stream number seq0 + i in front.
+ * 1 written, 0 dropped, < 0 no room (nothing taken). */
+int nvsp_rsc_write_gen(struct uvb_nvsp_queue *q, const uint8_t *hdr, uint32_t hdr_len, uint32_t tcp_seq,
+                       const uint8_t *payload, uint32_t pl, uint32_t k, uint64_t seq0, int hashed,
+                       uint32_t hash, uint32_t htype)
+{
+    struct uvb_nvsp *n = q->nic;
+    uint32_t len = hdr_len + k * pl;
+    uint32_t ids[NVSP_RSC_MAX], nfrag;
+    int rc = rsc_reserve(q, len, ids, &nfrag);
+    if (rc)
+        return rc > 0 ? 0 : rc;
+    uint32_t room = n->sub_size - UVB_NVSP_RX_DATA_OFFSET;
+    rsc_headers(q, ids, nfrag, len, CSUM_RX_IP_OK | CSUM_RX_TCP_OK, 0, 0, hashed, hash, htype, k);
+    uint8_t *base[NVSP_RSC_MAX];
+    for (uint32_t i = 0; i < nfrag; i++)
+        base[i] = n->recv_buf + (uint64_t)ids[i] * n->sub_size + UVB_NVSP_RX_DATA_OFFSET;
+    /* frame bytes [off, off + cnt) from src, across fragment boundaries */
+#define PUT(off_, src_, cnt_)                                                       \
+    do {                                                                            \
+        uint32_t o_ = (off_), c_ = (cnt_);                                          \
+        const uint8_t *s_ = (src_);                                                 \
+        while (c_) {                                                                \
+            uint32_t fi_ = o_ / room, at_ = o_ % room;                              \
+            uint32_t m_ = room - at_ < c_ ? room - at_ : c_;                        \
+            memcpy(base[fi_] + at_, s_, m_);                                        \
+            o_ += m_;                                                               \
+            s_ += m_;                                                               \
+            c_ -= m_;                                                               \
+        }                                                                           \
+    } while (0)
+    uint8_t h[64];
+    memcpy(h, hdr, hdr_len);
+    uint8_t *ip = h + 14, *l4 = ip + 20;
+    uint32_t tot = len - 14;
+    put_be16(ip + 2, tot);
+    ip[10] = ip[11] = 0;
+    put_be16(ip + 10, nvsp_csum_fold(nvsp_csum_add(0, ip, 20)));
+    l4[4] = (uint8_t)(tcp_seq >> 24);
+    l4[5] = (uint8_t)(tcp_seq >> 16);
+    l4[6] = (uint8_t)(tcp_seq >> 8);
+    l4[7] = (uint8_t)tcp_seq;
+    l4[16] = l4[17] = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t seq = seq0 + i;
+        uint32_t at = hdr_len + i * pl;
+        PUT(at, payload, pl);
+        if (pl >= 8)
+            PUT(at, (const uint8_t *)&seq, 8);
+    }
+#undef PUT
+    /* TCP checksum: pseudo header, the TCP header, then the payload as it lies in the
+     * fragments (a fragment may end on an odd byte: the sum goes on with the next) */
+    uint32_t sum = nvsp_csum_add(0, ip + 12, 8) + 6u + (tot - 20u);
+    sum = nvsp_csum_add(sum, l4, hdr_len - 34);
+    uint32_t odd = 0, carry = 0;
+    for (uint32_t i = 0, off = 0; i < nfrag; i++, off += room) {
+        uint32_t chunk = len - off < room ? len - off : room;
+        const uint8_t *p = base[i];
+        uint32_t c = chunk;
+        if (off < hdr_len) {            /* the header was summed above */
+            uint32_t skip = hdr_len - off < c ? hdr_len - off : c;
+            p += skip;
+            c -= skip;
+        }
+        if (odd && c) {
+            sum += (uint32_t)(carry << 8 | p[0]);
+            p++;
+            c--;
+            odd = 0;
+        }
+        sum = nvsp_csum_add(sum, p, c & ~1u);
+        if (c & 1u) {
+            carry = p[c - 1];
+            odd = 1;
+        }
+        while (sum >> 28)
+            sum = (sum & 0xffffu) + (sum >> 16);
+    }
+    if (odd)
+        sum += carry << 8;
+    put_be16(l4 + 16, nvsp_csum_fold(sum));
+    memcpy(base[0], h, hdr_len);        /* fragment 0 holds the whole header (room >= 1550) */
     return 1;
 }
 

@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("device", help="device GUID, unique prefix, or 'netvsc'")
     i.add_argument("--queues", type=int_range(1, 64), default=1, help="queues to ask for (default 1)")
     i.add_argument("--stats", action="store_true",
-                   help="also ask the host for its counters (OID_GEN_XMIT_OK, RCV_OK, ...)")
+                   help="also ask the host for its counters (OID_GEN_XMIT_OK, RCV_OK, ...) and show "
+                        "the driver's own (frames, drops, RSC joins, host errors)")
+    i.add_argument("--rsc", action="store_true",
+                   help="ask for receive segment coalescing (open(..., rsc=True)) and show whether "
+                        "the host agreed")
     _add_timeout(i)
     add_root(i)
     add_json(i)
@@ -99,10 +103,12 @@ def _info(args: argparse.Namespace) -> int:
 
     dev = resolve_device(args.root, args.device, "netvsc")
     with device_lock(dev), recording(args) as rec, \
-            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec) as nic:
+            nv.open(dev.device_id, args.root, queues=args.queues, timeout=args.timeout, record=rec,
+                    rsc=args.rsc) as nic:
         info = nic.info().to_dict()
         if args.stats:
             info["host_stats"] = nic.host_stats()
+            info["guest_stats"] = nic.stats()["total"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -126,6 +132,14 @@ def _info(args: argparse.Namespace) -> int:
         rows.append(("permanent mac", info["permanent_mac"]))
     rows.append(("packet filter", f"{info['packet_filter']:#x} ({', '.join(info['packet_filter_names']) or 'none'})"))
     rows.append(("VF", _vf_text(info["vf"])))
+    rows.append(("RSC", "on" if info["rsc"] else
+                 ("off (the host offers it: --rsc / open(..., rsc=True))" if info["offloads"].get("rsc")
+                  else "off (the host does not offer it)")))
+    gs = info.get("guest_stats")
+    if gs is not None:
+        keys = ("rx_packets", "rx_bytes", "rx_drops", "tx_packets", "tx_drops", "host_errors",
+                "rx_rsc_frames", "rx_rsc_frags", "rx_rsc_errors")
+        rows.append(("driver counters", ", ".join(f"{k} {gs[k]}" for k in keys if k in gs)))
     hs = info.get("host_stats")
     if hs is not None:
         answered = {k: v for k, v in hs.items() if v is not None}
