@@ -530,6 +530,8 @@ class Controller:
         srb = cmd.srb_status & P.SRB_STATUS_MASK
         if srb == P.SrbStatus.SUCCESS:
             cmd.transferred = min(int(c.transferred), cmd.length)
+            if self.device.recorder is not None and cmd.transferred and cmd.buffer is not None:
+                self._record_read(cmd, int(c.trans_id))
             self._complete(cmd, None)
             return
         sense = None
@@ -548,6 +550,16 @@ class Controller:
         if isinstance(err, LunGone):
             self._rescan_needed = True
         self._complete(cmd, err)
+
+    def _record_read(self, cmd: Command, trans_id: int) -> None:
+        """Recording (docs/trace.md): put the bytes a read brought into the trace, so a replay
+        can give them back (the driver parses INQUIRY, READ CAPACITY, VPD pages...)."""
+        is_read = cmd.kind == lib.UVB_STOR_READ16 or (
+            cmd.kind == lib.UVB_STOR_CDB and cmd.data_in == P.DataIn.READ)
+        port = self.device.trace_port(cmd.queue.channel) if is_read and cmd.queue is not None else None
+        if port is not None and cmd.buffer is not None:
+            view = cmd.buffer.view
+            port.read_data(trans_id, view[cmd.buf_offset:cmd.buf_offset + cmd.transferred], cmd.transferred)
 
     def _error_for(self, cmd: Command, srb: int, sense: scsi.Sense | None) -> Exception:
         if cmd.scsi_status == P.ScsiStatus.RESERVATION_CONFLICT:
