@@ -168,6 +168,27 @@ def test_lba_status_follows_the_sparse_image(hba: storvsc.Controller, sim: SimPr
     assert a.lba_status() == [scsi.LbaStatus(0, a.blocks, 1)]
 
 
+def test_cli_lba_status(sim: SimProcess, hba: storvsc.Controller,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    if not _holes_supported(sim.tmp):                   # type: ignore[attr-defined]
+        pytest.skip("the test directory's file system does not report holes")
+    a = hba.disk(0)
+    a.discard(0, a.size)
+    a.write(2 * MiB, os.urandom(4096))
+    hba.close()
+    wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["mapped_bytes"] >= 4096 and st["total_bytes"] == 16 * MiB
+    assert [r["state"] for r in st["ranges"]] == ["deallocated", "mapped", "deallocated"]
+    assert st["ranges"][1]["offset"] <= 2 * MiB < st["ranges"][1]["offset"] + st["ranges"][1]["length"]
+    wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--lun", "1"]) != 0
+    assert "does not support the command" in capsys.readouterr().err
+    wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--offset", "100"]) != 0
+
+
 def test_lba_status_not_supported_and_bounds(hba: storvsc.Controller) -> None:
     with pytest.raises(IllegalRequest, match="does not support the command"):
         hba.disk(1).lba_status()
