@@ -1228,18 +1228,6 @@ static uint32_t lso_check(const struct uvb_nvsc_queue *q, const uint8_t *f, uint
     return 0;
 }
 
-static uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t len)
-{
-    while (len >= 2) {
-        sum += (uint32_t)(p[0] << 8 | p[1]);
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        sum += (uint32_t)(p[0] << 8);
-    return sum;
-}
-
 /* Prepare the copied headers of a large send the way Linux's netvsc_xmit does: IPv4 total
  * length and header checksum 0 (IPv6 payload length 0), TCP checksum = the pseudo-header
  * sum without a length (not complemented). */
@@ -1250,10 +1238,10 @@ static void lso_prep(uint8_t *fr, uint32_t l4)
     if ((ip[0] >> 4) == 4) {
         ip[2] = ip[3] = 0;
         ip[10] = ip[11] = 0;
-        sum = csum_add(0, ip + 12, 8);
+        sum = uvb_csum_add(0, ip + 12, 8);
     } else {
         ip[4] = ip[5] = 0;
-        sum = csum_add(0, ip + 8, 32);
+        sum = uvb_csum_add(0, ip + 8, 32);
     }
     sum += 6;
     while (sum >> 16)
@@ -1540,7 +1528,7 @@ static void vnet_csum(uint8_t *f, uint32_t len, uint32_t start, uint32_t off)
 {
     if (start >= len || start + off + 2 > len)
         return;
-    uint32_t sum = csum_add(0, f + start, len - start);
+    uint32_t sum = uvb_csum_add(0, f + start, len - start);
     while (sum >> 16)
         sum = (sum & 0xffffu) + (sum >> 16);
     uint16_t c = (uint16_t)~sum;

@@ -138,7 +138,8 @@ int nvsp_tx_lso(struct uvb_nvsp_queue *q, const uint8_t *f, uint32_t len, uint32
         return -1;
     }
     uint32_t nsegs = lso_nsegs(&r);
-    if (r.hdr + r.mss > UVB_NVSP_MAX_FRAME) {
+    uint32_t first = r.payload < r.mss ? r.payload : r.mss;     /* the largest segment's payload */
+    if (r.hdr + first > UVB_NVSP_MAX_FRAME) {
         q->tx_lso_invalid++;
         return -1;
     }

@@ -130,14 +130,7 @@ uint32_t uvb_nvsp_frame_queue(const struct uvb_nvsp *n, const uint8_t *frame, ui
 
 uint32_t nvsp_csum_add(uint32_t sum, const uint8_t *p, uint32_t len)
 {
-    while (len >= 2) {
-        sum += (uint32_t)(p[0] << 8 | p[1]);
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        sum += (uint32_t)(p[0] << 8);
-    return sum;
+    return uvb_csum_add(sum, p, len);
 }
 
 uint16_t nvsp_csum_fold(uint32_t sum)

@@ -50,6 +50,7 @@
 #define UVB_TRACE_EV_OPEN         6      /* channel opened */
 #define UVB_TRACE_EV_CLOSE        7      /* channel closed */
 #define UVB_TRACE_EV_NOTE         8      /* free text */
+#define UVB_TRACE_EV_DATA         9      /* data a read put in the guest's buffer (storvsc): arg0 bytes transferred, arg1 the request's transaction id; its first bytes (up to the snap length) are the text */
 
 struct uvb_trace_hdr {
     uint8_t  version;

@@ -43,4 +43,18 @@ static inline uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* RFC 1071 one's-complement sum of len bytes (big-endian 16-bit words) added to sum; fold
+ * and complement it for a checksum.  Shared by the guest's and the simulated host's C. */
+static inline uint32_t uvb_csum_add(uint32_t sum, const uint8_t *p, uint32_t len)
+{
+    while (len >= 2) {
+        sum += (uint32_t)(p[0] << 8 | p[1]);
+        p += 2;
+        len -= 2;
+    }
+    if (len)
+        sum += (uint32_t)(p[0] << 8);
+    return sum;
+}
+
 #endif

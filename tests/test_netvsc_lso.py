@@ -265,6 +265,23 @@ def test_segmenter_property(v6, size, mss, topt, flags, seq):
         verify(s)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=400), st.integers(0, 0xFFFFFFFF))
+def test_segmenter_on_garbage(data, ppi):
+    """A hostile guest's bytes: refused (UVB_EINVAL) or segmented into frames that each carry
+    the same headers; never a read outside the frame (the copy is exact-size)."""
+    frame = bytes(data)
+    r = c_segment(frame, ppi)
+    if isinstance(r, int):
+        assert r == lib.UVB_EINVAL
+        return
+    mss = ppi & 0xFFFFF
+    tcp = (ppi >> 20) & 0x3FF
+    hdr = tcp + (frame[tcp + 12] >> 4) * 4
+    assert b"".join(s_[hdr:] for s_ in r) == frame[hdr:]
+    assert all(len(s_) - hdr <= mss for s_ in r)
+
+
 def test_segmenter_refusals():
     f4 = tcp_frame(DST, bytes(3000))
     f6 = tcp_frame(DST, bytes(3000), v6=True)

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -198,11 +199,24 @@ def test_vf_flapping_while_traffic_runs_loses_nothing(vsim, queues):
         before = model_vf(vsim, d)
         stop = threading.Event()
         errors: list[BaseException] = []
+        batches = [0]                             # bursts sent so far (main thread)
+
+        def after_traffic(n: int) -> None:
+            """Wait until the main thread has sent ``n`` more bursts: every flap happens
+            between bursts, whatever the scheduling on a loaded machine."""
+            want = batches[0] + n
+            for _ in range(60000):
+                if batches[0] >= want:
+                    return
+                time.sleep(0.0005)
+            raise AssertionError("traffic stalled")
 
         def flapper() -> None:
             try:
                 for _ in range(flaps):
+                    after_traffic(2)
                     vf_ctl(vsim, d, "add")
+                    after_traffic(2)
                     vf_ctl(vsim, d, "remove")
             except BaseException as exc:          # reported by the main thread
                 errors.append(exc)
@@ -222,6 +236,7 @@ def test_vf_flapping_while_traffic_runs_loses_nothing(vsim, queues):
             assert n == len(batch)
             sent += batch
             i += len(batch)
+            batches[0] += 1
             for rq in range(queues):
                 got += nic.rx_burst(rq, 256).frames()
         t.join()
@@ -241,6 +256,7 @@ def test_vf_flapping_while_traffic_runs_loses_nothing(vsim, queues):
         after = model_vf(vsim, d)
         assert sum(q["rx_to_vf"] for q in after["queues"].values()) == 0
     assert after["vf_associations"] - before["vf_associations"] == 2 * flaps
+    assert after["vf_switches"] == before["vf_switches"]      # the driver stayed synthetic, silent
     assert after["fatal_errors"] == 0 and after["rndis_failed"] == before["rndis_failed"]
     assert_no_needless(vsim)
 

@@ -1,9 +1,11 @@
-"""Replay (`uvmbus sim --replay`): recordings of this project's netvsc bring-ups under
-tests/data/ play the host side against the current driver; a driver made to send a
+"""Replay (`uvmbus sim --replay`): recordings of this project's netvsc bring-ups and of a
+storvsc `blk info` session (with the data its reads brought) under tests/data/ play the
+host side against the current driver; a driver made to send a
 different message fails, and the report names the first divergent message."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from simhelpers import run_sim
 import uvmbus.netvsc as nv
 from uvmbus.errors import UvmbusError
 from uvmbus.netvsc import protocol as P
+from uvmbus.trace.decode import HDR, decode, read_records
 
 DATA = Path(__file__).resolve().parent / "data"
 RECORDINGS = {"netvsc-bringup.pcapng": 1, "netvsc-4queues.pcapng": 4}
@@ -32,6 +35,74 @@ def test_recorded_bringup_replays_against_the_current_driver(tmp_path, name):
         assert r["status"] == "complete" and r["divergence"] is None, r
         assert sim.totals()["needless_signals"] == 0
     # exit status 0: everything recorded was replayed
+
+
+def test_recorded_storvsc_session_replays_with_its_read_data(tmp_path):
+    """`blk info` parses what its reads brought (REPORT LUNS, INQUIRY, READ CAPACITY, VPD
+    pages): the recording holds those bytes (EV_DATA) and the replay gives them back, so the
+    whole session replays and the driver reports the recorded disk."""
+    trace = DATA / "storvsc-info.pcapng"
+    recorded = [m for m in read_trace(trace) if m.name == "EVENT DATA"]
+    assert len(recorded) >= 5 and all(m.fields["recorded"] == m.fields["transferred"] for m in recorded)
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--replay", str(trace)) as sim:
+        dev = sim.device("storvsc")["device_id"]
+        sim.bind(dev)
+        out = subprocess.run([sys.executable, "-m", "uvmbus", "blk", "info", dev, "--root", str(sim.root),
+                              "--timeout", "10", "--json"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        r = sim.device_stats(dev)["replay"]
+        assert r["status"] == "complete" and r["divergence"] is None, r
+        assert r["reads_given_back"] == len(recorded)
+        assert sim.totals()["needless_signals"] == 0
+    info = json.loads(out.stdout)
+    (lun,) = info["luns"]
+    assert (lun["lun"], lun["size"], lun["block_size"]) == (0, 4 << 20, 512)
+    assert (lun["vendor"], lun["product"]) == ("Msft", "Virtual Disk")
+    assert "0xb0" in lun["vpd_pages"] and lun["device_ids"]
+
+
+def test_a_storvsc_recording_without_read_data_stops_at_the_first_parsed_read(tmp_path):
+    """The same session recorded with --no-payload (no read data): the replay gives the driver
+    zeros, so it stops early and the recording is reported as not played to its end."""
+    src = DATA / "storvsc-info.pcapng"
+    stripped = tmp_path / "nodata.pcapng"
+    _without_data_events(src, stripped)
+    assert not [m for m in read_trace(stripped) if m.name == "EVENT DATA"]
+    with run_sim(tmp_path, "--echo", "0", "--no-ic", "--replay", str(stripped), check_exit=False) as sim:
+        dev = sim.device("storvsc")["device_id"]
+        sim.bind(dev)
+        subprocess.run([sys.executable, "-m", "uvmbus", "blk", "info", dev, "--root", str(sim.root),
+                        "--timeout", "5", "--json"], capture_output=True, text=True, timeout=120)
+        r = sim.device_stats(dev)["replay"]
+        assert r["status"] != "complete" and r["reads_given_back"] == 0, r
+
+
+def read_trace(path: Path) -> list:
+    return [decode(i, r) for i, r in enumerate(read_records(path))]
+
+
+def _without_data_events(src: Path, dst: Path) -> None:
+    """Copy a pcapng trace without its EV_DATA event blocks."""
+    import struct
+
+    from uvmbus.native import lib
+
+    raw = src.read_bytes()
+    out = bytearray()
+    off = 0
+    while off + 12 <= len(raw):
+        btype, blen = struct.unpack_from("<II", raw, off)
+        block = raw[off:off + blen]
+        keep = True
+        if btype == 6:                                   # Enhanced Packet Block
+            body = block[28:]
+            if len(body) >= HDR + 4 and body[1] == lib.UVB_TRACE_KIND_EVENT:
+                code, = struct.unpack_from("<I", body, HDR)   # uvb_trace_hdr, then the event
+                keep = code != lib.UVB_TRACE_EV_DATA
+        if keep:
+            out += block
+        off += blen
+    dst.write_bytes(bytes(out))
 
 
 def test_replay_names_the_first_divergent_message(tmp_path):

@@ -135,6 +135,13 @@ class ChannelDevice:
         for port in self._trace_ports:
             self._apply_trace_buffers(port)
 
+    def trace_port(self, channel: Channel) -> Any:
+        """The recorder port of ``channel`` (None when not recording)."""
+        for port in self._trace_ports:
+            if int(port.raw.relid) == channel.relid:
+                return port
+        return None
+
     @property
     def channels(self) -> list[Channel]:
         return [self.primary, *self.subchannels]

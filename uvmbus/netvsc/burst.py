@@ -232,6 +232,16 @@ def csum_request(frame: bytes | bytearray | memoryview) -> int | None:
     return info | (l4 << lib.CSUM_TX_TCP_HDR_OFFSET_SHIFT)
 
 
+def _per_frame(value: int | Sequence[int | None] | None, n: int, what: str) -> list[int | None]:
+    """One value for every frame, or a list of one per frame (checked)."""
+    if value is None or isinstance(value, int):
+        return [value] * n
+    out = list(value)
+    if len(out) != n:
+        raise ConfigError(f"TxBatch: {len(out)} {what} for {n} frames")
+    return out
+
+
 class TxBatch:
     """Frames laid out back to back with their ``struct uvb_nvsc_frame`` descriptors.
 
@@ -254,20 +264,8 @@ class TxBatch:
         self.nbytes = len(self.buf)
         self._ptr = ffi.from_buffer("uint8_t[]", self.buf) if self.buf else ffi.new("uint8_t[]", 1)
         self.arr = ffi.new("struct uvb_nvsc_frame[]", max(n, 1))
-        vl: Sequence[int | None]
-        if vlan is None or isinstance(vlan, int):
-            vl = [vlan] * n
-        else:
-            vl = list(vlan)
-            if len(vl) != n:
-                raise ConfigError(f"TxBatch: {len(vl)} VLAN tags for {n} frames")
-        ml: Sequence[int | None]
-        if mss is None or isinstance(mss, int):
-            ml = [mss] * n
-        else:
-            ml = list(mss)
-            if len(ml) != n:
-                raise ConfigError(f"TxBatch: {len(ml)} MSS values for {n} frames")
+        vl = _per_frame(vlan, n, "VLAN tags")
+        ml = _per_frame(mss, n, "MSS values")
         off = 0
         for i, fr in enumerate(frames):
             d = self.arr[i]

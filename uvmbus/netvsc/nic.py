@@ -517,8 +517,8 @@ class Queue:
         if why == lib.UVB_NVSC_BAD_LSO_OFF:
             if not (r.lso4_max or r.lso6_max):
                 why_text = ("a large send (mss given), but LSO is not negotiated on this queue (the host "
-                            "offers no LSOv2, the NIC was opened with lso=False, or the queue is "
-                            "attached from another process): send MTU-sized frames without mss")
+                            "offers no LSOv2, or the NIC was opened with lso=False): send MTU-sized "
+                            "frames without mss")
             else:
                 why_text = ("a large send for an IP version the host did not enable LSO for "
                             f"(IPv4 {'on' if r.lso4_max else 'off'}, IPv6 {'on' if r.lso6_max else 'off'}): "

@@ -153,7 +153,9 @@ class Controller:
         self.counters: dict[str, int] = {"bogus_completions": 0, "malformed_completions": 0,
                                          "late_completions": 0, "timeouts": 0, "lun_resets": 0,
                                          "bus_resets": 0, "unit_attention_retries": 0,
-                                         "rescans": 0, "enumerate_bus": 0}
+                                         "rescans": 0, "enumerate_bus": 0,
+                                         # sleeps in the wait loop (spurious ones included)
+                                         "waits": 0}
         self.last_protocol_error: str | None = None
         self._failed: Exception | None = None
         self._closed = False
@@ -340,6 +342,7 @@ class Controller:
         (callers loop on early returns, as on spurious wake-ups)."""
         self._check_rings(queues)
         if not self._spin(queues):
+            self.counters["waits"] += 1
             self.device.wait([q.channel for q in queues],
                              RING_CHECK_S if timeout is None else min(timeout, RING_CHECK_S))
         self._check_rings(queues)
@@ -530,6 +533,8 @@ class Controller:
         srb = cmd.srb_status & P.SRB_STATUS_MASK
         if srb == P.SrbStatus.SUCCESS:
             cmd.transferred = min(int(c.transferred), cmd.length)
+            if self.device.recorder is not None and cmd.transferred and cmd.buffer is not None:
+                self._record_read(cmd, int(c.trans_id))
             self._complete(cmd, None)
             return
         sense = None
@@ -548,6 +553,16 @@ class Controller:
         if isinstance(err, LunGone):
             self._rescan_needed = True
         self._complete(cmd, err)
+
+    def _record_read(self, cmd: Command, trans_id: int) -> None:
+        """Recording (docs/trace.md): put the bytes a read brought into the trace, so a replay
+        can give them back (the driver parses INQUIRY, READ CAPACITY, VPD pages...)."""
+        is_read = cmd.kind == lib.UVB_STOR_READ16 or (
+            cmd.kind == lib.UVB_STOR_CDB and cmd.data_in == P.DataIn.READ)
+        port = self.device.trace_port(cmd.queue.channel) if is_read and cmd.queue is not None else None
+        if port is not None and cmd.buffer is not None:
+            view = cmd.buffer.view
+            port.read_data(trans_id, view[cmd.buf_offset:cmd.buf_offset + cmd.transferred], cmd.transferred)
 
     def _error_for(self, cmd: Command, srb: int, sense: scsi.Sense | None) -> Exception:
         if cmd.scsi_status == P.ScsiStatus.RESERVATION_CONFLICT:
@@ -581,6 +596,7 @@ class Controller:
         """Spin briefly, then sleep until a completion (or anything) arrives."""
         queues = [q for q in self.queues if q.index not in self._claimed]
         if not self._spin(queues):
+            self.counters["waits"] += 1
             self.device.wait([q.channel for q in queues], timeout)
         self._check_rings(queues)
 

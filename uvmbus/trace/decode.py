@@ -190,8 +190,12 @@ def decode(index: int, rec: pcapng.Record) -> Message:
     if m.kind == "event":
         e = fields("struct uvb_trace_event", body)
         m.name = "EVENT " + EVENTS.get(e["code"], str(e["code"]))
-        text = bytes(body[EVENT:EVENT + e["text_len"]]).decode(errors="replace")
-        m.fields = {"arg0": e["arg0"], "arg1": e["arg1"], "text": text}
+        raw = bytes(body[EVENT:EVENT + e["text_len"]])
+        if e["code"] == lib.UVB_TRACE_EV_DATA:     # binary: bytes a read put in the guest buffer
+            m.fields = {"transferred": e["arg0"], "trans_id": e["arg1"], "recorded": len(raw),
+                        "data": raw.hex()}
+            return m
+        m.fields = {"arg0": e["arg0"], "arg1": e["arg1"], "text": raw.decode(errors="replace")}
         return m
     pkt = body[:h["pkt_cap"]]
     att = body[h["pkt_cap"]:h["pkt_cap"] + h["att_len"]]

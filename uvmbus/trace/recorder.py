@@ -107,6 +107,17 @@ class Port:
         d = lib.UVB_TRACE_DIR_G2H if to_host else lib.UVB_TRACE_DIR_H2G
         lib.uvb_rec_packet(self.raw, d, data, len(data))
 
+    def read_data(self, trans_id: int, data: Any, transferred: int) -> None:
+        """Record what a read put in the guest's buffer (storvsc: INQUIRY, READ CAPACITY, VPD
+        pages, ...), after the host's completion of request ``trans_id``: an ``EV_DATA`` event
+        holding the first ``snaplen`` bytes (none with ``no_payload``), so a replay can put
+        them back into the live request's buffer.  ``transferred``: the bytes the host moved."""
+        rec = self.recorder.raw
+        cap = 0 if rec.no_payload else min(int(rec.snaplen), transferred, len(data))
+        b = bytes(data[:cap])
+        lib.uvb_rec_event(self.raw, lib.UVB_TRACE_DIR_H2G, lib.UVB_TRACE_EV_DATA, transferred & 0xFFFFFFFF,
+                          trans_id & (2**64 - 1), b, len(b))
+
     def event(self, code: int, arg0: int = 0, arg1: int = 0, text: str = "", *, to_host: bool = True) -> None:
         """Record an event (``lib.UVB_TRACE_EV_*``)."""
         t = text.encode()

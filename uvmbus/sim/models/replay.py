@@ -19,8 +19,10 @@ log, and the exit status of ``uvmbus sim --replay``).
 
 Replay needs the referenced bytes of the host's messages (RNDIS answers in the receive
 buffer): record with a snap length that covers them (the default does for control
-messages).  Storage read data is not recorded, so storvsc sessions replay only as far as
-the driver does not depend on data it read (see docs/trace.md).
+messages).  For storvsc the guest's recorder adds the bytes each read brought (``EV_DATA``
+events, up to the snap length; docs/trace.md): before the recorded completion of a read, its
+bytes are written into the live request's buffer (the GPA range the guest sent), so a
+driver that parses what it read (INQUIRY, READ CAPACITY, VPD pages) sees the recorded data.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from uvmbus.errors import ConfigError
 from uvmbus.native import lib
-from uvmbus.ring import PKT_COMP, PKT_INBAND, PKT_XFER_PAGES
+from uvmbus.ring import PKT_COMP, PKT_GPA_DIRECT, PKT_INBAND, PKT_XFER_PAGES
 from uvmbus.sim.models import register_model
-from uvmbus.sim.models.base import DeviceModel
+from uvmbus.sim.models.base import DeviceModel, gpa_ranges
 from uvmbus.trace import pcapng
 from uvmbus.trace.decode import CHUNK, HDR, Message, decode, fields, read_records
 from uvmbus.trace.diff import key
@@ -70,6 +72,8 @@ class RecordedDevice:
     instance: str
     devclass: str
     channels: dict[int, list[Step]] = field(default_factory=lambda: defaultdict(list))
+    #: (sub-channel, recorded transaction id) -> bytes a read brought (storvsc EV_DATA)
+    data: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
 
 def load(path: str | Path, status: pcapng.ReadStatus | None = None) -> dict[str, RecordedDevice]:
@@ -77,17 +81,26 @@ def load(path: str | Path, status: pcapng.ReadStatus | None = None) -> dict[str,
     ``status`` learns whether the file was cut off."""
     devices: dict[str, RecordedDevice] = {}
     side = None
+    data: list[tuple[str, int, int, bytes]] = []
     for i, rec in enumerate(read_records(path, status)):
         m = decode(i, rec)
-        if m.kind != "packet" or m.devclass not in CLASS_IDS:
+        if m.devclass not in CLASS_IDS:
+            continue
+        desc = rec.interface.description
+        inst = desc.split("instance ", 1)[1].split(";", 1)[0] if "instance " in desc else rec.interface.name
+        if m.kind == "event" and m.name == "EVENT DATA":
+            data.append((inst, m.subchan, int(m.fields["trans_id"]), bytes.fromhex(m.fields["data"])))
+            continue
+        if m.kind != "packet":
             continue
         side = side or m.side
         if m.side != side:
             continue
-        desc = rec.interface.description
-        inst = desc.split("instance ", 1)[1].split(";", 1)[0] if "instance " in desc else rec.interface.name
         dev = devices.setdefault(inst, RecordedDevice(inst, m.devclass))
         dev.channels[m.subchan].append(Step(m, rec.data))
+    for inst, sub, tid, b in data:
+        if inst in devices:
+            devices[inst].data[(sub, tid)] = b
     if not devices:
         raise ConfigError(f"{path}: no netvsc or storvsc packets to replay")
     return devices
@@ -125,6 +138,9 @@ class _Replay(DeviceModel):
         self._tids: dict[int, dict[int, int]] = defaultdict(dict)     # subchan: recorded -> live
         self._req_ids: dict[int, int] = {}                              # RNDIS recorded -> live
         self._emit: dict[int, int] = defaultdict(int)
+        #: sub-channel: recorded transaction id -> the live request's first GPA range
+        self._ranges: dict[int, dict[int, tuple[int, int, list[int]]]] = defaultdict(dict)
+        self.data_written = 0
 
     # -- matching ------------------------------------------------------------------------
     def _live_message(self, channel: HostChannel, pkt: Packet) -> Message:
@@ -179,6 +195,10 @@ class _Replay(DeviceModel):
             exp.done = True
             self.matched += 1
             self._tids[channel.subchannel_id][exp.msg.vmbus["trans_id"]] = pkt.trans_id
+            if pkt.type == PKT_GPA_DIRECT:
+                ranges = gpa_ranges(pkt)
+                if ranges:
+                    self._ranges[channel.subchannel_id][exp.msg.vmbus["trans_id"]] = ranges[0]
             for rec_r, live_r in zip(exp.msg.inner, live.inner, strict=False):
                 rid, lid = rec_r.get("fields", {}).get("req_id"), live_r.get("fields", {}).get("req_id")
                 if rid is not None and lid is not None:
@@ -221,6 +241,7 @@ class _Replay(DeviceModel):
         off8 = v["offset8"] * 8
         payload = pkt[off8:]
         if ptype == PKT_COMP:
+            self._put_read_data(channel, tid)
             tid = self._tids[channel.subchannel_id].get(tid, tid)
             channel.send(payload, trans_id=tid, flags=flags, type=PKT_COMP)
         elif ptype == PKT_XFER_PAGES:
@@ -238,6 +259,23 @@ class _Replay(DeviceModel):
         else:
             channel.send(payload, trans_id=tid, flags=flags, type=ptype)
         self._after_send(s)
+
+    def _put_read_data(self, channel: HostChannel, recorded_tid: int) -> None:
+        """The recorded bytes of a read, into the live request's buffer (before its completion)."""
+        sub = channel.subchannel_id
+        data = self.recorded.data.get((sub, recorded_tid))
+        rng = self._ranges[sub].pop(recorded_tid, None)
+        ram = self.device.guest_ram
+        if not data or rng is None or ram is None:
+            return
+        count, offset, pfns = rng
+        try:
+            ram.write(pfns, offset, data[:count])
+        except ConfigError as exc:
+            self.device.log(f"replay: the recorded read data of trans_id {recorded_tid:#x} does not fit "
+                            f"the live request's buffer ({exc}); the guest sees zeros")
+            return
+        self.data_written += 1
 
     def _patch_req_id(self, data: bytearray) -> None:
         """An RNDIS answer carries the request id of its request: use the live one."""
@@ -264,7 +302,8 @@ class _Replay(DeviceModel):
 
     def describe(self) -> dict[str, Any]:
         return {"replay": {"trace": self.trace, "instance": self.recorded.instance, "status": self.status,
-                           "matched": self.matched, "divergence": self.divergence}}
+                           "matched": self.matched, "divergence": self.divergence,
+                           "reads_given_back": self.data_written}}
 
 
 @register_model
