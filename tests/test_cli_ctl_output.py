@@ -44,3 +44,21 @@ def test_sim_exec_help_says_what_v_does(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "print on stderr each mount made in the namespace" in text
     assert "a -v after -- is CMD's" in text
+
+
+def test_actions_name_the_devices_they_were_done_to(tmp_path, capsys):
+    with run_sim(tmp_path, "--echo", "2", "--no-ic") as sim:
+        root = str(sim.root)
+        a, b = (d["device_id"] for d in sim.devices)
+
+        def ctl(*args: str) -> str:
+            assert main(["sim", "ctl", "--root", root, *args]) == 0
+            return capsys.readouterr().out
+
+        assert ctl("fault", "stall", "2") == f"{a}: fault stall 2 set\n{b}: fault stall 2 set\n"
+        assert ctl("clear", "--device", a) == f"{a}: faults cleared\n"
+        assert ctl("subchannels", b, "1") == f"{b}: 1 sub-channel(s) offered\n"
+        assert ctl("rescind", a, "--reoffer-after", "30") == f"{a}: rescinded (re-offer in 30 s)\n"
+        assert ctl("reoffer", a) == f"{a}: re-offered\n"
+        assert main(["sim", "ctl", "--root", root, "--json", "clear"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"ok": True, "devices": [a, b]}

@@ -267,3 +267,38 @@ def test_checks_before_the_state(ab: tuple[Disk, Disk]) -> None:
     # a short allocation length gets the header only
     res = hba.execute(0, scsi.persistent_reserve_in(0, 8), data_in=8, what="PR IN")
     assert res.transferred == 8 and struct.unpack(">I", res.data[4:8])[0] == 8
+
+
+def test_many_keys_are_read_in_full_and_a_lying_host_does_not_loop() -> None:
+    from uvmbus.storvsc.command import ScsiResult
+
+    keys = list(range(1, 301))                      # 300 keys: more than the first 2 KiB
+
+    class Host:
+        max_transfer = 1 << 20
+        calls: list[int] = []
+
+        def _api_entry(self) -> None:
+            pass
+
+        def execute(self, lun: int, cdb: bytes, **kw: object) -> ScsiResult:
+            alloc = struct.unpack_from(">H", cdb, 7)[0]
+            self.calls.append(alloc)
+            full = struct.pack(">II", 9, 8 * len(keys)) + b"".join(struct.pack(">Q", k) for k in keys)
+            data = full[:alloc]
+            return ScsiResult(data, len(data), 1, 0, None)
+
+    d = Disk(Host(), 0, scsi.parse_inquiry(bytes(36)))      # type: ignore[arg-type]
+    got = d.pr_read_keys()
+    assert got.keys == keys and got.generation == 9 and Host.calls == [2048, 8 + 8 * 300]
+
+    class Liar(Host):
+        calls: list[int] = []
+
+        def execute(self, lun: int, cdb: bytes, **kw: object) -> ScsiResult:
+            self.calls.append(struct.unpack_from(">H", cdb, 7)[0])
+            data = struct.pack(">II", 1, 60000) + struct.pack(">Q", 5)   # claims 7500 keys, sends 1
+            return ScsiResult(data, len(data), 1, 0, None)
+
+    d.controller = Liar()
+    assert d.pr_read_keys().keys == [5] and len(Liar.calls) == 2

@@ -76,7 +76,7 @@ def test_vpd_pages_listed(hba: storvsc.Controller) -> None:
 def test_block_limits_b0(hba: storvsc.Controller) -> None:
     a, b = hba.disk(0), hba.disk(1)
     bl = a.block_limits
-    assert bl.max_transfer_blocks == 8 * MiB // 512
+    assert bl.max_transfer_blocks == 0                  # OpenVMM: not reported (no limit)
     assert bl.max_unmap_blocks == 0xFFFFFFFF
     assert bl.max_unmap_descriptors == 4096
     assert bl.unmap_granularity == 1                    # OpenVMM optimal_unmap_sectors
@@ -85,7 +85,8 @@ def test_block_limits_b0(hba: storvsc.Controller) -> None:
     assert bl.max_compare_and_write_blocks == 0 and bl.optimal_transfer_blocks == 0
     assert bl.body_length == 0x3C
     assert a.optimal_transfer == 0
-    assert b.block_limits.max_transfer_blocks == 8 * MiB // 4096
+    assert b.block_limits.max_transfer_blocks == 0
+    assert b.block_limits.max_write_same_blocks == 8 * MiB // 4096
     assert b.block_limits.unmap_granularity == 1
     assert hba.disk(2).block_limits == scsi.BlockLimits()     # no page 0xB0 without unmap
 
@@ -166,6 +167,27 @@ def test_lba_status_follows_the_sparse_image(hba: storvsc.Controller, sim: SimPr
     assert sum(r.count for r in part) == 100
     a.discard(MiB, 8192)
     assert a.lba_status() == [scsi.LbaStatus(0, a.blocks, 1)]
+
+
+def test_cli_lba_status(sim: SimProcess, hba: storvsc.Controller,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    if not _holes_supported(sim.tmp):                   # type: ignore[attr-defined]
+        pytest.skip("the test directory's file system does not report holes")
+    a = hba.disk(0)
+    a.discard(0, a.size)
+    a.write(2 * MiB, os.urandom(4096))
+    hba.close()
+    wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["mapped_bytes"] >= 4096 and st["total_bytes"] == 16 * MiB
+    assert [r["state"] for r in st["ranges"]] == ["deallocated", "mapped", "deallocated"]
+    assert st["ranges"][1]["offset"] <= 2 * MiB < st["ranges"][1]["offset"] + st["ranges"][1]["length"]
+    wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--lun", "1"]) != 0
+    assert "does not support the command" in capsys.readouterr().err
+    wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--offset", "100"]) != 0
 
 
 def test_lba_status_not_supported_and_bounds(hba: storvsc.Controller) -> None:

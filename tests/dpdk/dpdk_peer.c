@@ -5,7 +5,8 @@
  *   dpdk_peer EAL-ARGS... -- [--rxd N] [--txd N]
  *
  * Commands (one per line; every answer is one line "OK {json}" or "ERR {json}"):
- *   start Q              configure the first port with Q rx/tx queues (RSS when Q > 1), start it
+ *   start Q [tso]        configure the first port with Q rx/tx queues (RSS when Q > 1), start it;
+ *                        "tso": ask for TCP segmentation offload (+ TCP/IPv4 checksum, multi-segment)
  *   link                 link status now (rte_eth_link_get_nowait)
  *   waitlink up|down S   poll the link until it is up/down (S seconds at most)
  *   mtu N                rte_eth_dev_set_mtu
@@ -18,6 +19,10 @@
  *   txfor S SIZE         send copies of one frame for S seconds (benchmark)
  *   rx S                 receive for S seconds, count frames and bytes
  *   fwd S                receive and send each burst straight back out for S seconds
+ *   lso N PAYLOAD MSS    send N TCP/IPv4 large sends (chained mbufs, RTE_MBUF_F_TX_TCP_SEG,
+ *                        tso_segsz MSS) of PAYLOAD bytes each and receive the segments the host
+ *                        sends back (loopback backend); every segment's lengths, checksums,
+ *                        sequence number, flags and payload bytes are checked
  *   stats                rte_eth_stats of the port
  *   stop / close / quit
  */
@@ -30,6 +35,7 @@
 #include <rte_cycles.h>
 #include <rte_eal.h>
 #include <rte_ethdev.h>
+#include <rte_ip.h>
 #include <rte_lcore.h>
 #include <rte_mbuf.h>
 
@@ -61,7 +67,7 @@ static void reply(int ok, const char *fmt, ...)
     fflush(stdout);
 }
 
-static int cmd_start(unsigned q)
+static int cmd_start(unsigned q, int tso)
 {
     struct rte_eth_dev_info info;
     struct rte_eth_conf conf;
@@ -89,6 +95,16 @@ static int cmd_start(unsigned q)
         conf.rxmode.mq_mode = RTE_ETH_MQ_RX_RSS;
         conf.rx_adv_conf.rss_conf.rss_hf =
             (RTE_ETH_RSS_IP | RTE_ETH_RSS_UDP | RTE_ETH_RSS_TCP) & info.flow_type_rss_offloads;
+    }
+    if (tso) {
+        uint64_t want = RTE_ETH_TX_OFFLOAD_TCP_TSO | RTE_ETH_TX_OFFLOAD_TCP_CKSUM |
+                        RTE_ETH_TX_OFFLOAD_IPV4_CKSUM | RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+        if ((info.tx_offload_capa & want) != want) {
+            reply(0, "\"error\": \"the port offers tx offloads %#" PRIx64 ", TSO needs %#" PRIx64 "\"",
+                  info.tx_offload_capa, want);
+            return -1;
+        }
+        conf.txmode.offloads = want;
     }
     r = rte_eth_dev_configure(port, (uint16_t)q, (uint16_t)q, &conf);
     if (r) {
@@ -121,10 +137,12 @@ static int cmd_start(unsigned q)
     struct rte_eth_link link;
     rte_eth_link_get_nowait(port, &link);
     reply(1, "\"port\": %u, \"queues\": %u, \"driver\": \"%s\", \"mac\": \"%02x:%02x:%02x:%02x:%02x:%02x\", "
-          "\"link\": \"%s\", \"speed\": %u, \"max_rx_queues\": %u",
+          "\"link\": \"%s\", \"speed\": %u, \"max_rx_queues\": %u, \"tx_offload_capa\": %" PRIu64
+          ", \"tso\": %d",
           port, q, info.driver_name, mac.addr_bytes[0], mac.addr_bytes[1], mac.addr_bytes[2],
           mac.addr_bytes[3], mac.addr_bytes[4], mac.addr_bytes[5],
-          link.link_status ? "up" : "down", link.link_speed, info.max_rx_queues);
+          link.link_status ? "up" : "down", link.link_speed, info.max_rx_queues,
+          info.tx_offload_capa, tso);
     return 0;
 }
 
@@ -418,6 +436,177 @@ static void cmd_stats(void)
           st.ipackets, st.opackets, st.imissed, st.ierrors, st.oerrors, st.rx_nombuf);
 }
 
+/* ---- large sends ------------------------------------------------------------------------ */
+#define LSO_PORT 5201
+#define LSO_SEQ(i) (0x10000000u + (uint32_t)(i) * 0x100000u)
+static inline uint8_t lso_byte(uint32_t i, uint32_t k) { return (uint8_t)(i * 13u + k * 7u + 1u); }
+
+static uint32_t sum16(uint32_t s, const uint8_t *p, uint32_t n)
+{
+    for (; n >= 2; p += 2, n -= 2)
+        s += (uint32_t)(p[0] << 8 | p[1]);
+    if (n)
+        s += (uint32_t)(p[0] << 8);
+    return s;
+}
+
+static uint16_t fold(uint32_t s)
+{
+    while (s >> 16)
+        s = (s & 0xffff) + (s >> 16);
+    return (uint16_t)s;
+}
+
+/* large send i: Ethernet + IPv4 + TCP headers (lengths/checksums as DPDK's TSO convention:
+ * IPv4 checksum 0, TCP checksum = pseudo header without length) + payload, in chained mbufs */
+static struct rte_mbuf *make_lso(uint32_t i, unsigned payload, unsigned mss)
+{
+    struct rte_mbuf *head = rte_pktmbuf_alloc(pool);
+    if (!head)
+        return NULL;
+    uint8_t *p = (uint8_t *)rte_pktmbuf_append(head, 54);
+    memcpy(p, mac.addr_bytes, 6);
+    static const uint8_t src[6] = {0x02, 0, 0, 0, 0, 0x03};
+    memcpy(p + 6, src, 6);
+    p[12] = 0x08; p[13] = 0x00;
+    uint8_t *ip = p + 14, *th = p + 34;
+    memset(ip, 0, 40);
+    ip[0] = 0x45;
+    uint32_t tot = 40 + payload;
+    ip[2] = (uint8_t)(tot >> 8); ip[3] = (uint8_t)tot;
+    ip[4] = (uint8_t)(i >> 8); ip[5] = (uint8_t)i;
+    ip[6] = 0x40; ip[8] = 64; ip[9] = 6;
+    ip[12] = 10; ip[13] = 0; ip[14] = 3; ip[15] = (uint8_t)(i % 64);
+    ip[16] = 10; ip[17] = 0; ip[18] = 0; ip[19] = 1;
+    uint16_t sport = (uint16_t)(6000 + i % 64);
+    th[0] = (uint8_t)(sport >> 8); th[1] = (uint8_t)sport;
+    th[2] = LSO_PORT >> 8; th[3] = LSO_PORT & 0xff;
+    uint32_t seq = LSO_SEQ(i);
+    th[4] = (uint8_t)(seq >> 24); th[5] = (uint8_t)(seq >> 16); th[6] = (uint8_t)(seq >> 8); th[7] = (uint8_t)seq;
+    th[12] = 0x50; th[13] = 0x18;                  /* ACK | PSH */
+    th[14] = 0xff; th[15] = 0xff;
+    uint16_t ph = fold(sum16(6, ip + 12, 8));
+    th[16] = (uint8_t)(ph >> 8); th[17] = (uint8_t)ph;
+    struct rte_mbuf *last = head;
+    unsigned done = 0;
+    while (done < payload) {
+        struct rte_mbuf *m = last;
+        unsigned room = rte_pktmbuf_tailroom(m);
+        if (room == 0) {
+            m = rte_pktmbuf_alloc(pool);
+            if (!m || rte_pktmbuf_chain(head, m)) {
+                rte_pktmbuf_free(m);
+                rte_pktmbuf_free(head);
+                return NULL;
+            }
+            last = m;
+            room = rte_pktmbuf_tailroom(m);
+        }
+        unsigned k = payload - done < room ? payload - done : room;
+        uint8_t *d = (uint8_t *)rte_pktmbuf_append(head, (uint16_t)k);    /* to the last segment */
+        if (!d) {
+            rte_pktmbuf_free(head);
+            return NULL;
+        }
+        for (unsigned j = 0; j < k; j++)
+            d[j] = lso_byte(i, done + j);
+        done += k;
+    }
+    head->ol_flags |= RTE_MBUF_F_TX_TCP_SEG | RTE_MBUF_F_TX_IPV4 | RTE_MBUF_F_TX_IP_CKSUM |
+                      RTE_MBUF_F_TX_TCP_CKSUM;
+    head->l2_len = 14;
+    head->l3_len = 20;
+    head->l4_len = 20;
+    head->tso_segsz = (uint16_t)mss;
+    return head;
+}
+
+/* one received segment: 0 and *i, *off, *len set, or -1 */
+static int check_segment(const struct rte_mbuf *m, unsigned payload, unsigned mss, unsigned n,
+                         uint32_t *i, uint32_t *off, uint32_t *len)
+{
+    uint8_t buf[2048];
+    if (m->pkt_len < 54 || m->pkt_len > sizeof(buf))
+        return -1;
+    const uint8_t *p = rte_pktmbuf_read(m, 0, m->pkt_len, buf);
+    const uint8_t *ip = p + 14, *th = p + 34;
+    if (p[12] != 0x08 || p[13] != 0x00 || ip[0] != 0x45 || ip[9] != 6 || (th[2] << 8 | th[3]) != LSO_PORT)
+        return -1;
+    uint32_t tot = (uint32_t)(ip[2] << 8 | ip[3]);
+    if (tot + 14 != m->pkt_len || fold(sum16(0, ip, 20)) != 0xffff)
+        return -2;                                  /* length or IPv4 header checksum */
+    uint32_t l4 = tot - 20;
+    if (fold(sum16(sum16(6 + l4, ip + 12, 8), th, l4)) != 0xffff)
+        return -3;                                  /* TCP checksum */
+    uint32_t seq = (uint32_t)th[4] << 24 | (uint32_t)th[5] << 16 | (uint32_t)th[6] << 8 | th[7];
+    uint32_t sport = (uint32_t)(th[0] << 8 | th[1]) - 6000;
+    *i = sport;
+    if (sport >= n || seq < LSO_SEQ(sport) || (th[12] >> 4) != 5)
+        return -4;
+    *off = seq - LSO_SEQ(sport);
+    *len = l4 - 20;
+    if (*len > mss || *off + *len > payload || (*off % mss) != 0)
+        return -5;
+    int last = *off + *len == payload;
+    if (((th[13] & 0x08) != 0) != last)
+        return -6;                                  /* PSH on the last segment only */
+    for (uint32_t j = 0; j < *len; j++)
+        if (th[20 + j] != lso_byte(sport, *off + j))
+            return -7;
+    return 0;
+}
+
+static void cmd_lso(unsigned n, unsigned payload, unsigned mss, double secs)
+{
+    if (n == 0 || n > 64 || mss == 0) {
+        reply(0, "\"error\": \"lso N (1..64) PAYLOAD MSS\"");
+        return;
+    }
+    unsigned per = (payload + mss - 1) / mss;
+    uint64_t want = (uint64_t)n * per, got = 0, bad = 0, bytes = 0, sent = 0;
+    int64_t firstbad = 0;
+    uint8_t *seen = calloc((size_t)want, 1);
+    double deadline = now() + secs;
+    for (uint32_t i = 0; i < n;) {
+        struct rte_mbuf *m = make_lso(i, payload, mss);
+        if (!m)
+            break;
+        if (rte_eth_tx_burst(port, (uint16_t)(i % nq), &m, 1) == 1) {
+            i++;
+            sent++;
+        } else {
+            rte_pktmbuf_free(m);
+            if (now() > deadline)
+                break;
+        }
+    }
+    while (got < want && now() < deadline) {
+        for (uint16_t q = 0; q < nq; q++) {
+            struct rte_mbuf *burst[BURST];
+            uint16_t r = rte_eth_rx_burst(port, q, burst, BURST);
+            for (uint16_t k = 0; k < r; k++) {
+                uint32_t i = 0, off = 0, len = 0;
+                int rc = check_segment(burst[k], payload, mss, n, &i, &off, &len);
+                if (rc == 0 && !seen[i * per + off / mss]) {
+                    seen[i * per + off / mss] = 1;
+                    got++;
+                    bytes += len;
+                } else if (rc != -1) {
+                    bad++;
+                    if (!firstbad)
+                        firstbad = rc;
+                }
+                rte_pktmbuf_free(burst[k]);
+            }
+        }
+    }
+    free(seen);
+    reply(got == want && !bad && bytes == (uint64_t)n * payload,
+          "\"sent\": %" PRIu64 ", \"segments\": %" PRIu64 ", \"expected\": %" PRIu64
+          ", \"bytes\": %" PRIu64 ", \"bad\": %" PRIu64 ", \"first_bad\": %" PRId64,
+          sent, got, want, bytes, bad, firstbad);
+}
+
 int main(int argc, char **argv)
 {
     int r = rte_eal_init(argc, argv);
@@ -448,7 +637,7 @@ int main(int argc, char **argv)
         if (!strcmp(cmd, "quit"))
             break;
         if (!strcmp(cmd, "start")) {
-            cmd_start((unsigned)atoi(a1[0] ? a1 : "1"));
+            cmd_start((unsigned)atoi(a1[0] ? a1 : "1"), !strcmp(a2, "tso"));
             continue;
         }
         if (!started) {
@@ -478,6 +667,8 @@ int main(int argc, char **argv)
             cmd_fwd(atof(a1));
         else if (!strcmp(cmd, "stats"))
             cmd_stats();
+        else if (!strcmp(cmd, "lso"))
+            cmd_lso((unsigned)atoi(a1), (unsigned)atoi(a2), (unsigned)atoi(a3), 30);
         else if (!strcmp(cmd, "stop")) {
             r = rte_eth_dev_stop(port);
             reply(r == 0, "\"rc\": %d", r);

@@ -331,3 +331,27 @@ def test_vf_flapping_with_traffic(tmp_path: Path) -> None:
             peer.call("close")
             assert peer.close() == 0, peer.log
         assert_host_clean(sim)
+
+
+def test_tso_large_sends_segmented_by_the_host(tmp_path: Path) -> None:
+    """DPDK's PMD as an independent LSO client: with TX_OFFLOAD_TCP_TSO it enables LSOv2 by
+    OID_TCP_OFFLOAD_PARAMETERS (hn_rndis_conf_offload) and sends chained-mbuf large sends with
+    its own LSOv2 PPI (hn_encap: NDIS_LSO2_INFO_MAKEIPV4); the host model segments them and
+    the loopback brings every segment back, where the peer checks lengths, both checksums,
+    sequence numbers, PSH on the last segment only and every payload byte."""
+    with run_sim(tmp_path, "--device", "netvsc:backend=loopback", "--bind", "--no-ic",
+                 "--kernel", "6.18") as sim:
+        with DpdkPeer(sim.root) as peer:
+            res = peer.call("start 1 tso")
+            assert res["tso"] == 1, res
+            host = nic_stats(sim)
+            assert host["lso_enabled"]["ipv4"], host
+            for payload, mss in ((20000, 1448), (62780 - 54, 1460), (3000, 536)):
+                res = peer.call(f"lso 8 {payload} {mss}", timeout=90)
+                assert res["bad"] == 0 and res["segments"] == res["expected"], res
+            q = nic_stats(sim)["queues"]["0"]
+            assert q["tx_lso"] == 24 and q["tx_lso_invalid"] == 0 and q["tx_lso_not_enabled"] == 0, q
+            peer.call("stop")
+            peer.call("close")
+            assert peer.close() == 0, peer.log
+        assert_host_clean(sim)

@@ -533,21 +533,24 @@ class Simulator:
                 for d in devs:
                     d.faults.clear()
                     d.poke_channels()
-                return {"ok": True}
+                return {"ok": True, "devices": [d.device_id for d in devs]}
             if cmd == "rescind":
                 devs = self.find(str(req["device"]))
                 after = req.get("reoffer_after")
                 for d in devs:
                     self.rescind(d, None if after is None else float(after))
-                return {"ok": True}
+                return {"ok": True, "rescinded": [d.device_id for d in devs]}
             if cmd == "reoffer":
-                for d in self.find(str(req["device"])):
+                devs = self.find(str(req["device"]))
+                for d in devs:
                     self.reoffer(d)
-                return {"ok": True, "devices": [d.describe() for d in self.devices]}
+                return {"ok": True, "reoffered": [d.device_id for d in devs],
+                        "devices": [d.describe() for d in self.devices]}
             if cmd == "offer_subchannels":
-                for d in self.find(str(req["device"])):
+                devs = self.find(str(req["device"]))
+                for d in devs:
                     d._offer_subchannels(int(req.get("count", 1)))
-                return {"ok": True}
+                return {"ok": True, "devices": [d.device_id for d in devs]}
             if cmd == "model":      # model-specific operations (DeviceModel.control)
                 devs = self.find(str(req["device"]))
                 self._lease(conn, devs, str(req["op"]), bool(req.get("until_disconnect")))

@@ -52,13 +52,22 @@ class PersistentReservations:
         return exc
 
     def _pr_in(self, sa: int, what: str, alloc: int = _ALLOC) -> bytes:
+        """PR IN data; a list longer than ``alloc`` (ADDITIONAL LENGTH) is asked again in
+        full (up to the CDB's 65535 bytes)."""
         self._pr_check()
-        try:
-            res = self.controller.execute(self.lun, scsi.persistent_reserve_in(sa, alloc),
-                                          data_in=alloc, what=what)
-        except IllegalRequest as e:
-            raise self._unsupported(e, what) from None
-        return res.data
+        while True:
+            try:
+                res = self.controller.execute(self.lun, scsi.persistent_reserve_in(sa, alloc),
+                                              data_in=alloc, what=what)
+            except IllegalRequest as e:
+                raise self._unsupported(e, what) from None
+            data = res.data
+            if sa == scsi.PRIN_REPORT_CAPABILITIES or len(data) < 8:
+                return data
+            need = 8 + int.from_bytes(data[4:8], "big")
+            if need <= len(data) or need <= alloc or alloc >= 0xFFFF:   # once, growing
+                return data
+            alloc = min(need, 0xFFFF)
 
     def _pr_out(self, sa: int, what: str, key: int, sa_key: int = 0, pr_type: int = 0) -> None:
         self._pr_check()

@@ -55,7 +55,7 @@ def parse_bytes(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("blk", help="block devices (storvsc SCSI disks, NVMe over VFIO): info, read, write, bench, "
-                       "pr (persistent reservations), NBD export daemon")
+                       "lba-status, pr (persistent reservations), NBD export daemon")
     bsub = p.add_subparsers(dest="blk_command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -118,6 +118,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(b)
     b.set_defaults(func=_bench)
 
+    ls = bsub.add_parser("lba-status", help="mapped / deallocated ranges of a LUN (GET LBA STATUS)")
+    common(ls)
+    ls.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
+    ls.add_argument("--offset", type=parse_bytes, default=0, help="byte offset (block aligned; K/M/G)")
+    ls.add_argument("--length", type=parse_bytes, default=None,
+                    help="bytes from the offset (default: to the end of the LUN)")
+    add_json(ls)
+    ls.set_defaults(func=_lba_status)
+
     pr = bsub.add_parser(
         "pr", help="SCSI-3 persistent reservations of a LUN: read, register, reserve, release, "
         "preempt, clear", description="Persistent reservations (PERSISTENT RESERVE IN/OUT). The "
@@ -142,6 +151,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(pr)
     pr.set_defaults(func=_pr)
     p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _lba_status(args: argparse.Namespace) -> int:
+    with _open(args) as hba:
+        disk = hba.disk(args.lun)
+        if not hasattr(disk, "lba_status"):
+            raise ConfigError(f"{args.device}: GET LBA STATUS is a SCSI (storvsc) command")
+        bs = disk.block_size
+        if args.offset % bs or (args.length is not None and args.length % bs):
+            raise ConfigError(f"--offset and --length must be multiples of the {bs}-byte block size")
+        runs = disk.lba_status(args.offset // bs, None if args.length is None else args.length // bs)
+    rows = [{"lba": r.lba, "blocks": r.count, "offset": r.lba * bs, "length": r.count * bs,
+             "state": r.state} for r in runs]
+    mapped = sum(r["length"] for r in rows if r["state"] == "mapped")
+    total = sum(r["length"] for r in rows)
+    if args.json:
+        print(json.dumps({"lun": args.lun, "block_size": bs, "mapped_bytes": mapped,
+                          "total_bytes": total, "ranges": rows}, indent=2))
+        return 0
+    for r in rows:
+        print(f"  {r['offset']:>14} +{r['length']:<14} {r['state']}")
+    print(f"LUN {args.lun}: {mapped} of {total} bytes mapped in {len(rows)} range(s)")
+    return 0
 
 
 def _pr_key(text: str) -> int:
@@ -414,7 +446,11 @@ def _sim_signals(args: argparse.Namespace) -> dict[str, int] | None:
         with ControlClient(args.root) as c:
             st = c.call("stats")["stats"]
         t = st["totals"]
-        return {k: int(t.get(k, 0)) for k in ("guest_signals", "needless_signals", "interrupts")}
+        out = {k: int(t.get(k, 0)) for k in ("guest_signals", "needless_signals", "interrupts")}
+        # host worker wake-ups (sleeps ended), summed over the device's channels
+        out["host_wakeups"] = sum(int(c.get("wakeups", 0)) for d in st.get("devices", [])
+                                  for c in d.get("channels", {}).values())
+        return out
     except Exception:
         return None
 
@@ -433,6 +469,7 @@ def _bench(args: argparse.Namespace) -> int:
             if args.channels > hba.channels:
                 raise ConfigError(f"--channels {args.channels}: the host gave {hba.channels} "
                                   "channel(s) (its maximum sub-channel count limits it)")
+            waits0 = hba.stats().get("counters", {}).get("waits", 0)
             res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds,
                            channels=args.channels)
             channels = args.channels
@@ -448,6 +485,10 @@ def _bench(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"benchmark": "blk", "device": args.device, "lun": args.lun,
                            "channels": channels, **res.to_dict(),
                            "guest_signals": drv_stats["signals"]}
+    if "waits" in drv_stats.get("counters", {}):
+        # the driver's sleeps in its wait loop during the run (warm-up and drain included):
+        # how often the guest had nothing to reap
+        out["guest_waits"] = drv_stats["counters"]["waits"] - waits0
     if sig_before and sig_after:
         out["host_stats"] = {k: sig_after[k] - sig_before[k] for k in sig_after}
     if ref is not None:
@@ -467,4 +508,6 @@ def _bench(args: argparse.Namespace) -> int:
         hs = out["host_stats"]
         print(f"  signals:   {hs['guest_signals']} guest->host ({hs['needless_signals']} needless), "
               f"{hs['interrupts']} host->guest interrupts")
+        if "guest_waits" in out:
+            print(f"  sleeps:    {out['guest_waits']} guest waits, {hs['host_wakeups']} host wake-ups")
     return 0

@@ -354,8 +354,16 @@ def _ctl(args: argparse.Namespace) -> int:
             print("\n".join([f"{dev} ({what}):", *_human(res, "  ")]) if res else f"{dev}: {what} done")
     elif reply and args.request in ("ping", "stats", "devices", "kernel"):
         print("\n".join(_human(reply)))
-    else:
-        print("ok")
+    elif args.request == "stop":
+        print("ok: the simulator is stopping")
+    else:                           # what was done, and to which devices
+        devs = reply.get("rescinded") or reply.get("reoffered") or reply.get("devices") or []
+        what = {"fault": f"fault {' '.join(a[:2])} set", "clear": "faults cleared",
+                "rescind": "rescinded" + (f" (re-offer in {args.reoffer_after:g} s)"
+                                          if args.reoffer_after is not None else ""),
+                "reoffer": "re-offered", "subchannels": f"{a[1] if len(a) > 1 else ''} sub-channel(s) offered",
+                }.get(args.request, "done")
+        print("\n".join(f"{d}: {what}" for d in devs if isinstance(d, str)) or f"ok: {what} (no device)")
     sys.stdout.flush()
     return 0
 

@@ -257,7 +257,9 @@ def offload_capabilities(rev: int, *, lso4: bool = False, lso6: bool = False, rs
     o.hdr.size = _OFFLOAD_SIZE[rev]
     v4 = (lib.NDIS_TXCSUM_CAP_IP4 | lib.NDIS_TXCSUM_CAP_IP4OPT | lib.NDIS_TXCSUM_CAP_TCP4
           | lib.NDIS_TXCSUM_CAP_TCP4OPT | lib.NDIS_TXCSUM_CAP_UDP4)
-    v6 = lib.NDIS_TXCSUM_CAP_TCP6 | lib.NDIS_TXCSUM_CAP_TCP6OPT | lib.NDIS_TXCSUM_CAP_UDP6
+    # O ChecksumOffloadConfig::flags: TCP/UDP over IPv6 also set "IP extension headers supported"
+    v6 = (lib.NDIS_TXCSUM_CAP_IP6EXT | lib.NDIS_TXCSUM_CAP_TCP6 | lib.NDIS_TXCSUM_CAP_TCP6OPT
+          | lib.NDIS_TXCSUM_CAP_UDP6)
     c = o.csum
     c.ip4_txenc = c.ip4_rxenc = c.ip6_txenc = c.ip6_rxenc = lib.NDIS_OFFLOAD_ENCAP_8023
     c.ip4_txcsum = c.ip4_rxcsum = v4
