@@ -70,7 +70,8 @@ static void rndis_at(struct fz *f, uint32_t off)
             ((uint32_t *)&p)[i] = (mode & 8) ? fz_u32(f) : ((uint32_t *)&p)[i] ^ fz_u8(f);
     memcpy(body, &p, 44);
     for (uint32_t i = 0; i < nppi; i++) {
-        struct rndis_ppi e = {16, fz_u8(f) % 12, 12};
+        uint8_t t = fz_u8(f) % 14;      /* 12, 13: the RSC fragment id (chains, rsc_chain) */
+        struct rndis_ppi e = {16, t < 12 ? t : PPI_RNDIS_PKTINFO_ID, 12};
         if (mode & 0x80)
             e.size = fz_u8(f);
         memcpy(body + 44 + 16 * i, &e, 12);
@@ -85,11 +86,16 @@ static void rndis_at(struct fz *f, uint32_t off)
         recv_dirty = off + n + flen < RECV ? off + n + flen : RECV;
 }
 
-static void check_frames(const struct uvb_nvsc_frame *fr, int n, uint64_t cap)
+static void check_frames(const struct uvb_nvsc_queue *q, const struct uvb_nvsc_frame *fr, int n,
+                         uint64_t cap, int zc)
 {
-    for (int i = 0; i < n; i++)
-        FZ_CHECK(fr[i].offset + fr[i].len <= cap && fr[i].len <= UVB_NVSC_MAX_FRAME,
+    for (int i = 0; i < n; i++) {
+        int rsc = (fr[i].flags & UVB_NVSC_F_RSC) != 0;    /* joined: zero-copy ones in rsc_buf */
+        uint64_t c = zc && rsc ? q->rsc_size : cap;
+        FZ_CHECK(fr[i].offset + fr[i].len <= c &&
+                 fr[i].len <= (rsc ? UVB_NVSC_MAX_RSC_FRAME : UVB_NVSC_MAX_FRAME),
                  "frame outside its buffer");
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -222,13 +228,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             static const uint64_t caps[4] = {0, 64, 2048, sizeof copybuf};
             uint64_t cap = caps[fz_u8(&f) & 3];
             int n = uvb_nvsc_rx_burst(&q, fr, fz_u8(&f) % 64 + 1, copybuf, cap);
-            check_frames(fr, n, cap);
+            check_frames(&q, fr, n, cap, 0);
             break;
         }
         case 8: {                   /* guest: zero-copy burst, maybe forward, release */
             uint8_t m = fz_u8(&f);
             int n = uvb_nvsc_rx_burst(&q, fr, m % 64 + 1, NULL, 0);
-            check_frames(fr, n, RECV);
+            check_frames(&q, fr, n, RECV, 1);
             if (n > 0 && (m & 0x40))
                 uvb_nvsc_tx_fwd(&q, fr, (uint32_t)n);
             if (m & 0x80)

@@ -69,6 +69,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     nic.filter = cfg & 1 ? 0x0D : 0;
     nic.link_up = !(cfg & 2);
     nic.rss_enabled = 0;
+    nic.rsc_ip4 = nic.rsc_ip6 = (cfg >> 2) & 1u;          /* RSC coalescing (netvsp_rsc.c) */
+    nic.rsc_max_segs = (cfg >> 3) & 3u;
+    nic.max_ranges = nic.rsc_ip4 ? NVSP_MAX_PACKETS_PER_RECEIVE_RSC : NVSP_MAX_PACKETS_PER_RECEIVE;
     nic.dead = 0;
     nic.fault_kind = cfg >> 5;
     nic.fault_count = cfg >> 5 ? 1 : 0;
@@ -94,7 +97,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t ntids = 0;
 
     for (int op = 0; op < 40 && fz_left(&f); op++) {
-        switch (fz_u8(&f) % 11) {
+        switch (fz_u8(&f) % 12) {
         case 0: {                       /* guest: NVSP SEND_RNDIS_PKT naming a section */
             struct nvsp_msg_header hd = {NVSP_MSG1_TYPE_SEND_RNDIS_PKT};
             uint32_t body[3] = {fz_u8(&f) & 7 ? 0u : fz_u32(&f),
@@ -215,11 +218,52 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 uvb_nvsp_post_ctrl(&nic, b, n);
             break;
         }
+        case 11: {                      /* a TCP stream for the RSC coalescer (netvsp_rsc.c) */
+            static uint8_t seg[1514];
+            uint8_t m = fz_u8(&f);
+            uint32_t nseg = m % 24 + 1, seq = fz_u32(&f);
+            for (uint32_t i = 0; i < nseg; i++) {
+                uint8_t how = fz_u8(&f);
+                uint32_t pl = fz_u16(&f) % 1461, v6 = how & 1, l3 = v6 ? 40 : 20;
+                uint32_t len = 14 + l3 + 20 + pl;
+                memset(seg, 0, 14 + l3 + 20);
+                seg[12] = v6 ? 0x86 : 0x08;
+                seg[13] = v6 ? 0xDD : 0x00;
+                uint8_t *ip = seg + 14, *t = ip + l3;
+                if (v6) {
+                    ip[0] = 0x60;
+                    ip[4] = (uint8_t)((20 + pl) >> 8);
+                    ip[5] = (uint8_t)(20 + pl);
+                    ip[6] = (how & 2) ? 17 : 6;
+                    ip[7] = 64;
+                } else {
+                    ip[0] = (how & 2) ? 0x46 : 0x45;
+                    ip[2] = (uint8_t)((20 + 20 + pl) >> 8);
+                    ip[3] = (uint8_t)(20 + 20 + pl);
+                    ip[8] = 64;
+                    ip[9] = 6;
+                }
+                ip[v6 ? 23 : 15] = (uint8_t)(m >> 5);       /* a few flows */
+                t[12] = 0x50;
+                t[13] = (how & 4) ? fz_u8(&f) : 0x10;       /* ACK, or any flags */
+                uint32_t s2 = seq + ((how & 8) ? fz_u16(&f) : 0);
+                t[4] = (uint8_t)(s2 >> 24); t[5] = (uint8_t)(s2 >> 16);
+                t[6] = (uint8_t)(s2 >> 8); t[7] = (uint8_t)s2;
+                seq = s2 + pl;
+                /* checksums not filled: the CSUM_OK flag (bit 1) says "known good" */
+                uvb_nvsp_inject(&nic, seg, len < 60 ? 60 : len, 0x2 | (how >> 7), fz_u16(&f));
+            }
+            break;
+        }
         case 10: {                      /* NIC state changes (what the model does) */
             uint8_t m = fz_u8(&f);
             nic.filter = m & 1 ? 0x0D : 0;
             nic.link_up = !(m & 2);
             nic.data_ready = !(m & 4);
+            nic.rsc_ip4 = (m >> 4) & 1u;
+            nic.rsc_ip6 = (m >> 5) & 1u;
+            nic.max_ranges = nic.rsc_ip4 || nic.rsc_ip6 ? NVSP_MAX_PACKETS_PER_RECEIVE_RSC
+                                                        : NVSP_MAX_PACKETS_PER_RECEIVE;
             if (m & 8) {
                 nic.rss_enabled = 1;
                 nic.hash_info = fz_u32(&f);

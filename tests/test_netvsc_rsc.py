@@ -468,6 +468,34 @@ def test_model_never_coalesces_when_off_or_undeclared_or_not_tcp(rsim):
         g.close()
 
 
+def tcp6(seq: int, payload: bytes, *, hop: int = 64, src: int = 1) -> bytes:
+    tcp = struct.pack(">HHIIBBHHH", 40001, 5001, seq, 7000, 0x50, 0x10, 1000, 0, 0) + payload
+    s6, d6 = bytes(15) + bytes([src]), bytes(15) + b"\xfe"
+    c = csum16(s6 + d6 + struct.pack(">IxxxB", len(tcp), 6) + tcp)
+    tcp = tcp[:16] + struct.pack(">H", c) + tcp[18:]
+    ip = struct.pack(">IHBB", 6 << 28, len(tcp), 6, hop) + s6 + d6
+    return b"\x00\x15\x5d\x00\x00\x01\x02\x00\x00\x00\x00\x07\x86\xdd" + ip + tcp
+
+
+def test_model_coalesces_ipv6_and_keeps_the_vlan(guest):
+    g = guest()
+    segs = [tcp6(10 + 150 * i, bytes([i]) * 150, hop=64 - i) for i in range(12)]
+    send(g, segs)
+    ((frame, ppis),) = units(g, 74 + 12 * 150)
+    ip, tcp = frame[14:54], frame[54:]
+    assert struct.unpack(">H", ip[4:6])[0] == len(tcp) == 20 + 1800 and ip[7] == 64 - 11   # minimum hop limit
+    assert csum16(ip[8:40] + struct.pack(">IxxxB", len(tcp), 6) + tcp) == 0
+    assert struct.unpack(">I", tcp[4:8])[0] == 10 and tcp[20:] == b"".join(bytes([i]) * 150 for i in range(12))
+    assert len(ppis) == 2 and ppis[0][P.PPI_TCPIP_CHKSUM] & lib.CSUM_RX_TCP_OK
+    # a VLAN tag (PPI from the guest's send, metadata on the way back) rides on the first fragment
+    tci = 0x2005
+    vlan = P.ppi_u32(P.PPI_IEEE_8021Q, P.vlan_ppi_value(tci))
+    assert g.send_frames([tcp4(1 + 200 * i, b"v" * 200) for i in range(10)], ppis=vlan) == 1
+    ((frame, ppis),) = units(g, 54 + 2000)
+    assert check_segment(frame)[2] == b"v" * 2000
+    assert P.vlan_tci(ppis[0][P.PPI_IEEE_8021Q]) == tci and P.PPI_IEEE_8021Q not in ppis[1]
+
+
 # ==== 3. the driver against the model ===========================================================
 def drain_bytes(nic: nv.Nic, want: int, copy: bool = True, timeout: float = 10.0) -> tuple[list[bytes], list[Any]]:
     frames: list[bytes] = []

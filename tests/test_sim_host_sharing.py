@@ -76,9 +76,11 @@ def test_idle_polling_pump_yields_its_cpu() -> None:
         mem.close()
     assert result == [lib.UVB_HOST_KICKED]
     assert int(c.batches) == 0 and int(irq.count) == 0
-    # the median turn: other processes on this CPU may take some turns, never the pump's
-    # busy-wait (a busy-waiting pump polled ~10^4-10^5 times per turn here)
-    assert statistics.median(turns) < 1000, sorted(turns)[len(turns) // 2 - 5: len(turns) // 2 + 5]
+    # a yielding pump polls about once per turn (other processes on this CPU may take some
+    # turns: 0 polls); a busy-waiting one polled 10^4-10^5 times in most turns here, and in
+    # ~40 % of them with a CPU hog on the same CPU
+    long_turns = [t for t in turns if t > 1000]
+    assert len(long_turns) < len(turns) // 10, (statistics.median(turns), sorted(long_turns)[:10])
 
 
 def _eventfd() -> int:

@@ -135,6 +135,8 @@ def test_blk_bench_channels(sim: tuple[SimProcess, str], capsys: pytest.CaptureF
     assert r["channels"] == channels and r["errors"] == 0 and r["ios"] > 0
     assert r["reference"]["file"] == img
     assert r["host_stats"]["needless_signals"] == 0
+    # the sleep counters of both sides (docs/performance.md uses them to explain a run)
+    assert r["guest_waits"] >= 0 and r["host_stats"]["host_wakeups"] >= 0
     wait_closed(s)
 
 

@@ -53,7 +53,7 @@ def _sent(h: storvsc.Controller) -> int:
 def test_limits_are_read_from_the_host(hba: storvsc.Controller) -> None:
     assert hba.properties.max_transfer_bytes == HOST_MAX
     assert hba.max_transfer == 128 * KiB                  # page aligned
-    assert hba.disk(0).max_transfer == 128 * KiB          # 8 MiB in VPD 0xB0: the host caps
+    assert hba.disk(0).max_transfer == 128 * KiB          # no limit in VPD 0xB0: the host caps
     assert hba.disk(1).block_limits.max_transfer_blocks == LUN_MAX // 512
     assert hba.disk(1).max_transfer == LUN_MAX            # the LUN caps
     assert hba.disk(1).describe()["max_transfer"] == LUN_MAX

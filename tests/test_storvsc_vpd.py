@@ -76,7 +76,7 @@ def test_vpd_pages_listed(hba: storvsc.Controller) -> None:
 def test_block_limits_b0(hba: storvsc.Controller) -> None:
     a, b = hba.disk(0), hba.disk(1)
     bl = a.block_limits
-    assert bl.max_transfer_blocks == 8 * MiB // 512
+    assert bl.max_transfer_blocks == 0                  # OpenVMM: not reported (no limit)
     assert bl.max_unmap_blocks == 0xFFFFFFFF
     assert bl.max_unmap_descriptors == 4096
     assert bl.unmap_granularity == 1                    # OpenVMM optimal_unmap_sectors
@@ -85,7 +85,8 @@ def test_block_limits_b0(hba: storvsc.Controller) -> None:
     assert bl.max_compare_and_write_blocks == 0 and bl.optimal_transfer_blocks == 0
     assert bl.body_length == 0x3C
     assert a.optimal_transfer == 0
-    assert b.block_limits.max_transfer_blocks == 8 * MiB // 4096
+    assert b.block_limits.max_transfer_blocks == 0
+    assert b.block_limits.max_write_same_blocks == 8 * MiB // 4096
     assert b.block_limits.unmap_granularity == 1
     assert hba.disk(2).block_limits == scsi.BlockLimits()     # no page 0xB0 without unmap
 

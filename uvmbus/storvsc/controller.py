@@ -153,7 +153,9 @@ class Controller:
         self.counters: dict[str, int] = {"bogus_completions": 0, "malformed_completions": 0,
                                          "late_completions": 0, "timeouts": 0, "lun_resets": 0,
                                          "bus_resets": 0, "unit_attention_retries": 0,
-                                         "rescans": 0, "enumerate_bus": 0}
+                                         "rescans": 0, "enumerate_bus": 0,
+                                         # sleeps in the wait loop (spurious ones included)
+                                         "waits": 0}
         self.last_protocol_error: str | None = None
         self._failed: Exception | None = None
         self._closed = False
@@ -340,6 +342,7 @@ class Controller:
         (callers loop on early returns, as on spurious wake-ups)."""
         self._check_rings(queues)
         if not self._spin(queues):
+            self.counters["waits"] += 1
             self.device.wait([q.channel for q in queues],
                              RING_CHECK_S if timeout is None else min(timeout, RING_CHECK_S))
         self._check_rings(queues)
@@ -593,6 +596,7 @@ class Controller:
         """Spin briefly, then sleep until a completion (or anything) arrives."""
         queues = [q for q in self.queues if q.index not in self._claimed]
         if not self._spin(queues):
+            self.counters["waits"] += 1
             self.device.wait([q.channel for q in queues], timeout)
         self._check_rings(queues)
 

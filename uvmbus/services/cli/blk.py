@@ -446,7 +446,11 @@ def _sim_signals(args: argparse.Namespace) -> dict[str, int] | None:
         with ControlClient(args.root) as c:
             st = c.call("stats")["stats"]
         t = st["totals"]
-        return {k: int(t.get(k, 0)) for k in ("guest_signals", "needless_signals", "interrupts")}
+        out = {k: int(t.get(k, 0)) for k in ("guest_signals", "needless_signals", "interrupts")}
+        # host worker wake-ups (sleeps ended), summed over the device's channels
+        out["host_wakeups"] = sum(int(c.get("wakeups", 0)) for d in st.get("devices", [])
+                                  for c in d.get("channels", {}).values())
+        return out
     except Exception:
         return None
 
@@ -465,6 +469,7 @@ def _bench(args: argparse.Namespace) -> int:
             if args.channels > hba.channels:
                 raise ConfigError(f"--channels {args.channels}: the host gave {hba.channels} "
                                   "channel(s) (its maximum sub-channel count limits it)")
+            waits0 = hba.stats().get("counters", {}).get("waits", 0)
             res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds,
                            channels=args.channels)
             channels = args.channels
@@ -480,6 +485,10 @@ def _bench(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"benchmark": "blk", "device": args.device, "lun": args.lun,
                            "channels": channels, **res.to_dict(),
                            "guest_signals": drv_stats["signals"]}
+    if "waits" in drv_stats.get("counters", {}):
+        # the driver's sleeps in its wait loop during the run (warm-up and drain included):
+        # how often the guest had nothing to reap
+        out["guest_waits"] = drv_stats["counters"]["waits"] - waits0
     if sig_before and sig_after:
         out["host_stats"] = {k: sig_after[k] - sig_before[k] for k in sig_after}
     if ref is not None:
@@ -499,4 +508,6 @@ def _bench(args: argparse.Namespace) -> int:
         hs = out["host_stats"]
         print(f"  signals:   {hs['guest_signals']} guest->host ({hs['needless_signals']} needless), "
               f"{hs['interrupts']} host->guest interrupts")
+        if "guest_waits" in out:
+            print(f"  sleeps:    {out['guest_waits']} guest waits, {hs['host_wakeups']} host wake-ups")
     return 0

@@ -141,8 +141,9 @@ MAX_UNMAP_DESCRIPTORS = 4096
 
 
 def _disk_max_transfer(disk: ImageDisk) -> int:
-    """The LUN's MAXIMUM TRANSFER LENGTH in bytes (VPD 0xB0): SimpleScsiDisk's 8 MiB, or
-    lower with the disk spec's ``maxxfer=``."""
+    """SimpleScsiDisk's ``maximum_transfer_length`` (8 MiB; it caps WRITE SAME), or lower
+    with the disk spec's ``maxxfer=`` (then also reported in VPD 0xB0 and enforced on
+    READ/WRITE)."""
     mx = disk.spec.max_transfer
     return MAX_TRANSFER_DISK if mx is None else min(mx, MAX_TRANSFER_DISK)
 
@@ -863,13 +864,15 @@ class StorvspModel(DeviceModel):
             body = struct.pack(">HHBBBB2xHIIQQ", 0, 32, 0x4D, 0x1F, 0x83, 0x84, 8, 0, 0, n, n)
         elif page == 0xB0:
             bs = disk.block_size
-            mx = _disk_max_transfer(disk) // bs
+            # MAXIMUM TRANSFER LENGTH: OpenVMM leaves it 0 (no limit); ``maxxfer=`` reports one
+            mx = 0 if disk.spec.max_transfer is None else _disk_max_transfer(disk) // bs
+            ws = _disk_max_transfer(disk) // bs      # MAXIMUM WRITE SAME LENGTH: 8 MiB cap
             # OPTIMAL UNMAP GRANULARITY 1 (OpenVMM's optimal_unmap_sectors default, "non-zero
             # or the guest will think unmap is not supported"), UGAVALID with alignment 0, as
             # OpenVMM's handle_vpd_block_limits
             body = struct.pack(">BBHIIIIIIIQ", 0, 0, 0, mx, 0, 0,
                                0xFFFFFFFF, MAX_UNMAP_DESCRIPTORS, 1, 0x80000000,
-                               mx).ljust(0x3C, b"\0")
+                               ws).ljust(0x3C, b"\0")
         elif page == 0xB1:
             body = struct.pack(">H", disk.spec.rotation).ljust(0x3C, b"\0")
         elif page == 0xB2:
@@ -1047,7 +1050,8 @@ class StorvspModel(DeviceModel):
         fua = op not in (0x08, 0x0A) and bool(cdb[1] & 0x08)
         if blocks == 0 or blocks > buflen >> disk.block_shift:
             raise _illegal(ASC_ILLEGAL_BLOCK)
-        if blocks << disk.block_shift > _disk_max_transfer(disk):
+        mx = disk.spec.max_transfer                       # only a reported limit is enforced
+        if mx is not None and blocks << disk.block_shift > min(mx, MAX_TRANSFER_DISK):
             self.counters["over_max_transfer"] += 1
             raise _illegal(ASC_INVALID_CDB)               # SBC-3 6.6.4: beyond MAXIMUM TRANSFER LENGTH
         self._range(disk, lba, blocks)

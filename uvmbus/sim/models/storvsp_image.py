@@ -12,8 +12,8 @@ Spec syntax (``uvmbus sim --disk SPEC``)::
 * ``lun`` places the disk at that LUN (default: the next free one).
 * ``serial`` is reported in VPD page 0x80 (no page 0x80 without it, as OpenVMM).
 * ``nounmap`` hides logical block provisioning (no UNMAP, no VPD 0xB0-0xB2).
-* ``maxxfer=SIZE`` lowers the LUN's MAXIMUM TRANSFER LENGTH in VPD 0xB0 (default 8 MiB,
-  OpenVMM's SimpleScsiDisk); a READ/WRITE longer than it fails with ILLEGAL REQUEST /
+* ``maxxfer=SIZE`` reports a MAXIMUM TRANSFER LENGTH in VPD 0xB0 (at most 8 MiB; without it
+  none, as OpenVMM's SimpleScsiDisk); a READ/WRITE longer than it fails with ILLEGAL REQUEST /
   INVALID FIELD IN CDB, as SBC-3 §6.6.4 (Block Limits VPD page) prescribes.
 * ``pr`` supports SCSI-3 persistent reservations (a Hyper-V *shared* VHDX, or an OpenVMM
   disk whose backend has ``pr()``); the state is shared by every LUN on the same file
