@@ -162,11 +162,14 @@ def test_diff_same_bringup_and_another_nvsp_version(session):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     diffs = json.loads(r.stdout)["differences"]
-    # exactly the version proposal differs: the rest of the bring-up is the same (NDIS 6.30)
-    assert len(diffs) == 1 and diffs[0]["op"] == "replace", diffs
-    assert len(diffs[0]["left"]) == len(diffs[0]["right"]) == 1
+    # the version proposal differs, and the NDIS config capabilities: the RSC bit (0x80) is
+    # declared at 6.1 only, as Linux does; the rest of the bring-up is the same (NDIS 6.30)
+    assert len(diffs) == 2 and all(d["op"] == "replace" for d in diffs), diffs
+    assert all(len(d["left"]) == len(d["right"]) == 1 for d in diffs)
     assert "NVSP INIT min_protocol_ver=393217" in diffs[0]["left"][0]
     assert "NVSP INIT min_protocol_ver=327680" in diffs[0]["right"][0]
+    assert "SEND_NDIS_CONFIG mtu=1514 capability=172" in diffs[1]["left"][0]     # 0x80 | 0x2C
+    assert "SEND_NDIS_CONFIG mtu=1514 capability=44" in diffs[1]["right"][0]
     show = subprocess.run([*UVMBUS, "trace", "show", "--json", str(session / "a.pcapng")],
                           capture_output=True, text=True, timeout=60)
     assert show.returncode == 0, show.stderr
