@@ -165,6 +165,9 @@ def test_ping_iperf3_metrics_status_and_notify(nic_sim, tmp_path):
         p = in_ns(NS_B, "ping", "-c", "2", "-i", "0.2", "-W", "2", ADDR_A)
         assert p.returncode == 0, p.stdout + p.stderr + d.output
         sim.control("model", device=nic, op="vf", args={"action": "remove"})
+        # the kernel's TCP sends went out as large sends (docs/netvsc.md "Large send offload")
+        assert st["lso"] and st["bridge"]["tx"]["large_sends"] > 0, st["bridge"]["tx"]
+        assert fams["uvmbus_bridge_large_sends_total"].samples[0].value > 0
         assert sum(s.value for s in fams["uvmbus_bridge_burst_seconds"].samples
                    if s.name.endswith("_count")) > 0
         needless = fams["uvmbus_sim_needless_signals_total"].samples

@@ -516,8 +516,9 @@ def test_vnet_prep_turns_gso_frames_into_large_sends():
 
 @pytest.mark.root
 def test_bridge_uses_large_sends_and_no_lso_turns_them_off(tmp_path):
-    """`uvmbus net bridge` between two namespaces: a TCP sender's GSO frames cross the NIC as
-    large sends the host segments; with --no-lso none do.  (iperf3 numbers: make bench-lso.)"""
+    """`uvmbus net bridge` between two namespaces: a TCP sender's GSO frames (IPv4, IPv6) cross
+    the NIC as large sends the host segments; with --no-lso none do.  (iperf3 numbers: make
+    bench-lso.)"""
     import os
     import shutil
     import subprocess
@@ -539,6 +540,7 @@ def test_bridge_uses_large_sends_and_no_lso_turns_them_off(tmp_path):
             sim.bind(nic)
             on = B.one_case(sim, nic, tmp_path, True, 1.0, 5461)
             off = B.one_case(sim, nic, tmp_path, False, 1.0, 5462)
+            on6 = B.one_case(sim, nic, tmp_path, True, 1.0, 5463, ipv6=True)       # TSO6
             assert sim.totals()["needless_signals"] == 0, sim.needless_report()
     finally:
         for ns in (B.NS_A, B.NS_B):
@@ -548,3 +550,5 @@ def test_bridge_uses_large_sends_and_no_lso_turns_them_off(tmp_path):
     assert on["host"]["tx_lso_segments"] > 2 * on["host"]["tx_lso"]
     assert on["host"]["tx_lso_invalid"] == 0 and on["host"]["tx_lso_not_enabled"] == 0
     assert off["bridge_large_sends"] == 0 and off["host"]["tx_lso"] == 0
+    assert on6["received_bytes"] > 0 and on6["bridge_large_sends"] > 0
+    assert on6["host"]["tx_lso"] == on6["bridge_large_sends"] and on6["host"]["tx_lso_invalid"] == 0

@@ -610,3 +610,19 @@ def test_net_info_shows_rsc(rsim):
                        timeout=60)
     d = json.loads(r.stdout)
     assert d["rsc"] and d["rsc_requested"] and d["offloads"]["rsc"] and "rx_rsc_errors" in d["guest_stats"]
+
+
+def test_rsc_survives_a_reinitialisation(rsim):
+    """set_mtu re-initialises NVSP/RNDIS: RSC is asked for again (and the larger
+    sub-allocations of a jumbo MTU carry the unit in fewer fragments)."""
+    dev = rsim.device("netvsc", 0)["device_id"]
+    with nv.open(dev, rsim.root, rsc=True) as nic:
+        nic.set_mtu(4000)
+        assert nic.rsc and nic.mtu == 4000
+        segs = [tcp4(5 + 3000 * i, bytes([i]) * 3000) for i in range(12)]
+        assert nic.tx_burst(segs, timeout=5) == 12
+        frames, metas = drain_bytes(nic, 36_000)
+        assert b"".join(check_segment(f)[2] for f in frames) == b"".join(bytes([i]) * 3000 for i in range(12))
+        assert any(m.coalesced for m in metas)
+        s = nic.stats()["total"]
+        assert s["rx_rsc_frags"] < 12 * 2          # 4050-byte fragments: fewer than at MTU 1500

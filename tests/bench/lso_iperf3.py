@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """iperf3 TCP through `uvmbus net bridge` with and without large send offload, in one run.
 
-    sudo .venv/bin/python tests/bench/lso_iperf3.py [--seconds 5] [--rounds 2] [--json FILE]
+    sudo .venv/bin/python tests/bench/lso_iperf3.py [--seconds 5] [--rounds 2] [--ipv6] [--json FILE]
     make bench-lso                    # the same, niced, 2 rounds of 5 s
 
 Path (as tests/test_e2e_net.py): iperf3 client in namespace B → TAP (bridge side) →
@@ -42,6 +42,8 @@ NS_A, NS_B = f"uvlA{TAG}", f"uvlB{TAG}"
 TAP_A, TAP_B = f"uvlsa{TAG}"[:15], f"uvltb{TAG}"[:15]
 NET = "10.231.11"
 ADDR_A, ADDR_B = f"{NET}.1", f"{NET}.2"
+NET6 = "fd00:231:11::"
+ADDR6_A, ADDR6_B = f"{NET6}1", f"{NET6}2"
 
 
 def in_ns(ns: str, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -66,7 +68,8 @@ def bridge_status(sim: SimProcess) -> dict[str, Any]:
     return dict(call_control(sock, "status")["status"])
 
 
-def one_case(sim: SimProcess, nic: str, tmp: Path, lso: bool, seconds: float, port: int) -> dict[str, Any]:
+def one_case(sim: SimProcess, nic: str, tmp: Path, lso: bool, seconds: float, port: int,
+             ipv6: bool = False) -> dict[str, Any]:
     lst = NotifyListener(tmp / f"notify-{port}")
     args = ["net", "bridge", nic, "--root", str(sim.root), "--tap", TAP_B, "--netns", NS_B,
             "--address", f"{ADDR_B}/24"] + ([] if lso else ["--no-lso"])
@@ -80,20 +83,25 @@ def one_case(sim: SimProcess, nic: str, tmp: Path, lso: bool, seconds: float, po
             time.sleep(0.05)
         in_ns(NS_A, "ip", "addr", "replace", f"{ADDR_A}/24", "dev", TAP_A)
         in_ns(NS_A, "ip", "link", "set", TAP_A, "up")
-        srv = subprocess.Popen(["ip", "netns", "exec", NS_A, "iperf3", "-s", "-1", "-B", ADDR_A, "-p", str(port)],
+        server, listen = ADDR_A, f"{ADDR_A}:{port}"
+        if ipv6:                                  # nodad: usable at once
+            in_ns(NS_A, "ip", "-6", "addr", "replace", f"{ADDR6_A}/64", "dev", TAP_A, "nodad")
+            in_ns(NS_B, "ip", "-6", "addr", "replace", f"{ADDR6_B}/64", "dev", TAP_B, "nodad")
+            server, listen = ADDR6_A, f"[{ADDR6_A}]:{port}"
+        srv = subprocess.Popen(["ip", "netns", "exec", NS_A, "iperf3", "-s", "-1", "-B", server, "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
-        while f"{ADDR_A}:{port}" not in in_ns(NS_A, "ss", "-ltn").stdout:
+        while listen not in in_ns(NS_A, "ss", "-ltn").stdout:
             if time.monotonic() > deadline or srv.poll() is not None:
                 raise RuntimeError("iperf3 server did not start")
             time.sleep(0.05)
-        ping = in_ns(NS_B, "ping", "-c", "1", "-W", "5", ADDR_A)
+        ping = in_ns(NS_B, "ping", "-c", "1", "-W", "5", server)
         if ping.returncode:
             raise RuntimeError(f"no ping through the bridge: {ping.stdout}{d.output}")
         h0 = host_lso(sim, nic)
         b0 = bridge_status(sim)["bridge"]["tx"]
         c0 = (cpu_seconds(d.proc.pid), cpu_seconds(sim.proc.pid))
-        c = in_ns(NS_B, "iperf3", "-c", ADDR_A, "-p", str(port), "-t", f"{seconds:g}", "-J",
+        c = in_ns(NS_B, "iperf3", "-c", server, "-p", str(port), "-t", f"{seconds:g}", "-J",
                   timeout=seconds + 60)
         if c.returncode:
             raise RuntimeError(f"iperf3 failed: {c.stdout[-2000:]}{c.stderr}{d.output}")
@@ -104,7 +112,7 @@ def one_case(sim: SimProcess, nic: str, tmp: Path, lso: bool, seconds: float, po
         end = res["end"]
         gb = end["sum_received"]["bytes"] / 1e9
         return {
-            "lso": lso, "seconds": seconds,
+            "lso": lso, "ipv6": ipv6, "seconds": seconds,
             "received_bps": end["sum_received"]["bits_per_second"],
             "received_bytes": end["sum_received"]["bytes"],
             "retransmits": end["sum_sent"].get("retransmits"),
@@ -132,6 +140,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 -t per case (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="lso / no-lso pairs (default 2)")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--ipv6", action="store_true", help="also run each round over IPv6 (TSO6)")
     a = ap.parse_args()
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
         print("needs root and /dev/net/tun", file=sys.stderr)
@@ -149,13 +158,15 @@ def main() -> int:
             sim.bind(nic)
             port = 5420
             for r in range(a.rounds):
-                for lso in (True, False):
+                for ipv6, lso in [(v6, lso) for v6 in ((False, True) if a.ipv6 else (False,))
+                                  for lso in (True, False)]:
                     port += 1
-                    res = one_case(sim, nic, tmp, lso, a.seconds, port)
+                    res = one_case(sim, nic, tmp, lso, a.seconds, port, ipv6)
                     res["round"] = r
                     results.append(res)
                     h = res["host"]
-                    print(f"round {r} {'lso   ' if lso else 'no-lso'}: {res['received_bps'] / 1e9:6.3f} Gbit/s "
+                    print(f"round {r} {'IPv6' if ipv6 else 'IPv4'} {'lso   ' if lso else 'no-lso'}: "
+                          f"{res['received_bps'] / 1e9:6.3f} Gbit/s "
                           f"received, retransmits {res['retransmits']}, bridge tx {res['bridge_tx_frames']} "
                           f"frames ({res['bridge_large_sends']} large sends), host segmented "
                           f"{h['tx_lso']} large sends into {h['tx_lso_segments']} segments, "
@@ -165,11 +176,13 @@ def main() -> int:
         for ns in (NS_A, NS_B):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    for lso in (True, False):
-        rs = [x for x in results if x["lso"] == lso]
+    for ipv6, lso in [(v6, lso) for v6 in (False, True) for lso in (True, False)]:
+        rs = [x for x in results if x["lso"] == lso and x["ipv6"] == ipv6]
+        if not rs:
+            continue
         bps = sorted(x["received_bps"] for x in rs)
         cpu = sorted(x["bridge_cpu_s_per_gb"] or 0 for x in rs)
-        print(f"{'lso' if lso else 'no-lso'}: median {bps[len(bps) // 2] / 1e9:.3f} Gbit/s, bridge "
+        print(f"{'IPv6' if ipv6 else 'IPv4'} {'lso' if lso else 'no-lso'}: median {bps[len(bps) // 2] / 1e9:.3f} Gbit/s, bridge "
               f"{cpu[len(cpu) // 2]:.2f} CPU s/GB over {len(rs)} run(s) of {a.seconds:g} s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -512,6 +512,8 @@ class NetBridge:
         bdrops = reg.counter("bridge_drops_total", "frames the bridge dropped, by reason",
                              ("device", "direction", "reason"))
         hook_err = reg.counter("bridge_hook_errors_total", "hook calls that raised", ("device", "direction"))
+        large = reg.counter("bridge_large_sends_total", "GSO frames from the TAP sent as one LSOv2 "
+                            "large send (the host segments them)", ("device",))
         self._burst_hist = reg.histogram("bridge_burst_seconds",
                                          "time to move one burst (hook included)", ("device", "direction"))
 
@@ -546,6 +548,7 @@ class NetBridge:
                 for reason in ("hook_drops", "tap_drops", "nic_drops", "lost_drops", "oversize"):
                     bdrops.labels(d, dirn, reason.removesuffix("_drops")).set(getattr(s, reason))
                 hook_err.labels(d, dirn).set(s.hook_errors)
+            large.labels(d).set(self.stats["tx"].large_sends)
 
         reg.add_collector(collect)
         sc = sim_collector(reg, self.opts.root, [self.device_id])
