@@ -135,7 +135,10 @@ def test_blk_read_refuses_a_terminal(sim: tuple) -> None:
 def test_ctrl_c_in_net_bench_is_clean(sim: tuple) -> None:
     s, nic, _, _ = sim
     p = subprocess.Popen(cmd("net", "bench", nic, "--root", str(s.root), "--mode", "fwd",
-                             "--seconds", "20"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--seconds", "20"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # a shell without job control starts background jobs (`.ci/run &`) with
+                         # SIGINT ignored, and the child would inherit that: give it Ctrl-C back
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(2.0)
         p.send_signal(signal.SIGINT)

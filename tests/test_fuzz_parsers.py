@@ -166,7 +166,16 @@ def _bare_nic(strict: bool) -> Nic:
     nic.link_speed = 0
     nic.nvsp_version = NP.NVSP_V61
     nic.events = {"link_changes": 0, "unknown_messages": 0, "vf_associations": 0,
-                  "offload_indications": 0, "network_changes": 0}
+                  "offload_indications": 0, "network_changes": 0,
+                  "vf_host_switches": 0, "vf_switch_backs": 0}
+    nic.sriov = True
+    nic.vf_allocated = False
+    nic.vf_serial = None
+    nic.data_path = NP.DATA_PATH_SYNTHETIC
+    nic._async_tids = set()
+    nic._switch_back_owed = False
+    nic._vf_cbs = []
+    nic.closed = True          # nothing is sent from a bare Nic (an owed switch-back stays owed)
     nic.last_host_error = ""
     nic._link_cbs = []
     nic.cd = types.SimpleNamespace(device=types.SimpleNamespace(device_id="f022" * 8))
