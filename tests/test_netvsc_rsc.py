@@ -593,6 +593,9 @@ def test_bench_cli_compares_rsc_off_and_on(rsim):
     r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "bench", dev, "--root", str(rsim.root),
                         "--mode", "fwd", "--rsc", "on"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--mode rx" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "bench", dev, "--root", str(rsim.root),
+                        "--mode", "rx", "--rsc", "both"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "add --proto tcp" in r.stderr        # UDP: nothing to coalesce
 
 
 def test_net_info_shows_rsc(rsim):

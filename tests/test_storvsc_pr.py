@@ -227,6 +227,8 @@ def test_cli(sim: SimProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert "RESERVATION CONFLICT" in capsys.readouterr().err
     assert run(a_id, "reserve", "--key", "0x10") != 0                   # no --type
     assert "--type" in capsys.readouterr().err
+    assert run(b_id, "register") != 0                   # no --key: an error, not a silent no-op
+    assert "needs --key" in capsys.readouterr().err
     assert run(a_id, "release", "--key", "0x10", "--type", "we") == 0
     capsys.readouterr()
     assert run(a_id, "clear", "--key", "0x10", "--json") == 0

@@ -184,6 +184,9 @@ def test_cli_lba_status(sim: SimProcess, hba: storvsc.Controller,
     assert [r["state"] for r in st["ranges"]] == ["deallocated", "mapped", "deallocated"]
     assert st["ranges"][1]["offset"] <= 2 * MiB < st["ranges"][1]["offset"] + st["ranges"][1]["length"]
     wait_closed(sim)
+    assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root)]) == 0
+    assert f"{st['mapped_bytes']} of {16 * MiB} bytes mapped (1 mapped range(s) of 3)" in capsys.readouterr().out
+    wait_closed(sim)
     assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--lun", "1"]) != 0
     assert "does not support the command" in capsys.readouterr().err
     wait_closed(sim)

@@ -138,8 +138,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("action", choices=("read", "register", "reserve", "release", "preempt", "clear"),
                     help="read: keys, reservation and supported types; the others change them")
     pr.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
-    pr.add_argument("--key", type=_pr_key, default=0,
-                    help="this initiator's registered key (register: the new key)")
+    pr.add_argument("--key", type=_pr_key, default=None,
+                    help="this initiator's registered key (register: the new key; 0 with --old-key "
+                         "unregisters)")
     pr.add_argument("--old-key", type=_pr_key, default=0,
                     help="register: the key registered now (0: none yet)")
     pr.add_argument("--ignore-existing", action="store_true",
@@ -172,7 +173,8 @@ def _lba_status(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(f"  {r['offset']:>14} +{r['length']:<14} {r['state']}")
-    print(f"LUN {args.lun}: {mapped} of {total} bytes mapped in {len(rows)} range(s)")
+    print(f"LUN {args.lun}: {mapped} of {total} bytes mapped "
+          f"({sum(r['state'] == 'mapped' for r in rows)} mapped range(s) of {len(rows)})")
     return 0
 
 
@@ -196,6 +198,9 @@ def _pr(args: argparse.Namespace) -> int:
         raise ConfigError("blk pr preempt needs --victim KEY (the key to remove)")
     if act in ("reserve", "release", "preempt", "clear") and not args.key:
         raise ConfigError(f"blk pr {act} needs --key: this initiator's registered key")
+    if act == "register" and args.key is None:  # key 0 from an unregistered initiator: a no-op
+        raise ConfigError("blk pr register needs --key K: the key to register (--key 0 --old-key K "
+                          "unregisters K)")
     ptype = scsi.pr_type(args.type) if args.type is not None else None
     with _open(args) as hba:
         disk = hba.disk(args.lun)

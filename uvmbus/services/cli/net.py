@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--copy", action="store_true",
                    help="rx: receive copied bursts (rx_burst(copy=True)) instead of zero-copy ones")
     b.add_argument("--rsc", choices=("off", "on", "both"), default="off",
-                   help="receive segment coalescing (rx only; use with --proto tcp): off, on, or both "
+                   help="receive segment coalescing (--mode rx --proto tcp only): off, on, or both "
                         "= the same benchmark without and then with RSC, in one run (default off)")
     _add_timeout(b)
     add_root(b)
@@ -239,6 +239,9 @@ def _loopback_hint(root: str, device_id: str) -> str | None:
 def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
+    if args.rsc != "off" and args.mode == "rx" and args.proto != "tcp":  # other modes: run_bench says
+        raise ConfigError(f"--rsc {args.rsc}: RSC coalesces TCP segments, and the generator sends "
+                          f"{args.proto.upper()}: add --proto tcp")
     dev = resolve_device(args.root, args.device, "netvsc")
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.rsc]
     results = []
