@@ -229,6 +229,7 @@ def test_repeat_signal_whose_int_page_bit_coalesced_is_not_needless_for_other_ch
             assert delta("collateral_signals", sub.relid) == 2
             assert delta("guest_signals", sub.relid) == 0, sim.needless_report()
             assert delta("needless_signals", sub.relid) == 0
+            assert sim.stats()["counters"]["irqcontrol_repeats"] == 1
             deadline = time.monotonic() + 10
             while not ch.poll():
                 assert time.monotonic() < deadline

@@ -446,6 +446,7 @@ class SimDevice:
         if not attributed:
             repeat = self._coalesced_repeat(targets, now)
             if repeat is not None:
+                self.vm.counters["irqcontrol_repeats"] += 1
                 for ch in targets:
                     ch.guest_signal(collateral=ch is not repeat)
                 return
