@@ -164,8 +164,10 @@ def test_sim_collector_exports_needless_signals(tmp_path):
     guest to has expired.  If the host's first re-arm (TX mask cleared, ring re-checked)
     finds the request already there, it cannot tell whether the guest saw the clear mask,
     so it gives the guest one "may signal" credit for --signal-grace (default 5 s); under
-    load the worker often re-arms only after the guest's commit, and a deliberate signal
-    0.6 s later used that credit (needless stayed 0).  The credit is created before the
+    load the worker may re-arm only after the guest's commit (2 of 40 fresh opens with four
+    CPU hogs on the 2 CPUs, 0 of 40 without), and a deliberate signal 0.6 s later used that
+    credit (needless stayed 0).  The monitor's idle back-off (at most --monitor-idle-us,
+    2 ms) only delays the signal, well within the 10 s wait.  The credit is created before the
     host serves the request, i.e. before request() returns: a short grace and a sleep
     longer than it after the completion leave no credit, whatever the load."""
     from uvmbus.channel import open_device
