@@ -379,7 +379,7 @@ int uvb_host_echo_pump(struct uvb_host_echo *e)
                 idle_since = now;
             else if (now - idle_since >= e->spin_ns)
                 return UVB_HOST_IDLE;
-            cpu_relax();
+            sched_yield();          /* poll on idle cycles only (the guest may need this CPU) */
             continue;
         }
         idle_since = 0;

@@ -9,6 +9,8 @@
 #define _GNU_SOURCE
 #include "netvsp_priv.h"
 
+#include <sched.h>
+
 /* ------------------------------------------------------------------------ */
 /* pump                                                                      */
 
@@ -174,7 +176,7 @@ int uvb_nvsp_pump(struct uvb_nvsp_queue *q, uint64_t spin_ns)
             else if (now - idle_since >= spin_ns)
                 return UVB_HOST_IDLE;
         }
-        cpu_relax();
+        sched_yield();              /* poll on idle cycles only (the guest may need this CPU) */
     next_round:;
     }
 }

@@ -18,6 +18,8 @@ import mmap
 import os
 import statistics
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -36,13 +38,50 @@ def _host_rings() -> tuple[mmap.mmap, RingPair]:
     return mem, RingPair.attach(mem, RING, HEADER, role="host")
 
 
+def _turns_of_a_thread_beside(pump: Callable[[], int], polls: Callable[[], int],
+                              kick: Any) -> tuple[list[int], list[int]]:
+    """Run `pump` in a thread pinned to this thread's CPU; count the pump's polls per turn of
+    this thread (300 turns), then kick the pump.  Returns (turns, [pump's return code])."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs sched_setaffinity")
+    result: list[int] = []
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(old)})       # this thread; the pump's thread inherits it
+    try:
+        t = threading.Thread(target=lambda: result.append(int(pump())))
+        t.start()
+        try:
+            while polls() == 0 and t.is_alive():
+                os.sched_yield()
+            turns = []
+            for _ in range(300):
+                before = polls()
+                os.sched_yield()              # let the pump run until it lets us back
+                turns.append(polls() - before)
+        finally:
+            kick[0] = 1
+            t.join(30)
+    finally:
+        os.sched_setaffinity(0, old)
+    return turns, result
+
+
+def _assert_yields(turns: list[int]) -> None:
+    # a yielding pump polls about once per turn (other processes on this CPU may take some
+    # turns: 0 polls); a busy-waiting one polled 10^4-10^5 times in most turns here, and in
+    # ~40 % of them with a CPU hog on the same CPU
+    long_turns = [t for t in turns if t > 1000]
+    assert len(long_turns) < len(turns) // 10, (statistics.median(turns), sorted(long_turns)[:10])
+
+
+POLL_WINDOW_NS = 30 * 1_000_000_000           # poll for up to 30 s unless kicked
+
+
 def test_idle_polling_pump_yields_its_cpu() -> None:
     """A StorVSP pump polling an idle channel, pinned to one CPU with another thread: the
     other thread runs between the pump's polls.  Counted as polls per turn of the other
     thread: a pump that yields makes a handful, a busy-wait a whole time slice (tens of
     thousands)."""
-    if not hasattr(os, "sched_setaffinity"):
-        pytest.skip("needs sched_setaffinity")
     mem, host = _host_rings()
     c = ffi.new("struct uvb_vsp_chan *")
     irq = ffi.new("struct uvb_host_irq *")
@@ -51,36 +90,65 @@ def test_idle_polling_pump_yields_its_cpu() -> None:
     pkts = ffi.new("struct uvb_pkt[]", 16)
     c.tx, c.rx, c.irq, c.kick = host.inp.raw, host.out.raw, irq, kick
     c.scratch, c.scratch_len, c.pkts, c.max_pkts = scratch, len(scratch), pkts, len(pkts)
-    c.spin_ns = 30 * 1_000_000_000            # poll for up to 30 s unless kicked
-    result: list[int] = []
-    old = os.sched_getaffinity(0)
-    cpu = min(old)
-    os.sched_setaffinity(0, {cpu})            # this thread; the pump's thread inherits it
+    c.spin_ns = POLL_WINDOW_NS
     try:
-        t = threading.Thread(target=lambda: result.append(int(lib.uvb_vsp_pump(c))))
-        t.start()
-        try:
-            while c.polls == 0 and t.is_alive():
-                os.sched_yield()
-            turns = []
-            for _ in range(300):
-                before = int(c.polls)
-                os.sched_yield()              # let the pump run until it lets us back
-                turns.append(int(c.polls) - before)
-        finally:
-            kick[0] = 1
-            t.join(30)
+        turns, result = _turns_of_a_thread_beside(lambda: lib.uvb_vsp_pump(c),
+                                                  lambda: int(c.polls), kick)
     finally:
-        os.sched_setaffinity(0, old)
         host.close()
         mem.close()
     assert result == [lib.UVB_HOST_KICKED]
     assert int(c.batches) == 0 and int(irq.count) == 0
-    # a yielding pump polls about once per turn (other processes on this CPU may take some
-    # turns: 0 polls); a busy-waiting one polled 10^4-10^5 times in most turns here, and in
-    # ~40 % of them with a CPU hog on the same CPU
-    long_turns = [t for t in turns if t > 1000]
-    assert len(long_turns) < len(turns) // 10, (statistics.median(turns), sorted(long_turns)[:10])
+    _assert_yields(turns)
+
+
+def test_idle_polling_netvsp_pump_yields_its_cpu() -> None:
+    """The same for a NetVSP queue's pump (a NIC with its receive buffer connected, nothing
+    to send or receive): one worker per queue, so with several queues the same collapse."""
+    mem, host = _host_rings()
+    nic = ffi.new("struct uvb_nvsp *")
+    nic.backend_fd = -1
+    nic.max_ranges = lib.NVSP_MAX_PACKETS_PER_RECEIVE
+    recv = ffi.new("uint8_t[]", 4 << 20)
+    q = ffi.new("struct uvb_nvsp_queue *")
+    irq = ffi.new("struct uvb_host_irq *")
+    kick = ffi.new("uint32_t *")
+    assert lib.uvb_nvsp_set_recv_buf(nic, recv, len(recv), 1514) == 0
+    assert lib.uvb_nvsp_set_queues(nic, 1) == 0
+    assert lib.uvb_nvsp_queue_init(q, nic, 0, host.inp.raw, host.out.raw, irq, kick) == 0
+    try:
+        turns, result = _turns_of_a_thread_beside(lambda: lib.uvb_nvsp_pump(q, POLL_WINDOW_NS),
+                                                  lambda: int(q.polls), kick)
+    finally:
+        lib.uvb_nvsp_queue_fini(q)
+        lib.uvb_nvsp_fini(nic)
+        host.close()
+        mem.close()
+    assert result == [lib.UVB_HOST_KICKED]
+    assert int(q.completions) == 0 and int(q.rx_xfer) == 0 and int(irq.count) == 0
+    _assert_yields(turns)
+
+
+def test_idle_polling_echo_pump_yields_its_cpu() -> None:
+    """The same for the echo model's pump (the guest core's test partner)."""
+    mem, host = _host_rings()
+    e = ffi.new("struct uvb_host_echo *")
+    irq = ffi.new("struct uvb_host_irq *")
+    kick = ffi.new("uint32_t *")
+    scratch = ffi.new("uint8_t[]", 1 << 16)
+    pkts = ffi.new("struct uvb_pkt[]", 16)
+    e.tx, e.rx, e.irq, e.kick = host.inp.raw, host.out.raw, irq, kick
+    e.scratch, e.scratch_len, e.pkts, e.max_pkts = scratch, len(scratch), pkts, len(pkts)
+    e.spin_ns = POLL_WINDOW_NS
+    try:
+        turns, result = _turns_of_a_thread_beside(lambda: lib.uvb_host_echo_pump(e),
+                                                  lambda: int(e.polls), kick)
+    finally:
+        host.close()
+        mem.close()
+    assert result == [lib.UVB_HOST_KICKED]
+    assert int(e.echoed) == 0 and int(irq.count) == 0
+    _assert_yields(turns)
 
 
 def _eventfd() -> int:

@@ -154,6 +154,16 @@ class HostChannel:
         return int(self.device.config.host_spin_us * 1000)
 
     @property
+    def signal_grace(self) -> float:
+        """Seconds a signal the guest *may* still send stays entitled (see ``_tx_credits``)."""
+        return self._grace
+
+    def has_signal_credit(self) -> bool:
+        """True while the guest holds an entitlement to a signal not yet used (a snapshot:
+        the worker thread owns the credits)."""
+        return bool(self._tx_credits) or bool(self._rx_credits)
+
+    @property
     def is_primary(self) -> bool:
         return self.subchannel_id == 0
 

@@ -20,6 +20,7 @@ Lifecycle, as uio_hv_generic (uio_vmbus.md §1.2, §1.8, §1.10):
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,8 @@ class SimDevice:
         self._lock = threading.Lock()
         #: irqcontrol writes still to come whose int-page bits an earlier write already found
         self._overlapped_writes = 0
+        #: relid -> when an irqcontrol write last found its int-page bit (monotonic seconds)
+        self._bit_found_at: dict[int, float] = {}
         # bus state
         self.present = False
         self.relid: int | None = None
@@ -439,9 +442,39 @@ class SimDevice:
             for ch in targets:
                 ch.guest_signal(collateral=True)
             return
+        now = time.monotonic()
+        if not attributed:
+            repeat = self._coalesced_repeat(targets, now)
+            if repeat is not None:
+                self.vm.counters["irqcontrol_repeats"] += 1
+                for ch in targets:
+                    ch.guest_signal(collateral=ch is not repeat)
+                return
+        for relid in attributed:
+            self._bit_found_at[relid] = now
         self._overlapped_writes += max(0, len(attributed) - 1)
         for ch in targets:
             ch.guest_signal(collateral=bool(attributed) and ch.relid not in attributed)
+
+    def _coalesced_repeat(self, targets: list[HostChannel], now: float) -> HostChannel | None:
+        """The channel a write that found no int-page bit most likely repeated, or None.
+
+        An int-page bit is a flag, not a count: the kernel's ``vmbus_send_interrupt`` sets it
+        (``sync_set_bit``) and a host scan clears every set bit and signals each channel once
+        (OpenVMM ``ChannelBitmap::handle_shared_interrupt``).  A guest that signals one channel
+        twice before the host handles its first write sets the bit twice; the first write
+        finds it, the second finds none — yet it was meant for that channel, not for all of
+        them.  So a bit-less write within the signal grace of a write that found a channel's
+        bit counts as a repeat for that channel (one with an unused entitlement if several
+        qualify, else the one found last); its signals to the others are collateral.  A
+        bit-less write with no such recent bit is still a signal to every channel."""
+        recent = [ch for ch in targets
+                  if now - self._bit_found_at.get(ch.relid, float("-inf")) <= ch.signal_grace]
+        if not recent:
+            return None
+        entitled = [ch for ch in recent if ch.has_signal_credit()]
+        pool = entitled or recent
+        return max(pool, key=lambda ch: self._bit_found_at[ch.relid])
 
     # ==== live sysfs attributes (event loop) ================================================
     def refresh_attrs(self) -> None:
