@@ -596,6 +596,10 @@ def test_bench_cli_compares_rsc_off_and_on(rsim):
     r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "bench", dev, "--root", str(rsim.root),
                         "--mode", "rx", "--rsc", "both"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "add --proto tcp" in r.stderr        # UDP: nothing to coalesce
+    for bad, why in ((["--mode", "tx", "--proto", "tcp"], "--proto tcp"), (["--mode", "fwd", "--copy"], "--copy")):
+        r = subprocess.run([sys.executable, "-m", "uvmbus", "net", "bench", dev, "--root", str(rsim.root), *bad],
+                           capture_output=True, text=True, timeout=60)   # options the mode would ignore
+        assert r.returncode != 0 and f"uvmbus: error: {why}:" in r.stderr, r.stderr
 
 
 def test_net_info_shows_rsc(rsim):

@@ -688,3 +688,17 @@ def test_fault_option_malforms_next_transfer(guest, kind):
     assert pk[0].frame == frame(2)
     st = netvsp(g.sim, g.dev)
     assert st["fatal_errors"] == fatal and st["faults_injected"] >= 1
+
+
+@pytest.mark.parametrize("option,says", [("max_queues=abc", "max_queues='abc': not a number"),
+                                         ("vf_serial=zz", "vf_serial='zz': not a number"),
+                                         ("vf=maybe", "vf must be 1"),
+                                         ("mac=zz:00:00:00:00:01", "need 6 hex bytes")])
+def test_bad_option_values_are_one_clear_error(tmp_path, option, says):
+    """A mistyped model option stops the simulator with one line saying which (was: a
+    ValueError traceback, or for vf= a simulator silently without its VF)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "uvmbus", "sim", "--root", str(tmp_path / "r"), "--no-ic",
+                        "--quiet", "--device", f"netvsc:{option}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -77,8 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--flows", type=int_range(1), default=64,
                    help="flows of the simulator's generator (default 64)")
     b.add_argument("--proto", choices=("udp", "tcp"), default="udp",
-                   help="what the simulator's generator sends: UDP datagrams or in-order TCP "
-                        "segments per flow (default udp)")
+                   help="what the simulator's generator sends (rx, fwd): UDP datagrams or "
+                        "in-order TCP segments per flow (default udp)")
     b.add_argument("--copy", action="store_true",
                    help="rx: receive copied bursts (rx_burst(copy=True)) instead of zero-copy ones")
     b.add_argument("--rsc", choices=("off", "on", "both"), default="off",
@@ -239,6 +239,12 @@ def _loopback_hint(root: str, device_id: str) -> str | None:
 def _bench(args: argparse.Namespace) -> int:
     from uvmbus.netvsc.bench import run_bench
 
+    if args.proto == "tcp" and args.mode == "tx":
+        raise ConfigError("--proto tcp: --mode tx sends the driver's own UDP frames (the simulator's "
+                          "generator, which --proto sets, feeds --mode rx and fwd)")
+    if args.copy and args.mode != "rx":
+        raise ConfigError(f"--copy: --mode {args.mode} forwards or sends from the receive buffer "
+                          f"(zero-copy); copied bursts are measured with --mode rx")
     if args.rsc != "off" and args.mode == "rx" and args.proto != "tcp":  # other modes: run_bench says
         raise ConfigError(f"--rsc {args.rsc}: RSC coalesces TCP segments, and the generator sends "
                           f"{args.proto.upper()}: add --proto tcp")

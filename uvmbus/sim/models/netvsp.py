@@ -204,7 +204,19 @@ def _parse_mac(text: str) -> bytes:
     parts = text.replace("-", ":").split(":")
     if len(parts) != 6:
         raise ConfigError(f"mac {text!r}: need 6 bytes")
-    return bytes(int(p, 16) for p in parts)
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"mac {text!r}: need 6 hex bytes, e.g. 00:15:5d:00:00:01") from None
+
+
+def _num(opts: dict[str, Any], key: str, default: Any, conv: Any = int) -> Any:
+    """Option ``key`` as a number (a clear error instead of a traceback for ``key=abc``)."""
+    value = opts.pop(key, default)
+    try:
+        return conv(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"netvsc option {key}={value!r}: not a number") from None
 
 
 class _Queue:
@@ -239,11 +251,11 @@ class NetvspModel(DeviceModel):
         self.versions = parse_versions(opts.pop("versions", None))
         mac = opts.pop("mac", None)
         self.mac = _parse_mac(str(mac)) if mac else _mac_for(device.device_id)
-        self.max_queues = int(opts.pop("max_queues", 8))
+        self.max_queues = _num(opts, "max_queues", 8)
         if not 1 <= self.max_queues <= lib.UVB_NVSP_MAX_QUEUES:
             raise ConfigError(f"max_queues must be 1..{lib.UVB_NVSP_MAX_QUEUES}")
-        self.link_speed = int(float(opts.pop("link_speed", 10e9)))
-        self.link_pacing = float(opts.pop("link_pacing", 5.0))
+        self.link_speed = int(_num(opts, "link_speed", 10e9, float))
+        self.link_pacing = _num(opts, "link_pacing", 5.0, float)
         self.media_status = str(opts.pop("media_status", "connected")).lower()
         if self.media_status not in ("connected", "link"):
             raise ConfigError("media_status must be connected (the reference host) or link")
@@ -253,13 +265,17 @@ class NetvspModel(DeviceModel):
         self.stats_mode = str(opts.pop("stats", "reference")).lower()
         if self.stats_mode not in ("reference", "counters"):
             raise ConfigError("stats must be reference (the reference host) or counters")
-        self.min_request = int(opts.pop("min_request", 0))
+        self.min_request = _num(opts, "min_request", 0)
         lso = str(opts.pop("lso", "on")).lower()
         if lso not in ("on", "off"):
             raise ConfigError("lso must be on (the reference host offers LSOv2) or off")
         self.lso_offered = lso == "on"
-        self.vf_present = str(opts.pop("vf", "0")).lower() in ("1", "true", "yes", "on")
-        self.vf_serial = int(opts.pop("vf_serial", _serial_for(device.device_id)))
+        vf = str(opts.pop("vf", "0")).lower()
+        if vf not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError("vf must be 1 (a VF present from the start) or 0 (none until "
+                              "`uvmbus sim ctl vf DEV add`)")
+        self.vf_present = vf in ("1", "true", "yes", "on")
+        self.vf_serial = _num(opts, "vf_serial", _serial_for(device.device_id))
         if not 0 < self.vf_serial < 1 << 32:
             raise ConfigError("vf_serial must be 1..4294967295 (u32; 0 means no VF)")
         steer = str(opts.pop("vf_steer", "unicast")).lower()
@@ -271,10 +287,10 @@ class NetvspModel(DeviceModel):
             raise ConfigError("vf_remove must be switch_first (the reference host) or association_only")
         self._vf_pci: tuple[str, str, str, str] | None = None
         self.gen = {
-            "size": int(opts.pop("gen_size", 1514)),
-            "flows": int(opts.pop("gen_flows", 64)),
+            "size": _num(opts, "gen_size", 1514),
+            "flows": _num(opts, "gen_flows", 64),
             "proto": str(opts.pop("gen_proto", "udp")).lower(),
-            "count": int(opts.pop("gen_count", 0)),
+            "count": _num(opts, "gen_count", 0),
         }
         if self.gen["proto"] not in ("udp", "tcp"):
             raise ConfigError("gen_proto must be udp or tcp")
@@ -283,11 +299,11 @@ class NetvspModel(DeviceModel):
             raise ConfigError("rsc must be on (offer receive segment coalescing, as Windows Server "
                               "2019+ hosts) or off (the reference host)")
         self.rsc_offered = rsc in ("on", "1", "true")
-        self.rsc_segments = int(opts.pop("rsc_segments", 0))
+        self.rsc_segments = _num(opts, "rsc_segments", 0)
         if not 0 <= self.rsc_segments <= 65535:
             raise ConfigError("rsc_segments must be 0 (only the 64 KiB datagram limit) .. 65535")
         fault = opts.pop("fault", None)
-        fault_count = int(opts.pop("fault_count", 1))
+        fault_count = _num(opts, "fault_count", 1)
         if opts:
             raise ConfigError(f"netvsc: unknown option(s) {', '.join(sorted(opts))}")
         self._lock = threading.RLock()
