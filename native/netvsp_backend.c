@@ -12,6 +12,27 @@
 /* ------------------------------------------------------------------------ */
 /* generator                                                                 */
 
+/* Reserve up to `want` sequence numbers of the generator (and, with a limit, of its quota):
+ * queues generate concurrently, so this is one compare-and-swap. Returns how many were
+ * reserved (0 once the limit is reached), the first one in *seq0. */
+static uint32_t gen_reserve(struct uvb_nvsp_gen *g, uint32_t want, uint64_t *seq0)
+{
+    uint64_t s = __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
+    uint32_t take;
+    do {
+        take = want;
+        if (g->limit) {
+            if (s >= g->limit)
+                take = 0;
+            else if (g->limit - s < take)
+                take = (uint32_t)(g->limit - s);
+        }
+    } while (take && !__atomic_compare_exchange_n(&g->generated, &s, s + take, 1,
+                                                  __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    *seq0 = s;
+    return take;
+}
+
 static void build_flows(struct uvb_nvsp_queue *q)
 {
     struct uvb_nvsp *n = q->nic;
@@ -126,18 +147,8 @@ static uint32_t generate_rsc(struct uvb_nvsp_queue *q, uint32_t max, int *blocke
         }
         if (__atomic_load_n(&np->pools[q->index].n, __ATOMIC_RELAXED) < nfrag)
             break;
-        uint64_t seq0 = __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
-        uint32_t take;
-        do {
-            take = k;
-            if (g->limit) {
-                if (seq0 >= g->limit)
-                    take = 0;
-                else if (g->limit - seq0 < take)
-                    take = (uint32_t)(g->limit - seq0);
-            }
-        } while (take && !__atomic_compare_exchange_n(&g->generated, &seq0, seq0 + take, 1,
-                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        uint64_t seq0;
+        uint32_t take = gen_reserve(g, k, &seq0);
         if (!take)
             break;
         k = take;
@@ -211,18 +222,8 @@ uint32_t nvsp_generate(struct uvb_nvsp_queue *q, uint32_t max, int *blocked)
             break;
         /* reserve sequence numbers (and, with a limit, the quota) for what we popped; queues
          * generate concurrently, so this is one compare-and-swap */
-        uint64_t seq0 = __atomic_load_n(&g->generated, __ATOMIC_RELAXED);
-        uint32_t take;
-        do {
-            take = got;
-            if (g->limit) {
-                if (seq0 >= g->limit)
-                    take = 0;
-                else if (g->limit - seq0 < take)
-                    take = (uint32_t)(g->limit - seq0);
-            }
-        } while (take && !__atomic_compare_exchange_n(&g->generated, &seq0, seq0 + take, 1,
-                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        uint64_t seq0;
+        uint32_t take = gen_reserve(g, got, &seq0);
         for (uint32_t i = take; i < got; i++)
             nvsp_pool_push(&np->pools[q->index], ids[i]);
         got = take;

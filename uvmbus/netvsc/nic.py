@@ -1080,15 +1080,7 @@ class Nic:
 
     def wait_vf(self, allocated: bool, timeout: float) -> bool:
         """Wait until the host has (True) / has not (False) a VF associated; False on timeout."""
-        deadline = _now() + timeout
-        while True:
-            self.poll_events()
-            if self.vf_allocated == allocated:
-                return True
-            remaining = deadline - _now()
-            if remaining <= 0:
-                return False
-            self.cd.waiter.wait([self.cd.primary], min(remaining, 0.1))
+        return self._wait_event(lambda: self.vf_allocated == allocated, timeout)
 
     def vf_functions(self) -> list[Any]:
         """The PCI functions of the associated VF (:class:`uvmbus.vfio.pci.PciFunction`), found
@@ -1451,10 +1443,14 @@ class Nic:
 
     def wait_link(self, up: bool, timeout: float) -> bool:
         """Wait until the link is ``up`` (True) / down (False); False on timeout."""
+        return self._wait_event(lambda: self.link_up == up, timeout)
+
+    def _wait_event(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read host messages until ``done()`` holds (True) or ``timeout`` runs out (False)."""
         deadline = _now() + timeout
         while True:
             self.poll_events()
-            if self.link_up == up:
+            if done():
                 return True
             remaining = deadline - _now()
             if remaining <= 0:
