@@ -473,7 +473,8 @@ def _bench(args: argparse.Namespace) -> int:
             disk = hba.disk(args.lun)
             if args.channels > hba.channels:
                 raise ConfigError(f"--channels {args.channels}: the host gave {hba.channels} "
-                                  "channel(s) (its maximum sub-channel count limits it)")
+                                  f"channel(s) (its maximum sub-channel count limits it): use "
+                                  f"--channels {hba.channels} or fewer")
             waits0 = hba.stats().get("counters", {}).get("waits", 0)
             res = run_disk(disk, args.pattern, args.bs, args.qd, args.seconds,
                            channels=args.channels)
