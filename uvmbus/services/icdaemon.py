@@ -54,6 +54,8 @@ class IcOptions:
     give_back: bool = True
     bind_timeout: float = 10.0
     force: bool = False
+    #: a uvmbus.trace.Recorder (shared by every IC channel; the caller closes it), or None
+    record: Any = None
 
 
 def _shutdown_callback(spec: str) -> Callable[[ShutdownRequest], None]:
@@ -144,7 +146,7 @@ def run_ic(opts: IcOptions, daemon: Any) -> int:
                     raise
                 bound_by_us = True
             try:
-                cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)))
+                cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)), recorder=opts.record)
             except BaseException:
                 if bound_by_us and opts.give_back:
                     _give_back(bus, dev, opts, name)

@@ -164,6 +164,11 @@ def _lba_status(args: argparse.Namespace) -> int:
         bs = disk.block_size
         if args.offset % bs or (args.length is not None and args.length % bs):
             raise ConfigError(f"--offset and --length must be multiples of the {bs}-byte block size")
+        end = disk.size if args.length is None else args.offset + args.length
+        if args.length == 0 or not args.offset < end <= disk.size:
+            raise ConfigError(f"--offset {args.offset} --length "
+                              f"{'(to the end)' if args.length is None else args.length}: give a "
+                              f"non-empty byte range inside LUN {args.lun} ({disk.size} bytes)")
         runs = disk.lba_status(args.offset // bs, None if args.length is None else args.length // bs)
     rows = [{"lba": r.lba, "blocks": r.count, "offset": r.lba * bs, "length": r.count * bs,
              "state": r.state} for r in runs]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from uvmbus.services.cli import seconds
+from uvmbus.services.cli import add_record, recording, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--bind-timeout", type=seconds(), default=10.0, metavar="SECONDS",
                    help="how long a bind/unbind may take (default 10)")
     _daemon_options(r)
+    add_record(r, what="every packet of every IC channel served (requests and answers; KVP "
+                       "values and fcopy data included, whatever --snaplen says)")
     r.set_defaults(func=_run)
 
 
@@ -50,4 +52,6 @@ def _run(args: argparse.Namespace) -> int:
                      kvp_dir=args.kvp_dir, shutdown_action=args.shutdown_action,
                      timesync_apply=args.timesync, bind=not args.no_bind,
                      give_back=not args.keep_bound, bind_timeout=args.bind_timeout)
-    return run_ic(opts, _daemon(args, "ic"))
+    with recording(args) as rec:
+        opts.record = rec
+        return run_ic(opts, _daemon(args, "ic"))
