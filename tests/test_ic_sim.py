@@ -255,11 +255,51 @@ def test_ic_bind_refused_leaves_devices_with_hv_utils(tmp_path):
         assert not (tmp_path / "run" / "ic-heartbeat+shutdown+timesync+kvp.pid").exists()
 
 
+def test_ic_reattaches_after_rescind_and_reoffer(tmp_path):
+    """A rescinded IC device (issue 12 follow-up): the daemon reports it at once (status
+    unhealthy with the reason, the service's device_lost), keeps serving the other services,
+    and when the host offers the device again it takes it again and answers on the new channel
+    (the host's heartbeats counted again, version renegotiated)."""
+    with run_sim(tmp_path / "sim", "--echo", "0", "--no-ic",
+                 "--device", "heartbeat:interval=0.05,reply_timeout=5", "--device", "kvp") as sim:
+        ids = devices_by_model(sim)
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"),
+                     "--reattach-timeout", "60")
+        try:
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["state"] == "ready", 30, "negotiation")
+            sim.rescind(ids["heartbeat"], reoffer_after=3.0)
+            st = wait_for(lambda: (x := call_control(d.sock, "status")["status"])["healthy"] is False and x,
+                          30, "unhealthy after the rescind")
+            assert "device lost" in st["problem"] and "heartbeat" in st["problem"], st
+            wait_for(lambda: call_control(d.sock, "status")["status"]["healthy"], 60, "reattached")
+            svc = d.status()
+            assert svc["heartbeat"]["reattaches"] == 1 and svc["heartbeat"]["device_lost"] is None, svc
+            assert svc["kvp"]["reattaches"] == 0, svc
+            # the new channel is served: negotiated again and beats answered with no miss
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["state"] == "ready", 30,
+                     "negotiation on the re-offered channel")
+            t0 = ctl(sim, ids["heartbeat"], "status")["counters"].get("beats", 0)
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["counters"].get("beats", 0) > t0 + 3,
+                     30, "beats answered after the reattach")
+            assert ctl(sim, ids["heartbeat"], "status")["counters"].get("missed", 0) == 0
+            devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+            assert devs["heartbeat"].driver == "uio_hv_generic"
+            assert d.proc.poll() is None, d.log.read_text()
+        finally:
+            rc = d.stop()
+        log = d.log.read_text()
+        assert rc == 0, log
+        assert "device lost" in log and "reattached" in log, log
+        devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+        assert devs["heartbeat"].driver == "hv_utils" and devs["kvp"].driver == "hv_utils", devs
+
+
 def test_ic_rescind_ends_the_daemon_with_an_error(tmp_path):
-    """A rescinded IC channel is a dead channel: the daemon exits 1 (systemd restarts it) after
-    giving the other devices back."""
+    """A rescinded IC channel with no re-offer: after --reattach-timeout the daemon exits 1
+    (systemd restarts it), giving the other devices back."""
     with run_sim(tmp_path / "sim", "--echo", "0") as sim:
-        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"))
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"),
+                     "--reattach-timeout", "1")
         try:
             sim.rescind(sim.device("heartbeat")["device_id"])
             rc = d.proc.wait(60)
