@@ -32,7 +32,22 @@ from typing import Any, Protocol, runtime_checkable
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError
 
-__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO", "PersistentReservations"]
+__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO", "PersistentReservations",
+           "check_range"]
+
+
+def check_range(what: str, offset: int, length: int, block_size: int, size: int, device: str) -> None:
+    """ConfigError unless ``[offset, offset + length)`` is whole blocks inside a device of
+    ``size`` bytes (``device`` names it in the message: "LUN 0", "namespace 1")."""
+    bs = block_size
+    if offset < 0 or length < 0:
+        raise ConfigError(f"{what}: negative offset {offset} or length {length}")
+    if offset % bs or length % bs:
+        raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
+                          f"the {bs}-byte block size of {device}")
+    if offset + length > size:
+        raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of "
+                          f"{device} ({size} bytes)")
 
 
 class ByteIO:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from uvmbus.block.interface import ByteIO
+from uvmbus.block.interface import ByteIO, check_range
 from uvmbus.block.slots import SlotBatch
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, IllegalRequest, StorageError
@@ -86,15 +86,7 @@ class Namespace(ByteIO):
     # ==== checks ====================================================================================
     def _check(self, offset: int, length: int, what: str) -> None:
         self.controller.check_alive()
-        bs = self.block_size
-        if offset < 0 or length < 0:
-            raise ConfigError(f"{what}: negative offset {offset} or length {length}")
-        if offset % bs or length % bs:
-            raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
-                              f"the {bs}-byte block size of namespace {self.nsid}")
-        if offset + length > self.size:
-            raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of "
-                              f"namespace {self.nsid} ({self.size} bytes)")
+        check_range(what, offset, length, self.block_size, self.size, f"namespace {self.nsid}")
 
     # ==== synchronous I/O ============================================================================
     def _run(self, q: QueuePair, reqs: Any, n: int, what: str) -> None:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from uvmbus.block.interface import ByteIO
+from uvmbus.block.interface import ByteIO, check_range
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import (
     ConfigError,
@@ -340,15 +340,7 @@ class Disk(ByteIO, PersistentReservations):
     def _check(self, offset: int, length: int, what: str) -> None:
         if self.gone:
             raise LunGone(f"LUN {self.lun} was removed from the controller")
-        bs = self.block_size
-        if offset < 0 or length < 0:
-            raise ConfigError(f"{what}: negative offset {offset} or length {length}")
-        if offset % bs or length % bs:
-            raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
-                              f"the {bs}-byte block size of LUN {self.lun}")
-        if offset + length > self.size:
-            raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of LUN "
-                              f"{self.lun} ({self.size} bytes)")
+        check_range(what, offset, length, self.block_size, self.size, f"LUN {self.lun}")
 
     # ==== batch interface ==================================================================
     def _command(self, write: bool, offset: int, buffer: DmaBuffer, length: int | None,
