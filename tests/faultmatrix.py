@@ -304,7 +304,9 @@ def run_cell(comp: Any, sim: SimProcess, fault: str) -> dict[str, Any]:
         if r is None:
             recovered_by_itself = True
             break
-        if r != "hang" and not errors:       # the fault took effect after the window
+        # the fault took effect after the window, or the driver names it only now (a probe
+        # that raced the fault's arming timed out first; the next one sees the broken ring)
+        if r != "hang" and (not errors or isinstance(r, UvmbusError)):
             errors.append(f"{_name(r)}: {r}")           # type: ignore[arg-type]
         if isinstance(comp, _Driver):
             break
