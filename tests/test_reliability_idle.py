@@ -1,12 +1,13 @@
 """Daemons notice a dead simulator without traffic (issue 12 follow-up): `blk export` with no
-NBD request in flight must report the device lost (status, sd_notify STATUS=) once the
-simulator is killed, not only at the next request."""
+NBD request in flight, and `net bridge` with no frame, must report the device lost (status,
+sd_notify STATUS=) once the simulator is killed, not only at the next request."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -56,3 +57,37 @@ def test_idle_export_notices_a_killed_simulator(tmp_path: Path) -> None:
             d.stop()
             lst.close()
         assert "device lost" in d.output, d.output
+
+
+@pytest.mark.root
+def test_idle_bridge_notices_a_killed_simulator(tmp_path: Path) -> None:
+    """The same for `net bridge` with nothing sent or received: its main loop sees the endpoint
+    revoked (the simulator's socket reads EOF)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun")
+    tag = f"{os.getpid() % 100000}{os.urandom(2).hex()}"
+    ns, tap = f"uviB{tag}", f"uvib{tag}"[:15]
+    try:
+        with run_sim(tmp_path, "--echo", "0", "--no-ic", "--nic", "1", check_exit=False) as sim:
+            nic = sim.device("netvsc")["device_id"]
+            sim.bind(nic)
+            lst = NotifyListener(tmp_path / "notify")
+            d = start_daemon(["net", "bridge", nic, "--root", str(sim.root), "--tap", tap, "--netns", ns,
+                              "--reattach-timeout", "120"], notify=lst, log=tmp_path / "bridge.log")
+            sock = next(Path(sim.root, "run", "uvmbus").glob("net-*.sock"))
+            try:
+                assert call_control(sock, "status")["status"]["healthy"], d.output
+                os.kill(sim.proc.pid, signal.SIGKILL)
+                sim.proc.wait(timeout=30)
+                _wait(lambda: not call_control(sock, "status")["status"]["healthy"], 60,
+                      "unhealthy without traffic after the simulator was killed")
+                st = call_control(sock, "status")["status"]
+                assert "device lost" in st["problem"] and st["device_lost"], st
+                _wait(lambda: any("device lost" in v for k, v in lst.events() if k == "STATUS"), 30,
+                      "STATUS=device lost")
+                assert d.alive(), d.output
+            finally:
+                d.stop()
+                lst.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)

@@ -2,8 +2,10 @@
 
 For every requested service the daemon finds the device of that class, hands it to
 ``uio_hv_generic`` (unbinding ``hv_utils``; :func:`uvmbus.bus.bind_uio`), opens its channel
-and answers the host on one worker thread per service.  On exit (SIGTERM, or a dead channel)
-it gives every device it took back to its kernel driver (:func:`uvmbus.bus.unbind_uio`), so
+and answers the host on one worker thread per service.  A device that goes away (rescind,
+revoked channel) is reported lost and taken again when the host re-offers it
+(:class:`uvmbus.services.reattach.DeviceWatch`, one per service).  On exit (SIGTERM, or no
+re-offer within ``--reattach-timeout``) it gives every device it took back to its kernel driver (:func:`uvmbus.bus.unbind_uio`), so
 the guest keeps its heartbeat/shutdown/time sync/KVP through hv_utils again.  fcopy has no
 kernel driver since Linux 6.10: it is left unbound.
 """
