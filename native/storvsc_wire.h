@@ -134,6 +134,50 @@
 #define SCSI_STATUS_RESERVATION_CONFLICT 0x18
 #define SCSI_STATUS_TASK_ABORTED        0x40
 
+/* ---- SCSI operation codes (CDB byte 0; SPC-4 / SBC-3) ---------------------
+ * Carried in vstor_srb's CDB.  The guest's Opcode enum (storvsc/scsi.py) and the
+ * trace decoder's names (trace/decode.py, the Lua dissector) are built from these. */
+#define SCSI_OP_TEST_UNIT_READY         0x00
+#define SCSI_OP_REQUEST_SENSE           0x03
+#define SCSI_OP_FORMAT_UNIT             0x04
+#define SCSI_OP_READ6                   0x08
+#define SCSI_OP_WRITE6                  0x0A
+#define SCSI_OP_INQUIRY                 0x12
+#define SCSI_OP_MODE_SELECT6            0x15
+#define SCSI_OP_RESERVE6                0x16
+#define SCSI_OP_RELEASE6                0x17
+#define SCSI_OP_MODE_SENSE6             0x1A
+#define SCSI_OP_START_STOP_UNIT         0x1B
+#define SCSI_OP_SEND_DIAGNOSTIC         0x1D
+#define SCSI_OP_PREVENT_ALLOW           0x1E
+#define SCSI_OP_READ_CAPACITY10         0x25
+#define SCSI_OP_READ10                  0x28
+#define SCSI_OP_WRITE10                 0x2A
+#define SCSI_OP_WRITE_VERIFY10          0x2E
+#define SCSI_OP_VERIFY10                0x2F
+#define SCSI_OP_SYNCHRONIZE_CACHE10     0x35
+#define SCSI_OP_WRITE_SAME10            0x41
+#define SCSI_OP_UNMAP                   0x42
+#define SCSI_OP_MODE_SELECT10           0x55
+#define SCSI_OP_MODE_SENSE10            0x5A
+#define SCSI_OP_PERSISTENT_RESERVE_IN   0x5E
+#define SCSI_OP_PERSISTENT_RESERVE_OUT  0x5F
+#define SCSI_OP_THIRD_PARTY_COPY_OUT    0x83
+#define SCSI_OP_THIRD_PARTY_COPY_IN     0x84
+#define SCSI_OP_READ16                  0x88
+#define SCSI_OP_WRITE16                 0x8A
+#define SCSI_OP_WRITE_VERIFY16          0x8E
+#define SCSI_OP_VERIFY16                0x8F
+#define SCSI_OP_SYNCHRONIZE_CACHE16     0x91
+#define SCSI_OP_WRITE_SAME16            0x93
+#define SCSI_OP_SERVICE_ACTION_IN16     0x9E
+#define SCSI_OP_REPORT_LUNS             0xA0
+#define SCSI_OP_MAINTENANCE_IN          0xA3
+#define SCSI_OP_READ12                  0xA8
+#define SCSI_OP_WRITE12                 0xAA
+#define SCSI_OP_WRITE_VERIFY12          0xAE
+#define SCSI_OP_VERIFY12                0xAF
+
 /* ---- vmscsi_request (52 bytes; offsets relative to the union) §2.3 -------- */
 struct vstor_srb {
     uint16_t length;                /* 0x34 (0x24 pre-Win8) */

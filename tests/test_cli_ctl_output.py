@@ -62,3 +62,16 @@ def test_actions_name_the_devices_they_were_done_to(tmp_path, capsys):
         assert ctl("reoffer", a) == f"{a}: re-offered\n"
         assert main(["sim", "ctl", "--root", root, "--json", "clear"]) == 0
         assert json.loads(capsys.readouterr().out) == {"ok": True, "devices": [a, b]}
+
+
+def test_ctl_errors_say_what_to_pass(tmp_path, capsys):
+    img = tmp_path / "d.img"
+    with run_sim(tmp_path, "--disk", f"{img}:size=1M", "--nic", "1", "--no-ic", "--echo", "0") as sim:
+        root = str(sim.root)
+        assert main(["sim", "ctl", "--root", root, "model", "storvsc", "detach"]) == 1
+        err = capsys.readouterr().err
+        assert "refused model 'detach'" in err and "missing argument 'lun'" in err
+        assert "sim ctl model DEVICE detach lun=VALUE" in err
+        assert main(["sim", "ctl", "--root", root, "vf", "netvsc", "add", "abc"]) == 1
+        err = capsys.readouterr().err
+        assert "SERIAL is the VF's serial number, a decimal number" in err and "'abc'" in err

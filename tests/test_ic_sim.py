@@ -255,11 +255,51 @@ def test_ic_bind_refused_leaves_devices_with_hv_utils(tmp_path):
         assert not (tmp_path / "run" / "ic-heartbeat+shutdown+timesync+kvp.pid").exists()
 
 
+def test_ic_reattaches_after_rescind_and_reoffer(tmp_path):
+    """A rescinded IC device (issue 12 follow-up): the daemon reports it at once (status
+    unhealthy with the reason, the service's device_lost), keeps serving the other services,
+    and when the host offers the device again it takes it again and answers on the new channel
+    (the host's heartbeats counted again, version renegotiated)."""
+    with run_sim(tmp_path / "sim", "--echo", "0", "--no-ic",
+                 "--device", "heartbeat:interval=0.05,reply_timeout=5", "--device", "kvp") as sim:
+        ids = devices_by_model(sim)
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"),
+                     "--reattach-timeout", "60")
+        try:
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["state"] == "ready", 30, "negotiation")
+            sim.rescind(ids["heartbeat"], reoffer_after=3.0)
+            st = wait_for(lambda: (x := call_control(d.sock, "status")["status"])["healthy"] is False and x,
+                          30, "unhealthy after the rescind")
+            assert "device lost" in st["problem"] and "heartbeat" in st["problem"], st
+            wait_for(lambda: call_control(d.sock, "status")["status"]["healthy"], 60, "reattached")
+            svc = d.status()
+            assert svc["heartbeat"]["reattaches"] == 1 and svc["heartbeat"]["device_lost"] is None, svc
+            assert svc["kvp"]["reattaches"] == 0, svc
+            # the new channel is served: negotiated again and beats answered with no miss
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["state"] == "ready", 30,
+                     "negotiation on the re-offered channel")
+            t0 = ctl(sim, ids["heartbeat"], "status")["counters"].get("beats", 0)
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["counters"].get("beats", 0) > t0 + 3,
+                     30, "beats answered after the reattach")
+            assert ctl(sim, ids["heartbeat"], "status")["counters"].get("missed", 0) == 0
+            devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+            assert devs["heartbeat"].driver == "uio_hv_generic"
+            assert d.proc.poll() is None, d.log.read_text()
+        finally:
+            rc = d.stop()
+        log = d.log.read_text()
+        assert rc == 0, log
+        assert "device lost" in log and "reattached" in log, log
+        devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
+        assert devs["heartbeat"].driver == "hv_utils" and devs["kvp"].driver == "hv_utils", devs
+
+
 def test_ic_rescind_ends_the_daemon_with_an_error(tmp_path):
-    """A rescinded IC channel is a dead channel: the daemon exits 1 (systemd restarts it) after
-    giving the other devices back."""
+    """A rescinded IC channel with no re-offer: after --reattach-timeout the daemon exits 1
+    (systemd restarts it), giving the other devices back."""
     with run_sim(tmp_path / "sim", "--echo", "0") as sim:
-        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"))
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"),
+                     "--reattach-timeout", "1")
         try:
             sim.rescind(sim.device("heartbeat")["device_id"])
             rc = d.proc.wait(60)
@@ -270,3 +310,59 @@ def test_ic_rescind_ends_the_daemon_with_an_error(tmp_path):
         assert rc == 1 and "rescinded" in log, log
         devs = {dv.class_name: dv for dv in Bus(sim.root).devices()}
         assert devs["kvp"].driver == "hv_utils" and "heartbeat" not in devs
+
+
+def test_ic_run_records_the_session(tmp_path):
+    """`uvmbus ic run --record`: every IC channel's packets land in one trace, and `uvmbus
+    trace show` decodes them as ICMSG requests (host to guest) and in-place replies (guest to
+    host, TRANSACTION|RESPONSE, same VMBus transaction id)."""
+    trace = tmp_path / "ic.pcapng"
+    with run_sim(tmp_path / "sim", "--echo", "0", "--no-ic",
+                 "--device", "heartbeat:interval=0.05,reply_timeout=5",
+                 "--device", "kvp:reply_timeout=10") as sim:
+        ids = devices_by_model(sim)
+        d = IcDaemon(sim, tmp_path, "heartbeat,kvp", "--kvp-dir", str(tmp_path / "kvp"),
+                     "--record", str(trace))
+        try:
+            for name in ("heartbeat", "kvp"):
+                wait_for(lambda n=name: ctl(sim, ids[n], "status")["state"] == "ready", 30,
+                         f"{name} negotiation")
+            assert ctl(sim, ids["kvp"], "kvp_set", "pool=0", "key=Role", "value=rec")["status"] == 0
+            wait_for(lambda: ctl(sim, ids["heartbeat"], "status")["counters"].get("beats", 0) >= 3,
+                     30, "three heartbeats")
+        finally:
+            rc = d.stop()
+        log = d.log.read_text()
+        assert rc == 0, log
+        beats = ctl(sim, ids["heartbeat"], "status")["counters"]["beats"]
+        assert not trace.with_name(trace.name + ".part").exists()
+
+    p = subprocess.run([*UVMBUS, "trace", "show", "--json", str(trace)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    msgs = [m for m in json.loads(p.stdout)["messages"] if m["kind"] == "packet"]
+    assert msgs and all(m["devclass"] == "ic" and m["proto"] == "icmsg" and not m["problems"]
+                        for m in msgs), msgs[:5]
+    by = {}
+    for m in msgs:
+        by.setdefault((m["iface"].split("/")[0], m["name"], m["dir"]), []).append(m)
+    for dev in ("heartbeat", "kvp"):
+        assert by.get((dev, "ICMSG NEGOTIATE", "h2g")) and by.get((dev, "ICMSG NEGOTIATE", "g2h")), \
+            sorted(by)
+    assert len(by[("heartbeat", "ICMSG HEARTBEAT", "g2h")]) >= beats
+    # the KVP SET: the host's request and the guest's answer, paired by transaction id
+    (req,) = by[("kvp", "ICMSG KVPEXCHANGE", "h2g")]
+    (rep,) = by[("kvp", "ICMSG KVPEXCHANGE", "g2h")]
+    assert rep["vmbus"]["trans_id"] == req["vmbus"]["trans_id"]
+    assert (req["fields"]["icflags"], rep["fields"]["icflags"]) == (0x03, 0x05)
+    assert rep["fields"]["status"] == 0
+    assert (req["fields"]["icvermsg.major"], rep["fields"]["icvermsg.major"]) == (4, 4)  # KVP 4.0
+    assert req["fields"]["pipe.msgsize"] == rep["fields"]["pipe.msgsize"]   # same length back
+    # every heartbeat request the guest read was answered (at most the last one was in flight
+    # when the daemon stopped)
+    n_req = len(by[("heartbeat", "ICMSG HEARTBEAT", "h2g")])
+    n_rep = len(by[("heartbeat", "ICMSG HEARTBEAT", "g2h")])
+    assert n_req - 1 <= n_rep <= n_req, (n_req, n_rep)
+    text = subprocess.run([*UVMBUS, "trace", "show", str(trace)], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "ICMSG KVPEXCHANGE" in text and "ICMSG HEARTBEAT" in text, text[:2000]

@@ -130,6 +130,17 @@ def test_simulator_never_imports_guest_driver_code() -> None:
                      "with the guest, never its message code:\n" + "\n".join(bad))
 
 
+def test_trace_never_imports_driver_code() -> None:
+    """trace/ sits below the drivers (docs/architecture.md): what its decoder and dissector name
+    comes from the wire headers through ffi/lib, never from a driver package."""
+    graph = import_graph()
+    bad = sorted(f"{m} imports {t}" for m, targets in graph.items()
+                 if m == "uvmbus.trace" or m.startswith("uvmbus.trace.")
+                 for t in targets if t.startswith(GUEST_DRIVERS))
+    assert not bad, ("uvmbus.trace sits below the drivers: take what it needs from the wire "
+                     "headers (native/*_wire.h via ffi/lib):\n" + "\n".join(bad))
+
+
 def test_checker_sees_cycles_and_forbidden_imports(tmp_path: Path) -> None:
     """The checker itself: a deferred (in-function / TYPE_CHECKING) import closes a circle, a
     relative import counts, and a model importing a guest driver is found."""

@@ -191,6 +191,10 @@ def test_cli_lba_status(sim: SimProcess, hba: storvsc.Controller,
     assert "does not support the command" in capsys.readouterr().err
     wait_closed(sim)
     assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), "--offset", "100"]) != 0
+    for bad in (["--offset", "16M"], ["--offset", "15M", "--length", "2M"], ["--length", "0"]):
+        wait_closed(sim)
+        assert main(["blk", "lba-status", "storvsc", "--root", str(sim.root), *bad]) != 0
+        assert f"inside LUN 0 ({16 * MiB} bytes)" in capsys.readouterr().err
 
 
 def test_lba_status_not_supported_and_bounds(hba: storvsc.Controller) -> None:

@@ -203,3 +203,14 @@ def test_native_sense_decoder_agrees():
     fixed = bytes([0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0x02])
     assert lib.uvb_stor_sense(fixed, len(fixed), k, a, q) == 1 and (k[0], a[0], q[0]) == (3, 0x11, 2)
     assert lib.uvb_stor_sense(b"\x00" * 18, 18, k, a, q) == 0
+
+
+def test_opcode_enum_is_the_headers_scsi_op_table():
+    """storvsc_wire.h's SCSI_OP_* are the one definition: the driver's Opcode enum names exactly
+    them, and the trace decoder (which may not import the driver) names the same ones."""
+    from uvmbus.trace import decode
+
+    header = {n.removeprefix("SCSI_OP_"): getattr(lib, n) for n in dir(lib) if n.startswith("SCSI_OP_")}
+    assert {o.name: int(o) for o in scsi.Opcode} == header
+    assert decode.SCSI_OPS == {v: k for k, v in header.items()}
+    assert decode.scsi_name(0x28) == "READ10" and decode.scsi_name(0xFE) == "SCSI_0xfe"

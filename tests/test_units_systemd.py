@@ -14,6 +14,16 @@ which mmdebstrap builds in ~1-1.5 min and is cached under .cache/units/):
   container, and the simulator's disk image holds it;
 * DevicePolicy=closed: a process put into each daemon's cgroup may open what the unit
   allows (/dev/net/tun for net) and gets EPERM for the rest (/dev/net/tun for blk);
+* `uvmbus-ic.service` reaches READY with no capabilities at all, takes the four ICs from
+  (simulated) hv_utils and answers the simulator's IC hosts: the heartbeat counter moves with
+  no miss, a KVP value set from the host lands in the unit's StateDirectory=
+  (/var/lib/hyperv, hv_kvp_daemon's format), a shutdown request reaches the action (`log`);
+  /dev/net/tun is refused in its cgroup; stopped, it gives every IC back to hv_utils;
+* `uvmbus-nvme@` cannot run here (it needs a PCI function on vfio-pci: no VFIO device or
+  IOMMU group exists in the simulator or in a container): `systemd-analyze verify` passes on
+  the installed unit, and starting it for a GUID this machine lacks fails in its bind unit
+  with "no VMBus device matches ..." while the NVMe daemon never starts (BindsTo=).  The
+  daemon itself runs on a real kernel in tests/test_qemu_nvme.py;
 * `systemctl stop` drains: exit 0, "stopped" logged, the simulator sees every channel
   closed and zero needless signals.
 
@@ -63,6 +73,11 @@ def process(direction, frames):
     return None
 '''
 CAP_NET_ADMIN, CAP_IPC_LOCK, CAP_SYS_ADMIN = 12, 14, 21
+# the four ICs hv_utils serves (the simulator's host side of each, bound to its hv_utils);
+# a beat every 0.2 s so the counter moves within the test
+IC_DEVICES = ("--device", "heartbeat:interval=0.2,reply_timeout=10", "--device", "shutdown",
+              "--device", "timesync:interval=0.5", "--device", "kvp:reply_timeout=15")
+IC_SERVICES = ("heartbeat", "shutdown", "timesync", "kvp")
 
 
 class Env:
@@ -75,9 +90,23 @@ class Env:
         self.disk = disk
         self.image = image
         self.root = str(sim.root)
+        self.ic = {d["model"]: d["device_id"] for d in sim.devices if d["model"] in IC_SERVICES}
 
     def uvmbus(self, args: str, **kw) -> subprocess.CompletedProcess[str]:
         return self.ct.run(f"uvmbus {args}", env={"UVMBUS_ROOT": self.root}, **kw)
+
+    def ic_ctl(self, model: str, op: str, wait: float = 30.0, **args: str) -> dict:
+        """A host-side IC operation (`uvmbus sim ctl ic DEVICE OP KEY=VALUE...` without the
+        CLI start-up): requests are polled until the guest answered."""
+        dev = self.ic[model]
+        res = self.sim.control("model", device=dev, op=op, args=args)["results"][dev]
+        if "ticket" in res:
+            ticket = res["ticket"]
+            res = self.wait_for(f"the guest's answer to {model} {op}", lambda: (
+                r := self.sim.control("model", device=dev, op="result",
+                                      args={"ticket": ticket})["results"][dev])["done"] and r,
+                timeout=wait, interval=0.05)
+        return res
 
     def wait_for(self, what: str, fn, timeout: float = 90.0, interval: float = 0.5):
         deadline = time.monotonic() + timeout
@@ -106,7 +135,7 @@ def env():
     image = base / "disk.img"
     try:
         with run_sim(base, "--nic", "1", "--disk", f"{image}:size={DISK_MB}M", "--no-ic",
-                     root=base / "r") as sim:
+                     *IC_DEVICES, root=base / "r") as sim:
             root = sim.root
             (root / "etc").mkdir()
             name = f"uvb-units-{os.getpid()}-{secrets.token_hex(2)}"
@@ -254,6 +283,112 @@ def test_device_policy_in_the_daemons_cgroups(env):
     err = ct.run(f"echo $$ > {_procs(cg)}; exec 3<>/dev/net/tun",
                  check=False).stderr
     assert "Operation not permitted" in err, err
+
+
+def test_ic_serves_the_host_under_its_sandbox(env):
+    """uvmbus-ic.service as installed: READY, no capabilities at all, the four ICs taken from
+    hv_utils and answered (heartbeat counter moving, KVP SET from the host landing in the
+    unit's StateDirectory=, a shutdown request reaching the action), DevicePolicy=closed."""
+    ct = env.ct
+    unit = "uvmbus-ic.service"
+    # shutdown: `log`, not systemctl (that would power the container off)
+    ct.run("mkdir -p /etc/uvmbus && echo 'UVMBUS_IC_ARGS=--services heartbeat,shutdown,timesync,kvp "
+           "--kvp-dir /var/lib/hyperv --shutdown-action log' > /etc/uvmbus/ic.env")
+    for name in IC_SERVICES:
+        assert env.ic_ctl(name, "status")["state"] == "closed"      # nobody answers yet
+        assert _driver(env, env.ic[name]) == "hv_utils"
+    t0 = time.monotonic()
+    ct.run(f"systemctl enable --now {unit}", timeout=90)     # returns once READY=1 arrived
+    sc.log(f"{unit} READY after {time.monotonic() - t0:.1f} s")
+    st = ct.show(unit, "ActiveState", "SubState", "Type", "StatusText", "MainPID", "WatchdogUSec")
+    assert (st["ActiveState"], st["SubState"], st["Type"]) == ("active", "running", "notify"), (
+        st, ct.journal(unit))
+    assert st["StatusText"].startswith("serving heartbeat, shutdown, timesync, kvp"), st
+    assert st["WatchdogUSec"] == "10s"
+    caps = _caps(ct, int(st["MainPID"]))
+    assert caps["CapBnd"] == caps["CapEff"] == caps["CapPrm"] == 0, caps   # CapabilityBoundingSet=
+    # every IC on uio_hv_generic, negotiated at the highest common version
+    want = {"heartbeat": "3.0", "shutdown": "3.2", "timesync": "4.0", "kvp": "4.0"}
+    for name, ver in want.items():
+        s = env.wait_for(f"{name} negotiation", lambda n=name: (
+            x := env.ic_ctl(n, "status"))["state"] == "ready" and x, timeout=30)
+        assert s["version"] == ver, (name, s)
+        assert _driver(env, env.ic[name]) == "uio_hv_generic"
+
+    # heartbeat: the host's counter of answered beats moves, nothing missed
+    beats0 = env.ic_ctl("heartbeat", "status")["counters"].get("beats", 0)
+    hb = env.wait_for("three more heartbeats", lambda: (
+        x := env.ic_ctl("heartbeat", "status"))["counters"].get("beats", 0) >= beats0 + 3 and x,
+        timeout=60)
+    assert hb["counters"].get("missed", 0) == 0 and hb["counters"].get("bad_beats", 0) == 0, hb
+
+    # KVP: a value set by the host is in the pool file in the unit's StateDirectory=
+    value = f"units-{secrets.token_hex(4)}"
+    r = env.ic_ctl("kvp", "kvp_set", pool="0", key="Role", value=value)
+    assert r["status"] == 0, r
+    # hv_kvp_daemon's record format: char key[512]; char value[2048]
+    rec = ct.run("python3 -c \"d = open('/var/lib/hyperv/.kvp_pool_0', 'rb').read(); "
+                 "print(len(d), d[:512].rstrip(b'\\0').decode(), d[512:].rstrip(b'\\0').decode())\"").stdout
+    assert rec.split() == ["2560", "Role", value], rec
+    assert ct.run("stat -c %a /var/lib/hyperv").stdout.strip() == "755"   # StateDirectoryMode=
+    assert env.ic_ctl("kvp", "kvp_get", pool="0", key="Role")["value"] == value
+    facts = dict(env.ic_ctl("kvp", "kvp_enumerate", pool="2")["items"])
+    assert facts["ProcessorArchitecture"] == os.uname().machine, facts
+
+    # shutdown: answered S_OK, the action (log) runs, the container keeps running
+    r = env.ic_ctl("shutdown", "shutdown", action="reboot")
+    assert r["status"] == 0, r
+    env.wait_for("the shutdown action in the journal",
+                 lambda: "host requested reboot" in ct.journal(unit), timeout=30)
+    assert ct.show(unit, "ActiveState")["ActiveState"] == "active"
+
+    # DevicePolicy=closed / DeviceAllow=char-uio: /dev/net/tun is refused in its cgroup
+    cg = ct.show(unit, "ControlGroup")["ControlGroup"]
+    out = ct.run(f"echo $$ > {_procs(cg)} && "
+                 "((exec 3<>/dev/net/tun) 2>/dev/null && echo tun=open || echo tun=denied; "
+                 "(exec 3</dev/null) 2>/dev/null && echo null=open || echo null=denied)").stdout.split()
+    assert out == ["tun=denied", "null=open"], out
+
+    # stop: exit 0, every IC given back to hv_utils, the host sees the channels closed
+    ct.run(f"systemctl stop {unit}", timeout=60)
+    st = ct.show(unit, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert st["Result"] == "success" and (st["ExecMainCode"], st["ExecMainStatus"]) == ("1", "0"), (
+        st, ct.journal(unit))
+    for name in IC_SERVICES:
+        assert _driver(env, env.ic[name]) == "hv_utils", (name, ct.journal(unit)[-3000:])
+        assert env.ic_ctl(name, "status")["state"] == "closed"
+
+
+def test_nvme_unit_verifies_and_fails_clearly_without_a_device(env):
+    """uvmbus-nvme@ needs a PCI function on vfio-pci, which neither the simulator nor
+    systemd-nspawn can give (no VFIO device, no IOMMU group in a container): the unit file is
+    checked by systemd-analyze verify, and starting it for a vPCI GUID this machine does not
+    have fails — its bind unit refuses with a message naming the GUID, and the NVMe unit
+    never runs (BindsTo=)."""
+    ct = env.ct
+    guid = "6f1e2d3c-5a4b-4c3d-8e2f-0123456789ab"          # no such device
+    unit, bind = f"uvmbus-nvme@{guid}.service", f"uvmbus-bind@{guid}.service"
+    assert ct.run("test -f /etc/systemd/system/uvmbus-nvme@.service", check=False).returncode == 0
+    p = ct.run(f"systemd-analyze verify /etc/systemd/system/{unit}", check=False)
+    assert p.returncode == 0 and "uvmbus-nvme" not in p.stderr, p.stdout + p.stderr
+    st = ct.show(unit, "LoadState", "BindsTo", "CapabilityBoundingSet", "DevicePolicy")
+    assert st["LoadState"] == "loaded" and st["BindsTo"] == bind, st
+    assert st["DevicePolicy"] == "closed"
+    # `uvmbus bind GUID --persist` refuses a device that does not exist, with what to do
+    p = env.uvmbus(f"bind {guid} --persist", check=False)
+    assert p.returncode != 0 and guid in p.stderr and "Traceback" not in p.stderr, p.stderr
+    # as if the persisted binding outlived the device (moved VM, removed disk): the bind unit
+    # fails naming it, and the NVMe unit does not start
+    ct.run(f"mkdir -p /etc/uvmbus/bind.d && touch /etc/uvmbus/bind.d/{guid}.conf")
+    p = ct.run(f"systemctl start {unit}", check=False, timeout=90)
+    assert p.returncode != 0, p.stdout + p.stderr
+    st = ct.show(unit, "ActiveState", "ExecMainPID")
+    assert st["ActiveState"] in ("inactive", "failed") and st["ExecMainPID"] == "0", st
+    bst = ct.show(bind, "ActiveState", "Result")
+    assert (bst["ActiveState"], bst["Result"]) == ("failed", "exit-code"), bst
+    journal = ct.journal(bind)
+    assert f"no VMBus device matches '{guid}'" in journal and "Traceback" not in journal, journal[-3000:]
+    ct.run(f"rm /etc/uvmbus/bind.d/{guid}.conf; systemctl reset-failed {bind} {unit}", check=False)
 
 
 def test_stop_drains_cleanly(env):

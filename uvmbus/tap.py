@@ -161,6 +161,38 @@ class TapInterface:
             return False
         return True
 
+    def _set_link(self, what: str, **kw: Any) -> None:
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=self.name)
+            if not idx:
+                raise NetError(f"TAP {self.name} is gone (deleted by someone else?): cannot set its {what}")
+            try:
+                ipr.link("set", index=idx[0], **kw)
+            except Exception as exc:          # pyroute2's NetlinkError
+                raise NetError(f"{self.name}: cannot set {what} ({exc})") from exc
+
+    def set_mtu(self, mtu: int) -> None:
+        """Change the interface's MTU in place (same ifindex, addresses and routes kept)."""
+        self._set_link(f"MTU {mtu}", mtu=mtu)
+        self.mtu = mtu
+
+    def set_mac(self, mac: str) -> None:
+        """Change the interface's MAC address in place (a TAP allows it while up)."""
+        self._set_link(f"MAC {mac}", address=mac)
+        self.mac = mac
+
+    def set_tso(self, tso4: bool, tso6: bool) -> None:
+        """Change which GSO frames the kernel may hand us (``TUNSETOFFLOAD`` again; the
+        virtio-net header stays): a NIC that lost its large sends gets MTU-sized frames."""
+        if not self.vnet_hdr:
+            return
+        tso = (TUN_F_TSO4 if tso4 else 0) | (TUN_F_TSO6 if tso6 else 0)
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | tso)
+        except OSError as exc:
+            raise NetError(f"TUNSETOFFLOAD {self.name}: {exc}") from exc
+        self._tso = tso
+
     def info(self) -> dict[str, Any]:
         with self._ipr() as ipr:
             idx = ipr.link_lookup(ifname=self.name)

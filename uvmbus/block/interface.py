@@ -26,13 +26,43 @@ Implementations: :class:`uvmbus.storvsc.Disk` / :class:`~uvmbus.storvsc.IoBatch`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError
 
-__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO", "PersistentReservations"]
+__all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO", "PersistentReservations",
+           "check_range", "piece_buffer"]
+
+
+def check_range(what: str, offset: int, length: int, block_size: int, size: int, device: str) -> None:
+    """ConfigError unless ``[offset, offset + length)`` is whole blocks inside a device of
+    ``size`` bytes (``device`` names it in the message: "LUN 0", "namespace 1")."""
+    bs = block_size
+    if offset < 0 or length < 0:
+        raise ConfigError(f"{what}: negative offset {offset} or length {length}")
+    if offset % bs or length % bs:
+        raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
+                          f"the {bs}-byte block size of {device}")
+    if offset + length > size:
+        raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of "
+                          f"{device} ({size} bytes)")
+
+
+def piece_buffer(alloc: Callable[[int], DmaBuffer], dma: DmaBuffer | None, view: memoryview | None,
+                 off: int, n: int, write: bool, bounce: list[DmaBuffer]) -> tuple[DmaBuffer, int]:
+    """(buffer, offset in it) for bytes ``[off, off + n)`` of an I/O: the caller's ``dma``
+    (zero copy), or a bounce buffer from ``alloc`` (appended to ``bounce`` for the caller to
+    free; for a write, filled from ``view``)."""
+    if dma is not None:
+        return dma, off
+    buf = alloc(n)
+    bounce.append(buf)
+    if write:
+        assert view is not None
+        buf.view[:n] = view[off:off + n]
+    return buf, 0
 
 
 class ByteIO:

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from uvmbus.bus.children import OsChildren
 from uvmbus.bus.classes import VmbusClass, lookup_class, normalize_guid
 from uvmbus.bus.kernel import KernelQuirks
 from uvmbus.bus.sysfs import parse_number, read_guid, read_int, read_text
@@ -27,7 +28,6 @@ from uvmbus.errors import BusError, ConfigError, NotFound
 __all__ = ["Bus", "ChannelInfo", "MapInfo", "VmbusDevice"]
 
 UIO_DRIVER = "uio_hv_generic"
-_WALK_DEPTH = 8  # how deep below a device to look for block/net children
 _MAP_RE = re.compile(r"^map(\d+)$")
 _UIO_RE = re.compile(r"^uio(\d+)$")
 _GPADL_RE = re.compile(r"^(recv|send):(.*)$")
@@ -62,7 +62,7 @@ class MapInfo:
     """GPADL handle of the NIC receive/send buffer, parsed from ``recv:<n>``/``send:<n>``."""
 
 
-class VmbusDevice:
+class VmbusDevice(OsChildren):
     """A view of ``sys/bus/vmbus/devices/<guid>``; every property re-reads the tree."""
 
     def __init__(self, bus: Bus, name: str):
@@ -206,20 +206,6 @@ class VmbusDevice:
                 return m.size // 2
         return None
 
-    # -- OS-side children ---------------------------------------------------------------------
-
-    def net_interfaces(self) -> list[str]:
-        """Network interfaces below this device (``net/<ifname>``, also nested e.g. vPCI VFs)."""
-        return sorted({p.name for p in _find_children(self.path, "net")})
-
-    def block_devices(self) -> list[str]:
-        """Whole disks below this device (``…/block/<sdX>``, also nested NVMe), sorted."""
-        return sorted({p.name for p in self.block_device_paths()})
-
-    def block_device_paths(self) -> list[Path]:
-        """sysfs directories of the disks found by :meth:`block_devices`."""
-        return _find_children(self.path, "block", disks=True)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``uvmbus list --json``)."""
         return {
@@ -246,28 +232,6 @@ def _read_map(mdir: Path, index: int) -> MapInfo:
         gpadl = parse_number(m.group(2), mdir / "name")
     return MapInfo(index=index, name=name, size=size, offset=read_int(mdir / "offset") or 0,
                    addr=read_int(mdir / "addr"), gpadl=gpadl)
-
-
-def _find_children(top: Path, container: str, *, disks: bool = False) -> list[Path]:
-    """Subdirectories of every directory called ``container`` below ``top``.
-
-    With ``disks``, also directories that look like a whole disk outside a ``block/`` folder
-    (a ``dev`` file plus a ``queue/`` directory, e.g. NVMe namespaces below a vPCI device).
-    Symlinks are not followed (except ``top`` itself), so sysfs back-links cannot loop.
-    """
-    found: list[Path] = []
-    top_s = os.path.realpath(top)
-    base_depth = top_s.count(os.sep)
-    for cur, dirs, files in os.walk(top_s):
-        if cur != top_s and os.path.basename(cur) == container:
-            found.extend(Path(cur, d) for d in dirs)
-            dirs[:] = []
-        elif disks and cur != top_s and "dev" in files and "queue" in dirs:
-            found.append(Path(cur))
-            dirs[:] = []
-        elif cur.count(os.sep) - base_depth >= _WALK_DEPTH:
-            dirs[:] = []
-    return found
 
 
 class Bus:

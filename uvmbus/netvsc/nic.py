@@ -1124,19 +1124,7 @@ class Nic:
         msg = P.nvsp_switch_data_path(want)
         tid = next(self._tids)
         with self._lock:
-            while True:
-                rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
-                if rc == 0:
-                    break
-                if rc != lib.UVB_EAGAIN:
-                    self._q0._fail(rc)
-                self._poll_q0()
-                self._wait_q0(deadline, "ring space")
-            while True:
-                self._poll_q0()
-                if self._completions.pop(tid, None) is not None:
-                    break
-                self._wait_q0(deadline, "completion of SWITCH_DATA_PATH")
+            self._request_q0(msg, tid, deadline, "completion of SWITCH_DATA_PATH")
             # the VF may have gone while the request was in flight: the data path stays synthetic
             if want == P.DATA_PATH_VF and not self.vf_allocated:
                 self._switch_back_owed = True
@@ -1220,20 +1208,26 @@ class Nic:
         deadline = _now() + (self.timeout if timeout is None else timeout)
         tid = next(self._tids)
         with self._lock:
-            while True:
-                rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
-                if rc == 0:
-                    break
-                if rc != lib.UVB_EAGAIN:
-                    self._q0._fail(rc)
-                self._poll_q0()
-                self._wait_q0(deadline, "ring space")
-            while True:
-                self._poll_q0()
-                data = self._completions.pop(tid, None)
-                if data is not None:
-                    return P.parse_nvsp(data)
-                self._wait_q0(deadline, f"completion of NVSP message {P.nvsp_type(msg)}")
+            return P.parse_nvsp(self._request_q0(msg, tid, deadline,
+                                                 f"completion of NVSP message {P.nvsp_type(msg)}"))
+
+    def _request_q0(self, msg: bytes, tid: int, deadline: float, what: str) -> bytes:
+        """Send ``msg`` on the primary channel with a completion request (waiting for ring
+        space) and wait for completion ``tid``; its payload.  The caller holds ``_lock``."""
+        while True:
+            rc = lib.uvb_nvsc_send_inband(self._q0.raw, msg, len(msg), tid, FLAG_COMPLETION_REQUESTED)
+            if rc == 0:
+                break
+            if rc != lib.UVB_EAGAIN:
+                self._q0._fail(rc)
+            self._poll_q0()
+            self._wait_q0(deadline, "ring space")
+        while True:
+            self._poll_q0()
+            data = self._completions.pop(tid, None)
+            if data is not None:
+                return data
+            self._wait_q0(deadline, what)
 
     def nvsp_send(self, msg: bytes) -> None:
         with self._lock:

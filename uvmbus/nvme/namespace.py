@@ -9,11 +9,11 @@ flight at once and copy through DMA bounce buffers (zero copy with a DmaBuffer).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from uvmbus.block.interface import ByteIO
+from uvmbus.block.interface import ByteIO, check_range, piece_buffer
+from uvmbus.block.slots import SlotBatch
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, IllegalRequest, StorageError
 from uvmbus.native import ffi, lib
@@ -86,15 +86,7 @@ class Namespace(ByteIO):
     # ==== checks ====================================================================================
     def _check(self, offset: int, length: int, what: str) -> None:
         self.controller.check_alive()
-        bs = self.block_size
-        if offset < 0 or length < 0:
-            raise ConfigError(f"{what}: negative offset {offset} or length {length}")
-        if offset % bs or length % bs:
-            raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
-                              f"the {bs}-byte block size of namespace {self.nsid}")
-        if offset + length > self.size:
-            raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of "
-                              f"namespace {self.nsid} ({self.size} bytes)")
+        check_range(what, offset, length, self.block_size, self.size, f"namespace {self.nsid}")
 
     # ==== synchronous I/O ============================================================================
     def _run(self, q: QueuePair, reqs: Any, n: int, what: str) -> None:
@@ -135,14 +127,7 @@ class Namespace(ByteIO):
                 bounce: list[DmaBuffer] = []
                 try:
                     for j, (off, n) in enumerate(part):
-                        if dma is not None:
-                            buf, boff = dma, off
-                        else:
-                            buf, boff = ctl.alloc_buffer(n), 0
-                            bounce.append(buf)
-                            if write:
-                                assert view is not None
-                                buf.view[:n] = view[off:off + n]
+                        buf, boff = piece_buffer(ctl.alloc_buffer, dma, view, off, n, write, bounce)
                         r = reqs[j]
                         start = buf.offset + boff
                         r.tag = j
@@ -233,9 +218,12 @@ class Namespace(ByteIO):
         return NvmeBatch(self, slots, size, write=write, fua=fua)
 
 
-class NvmeBatch:
+class NvmeBatch(SlotBatch):
     """Array-based batch I/O on one claimed I/O queue: the same interface as
     :class:`uvmbus.storvsc.IoBatch` (``submit``/``reap``/``tags``/``ok``/``error``/``drain``)."""
+
+    READ_KIND = lib.UVB_NVME_IO_READ
+    WRITE_KIND = lib.UVB_NVME_IO_WRITE
 
     def __init__(self, ns: Namespace, slots: int, size: int, *, write: bool = False,
                  fua: bool = False) -> None:
@@ -275,9 +263,7 @@ class NvmeBatch:
         self.blocks_per_slot = size // bs
         self.tags = self.queue.tags
         self.ok: Any = ffi.new("uint8_t[]", REAP_BATCH)
-        self._slots = ffi.new("uint64_t[]", slots)
-        self._lbas = ffi.new("uint64_t[]", slots)
-        self._kinds = ffi.new("uint8_t[]", slots)
+        self._init_slots(slots)
         self._status: list[int] = []
         self.inflight = 0
         self.completed = 0
@@ -285,32 +271,14 @@ class NvmeBatch:
 
     def submit(self, slots: Sequence[int] | Any, lbas: Sequence[int] | Any, *, n: int | None = None,
                write: bool | None = None) -> int:
-        count = len(slots) if n is None else n
+        count, sp, lp, kp = self._submit_args(slots, lbas, n, write)
         if count == 0:
             return 0
-        sp = slots if isinstance(slots, ffi.CData) else self._fill(self._slots, slots, count)
-        lp = lbas if isinstance(lbas, ffi.CData) else self._fill(self._lbas, lbas, count)
-        kp = ffi.NULL
-        if write is not None:
-            k = lib.UVB_NVME_IO_WRITE if write else lib.UVB_NVME_IO_READ
-            for i in range(count):
-                self._kinds[i] = k
-            kp = self._kinds
         rc = lib.uvb_nvme_submit_slots(self.queue.q, self.table, sp, lp, kp, count)
         if rc < 0:
             self.controller._queue_failed(self.queue, rc)
         self.inflight += rc
         return int(rc)
-
-    @staticmethod
-    def _fill(arr: Any, values: Sequence[int], n: int) -> Any:
-        for i in range(n):
-            arr[i] = values[i]
-        return arr
-
-    def random_lbas(self, out: Any, n: int, state: Any, *, span_blocks: int | None = None) -> None:
-        span = self.disk.blocks if span_blocks is None else span_blocks
-        lib.uvb_stor_random_lbas(out, n, span // self.blocks_per_slot, self.blocks_per_slot, 0, state)
 
     def reap(self, timeout: float | None = 0.0) -> int:
         q = self.queue
@@ -335,15 +303,6 @@ class NvmeBatch:
         return self.queue.command_error(st, f"batch slot {slot} LBA {int(self.table[slot].slba)} "
                                             f"on namespace {self.disk.nsid}")
 
-    def drain(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.inflight:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StorageError(f"NvmeBatch: {self.inflight} requests still in flight after "
-                                   f"{timeout} s")
-            self.reap(remaining)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -357,9 +316,3 @@ class NvmeBatch:
                     if not b.freed:
                         b.free()
             self.controller.release_queue(self.queue)
-
-    def __enter__(self) -> NvmeBatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

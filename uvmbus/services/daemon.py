@@ -284,6 +284,15 @@ class Daemon:
         t.start()
         return t
 
+    def retire(self, name: str) -> None:
+        """Forget a worker that ended by design (the bridge's rx-Q of a queue the re-offered
+        NIC no longer has): it no longer counts for health."""
+        t = self._threads.get(name)
+        if t is not None and t.is_alive():
+            raise RuntimeError(f"worker {name} is still running")
+        self._threads.pop(name, None)
+        self._beats.pop(name, None)
+
     def beat(self, name: str) -> None:
         """A worker's "I am making progress" (at least every ``stale_after`` seconds)."""
         self._beats[name] = time.monotonic()

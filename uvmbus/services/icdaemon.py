@@ -2,8 +2,10 @@
 
 For every requested service the daemon finds the device of that class, hands it to
 ``uio_hv_generic`` (unbinding ``hv_utils``; :func:`uvmbus.bus.bind_uio`), opens its channel
-and answers the host on one worker thread per service.  On exit (SIGTERM, or a dead channel)
-it gives every device it took back to its kernel driver (:func:`uvmbus.bus.unbind_uio`), so
+and answers the host on one worker thread per service.  A device that goes away (rescind,
+revoked channel) is reported lost and taken again when the host re-offers it
+(:class:`uvmbus.services.reattach.DeviceWatch`, one per service).  On exit (SIGTERM, or no
+re-offer within ``--reattach-timeout``) it gives every device it took back to its kernel driver (:func:`uvmbus.bus.unbind_uio`), so
 the guest keeps its heartbeat/shutdown/time sync/KVP through hv_utils again.  fcopy has no
 kernel driver since Linux 6.10: it is left unbound.
 """
@@ -32,6 +34,7 @@ from uvmbus.ic.shutdown import (
     systemctl_action,
 )
 from uvmbus.ic.timesync import TimeSyncService
+from uvmbus.services.reattach import DeviceWatch
 
 __all__ = ["SERVICE_NAMES", "IcOptions", "build_service", "run_ic"]
 
@@ -54,6 +57,10 @@ class IcOptions:
     give_back: bool = True
     bind_timeout: float = 10.0
     force: bool = False
+    #: a uvmbus.trace.Recorder (shared by every IC channel; the caller closes it), or None
+    record: Any = None
+    #: seconds to wait for a rescinded IC device to be offered again (then exit 1)
+    reattach_timeout: float = 8.0            # under uvmbus-ic.service's WatchdogSec=10s
 
 
 def _shutdown_callback(spec: str) -> Callable[[ShutdownRequest], None]:
@@ -97,13 +104,16 @@ def build_service(name: str, opts: IcOptions) -> IcService:
 
 
 class _Served:
-    def __init__(self, name: str, service: IcService, dev: Any, cdev: Any, bound_by_us: bool):
+    def __init__(self, name: str, service: IcService, dev: Any, cdev: Any, bound_by_us: bool,
+                 watch: DeviceWatch):
         self.name = name
         self.service = service
         self.dev = dev
         self.cdev = cdev
         self.bound_by_us = bound_by_us
         self.driver = IcDriver(service, cdev.primary)
+        #: the device's loss and reattachment (shared with `blk export` and `net bridge`)
+        self.watch = watch
 
 
 def run_ic(opts: IcOptions, daemon: Any) -> int:
@@ -144,22 +154,26 @@ def run_ic(opts: IcOptions, daemon: Any) -> int:
                     raise
                 bound_by_us = True
             try:
-                cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)))
+                cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)), recorder=opts.record)
             except BaseException:
                 if bound_by_us and opts.give_back:
                     _give_back(bus, dev, opts, name)
                 raise
-            served.append(_Served(name, svc, dev, cdev, bound_by_us))
+            served.append(_Served(name, svc, dev, cdev, bound_by_us,
+                                  DeviceWatch(daemon, opts.root, dev.device_id, opts.reattach_timeout, log)))
         if not served:
             raise ConfigError(f"none of the requested IC devices ({', '.join(opts.services)}) exists "
                               f"under {opts.root}: `uvmbus list` shows what this VM offers")
         _metrics(daemon, served)
         daemon.status_fn = lambda: {"services": {s.name: {**s.service.status(), "device": s.dev.device_id,
-                                                           "replies": s.driver.replies}
+                                                           "replies": s.driver.replies,
+                                                           "device_lost": s.watch.lost or None,
+                                                           "reattaches": s.watch.reattaches}
                                                   for s in served}}
+        daemon.problem_fn = lambda: "; ".join(p for s in served if (p := s.watch.problem()))
         stop = daemon.stop_event
         for s in served:
-            daemon.spawn(s.name, _worker(s, stop, daemon))
+            daemon.spawn(s.name, _worker(s, stop, daemon, bus, opts, locks, served))
         daemon.ready(f"serving {', '.join(s.name for s in served)}")
         daemon.run()
         daemon.stopping()
@@ -193,10 +207,64 @@ def _give_back(bus: Any, dev: Any, opts: IcOptions, name: str) -> None:
                   exc, dev.device_id)
 
 
-def _worker(s: _Served, stop: threading.Event, daemon: Any) -> Callable[[], None]:
+def _worker(s: _Served, stop: threading.Event, daemon: Any, bus: Any, opts: IcOptions,
+            locks: contextlib.ExitStack, served: list[_Served]) -> Callable[[], None]:
+    """Serve the channel; when it dies (rescind, host loss, corrupt ring) wait for a re-offer
+    and serve the new channel (docs/ic.md, docs/reliability.md)."""
     def run() -> None:
-        s.driver.run(stop, beat=lambda: daemon.beat(s.name))
+        w = s.watch
+        while not stop.is_set():
+            if not w.lost:
+                try:
+                    s.driver.run(stop, beat=lambda: daemon.beat(s.name))
+                    return
+                except UvmbusError as exc:
+                    endpoint = getattr(getattr(s.cdev, "uio", None), "endpoint", None)
+                    why = w.gone_reason(endpoint)
+                    if not why and not w.is_loss(exc):
+                        raise
+                    w.mark_lost(f"{s.name}: {why or f'{type(exc).__name__}: {exc}'}")
+                    with contextlib.suppress(Exception):       # a dead channel may fail to close
+                        s.cdev.close()
+                continue
+            daemon.beat(s.name)
+            if w.check_expired():
+                return
+            if w.may_retry():
+                _reattach(s, bus, opts, locks, served, daemon)
+            stop.wait(0.1)
     return run
+
+
+def _reattach(s: _Served, bus: Any, opts: IcOptions, locks: contextlib.ExitStack,
+              served: list[_Served], daemon: Any) -> None:
+    """The device is offered again (same GUID): take it again if it went to its kernel driver,
+    open the new channel and serve it with the same service state."""
+    from uvmbus.bus import bind_uio
+    from uvmbus.bus.devices import UIO_DRIVER
+    from uvmbus.channel import ChannelDevice
+    from uvmbus.uio import UioDevice
+
+    try:
+        dev = bus.device(s.dev.device_id)
+        locks.enter_context(_lock(dev))       # a re-offer is a new sysfs directory: hold it too
+        if dev.driver != UIO_DRIVER:
+            if not opts.bind:
+                log.info("%s: the re-offered %s is on %s; waiting for it to be bound to "
+                         "uio_hv_generic (--no-bind)", s.name, dev.device_id, dev.driver or "no driver")
+                return
+            log.info("%s: taking the re-offered %s from %s", s.name, dev.device_id, dev.driver or "no driver")
+            bind_uio(bus, dev, force=opts.force, timeout=opts.bind_timeout)
+            s.bound_by_us = True
+        cdev = ChannelDevice(UioDevice(bus, bus.device(dev.device_id)), recorder=opts.record)
+    except (UvmbusError, OSError) as exc:       # OSError: the endpoint reset while re-offered
+        log.info("%s: reattach not possible yet: %s", s.name, exc)
+        return
+    s.dev, s.cdev = dev, cdev
+    s.driver.channel = cdev.primary
+    still = [o.name for o in served if o.watch.lost and o is not s]
+    s.watch.reattached(f"serving {', '.join(o.name for o in served)}; {s.name} reattached"
+                       + (f" (still lost: {', '.join(still)})" if still else ""))
 
 
 @contextlib.contextmanager

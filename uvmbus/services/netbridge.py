@@ -120,6 +120,11 @@ class NetBridge:
         self._rx_threads: list[threading.Thread] = []
         self.nic_mac = ""
         self.nic_mtu = opts.mtu
+        self.nic_queues = 0
+        self.nic_lso = (0, 0)
+        #: what a re-offered NIC changed (queues / mtu / mac / lso): counts, and the last change
+        self.nic_changes = {"queues": 0, "mtu": 0, "mac": 0, "lso": 0}
+        self.last_change: dict[str, Any] | None = None
         #: the TAP carries virtio-net headers (large sends from the kernel)
         self.vnet = False
 
@@ -163,6 +168,8 @@ class NetBridge:
             self.queue_stats[q] = _DirStats()
         self.watch.device_id = self.device_id
         self.nic_mac, self.nic_mtu = str(self.nic.mac), int(self.nic.mtu)
+        self.nic_queues = int(self.nic.num_queues)
+        self.nic_lso = (int(lim["ipv4_max"]), int(lim["ipv6_max"]))
 
     def _link_changed(self, up: bool) -> None:
         log.info("link %s", "up" if up else "down", extra={"device": self.device_id})
@@ -288,9 +295,6 @@ class NetBridge:
         p = select.poll()
         p.register(fd, select.POLLIN)
         p.register(self._wake_r, select.POLLIN)
-        max_frame = self.opts.mtu + 18             # Ethernet header + one VLAN tag
-        if self.nic is not None:
-            max_frame = self.nic.mtu + 18
         while not self._stop.is_set():
             self.daemon.beat("tx")
             p.poll(int(RX_TIMEOUT * 1000))
@@ -308,7 +312,8 @@ class NetBridge:
                     st.lost_drops += len(frames)
                     continue
                 try:
-                    self._send(nic, frames, max_frame)
+                    # Ethernet header + one VLAN tag; the MTU may change on a reattach
+                    self._send(nic, frames, self.nic_mtu + 18)
                 except UvmbusError as exc:
                     if not self._note_loss(nic, exc):
                         raise
@@ -377,8 +382,9 @@ class NetBridge:
 
     def try_reattach(self) -> None:
         """From the main thread while the device is gone: once it is offered again, reopen it
-        (same queue count, MTU and MAC, else exit 1) and start the rx workers again; the TAP
-        and the tx worker stay as they are."""
+        (with the options it was first opened with), fit the TAP to what the host now offers
+        (:meth:`_adapt`: queue count, MTU, MAC, large sends) and start the rx workers again;
+        the TAP (same ifindex) and the tx worker stay."""
         import uvmbus.netvsc as nv
 
         if not self.watch.may_retry():
@@ -402,27 +408,76 @@ class NetBridge:
         except UvmbusError as exc:
             log.info("reattach not possible yet: %s", exc)
             return
-        tap = self.tap
-        assert tap is not None
-        want = (len(self.queue_stats), self.nic_mtu, self.nic_mac)
-        got = (int(nic.num_queues), int(nic.mtu), str(nic.mac))
-        if got != want:
+        try:
+            changed = self._adapt(nic)
+        except UvmbusError as exc:
             try:
                 nic.close()
-            except UvmbusError as exc:
-                log.info("closing the re-offered NIC: %s", exc)
-            msg = (f"the re-offered NIC has {got[0]} queue(s), MTU {got[1]}, MAC {got[2]}, not "
-                   f"{want[0]}, {want[1]}, {want[2]}: not the bridged NIC")
-            log.error("reattach failed: %s", msg)
-            self.watch.give_up(f"reattach failed: {msg}")
+            except UvmbusError as cexc:
+                log.info("closing the re-offered NIC: %s", cexc)
+            log.error("reattach failed: %s", exc)
+            self.watch.give_up(f"reattach failed: {exc}")
             return
         nic.on_link_change(self._link_changed)
         nic.on_vf_change(self._vf_changed)
-        tap.set_carrier(bool(nic.link_up))
+        assert self.tap is not None
+        self.tap.set_carrier(bool(nic.link_up))
+        for q in range(int(nic.num_queues)):
+            self.queue_stats.setdefault(q, _DirStats())
+        for q in range(int(nic.num_queues), len(self._rx_threads)):
+            self.daemon.retire(f"rx-{q}")      # ended with the lost NIC; that queue is no more
         with self._nic_lock:
             self.nic = nic
-        self.watch.reattached(self.status_line())
+        what = "; ".join(changed)
+        self.watch.reattached((f"reattached, the NIC changed: {what}; " if changed else "")
+                              + self.status_line())
         self._start_rx()
+
+    def _adapt(self, nic: Any) -> list[str]:
+        """Fit the bridge to a re-offered NIC that differs from the one it had (docs/reliability.md):
+        the TAP is kept (same ifindex, addresses, routes) and changed in place.  Returns what
+        changed, in words; raises NetError if the TAP cannot follow."""
+        tap = self.tap
+        assert tap is not None
+        lim = nic.lso_limits()
+        got_q, got_mtu, got_mac = int(nic.num_queues), int(nic.mtu), str(nic.mac)
+        got_lso = (int(lim["ipv4_max"]), int(lim["ipv6_max"]))
+        changed: list[str] = []
+        rec: dict[str, Any] = {}
+        if got_q != self.nic_queues:
+            # one TAP file descriptor (no IFF_MULTI_QUEUE): every rx-Q writes to it and tx sends
+            # on queue 0, so only the rx workers follow the queue count
+            changed.append(f"queues {self.nic_queues} -> {got_q} (rx workers follow; the TAP is "
+                           "single-queue and stays)")
+            rec["queues"] = [self.nic_queues, got_q]
+            self.nic_changes["queues"] += 1
+            self.nic_queues = got_q
+        if got_mtu != self.nic_mtu:
+            tap.set_mtu(got_mtu)
+            changed.append(f"MTU {self.nic_mtu} -> {got_mtu} (set on the TAP)")
+            rec["mtu"] = [self.nic_mtu, got_mtu]
+            self.nic_changes["mtu"] += 1
+            self.nic_mtu = got_mtu
+        if got_mac.lower() != self.nic_mac.lower():
+            tap.set_mac(got_mac)
+            changed.append(f"MAC {self.nic_mac} -> {got_mac} (the TAP follows)")
+            rec["mac"] = [self.nic_mac, got_mac]
+            self.nic_changes["mac"] += 1
+            self.nic_mac = got_mac
+        if self.vnet and got_lso != self.nic_lso:
+            # large sends only as far as the new NIC takes them: TUNSETOFFLOAD again
+            tap.set_tso(bool(got_lso[0]), bool(got_lso[1]))
+            changed.append(f"large sends IPv4/IPv6 max {self.nic_lso[0]}/{self.nic_lso[1]} -> "
+                           f"{got_lso[0]}/{got_lso[1]} (TAP offloads set again)")
+            rec["lso"] = [list(self.nic_lso), list(got_lso)]
+            self.nic_changes["lso"] += 1
+            self.nic_lso = got_lso
+        if changed:
+            rec["at"] = time.time()
+            self.last_change = rec
+            log.warning("the re-offered NIC differs: %s", "; ".join(changed),
+                        extra={"device": self.device_id})
+        return changed
 
     def stop(self, timeout: float = 5.0) -> list[str]:
         """Stop reading, let the workers finish their bursts; names of workers left running."""
@@ -472,7 +527,8 @@ class NetBridge:
             "bridge": {k: vars(v) for k, v in self.stats.items()},
             "queues": self.queue_rows(),
             "device_lost": self.watch.lost or None, "reattaches": self.watch.reattaches,
-            "mac": self.nic_mac, "mtu": self.nic_mtu, "link_up": False,
+            "mac": self.nic_mac, "mtu": self.nic_mtu, "num_queues": self.nic_queues, "link_up": False,
+            "nic_changes": dict(self.nic_changes), "last_nic_change": self.last_change,
             "lso": self.vnet,
         }
         nic = self.nic
@@ -521,11 +577,16 @@ class NetBridge:
                          "bridge waits for a re-offer", ("device",))
         reattaches = reg.counter("bridge_reattaches_total", "times the NIC came back and the bridge "
                                  "resumed", ("device",))
+        nchanges = reg.counter("bridge_nic_changes_total", "reattaches to a NIC that came back with "
+                               "another queue count, MTU, MAC or large-send limit, by what changed",
+                               ("device", "what"))
 
         def collect() -> None:
             d = self.device_id
             lost.labels(d).set(1 if self.watch.lost else 0)
             reattaches.labels(d).set(self.watch.reattaches)
+            for what, n in self.nic_changes.items():
+                nchanges.labels(d, what).set(n)
             for row in self.queue_rows():
                 q = str(row["queue"])
                 packets.labels(d, q, "rx").set(row["rx_packets"])

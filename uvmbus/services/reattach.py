@@ -1,5 +1,5 @@
 """A daemon's VMBus device going away and coming back (issue 12.2), shared by ``uvmbus blk
-export`` and ``uvmbus net bridge``.
+export``, ``uvmbus net bridge`` and ``uvmbus ic run``.
 
 When the device is rescinded, its channel revoked or its ring found corrupt, the daemon
 reports it at once (control ``status``, metrics, sd_notify ``STATUS=``; :meth:`DeviceWatch.problem`

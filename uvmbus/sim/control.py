@@ -145,7 +145,8 @@ class ControlClient:
         line, self._buf = self._buf.split(b"\n", 1)
         reply = json.loads(line)
         if not reply.get("ok"):
-            raise SimulatorError(f"simulator refused {cmd!r}: {reply.get('error')}")
+            what = f"{cmd} {args['op']!r}" if cmd == "model" and "op" in args else repr(cmd)
+            raise SimulatorError(f"simulator refused {what}: {reply.get('error')}")
         return reply
 
     def close(self) -> None:

@@ -160,6 +160,9 @@ class SimDevice:
             self._forget_subchannel(relid)
         self.vm.tree.remove_device(self.device_id)
         self.present = False
+        # the kernel frees the struct hv_device (vmbus_device_unregister), and with it its
+        # driver_override: a re-offer is a new device with none (its sysfs file reads empty)
+        self.driver_override = None
 
     # ==== binding (event loop) ============================================================
     def bind(self, driver: str) -> bool:

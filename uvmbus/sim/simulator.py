@@ -561,7 +561,10 @@ class Simulator:
                 return {"ok": True}
             return {"ok": False, "error": f"unknown command {cmd!r}; faults: {', '.join(FAULT_NAMES)}"}
         except KeyError as exc:
-            return {"ok": False, "error": f"{cmd}: missing argument {exc}"}
+            what = f"model {req.get('op')!r}" if cmd == "model" and "op" in req else cmd
+            how = (f"pass it as {exc.args[0]}=VALUE (`sim ctl model DEVICE {req.get('op')} "
+                   f"{exc.args[0]}=VALUE`)" if cmd == "model" and "op" in req else "see `uvmbus sim ctl --help`")
+            return {"ok": False, "error": f"{what}: missing argument {exc}: {how}"}
         except (ConfigError, SimulatorError, ValueError, TypeError) as exc:
             return {"ok": False, "error": str(exc)}
 

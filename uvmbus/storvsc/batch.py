@@ -34,8 +34,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from uvmbus.block.slots import SlotBatch
 from uvmbus.dma import DmaBuffer
-from uvmbus.errors import ConfigError, ProtocolError, StorageError
+from uvmbus.errors import ConfigError, ProtocolError
 from uvmbus.native import ffi, lib
 from uvmbus.storvsc import scsi
 from uvmbus.storvsc.command import BlockLun, Command
@@ -44,8 +45,11 @@ from uvmbus.storvsc.queue import REAP_BATCH, IoQueue
 __all__ = ["IoBatch"]
 
 
-class IoBatch:
+class IoBatch(SlotBatch):
     """See the module docstring."""
+
+    READ_KIND = lib.UVB_STOR_READ16
+    WRITE_KIND = lib.UVB_STOR_WRITE16
 
     def __init__(self, disk: BlockLun, slots: int, size: int, *, queue: IoQueue | None = None,
                  write: bool = False, fua: bool = False, channels: int = 1) -> None:
@@ -107,9 +111,7 @@ class IoBatch:
         self.tags: Any = ffi.new("uint64_t[]", REAP_BATCH)
         self.ok: Any = ffi.new("uint8_t[]", REAP_BATCH)
         self._nbad = ffi.new("uint32_t *")
-        self._slots = ffi.new("uint64_t[]", slots)
-        self._lbas = ffi.new("uint64_t[]", slots)
-        self._kinds = ffi.new("uint8_t[]", slots)
+        self._init_slots(slots)
         nq = len(self.queues)
         self._rslots = ffi.new("uint64_t[]", slots)
         self._rlbas = ffi.new("uint64_t[]", slots)
@@ -127,17 +129,9 @@ class IoBatch:
         """Send ``slots[i]`` at ``lbas[i]`` for i < n (default len(slots)); Python sequences
         or ``uint64_t[]`` cdata.  ``write`` switches the slots' direction (None: keep).
         Returns how many went out (fewer if the ring filled; resubmit the rest later)."""
-        count = len(slots) if n is None else n
+        count, sp, lp, kp = self._submit_args(slots, lbas, n, write)
         if count == 0:
             return 0
-        sp = slots if isinstance(slots, ffi.CData) else self._fill(self._slots, slots, count)
-        lp = lbas if isinstance(lbas, ffi.CData) else self._fill(self._lbas, lbas, count)
-        kp = ffi.NULL
-        if write is not None:
-            k = lib.UVB_STOR_WRITE16 if write else lib.UVB_STOR_READ16
-            for i in range(count):
-                self._kinds[i] = k
-            kp = self._kinds
         if len(self.queues) == 1:
             rc = lib.uvb_stor_submit_slots(self.queue.q, self.table, sp, lp, kp, count)
             if rc < 0:
@@ -183,18 +177,6 @@ class IoBatch:
                 if lp != ffi.NULL:
                     lp[j] = rl[i]
         return total
-
-    @staticmethod
-    def _fill(arr: Any, values: Sequence[int], n: int) -> Any:
-        for i in range(n):
-            arr[i] = values[i]
-        return arr
-
-    def random_lbas(self, out: Any, n: int, state: Any, *, span_blocks: int | None = None) -> None:
-        """Fill ``out[0:n]`` with random slot-aligned LBAs inside the disk (C; ``state`` is
-        a ``uint64_t *`` seed/state)."""
-        span = self.disk.blocks if span_blocks is None else span_blocks
-        lib.uvb_stor_random_lbas(out, n, span // self.blocks_per_slot, self.blocks_per_slot, 0, state)
 
     # -- completion -------------------------------------------------------------------------
     def reap(self, timeout: float | None = 0.0) -> int:
@@ -268,15 +250,6 @@ class IoBatch:
         sense = scsi.parse_sense(bytes(ffi.buffer(c.sense, c.sense_len))) if c.sense_len else None
         return self.controller._error_for(cmd, cmd.srb_status & 0x3F, sense)
 
-    def drain(self, timeout: float = 10.0) -> None:
-        """Wait for every request in flight."""
-        deadline = time.monotonic() + timeout
-        while self.inflight:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StorageError(f"IoBatch: {self.inflight} requests still in flight after {timeout} s")
-            self.reap(remaining)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -290,10 +263,4 @@ class IoBatch:
                     b.free()
             for q in self.queues:
                 self.controller.release_queue(q)
-
-    def __enter__(self) -> IoBatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from uvmbus.block.interface import ByteIO
+from uvmbus.block.interface import ByteIO, check_range, piece_buffer
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import (
     ConfigError,
@@ -340,15 +340,7 @@ class Disk(ByteIO, PersistentReservations):
     def _check(self, offset: int, length: int, what: str) -> None:
         if self.gone:
             raise LunGone(f"LUN {self.lun} was removed from the controller")
-        bs = self.block_size
-        if offset < 0 or length < 0:
-            raise ConfigError(f"{what}: negative offset {offset} or length {length}")
-        if offset % bs or length % bs:
-            raise ConfigError(f"{what}: offset {offset} and length {length} must be multiples of "
-                              f"the {bs}-byte block size of LUN {self.lun}")
-        if offset + length > self.size:
-            raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of LUN "
-                              f"{self.lun} ({self.size} bytes)")
+        check_range(what, offset, length, self.block_size, self.size, f"LUN {self.lun}")
 
     # ==== batch interface ==================================================================
     def _command(self, write: bool, offset: int, buffer: DmaBuffer, length: int | None,
@@ -410,14 +402,7 @@ class Disk(ByteIO, PersistentReservations):
             bounce: list[DmaBuffer] = []
             try:
                 for off, n in part:
-                    if dma is not None:
-                        buf, boff = dma, off
-                    else:
-                        buf, boff = ctl.alloc_buffer(n), 0
-                        bounce.append(buf)
-                        if write:
-                            assert view is not None
-                            buf.view[:n] = view[off:off + n]
+                    buf, boff = piece_buffer(ctl.alloc_buffer, dma, view, off, n, write, bounce)
                     cmds.append(self._command(write, offset + off, buf, n, boff, fua, None))
                 ctl.run(cmds)
                 for (off, n), cmd in zip(part, cmds, strict=True):

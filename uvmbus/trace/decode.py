@@ -45,6 +45,7 @@ VSTOR_OPS = _names("VSTOR_OP_")
 SRB_STATUS = _names("SRB_STATUS_", skip=("SRB_STATUS_MASK", "SRB_STATUS_AUTOSENSE", "SRB_STATUS_QUEUE"))
 EVENTS = _names("UVB_TRACE_EV_")
 IC_TYPES = _names("IC_MSGTYPE_")
+SCSI_OPS = _names("SCSI_OP_")     # CDB byte 0 (storvsc_wire.h, as storvsc/scsi.py's Opcode)
 CLASSES = {lib.UVB_TRACE_CLASS_NET: "netvsc", lib.UVB_TRACE_CLASS_SCSI: "storvsc",
            lib.UVB_TRACE_CLASS_IC: "ic", lib.UVB_TRACE_CLASS_OTHER: "vmbus"}
 
@@ -87,12 +88,7 @@ RNDIS_STRUCTS = {
 
 
 def scsi_name(op: int) -> str:
-    from uvmbus.storvsc.scsi import Opcode
-
-    try:
-        return Opcode(op).name
-    except ValueError:
-        return f"SCSI_{op:#04x}"
+    return SCSI_OPS.get(op, f"SCSI_{op:#04x}")
 
 
 def fields(ctype: str, data: bytes, offset: int = 0) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from uvmbus.bus.children import OsChildren, find_children
 from uvmbus.bus.classes import normalize_guid
-from uvmbus.bus.devices import _find_children
 from uvmbus.bus.sysfs import read_text
 from uvmbus.errors import ConfigError, NotFound
 
@@ -63,7 +63,7 @@ def guid_domain(guid: str) -> int:
     return int(g.split("-")[1], 16)
 
 
-class PciFunction:
+class PciFunction(OsChildren):
     """A view of ``sys/bus/pci/devices/<bdf>``; every property re-reads the tree."""
 
     def __init__(self, bus: PciBus, name: str) -> None:
@@ -208,16 +208,6 @@ class PciFunction:
                 return name
         return None
 
-    # -- OS users (for the safety check) ------------------------------------------------------
-    def net_interfaces(self) -> list[str]:
-        return sorted({p.name for p in _find_children(self.path, "net")})
-
-    def block_devices(self) -> list[str]:
-        return sorted({p.name for p in self.block_device_paths()})
-
-    def block_device_paths(self) -> list[Path]:
-        return _find_children(self.path, "block", disks=True)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "address": self.name, "vendor": f"{self.vendor_id:04x}",
@@ -282,7 +272,7 @@ class PciBus:
         want = ":".join(f"{b:02x}" for b in mac)
         hits = []
         for f in self.functions():
-            for dev in _find_children(f.path, "net"):
+            for dev in find_children(f.path, "net"):
                 addr = read_text(dev / "address")
                 if addr and addr.strip().lower() == want:
                     hits.append(f)

@@ -53,12 +53,13 @@ def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def add_record(p: argparse.ArgumentParser, *, side: str = "guest") -> None:
-    """``--record FILE.pcapng`` and its options (docs/trace.md)."""
+def add_record(p: argparse.ArgumentParser, *, side: str = "guest", what: str | None = None) -> None:
+    """``--record FILE.pcapng`` and its options (docs/trace.md); ``what`` is recorded."""
     from uvmbus.trace.recorder import DEFAULT_SNAPLEN
 
-    what = "every VMBus packet the host side sees, plus signals, interrupts, masks and faults" \
-        if side == "host" else "every VMBus packet of every channel of the device"
+    if what is None:
+        what = "every VMBus packet the host side sees, plus signals, interrupts, masks and faults" \
+            if side == "host" else "every VMBus packet of every channel of the device"
     g = p.add_argument_group("recording (docs/trace.md)")
     g.add_argument("--record", default=None, metavar="FILE.pcapng", help=f"record {what} to a pcapng trace")
     g.add_argument("--snaplen", type=int_range(0, 65535), default=DEFAULT_SNAPLEN, metavar="BYTES",

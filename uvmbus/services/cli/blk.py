@@ -58,9 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "lba-status, pr (persistent reservations), NBD export daemon")
     bsub = p.add_subparsers(dest="blk_command", metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("device", help="VMBus device (GUID, unique prefix, or 'storvsc'), or an NVMe "
-                        "controller on vfio-pci (PCI address, vPCI GUID, or 'nvme')")
+    def common(sp: argparse.ArgumentParser, scsi_only: bool = False) -> None:
+        sp.add_argument("device", help=(
+            "storvsc VMBus device (GUID, unique prefix, or 'storvsc'): a SCSI command, not for NVMe"
+            if scsi_only else "VMBus device (GUID, unique prefix, or 'storvsc'), or an NVMe "
+            "controller on vfio-pci (PCI address, vPCI GUID, or 'nvme')"))
         add_root(sp)
         sp.add_argument("--subchannels", type=int_range(0, 64), default=0,
                         help="sub-channels to request (default 0: one channel)")
@@ -119,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_bench)
 
     ls = bsub.add_parser("lba-status", help="mapped / deallocated ranges of a LUN (GET LBA STATUS)")
-    common(ls)
+    common(ls, scsi_only=True)
     ls.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
     ls.add_argument("--offset", type=parse_bytes, default=0, help="byte offset (block aligned; K/M/G)")
     ls.add_argument("--length", type=parse_bytes, default=None,
@@ -134,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "speaks for the same initiator. Keys are numbers (0x... for hex). Types: we "
         "(write-exclusive), ea (exclusive-access), we-ro, ea-ro (registrants only), we-ar, ea-ar "
         "(all registrants).")
-    common(pr)
+    common(pr, scsi_only=True)
     pr.add_argument("action", choices=("read", "register", "reserve", "release", "preempt", "clear"),
                     help="read: keys, reservation and supported types; the others change them")
     pr.add_argument("--lun", type=int_range(0, 255), default=0, help="LUN (default 0)")
@@ -162,6 +164,11 @@ def _lba_status(args: argparse.Namespace) -> int:
         bs = disk.block_size
         if args.offset % bs or (args.length is not None and args.length % bs):
             raise ConfigError(f"--offset and --length must be multiples of the {bs}-byte block size")
+        end = disk.size if args.length is None else args.offset + args.length
+        if args.length == 0 or not args.offset < end <= disk.size:
+            raise ConfigError(f"--offset {args.offset} --length "
+                              f"{'(to the end)' if args.length is None else args.length}: give a "
+                              f"non-empty byte range inside LUN {args.lun} ({disk.size} bytes)")
         runs = disk.lba_status(args.offset // bs, None if args.length is None else args.length // bs)
     rows = [{"lba": r.lba, "blocks": r.count, "offset": r.lba * bs, "length": r.count * bs,
              "state": r.state} for r in runs]

@@ -91,7 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no large sends: the TAP offers no TSO/checksum offload (IFF_VNET_HDR), the "
                         "kernel sends MTU-sized frames (default: large sends when the host "
                         "negotiated LSO and no --hook is given)")
-    _reattach_option(b, "keep the TAP up (frames sent on it are dropped and counted)", 8.0, 10)
+    _reattach_option(b, "keep the TAP up (frames sent on it are dropped and counted; a NIC back "
+                     "with another queue count, MTU or MAC is followed, the TAP changed in place)",
+                     8.0, 10)
     _daemon_options(b)
     add_record(b)
     b.set_defaults(func=_bridge)

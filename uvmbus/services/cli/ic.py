@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from uvmbus.services.cli import seconds
+from uvmbus.services.cli import add_record, recording, seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from uvmbus.services.cli.daemons import _daemon_options
+    from uvmbus.services.cli.daemons import _daemon_options, _reattach_option
 
     ic = sub.add_parser("ic", help="integration components (heartbeat, shutdown, time sync, KVP, fcopy)")
     isub = ic.add_subparsers(dest="ic_command", metavar="COMMAND")
@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="at exit, leave the devices on uio_hv_generic instead of giving them back")
     r.add_argument("--bind-timeout", type=seconds(), default=10.0, metavar="SECONDS",
                    help="how long a bind/unbind may take (default 10)")
+    _reattach_option(r, "keep serving the other services", 8.0, 10)
     _daemon_options(r)
+    add_record(r, what="every packet of every IC channel served (requests and answers; KVP "
+                       "values and fcopy data included, whatever --snaplen says)")
     r.set_defaults(func=_run)
 
 
@@ -49,5 +52,8 @@ def _run(args: argparse.Namespace) -> int:
     opts = IcOptions(root=args.root, services=services, fcopy_root=args.fcopy_root,
                      kvp_dir=args.kvp_dir, shutdown_action=args.shutdown_action,
                      timesync_apply=args.timesync, bind=not args.no_bind,
-                     give_back=not args.keep_bound, bind_timeout=args.bind_timeout)
-    return run_ic(opts, _daemon(args, "ic"))
+                     give_back=not args.keep_bound, bind_timeout=args.bind_timeout,
+                     reattach_timeout=args.reattach_timeout)
+    with recording(args) as rec:
+        opts.record = rec
+        return run_ic(opts, _daemon(args, "ic"))

@@ -319,9 +319,11 @@ def _ctl(args: argparse.Namespace) -> int:
             raise ConfigError("link needs DEVICE up|down")
         req = {"cmd": "model", "device": a[0], "op": "link", "args": {"up": a[1] == "up"}}
     elif args.request == "vf":
-        if len(a) not in (2, 3) or a[1] not in ("add", "remove") or (len(a) == 3 and (
-                a[1] != "add" or not a[2].isdigit())):
+        if len(a) not in (2, 3) or a[1] not in ("add", "remove") or (len(a) == 3 and a[1] != "add"):
             raise ConfigError("vf needs DEVICE add [SERIAL] or DEVICE remove (e.g. `vf netvsc add`)")
+        if len(a) == 3 and not a[2].isdigit():
+            raise ConfigError(f"vf add: SERIAL is the VF's serial number, a decimal number "
+                              f"(e.g. `vf {a[0]} add 7`), not {a[2]!r}")
         vargs: dict[str, Any] = {"action": a[1]}
         if len(a) == 3:
             vargs["serial"] = int(a[2])

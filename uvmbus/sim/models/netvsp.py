@@ -94,7 +94,8 @@ serial 0}.
 
 Options (``--device netvsc:KEY=VAL,...``; ``--nic N --nic-backend B``): ``backend``
 (loopback, sink, generator, none, tap:NAME[@NETNS]), ``versions`` (e.g. ``5/6.1``), ``mac``,
-``max_queues`` (default 8), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
+``max_queues`` (default 8), ``max_mtu`` (the host's largest MTU, default 9202: the
+OID_GEN_MAXIMUM_FRAME_SIZE answer is capped to it), ``link_speed`` (bit/s, default 10 G), ``link_pacing`` (s),
 ``lso`` (on: LSOv2 offered like the reference host, 62780 bytes / 2 segments; off),
 ``media_status`` (connected / link), ``mac_change`` (ignore / apply / refuse), ``stats``
 (reference / counters), ``vf`` (1: a VF present from the start), ``vf_serial`` (default
@@ -112,7 +113,9 @@ Control operations (``uvmbus sim ctl model netvsc OP``): ``link`` (up), ``vf`` (
 add / remove, optional serial), ``fault`` (kind, count), ``inband`` (hex payload),
 ``generator`` (size, flows, count, proto), ``backend`` (loopback / sink / generator / none,
 switched while running), ``max_queues`` (the host's queue limit from the next RSS
-capabilities query / SUBCHANNEL request on), ``stats``.
+capabilities query / SUBCHANNEL request on), ``mac`` (the permanent address answered from the
+next OID query on: a NIC re-offered with another MAC), ``max_mtu`` (from the next OID query on),
+``stats``.
 """
 
 from __future__ import annotations
@@ -252,6 +255,11 @@ class NetvspModel(DeviceModel):
         mac = opts.pop("mac", None)
         self.mac = _parse_mac(str(mac)) if mac else _mac_for(device.device_id)
         self.max_queues = _num(opts, "max_queues", 8)
+        #: the host's largest MTU: OID_GEN_MAXIMUM_FRAME_SIZE answers min(the guest's NDIS
+        #: config, this); Linux lowers its MTU to a smaller answer (rndis_filter_device_add)
+        self.max_mtu = _num(opts, "max_mtu", 9202)
+        if not 68 <= self.max_mtu <= 9202:
+            raise ConfigError("max_mtu must be 68..9202")
         if not 1 <= self.max_queues <= lib.UVB_NVSP_MAX_QUEUES:
             raise ConfigError(f"max_queues must be 1..{lib.UVB_NVSP_MAX_QUEUES}")
         self.link_speed = int(_num(opts, "link_speed", 10e9, float))
@@ -841,7 +849,7 @@ class NetvspModel(DeviceModel):
 
     def _query(self, msg: M.RndisRequest) -> tuple[int, bytes]:
         oid = msg.oid
-        mtu = self.mtu
+        mtu = self.frame_max
         u32 = lambda v: struct.pack("<I", v & 0xFFFFFFFF)  # noqa: E731
         ndis_minor = self.ndis_version[1] if self.ndis_version else 0
         simple: dict[int, bytes] = {
@@ -1249,7 +1257,7 @@ class NetvspModel(DeviceModel):
 
     def _start_tap(self) -> None:
         from uvmbus.sim.backends.tap import TapDevice
-        self._tap = TapDevice(self.backend.ifname, self.backend.netns, mtu=self.mtu - 14)
+        self._tap = TapDevice(self.backend.ifname, self.backend.netns, mtu=self.frame_max - 14)
         self.nic.backend_fd = self._tap.fd
         self._tap.start(self.nic, self._poke)
 
@@ -1258,6 +1266,12 @@ class NetvspModel(DeviceModel):
         self.nic.backend_fd = -1
         if tap is not None:
             tap.close()
+
+    @property
+    def frame_max(self) -> int:
+        """The frame size the host answers (OID_GEN_MAXIMUM_FRAME_SIZE + 14): the guest's NDIS
+        config capped by ``max_mtu``; the receive buffer keeps the NDIS config's layout."""
+        return min(self.mtu, self.max_mtu + 14)
 
     def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Model operations (``uvmbus sim ctl model netvsc OP``; simulator event loop)."""
@@ -1311,10 +1325,25 @@ class NetvspModel(DeviceModel):
             with self._lock:
                 self.max_queues = n
             return {"max_queues": n}
+        if op == "mac":
+            # a NIC re-offered with another permanent address (the VM's adapter changed while
+            # it was rescinded): answered from the next OID_802_3_PERMANENT_ADDRESS query on
+            mac = _parse_mac(str(args.get("mac", args.get("value", ""))))
+            with self._lock:
+                self.mac = mac
+            return {"mac": ":".join(f"{b:02x}" for b in mac)}
+        if op == "max_mtu":
+            # the host's largest MTU, from the next SEND_NDIS_CONFIG (next session) on
+            n = int(args.get("max_mtu", args.get("value", 0)))
+            if not 68 <= n <= 9202:
+                raise ConfigError("max_mtu must be 68..9202")
+            with self._lock:
+                self.max_mtu = n
+            return {"max_mtu": n}
         if op == "stats":
             return self.describe()
         raise ConfigError(f"netvsc: unknown control operation {op!r}; known: link, vf, fault, inband, "
-                          "generator, backend, max_queues, stats")
+                          "generator, backend, max_queues, mac, max_mtu, stats")
 
     # ==== reporting ============================================================================
     def _vf_describe(self) -> dict[str, Any]:

@@ -50,8 +50,6 @@ def _table(name: str, d: dict[int, str]) -> str:
 
 
 def render() -> str:
-    from uvmbus.storvsc.scsi import Opcode
-
     ppis = D._names("PPI_", skip=("PPI_TYPE_MASK", "PPI_INTERNAL_FLAG"))
     parts = [BEGIN + "\n"]
     consts = {n: int(getattr(lib, n)) for n in dir(lib) if n.startswith("UVB_TRACE_") and isinstance(getattr(lib, n), int)}
@@ -66,7 +64,7 @@ def render() -> str:
               _table("NVSP_STATUS", D.NVSP_STATUS), _table("RNDIS_TYPES", D.RNDIS_TYPES),
               _table("RNDIS_STATUS", D.RNDIS_STATUS), _table("OIDS", D.OIDS), _table("VSTOR_OPS", D.VSTOR_OPS),
               _table("SRB_STATUS", D.SRB_STATUS), _table("EVENTS", D.EVENTS), _table("CLASSES", D.CLASSES),
-              _table("PPI_TYPES", ppis), _table("IC_TYPES", D.IC_TYPES), _table("SCSI_OPS", {int(o): o.name for o in Opcode})]
+              _table("PPI_TYPES", ppis), _table("IC_TYPES", D.IC_TYPES), _table("SCSI_OPS", D.SCSI_OPS)]
     sname = {**{k: v.replace("struct ", "") for k, v in D.NVSP_STRUCTS.items()}}
     parts.append(_table("NVSP_STRUCT", sname))
     parts.append(_table("RNDIS_STRUCT", {k: v.replace("struct ", "") for k, v in D.RNDIS_STRUCTS.items()}))
