@@ -238,6 +238,11 @@ def main() -> int:
         totals = sim.totals()
     print(f"DPDK rxd {args.rxd}; paced sweep quota every 1 ms\n")
     print(table(results))
+    for r in results:
+        st = r["dpdk"]["dpdk_stats"]
+        print(f"DPDK round {r['round']}, {r['queues']} queue(s), whole session: ipackets "
+              f"{st['ipackets']}, imissed {st['imissed']} (staging ring full), rx_nombuf "
+              f"{st['rx_nombuf']} (mbuf pool empty), oerrors {st['oerrors']}")
     print(f"\nhost: needless signals {totals['needless_signals']}, kernel oopses "
           f"{totals['kernel_oops']}, model errors {totals['model_errors']}")
     if args.json:

@@ -622,7 +622,13 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--txd"))
             txd = (unsigned)atoi(argv[++i]);
     }
-    pool = rte_pktmbuf_pool_create("peer_pool", 8191, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE,
+    /* The PMD keeps up to rxd mbufs per queue in its staging ring and up to txd in flight:
+     * size the pool for two queues of each, or a large --rxd drains it (rx_nombuf) and
+     * txfor finds no mbuf to send.  2^k - 1 elements is the mempool's best size. */
+    unsigned nb = 8191;
+    while (nb < 2 * (rxd + txd) + 2048)
+        nb = nb * 2 + 1;
+    pool = rte_pktmbuf_pool_create("peer_pool", nb, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE,
                                    (int)rte_socket_id());
     if (!pool) {
         reply(0, "\"error\": \"mbuf pool: %s\"", rte_strerror(rte_errno));

@@ -26,14 +26,14 @@ Implementations: :class:`uvmbus.storvsc.Disk` / :class:`~uvmbus.storvsc.IoBatch`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError
 
 __all__ = ["BlockBatch", "BlockController", "BlockDevice", "ByteIO", "PersistentReservations",
-           "check_range"]
+           "check_range", "piece_buffer"]
 
 
 def check_range(what: str, offset: int, length: int, block_size: int, size: int, device: str) -> None:
@@ -48,6 +48,21 @@ def check_range(what: str, offset: int, length: int, block_size: int, size: int,
     if offset + length > size:
         raise ConfigError(f"{what}: [{offset}, {offset + length}) lies beyond the end of "
                           f"{device} ({size} bytes)")
+
+
+def piece_buffer(alloc: Callable[[int], DmaBuffer], dma: DmaBuffer | None, view: memoryview | None,
+                 off: int, n: int, write: bool, bounce: list[DmaBuffer]) -> tuple[DmaBuffer, int]:
+    """(buffer, offset in it) for bytes ``[off, off + n)`` of an I/O: the caller's ``dma``
+    (zero copy), or a bounce buffer from ``alloc`` (appended to ``bounce`` for the caller to
+    free; for a write, filled from ``view``)."""
+    if dma is not None:
+        return dma, off
+    buf = alloc(n)
+    bounce.append(buf)
+    if write:
+        assert view is not None
+        buf.view[:n] = view[off:off + n]
+    return buf, 0
 
 
 class ByteIO:

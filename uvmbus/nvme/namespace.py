@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from uvmbus.block.interface import ByteIO, check_range
+from uvmbus.block.interface import ByteIO, check_range, piece_buffer
 from uvmbus.block.slots import SlotBatch
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import ConfigError, IllegalRequest, StorageError
@@ -127,14 +127,7 @@ class Namespace(ByteIO):
                 bounce: list[DmaBuffer] = []
                 try:
                     for j, (off, n) in enumerate(part):
-                        if dma is not None:
-                            buf, boff = dma, off
-                        else:
-                            buf, boff = ctl.alloc_buffer(n), 0
-                            bounce.append(buf)
-                            if write:
-                                assert view is not None
-                                buf.view[:n] = view[off:off + n]
+                        buf, boff = piece_buffer(ctl.alloc_buffer, dma, view, off, n, write, bounce)
                         r = reqs[j]
                         start = buf.offset + boff
                         r.tag = j

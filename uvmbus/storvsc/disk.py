@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from uvmbus.block.interface import ByteIO, check_range
+from uvmbus.block.interface import ByteIO, check_range, piece_buffer
 from uvmbus.dma import DmaBuffer
 from uvmbus.errors import (
     ConfigError,
@@ -402,14 +402,7 @@ class Disk(ByteIO, PersistentReservations):
             bounce: list[DmaBuffer] = []
             try:
                 for off, n in part:
-                    if dma is not None:
-                        buf, boff = dma, off
-                    else:
-                        buf, boff = ctl.alloc_buffer(n), 0
-                        bounce.append(buf)
-                        if write:
-                            assert view is not None
-                            buf.view[:n] = view[off:off + n]
+                    buf, boff = piece_buffer(ctl.alloc_buffer, dma, view, off, n, write, bounce)
                     cmds.append(self._command(write, offset + off, buf, n, boff, fua, None))
                 ctl.run(cmds)
                 for (off, n), cmd in zip(part, cmds, strict=True):
