@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -190,3 +191,32 @@ def test_sim_endpoint_close_returns_after_the_teardown(server):
     ep = open_endpoint(server.path)
     ep.close()
     assert server.torn_down
+
+
+def test_sim_endpoint_reset_before_hello_is_channel_revoked(tmp_path):
+    """The simulator drops a connection before its hello (the device is being rescinded: a
+    daemon's reattach that came too early): ChannelRevoked (a UvmbusError the reattach loop
+    retries on), not a bare ConnectionResetError that kills the daemon; no fd leaks."""
+    path = str(tmp_path / "uio0")
+    before = len(os.listdir("/proc/self/fd"))
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(4)
+    got: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            SimEndpoint(path, connect_timeout=10.0)
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=opener)
+    t.start()
+    r, _, _ = select.select([lsock], [], [], 10.0)       # the connection is queued, not accepted
+    assert r, "the endpoint never connected"
+    lsock.close()                                        # resets the queued connection
+    t.join(10.0)
+    assert not t.is_alive()
+    assert len(got) == 1 and isinstance(got[0], ChannelRevoked), got
+    assert "closed the endpoint while it was being opened" in str(got[0])
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -242,6 +242,16 @@ class SimEndpoint(Endpoint):
             raise ChannelTimeout(f"{self.path}: the simulator accepted the connection but sent "
                                  f"nothing within {connect_timeout:g} s: is it stopped (SIGSTOP) "
                                  f"or hung? `uvmbus sim ctl --root {root} ping` checks it") from exc
+        except OSError as exc:
+            # ECONNRESET & co: the simulator dropped the connection before its hello — the
+            # device is being rescinded (a reattach that looked too early), or it stopped
+            self._sock.close()
+            raise ChannelRevoked(f"{self.path}: the simulator closed the endpoint while it was being "
+                                 f"opened ({exc.strerror or exc}): the device is being removed, or "
+                                 "the simulator stopped; open it again once it is offered") from exc
+        except ChannelRevoked:
+            self._sock.close()
+            raise
         self._sock.settimeout(None)
         hello = json.loads(msg.decode())
         if hello.get("proto") != SIM_PROTO:
