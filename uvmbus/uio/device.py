@@ -106,8 +106,9 @@ class UioDevice:
             raise
         self.page_size = self.endpoint.page_size
         self._regions: dict[int, MappedRegion] = {}
-        self._maps = {m.index: m for m in device.maps()}
         try:
+            # sysfs of a device being rescinded may vanish under us: close what is open
+            self._maps = {m.index: m for m in device.maps()}
             self._map_required()
         except BaseException:
             self.close()
