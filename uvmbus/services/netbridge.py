@@ -405,7 +405,9 @@ class NetBridge:
         o = self.opts
         try:
             nic = nv.open(o.device, o.root, queues=o.queues, mtu=o.mtu, record=o.record)
-        except UvmbusError as exc:
+        except (UvmbusError, OSError) as exc:
+            # its sysfs entry may still be there while the host tears the old device down:
+            # any failure of that open means "not yet", never the end of the daemon
             log.info("reattach not possible yet: %s", exc)
             return
         try:
@@ -489,6 +491,13 @@ class NetBridge:
         return self.daemon.join_workers(timeout)
 
     def close(self) -> None:
+        # Workers first: when an error ends the main loop, they still poll/read the TAP and
+        # send on the NIC; closing those under them made the tx worker read a closed (or
+        # reused) fd number: EBADF, or another file's data
+        if not self._stop.is_set():
+            left = self.stop()
+            if left:
+                log.warning("workers still running after 5 s: %s", ", ".join(left))
         if self.nic is not None:
             try:
                 self.nic.close()             # filter 0, drain completions, ack, HALT, revoke, close
