@@ -82,6 +82,9 @@ class FakeDaemon:
     def beat(self, name):
         pass
 
+    def join_workers(self, timeout):        # no worker threads here
+        return []
+
 
 def make_bridge(hook):
     from uvmbus.services.netbridge import BridgeOptions, NetBridge
